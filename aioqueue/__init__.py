@@ -1,0 +1,61 @@
+"""aioqueue: an asyncio-native distributed task runner on RabbitMQ.
+
+```python
+from aioqueue import App
+
+app = App("shop")
+
+@app.task
+async def add(x: int, y: int) -> int:
+    return x + y
+
+async with app:
+    handle = await add.submit(2, 3)
+    assert await handle.result(timeout=10) == 5
+```
+"""
+
+from .app import App
+from .context import TaskContext, task_context
+from .errors import (
+    AioqueueError,
+    BrokerConnectionError,
+    DeadLetteredError,
+    DecodeError,
+    EncodeError,
+    PublishError,
+    ResultUnavailableError,
+    TaskError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+    UnroutableError,
+)
+from .results import ResultHandle
+from .retry import Retry, RetryPolicy
+from .settings import Settings
+from .task import Task, TaskOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AioqueueError",
+    "App",
+    "BrokerConnectionError",
+    "DeadLetteredError",
+    "DecodeError",
+    "EncodeError",
+    "PublishError",
+    "ResultHandle",
+    "ResultUnavailableError",
+    "Retry",
+    "RetryPolicy",
+    "Settings",
+    "Task",
+    "TaskContext",
+    "TaskError",
+    "TaskNotFoundError",
+    "TaskOptions",
+    "TaskTimeoutError",
+    "UnroutableError",
+    "task_context",
+]

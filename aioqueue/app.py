@@ -1,0 +1,312 @@
+"""`App`: the task registry, the connection, and the submit path — the composition root."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
+
+from pamqp import commands as spec
+
+from .broker import RabbitBroker
+from .errors import AioqueueError
+from .message import CONTENT_TYPE, Envelope, check_json_native
+from .results import ReplyConsumer, ResultHandle
+from .retry import NO_RETRY, RetryPolicy
+from .settings import Settings, mask_url, resolve_broker_url
+from .task import Task, TaskOptions
+from .topology import QueueType, work_queue_arguments
+
+__all__ = ["App"]
+
+log = logging.getLogger("aioqueue.app")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class App:
+    """A named set of tasks and one connection to RabbitMQ.
+
+    Args:
+        name: The application's name (shown in connection names and logs).
+        broker_url: ``amqp://`` URL; None means ``$AIOQUEUE_BROKER_URL``, else
+            ``amqp://guest:guest@localhost/``.
+        default_queue: Queue of tasks that name none.
+        queue_type: Default type of the queues this app declares (``"classic"`` or ``"quorum"``).
+        settings: Timeouts and limits; see `Settings`.
+
+    Use ``async with app:`` to connect; the connection closes cleanly on exit.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        broker_url: str | None = None,
+        default_queue: str = "default",
+        queue_type: QueueType = "classic",
+        settings: Settings | None = None,
+    ) -> None:
+        self.name = name
+        self.broker_url = resolve_broker_url(broker_url)
+        self.default_queue = default_queue
+        self.queue_type: QueueType = queue_type
+        self.settings = settings or Settings()
+        self.client_id = uuid.uuid4().hex
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self._broker: RabbitBroker | None = None
+        self._replies: ReplyConsumer | None = None
+
+    def __repr__(self) -> str:
+        return f"<App {self.name!r} broker={mask_url(self.broker_url)} tasks={len(self.tasks)}>"
+
+    # -- registry ---------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+    @overload
+    def task(
+        self,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        timeout: float | None = None,
+        ignore_result: bool = False,
+        retry: RetryPolicy | None = None,
+        queue_type: QueueType | None = None,
+    ) -> _TaskDecorator: ...
+
+    def task(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        timeout: float | None = None,
+        ignore_result: bool = False,
+        retry: RetryPolicy | None = None,
+        queue_type: QueueType | None = None,
+    ) -> Task[Any, Any] | _TaskDecorator:
+        """Register a function as a task: ``@app.task`` or ``@app.task(name=..., ...)``.
+
+        ``async def`` functions run on the worker's event loop, plain functions in a thread.
+        """
+        decorator = _TaskDecorator(
+            self,
+            name=name,
+            queue=queue,
+            timeout=timeout,
+            ignore_result=ignore_result,
+            retry=retry,
+            queue_type=queue_type,
+        )
+        return decorator if fn is None else decorator(fn)
+
+    def register(self, task: Task[Any, Any]) -> None:
+        if task.name in self.tasks:
+            raise ValueError(f"a task named {task.name!r} is already registered")
+        self.tasks[task.name] = task
+
+    def queues(self) -> list[str]:
+        """The default queue and every queue a registered task names, in a stable order."""
+        names = dict.fromkeys([self.default_queue, *(t.options.queue for t in self.tasks.values())])
+        return list(names)
+
+    def queue_type_of(self, queue: str) -> QueueType:
+        """The declared type of ``queue``: a task's ``queue_type`` wins, else the app's."""
+        for task in self.tasks.values():
+            if task.options.queue == queue:
+                return task.options.queue_type
+        return self.queue_type
+
+    # -- connection -------------------------------------------------------------------------
+
+    @property
+    def broker(self) -> RabbitBroker:
+        if self._broker is None:
+            raise AioqueueError(f"{self!r} is not connected: use `async with app:` first")
+        return self._broker
+
+    async def connect(self) -> None:
+        """Connect to the broker (retrying for ``settings.connect_timeout`` seconds)."""
+        if self._broker is not None:
+            return
+        broker = RabbitBroker(
+            self.broker_url, self.settings, connection_name=f"aioqueue {self.name} client"
+        )
+        await broker.connect()
+        self._broker = broker
+        self._replies = ReplyConsumer(broker, self.client_id)
+
+    async def close(self) -> None:
+        """Fail pending handles with a clear error, then close the connection."""
+        replies, self._replies = self._replies, None
+        broker, self._broker = self._broker, None
+        if replies is not None:
+            await replies.close()
+        if broker is not None:
+            await broker.close()
+
+    async def __aenter__(self) -> App:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- submitting -------------------------------------------------------------------------
+
+    async def submit(self, name: str, /, *args: Any, **kwargs: Any) -> ResultHandle[Any]:
+        """Submit a task by name: to its queue when registered here, else to the default queue."""
+        return await self.submit_with_options(name, args=args, kwargs=kwargs)
+
+    async def submit_with_options(
+        self,
+        name: str,
+        /,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        ignore_result: bool | None = None,
+    ) -> ResultHandle[Any]:
+        """Submit a task by name with per-call options (see `Task.submit_with_options`)."""
+        kwargs = dict(kwargs or {})
+        task = self.tasks.get(name)
+        if task is not None:
+            task.bind(tuple(args), kwargs)
+        check_json_native(list(args), "args")
+        check_json_native(kwargs, "kwargs")
+        now = time.time()
+        delay = _delay(now, countdown, eta)
+        if delay > 0:
+            raise AioqueueError(
+                "countdown/eta are not supported yet: delayed delivery is not built"
+            )
+        options = task.options if task else TaskOptions(name=name, queue=self.default_queue)
+        target = queue or options.queue
+        wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
+        envelope = Envelope(
+            id=uuid.uuid4().hex,
+            task=name,
+            args=tuple(args),
+            kwargs=kwargs,
+            reply_to=None,
+            deadline=_deadline(now, expires),
+        )
+        return await self._send(envelope, target, wants_reply=wants_reply)
+
+    async def _send(
+        self, envelope: Envelope, queue: str, *, wants_reply: bool
+    ) -> ResultHandle[Any]:
+        broker = self.broker
+        body = envelope.encode()
+        await broker.declare_queue(queue, work_queue_arguments(self.queue_type_of(queue)))
+        future = None
+        reply_to = None
+        if wants_reply:
+            assert self._replies is not None
+            await self._replies.ensure_started()
+            reply_to = self._replies.queue
+            future = self._replies.expect(envelope.id)
+        properties = spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2,
+            message_id=envelope.id,
+            correlation_id=envelope.id,
+            reply_to=reply_to,
+            headers=envelope.headers(),
+            timestamp=datetime.now().astimezone(),
+        )
+        try:
+            await broker.publish(queue, body, properties)
+        except BaseException:
+            if self._replies is not None:
+                self._replies.forget(envelope.id)
+            raise
+        return ResultHandle(envelope.id, envelope.task, future)
+
+
+class _TaskDecorator:
+    """``@app.task(...)`` with options: applied to the function, returns the `Task`."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        name: str | None,
+        queue: str | None,
+        timeout: float | None,
+        ignore_result: bool,
+        retry: RetryPolicy | None,
+        queue_type: QueueType | None,
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._app = app
+        self._name = name
+        self._queue = queue
+        self._timeout = timeout
+        self._ignore_result = ignore_result
+        self._retry = retry or NO_RETRY
+        self._queue_type = queue_type
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:
+        name = self._name or f"{fn.__module__}.{fn.__qualname__}"
+        options = TaskOptions(
+            name=name,
+            queue=self._queue or self._app.default_queue,
+            timeout=self._timeout,
+            ignore_result=self._ignore_result,
+            retry=self._retry,
+            queue_type=self._queue_type or self._app.queue_type,
+        )
+        task: Task[Any, Any] = Task(self._app, fn, options)
+        self._app.register(task)
+        return task
+
+
+def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:
+    if countdown is not None and eta is not None:
+        raise ValueError("give countdown or eta, not both")
+    if eta is not None:
+        if eta.tzinfo is None:
+            raise ValueError("eta must be an aware datetime (with a time zone)")
+        return max(0.0, eta.timestamp() - now)
+    if countdown is not None:
+        if countdown < 0:
+            raise ValueError("countdown must not be negative")
+        return float(countdown)
+    return 0.0
+
+
+def _deadline(now: float, expires: float | datetime | None) -> float | None:
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None:
+            raise ValueError("expires must be an aware datetime (with a time zone)")
+        return expires.timestamp()
+    return now + float(expires)

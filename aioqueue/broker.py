@@ -1,0 +1,328 @@
+"""The broker seam: RabbitMQ through aio-pika, with aiormq on the per-message path.
+
+aio-pika owns the connection, its recovery and the topology (robust channels re-declare queues
+after a reconnect). Per message we go one level down to the aiormq channel under the robust
+channel — fetched afresh for every operation, because it is a new object after each reconnect:
+
+- publishes use ``basic_publish(wait=False)`` (no channel lock held until the socket drains) and
+  each still awaits its own publisher confirm, under a deadline that spans reconnects;
+- deliveries arrive as light :class:`Delivery` objects, settled on the channel they came from.
+  A delivery whose channel died is redelivered by RabbitMQ anyway, so its stale ack is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from .errors import BrokerConnectionError, PublishError, UnroutableError
+from .settings import Settings, mask_url
+
+__all__ = ["Delivery", "RabbitBroker", "Subscription"]
+
+log = logging.getLogger("aioqueue.broker")
+
+# Connection-level trouble: wait for the robust connection to come back and try again.
+_TRANSIENT = (
+    ConnectionError,
+    OSError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    RuntimeError,
+)
+# Channel errors caused by the request itself: retrying cannot help.
+_FATAL_CHANNEL = (
+    aiormq.exceptions.ChannelAccessRefused,
+    aiormq.exceptions.ChannelNotFoundEntity,
+    aiormq.exceptions.ChannelPreconditionFailed,
+)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message delivered to a consumer; settle it with the broker that delivered it."""
+
+    body: bytes
+    properties: spec.Basic.Properties
+    redelivered: bool
+    queue: str
+    delivery_tag: int
+    channel: aiormq.abc.AbstractChannel
+
+
+DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+
+
+class RabbitBroker:
+    """One robust connection to RabbitMQ with a confirmed publishing channel."""
+
+    def __init__(self, url: str, settings: Settings, *, connection_name: str) -> None:
+        self._url = url
+        self.settings = settings
+        self._connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._inflight = asyncio.Semaphore(settings.max_inflight_publishes)
+        self._declared: dict[str, aio_pika.abc.AbstractRobustQueue] = {}
+        self._declare_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<RabbitBroker {mask_url(self._url)}>"
+
+    @property
+    def url(self) -> str:
+        """The broker URL with the password masked."""
+        return mask_url(self._url)
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def connect(self) -> None:
+        """Connect, retrying with back-off for ``settings.connect_timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                self._connection = await aio_pika.connect_robust(
+                    self._url,
+                    reconnect_interval=self.settings.reconnect_interval,
+                    client_properties={"connection_name": self._connection_name},
+                    timeout=max(1.0, min(10.0, deadline - loop.time())),
+                )
+                break
+            except (TimeoutError, *_TRANSIENT) as exc:
+                if loop.time() + delay > deadline:
+                    raise BrokerConnectionError(
+                        f"cannot reach the broker at {self.url} within "
+                        f"{self.settings.connect_timeout:g}s: {self._scrub(exc)}"
+                    ) from None
+                log.warning("broker %s not reachable (%s); retrying", self.url, self._scrub(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._publish_channel = await self.channel(publisher_confirms=True)
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        return text.replace(self._url, self.url)
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._declared.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def channel(self, *, publisher_confirms: bool = False) -> AbstractRobustChannel:
+        """A new robust channel on this connection (re-opened after reconnects)."""
+        if self._connection is None:
+            raise BrokerConnectionError("not connected: use `async with app:` first")
+        channel = await self._connection.channel(
+            publisher_confirms=publisher_confirms, on_return_raises=True
+        )
+        assert isinstance(channel, AbstractRobustChannel)
+        return channel
+
+    def _channel(self) -> AbstractRobustChannel:
+        if self._publish_channel is None:
+            raise BrokerConnectionError("not connected: use `async with app:` first")
+        return self._publish_channel
+
+    async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare a durable queue once per connection; aio-pika re-declares it after reconnects."""
+        if name in self._declared:
+            return
+        async with self._declare_lock:
+            if name not in self._declared:
+                self._declared[name] = await self._channel().declare_queue(
+                    name, durable=True, arguments=arguments
+                )
+
+    async def queue_depth(self, name: str) -> tuple[int, int]:
+        """(messages ready, consumers) of an existing queue, from a passive declare."""
+        channel = await self._channel().get_underlay_channel()
+        ok = await channel.queue_declare(name, passive=True)
+        return ok.message_count or 0, ok.consumer_count or 0
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish to the default exchange and return once RabbitMQ confirmed it.
+
+        The message is ``mandatory``: an unroutable message is a `PublishError`, not a silent
+        drop. Connection trouble is retried on the recovered channel until ``timeout``
+        (default ``settings.publish_timeout``); then `PublishError`.
+        """
+        timeout = self.settings.publish_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._publish_until_confirmed(routing_key, body, properties)
+        except TimeoutError:
+            raise PublishError(
+                f"no confirm for a publish to {routing_key!r} within {timeout:g}s"
+            ) from None
+
+    async def _publish_until_confirmed(
+        self, routing_key: str, body: bytes, properties: spec.Basic.Properties
+    ) -> None:
+        delay = 0.05
+        robust = self._channel()
+        while True:
+            try:
+                channel = cast(aiormq.Channel, await robust.get_underlay_channel())
+                async with self._inflight:
+                    confirm = await channel.basic_publish(
+                        body,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=True,
+                        wait=False,
+                    )
+            except aiormq.exceptions.PublishError as exc:
+                raise UnroutableError(
+                    f"message to {routing_key!r} was returned unroutable: {exc.reason}"
+                ) from None
+            except aiormq.exceptions.DeliveryError:
+                raise PublishError(
+                    f"RabbitMQ refused (nacked) a message to {routing_key!r}"
+                ) from None
+            except _FATAL_CHANNEL as exc:
+                raise PublishError(f"publish to {routing_key!r} refused: {exc}") from None
+            except _TRANSIENT as exc:
+                log.info("publish to %r interrupted (%s); retrying", routing_key, self._scrub(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if not isinstance(confirm, spec.Basic.Ack):
+                raise PublishError(f"RabbitMQ did not confirm a message to {routing_key!r}")
+            return
+
+    async def subscribe(
+        self, queue: str, callback: DeliveryCallback, *, prefetch: int
+    ) -> Subscription:
+        """Consume ``queue`` with manual acks and ``prefetch`` unacked messages at most."""
+        subscription = Subscription(self, queue, callback, prefetch)
+        await subscription.start()
+        return subscription
+
+
+class Subscription:
+    """A consumer that comes back after reconnects and after a server-side cancel."""
+
+    def __init__(
+        self, broker: RabbitBroker, queue: str, callback: DeliveryCallback, prefetch: int
+    ) -> None:
+        self._broker = broker
+        self.queue = queue
+        self._callback = callback
+        self._prefetch = prefetch
+        self._tag = f"aioqueue.{uuid.uuid4().hex}"
+        self._channel: AbstractRobustChannel | None = None
+        self._active = False
+        self._recover_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._channel = await self._broker.channel()
+        await self._channel.set_qos(prefetch_count=self._prefetch)
+        self._active = True
+        self._channel.reopen_callbacks.add(self._on_reopen)
+        await self._consume()
+
+    async def _on_reopen(self, *_: Any) -> None:
+        if self._active:
+            log.info("channel of %r reopened; consuming again", self.queue)
+            await self._consume()
+
+    async def _consume(self) -> None:
+        assert self._channel is not None
+        channel = await self._channel.get_underlay_channel()
+        channel.on_consumer_cancel_callbacks.add(self._on_cancel)
+        await channel.basic_consume(
+            self.queue, self._on_message, no_ack=False, consumer_tag=self._tag
+        )
+
+    def _on_cancel(self, frame: Any) -> Awaitable[None] | None:
+        if getattr(frame, "consumer_tag", None) != self._tag or not self._active:
+            return None
+        if isinstance(frame, spec.Basic.CancelOk):
+            return None
+        log.warning("consumer of %r cancelled by the server; re-consuming", self.queue)
+        self._recover_task = asyncio.get_running_loop().create_task(self._recover())
+        return None
+
+    async def _recover(self) -> None:
+        delay = 0.2
+        while self._active:
+            try:
+                await self._consume()
+                return
+            except Exception as exc:
+                log.warning("re-consuming %r failed (%s); retrying", self.queue, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        await self._callback(
+            Delivery(
+                body=message.body,
+                properties=message.header.properties,
+                redelivered=bool(delivery.redelivered),
+                queue=self.queue,
+                delivery_tag=delivery.delivery_tag or 0,
+                channel=message.channel,
+            )
+        )
+
+    async def cancel(self) -> None:
+        """Stop new deliveries; deliveries in hand can still be settled."""
+        self._active = False
+        if self._recover_task is not None:
+            self._recover_task.cancel()
+        if self._channel is None:
+            return
+        with contextlib.suppress(*_TRANSIENT, asyncio.TimeoutError):
+            channel = await self._channel.get_underlay_channel()
+            await channel.basic_cancel(self._tag, timeout=5)
+
+    async def close(self) -> None:
+        await self.cancel()
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+
+
+async def settle(delivery: Delivery, *, ack: bool, requeue: bool = False) -> None:
+    """Ack (or reject) a delivery on its own channel; a stale one is dropped, never raised."""
+    channel = delivery.channel
+    try:
+        if ack:
+            await channel.basic_ack(delivery.delivery_tag, wait=False)
+        else:
+            await channel.basic_reject(delivery.delivery_tag, requeue=requeue, wait=False)
+    except (aiormq.exceptions.ChannelInvalidStateError, *_TRANSIENT) as exc:
+        log.debug(
+            "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",
+            delivery.delivery_tag,
+            delivery.queue,
+            exc,
+        )

@@ -1,0 +1,258 @@
+"""The task message (`Envelope`), the reply (`Outcome`), and their strict JSON codec.
+
+A task message is JSON (orjson) in the body — ``{"args": [...], "kwargs": {...}}`` — with every
+piece of metadata in AMQP properties and headers:
+
+- ``message_id`` and ``correlation_id``: the task id; ``reply_to``: the caller's reply queue;
+- headers ``aioqueue-task`` (name), ``aioqueue-attempt`` (1 on the first run),
+  ``aioqueue-protocol`` (:data:`PROTOCOL_VERSION`), and optionally ``aioqueue-deadline``
+  (expiry, Unix seconds) and ``aioqueue-scheduled-at`` (periodic slot, Unix seconds).
+
+Decoding is strict and bounded: the size is checked before parsing, nesting depth is limited,
+and anything malformed raises :class:`~aioqueue.errors.DecodeError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+from .errors import DecodeError, EncodeError
+
+__all__ = [
+    "CONTENT_TYPE",
+    "MAX_DEPTH",
+    "PROTOCOL_VERSION",
+    "Envelope",
+    "ErrorInfo",
+    "Outcome",
+    "check_json_native",
+]
+
+PROTOCOL_VERSION: Final = 1
+CONTENT_TYPE: Final = "application/json"
+MAX_DEPTH: Final = 64
+
+H_TASK: Final = "aioqueue-task"
+H_ATTEMPT: Final = "aioqueue-attempt"
+H_PROTOCOL: Final = "aioqueue-protocol"
+H_DEADLINE: Final = "aioqueue-deadline"
+H_SCHEDULED_AT: Final = "aioqueue-scheduled-at"
+
+
+def check_json_native(value: Any, where: str = "value", *, max_depth: int = MAX_DEPTH) -> None:
+    """Raise `EncodeError` unless ``value`` is JSON-native.
+
+    JSON-native means None, bool, int (64-bit), finite float, str, list/tuple and dict with str
+    keys, nested up to ``max_depth`` levels. orjson would happily serialize more (datetimes,
+    dataclasses, UUIDs); we refuse them so that what a task receives is exactly what was sent.
+    """
+    _check(value, where, max_depth)
+
+
+def _check(value: Any, where: str, depth: int) -> None:
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int | float):
+        _check_number(value, where)
+        return
+    if depth <= 0:
+        raise EncodeError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check(item, f"{where}[{i}]", depth - 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EncodeError(f"{where} has a non-str key {key!r}; JSON keys are strings")
+            _check(item, f"{where}[{key!r}]", depth - 1)
+        return
+    raise EncodeError(f"{where} is a {type(value).__name__}, which is not JSON-native")
+
+
+def _check_number(value: float, where: str) -> None:
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        raise EncodeError(f"{where} is an integer too large for JSON (64-bit): {value}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EncodeError(f"{where} is {value!r}, which JSON cannot represent")
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize an already-checked JSON-native value."""
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError) as exc:  # pragma: no cover - checked before
+        raise EncodeError(f"cannot encode as JSON: {exc}") from exc
+
+
+def loads(body: bytes, *, max_size: int, what: str = "body") -> Any:
+    """Parse JSON, refusing bodies over ``max_size`` bytes before parsing them."""
+    if len(body) > max_size:
+        raise DecodeError(f"{what} is {len(body)} bytes, over the limit of {max_size}")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"{what} is not valid JSON: {exc}") from exc
+    if _depth_exceeds(value, MAX_DEPTH):
+        raise DecodeError(f"{what} is nested more than {MAX_DEPTH} levels deep")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    if isinstance(value, list):
+        return limit <= 0 or any(_depth_exceeds(v, limit - 1) for v in value)
+    if isinstance(value, dict):
+        return limit <= 0 or any(_depth_exceeds(v, limit - 1) for v in value.values())
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One task message: what to run, with which arguments, and where the outcome goes."""
+
+    id: str
+    task: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    reply_to: str | None = None
+    attempt: int = 1
+    deadline: float | None = None
+    scheduled_at: float | None = None
+
+    def encode(self) -> bytes:
+        """The message body: the arguments as JSON."""
+        return dumps({"args": self.args, "kwargs": self.kwargs})
+
+    def headers(self) -> dict[str, Any]:
+        """The AMQP headers that carry this envelope's metadata."""
+        headers: dict[str, Any] = {
+            H_TASK: self.task,
+            H_ATTEMPT: self.attempt,
+            H_PROTOCOL: PROTOCOL_VERSION,
+        }
+        if self.deadline is not None:
+            headers[H_DEADLINE] = self.deadline
+        if self.scheduled_at is not None:
+            headers[H_SCHEDULED_AT] = self.scheduled_at
+        return headers
+
+    @classmethod
+    def decode(
+        cls,
+        body: bytes,
+        *,
+        message_id: str | None,
+        headers: Mapping[str, Any] | None,
+        reply_to: str | None = None,
+        content_type: str | None = CONTENT_TYPE,
+        max_size: int,
+    ) -> Envelope:
+        """Read a task message, raising `DecodeError` for anything malformed."""
+        if not message_id:
+            raise DecodeError("message has no message_id (the task id)")
+        if content_type != CONTENT_TYPE:
+            raise DecodeError(f"content_type is {content_type!r}, expected {CONTENT_TYPE!r}")
+        hdrs = headers or {}
+        protocol = hdrs.get(H_PROTOCOL)
+        if protocol != PROTOCOL_VERSION:
+            raise DecodeError(f"protocol version {protocol!r} is not {PROTOCOL_VERSION}")
+        name = hdrs.get(H_TASK)
+        if not isinstance(name, str) or not name:
+            raise DecodeError(f"header {H_TASK!r} is missing or not a string")
+        attempt = hdrs.get(H_ATTEMPT, 1)
+        if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
+            raise DecodeError(f"header {H_ATTEMPT!r} is {attempt!r}, not a positive integer")
+        payload = loads(body, max_size=max_size)
+        if not isinstance(payload, dict) or set(payload) != {"args", "kwargs"}:
+            raise DecodeError('body must be an object with exactly "args" and "kwargs"')
+        args, kwargs = payload["args"], payload["kwargs"]
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise DecodeError('"args" must be an array and "kwargs" an object')
+        return cls(
+            id=message_id,
+            task=name,
+            args=tuple(args),
+            kwargs=kwargs,
+            reply_to=reply_to or None,
+            attempt=attempt,
+            deadline=_optional_time(hdrs, H_DEADLINE),
+            scheduled_at=_optional_time(hdrs, H_SCHEDULED_AT),
+        )
+
+
+def _optional_time(headers: Mapping[str, Any], key: str) -> float | None:
+    value = headers.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DecodeError(f"header {key!r} is {value!r}, not a Unix time")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why a task has no return value.
+
+    ``kind`` is one of ``"error"`` (the task raised), ``"timeout"`` (its own timeout),
+    ``"not_found"`` (no such task), ``"decode"`` (malformed message) or ``"dead_lettered"``.
+    """
+
+    kind: str
+    type_name: str
+    message: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The one outcome of a task, sent to its caller's reply queue."""
+
+    task_id: str
+    task_name: str
+    value: Any = None
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def encode(self) -> bytes:
+        if self.error is None:
+            return dumps({"task": self.task_name, "ok": True, "value": self.value})
+        err = self.error
+        return dumps(
+            {
+                "task": self.task_name,
+                "ok": False,
+                "error": {
+                    "kind": err.kind,
+                    "type": err.type_name,
+                    "message": err.message,
+                    "traceback": err.traceback,
+                },
+            }
+        )
+
+    @classmethod
+    def decode(cls, body: bytes, *, task_id: str, max_size: int) -> Outcome:
+        payload = loads(body, max_size=max_size, what="reply")
+        if not isinstance(payload, dict) or not isinstance(payload.get("ok"), bool):
+            raise DecodeError('reply must be an object with a boolean "ok"')
+        name = str(payload.get("task", ""))
+        if payload["ok"]:
+            return cls(task_id=task_id, task_name=name, value=payload.get("value"))
+        err = payload.get("error")
+        if not isinstance(err, dict):
+            raise DecodeError('failed reply has no "error" object')
+        info = ErrorInfo(
+            kind=str(err.get("kind", "error")),
+            type_name=str(err.get("type", "Exception")),
+            message=str(err.get("message", "")),
+            traceback=str(err.get("traceback", "")),
+        )
+        return cls(task_id=task_id, task_name=name, error=info)

@@ -1,0 +1,167 @@
+"""Results pushed to the caller: one durable reply queue per client, futures by correlation id.
+
+The reply queue (``aioqueue.reply.<client id>``) is durable and expires only when unused, replies
+are persistent and acked after they resolved their future, so a connection blip or a broker
+restart loses none (invariant 5). A reply whose task id has no pending future — a duplicate
+after a redelivery, or a reply to an earlier process — is acked and dropped: one outcome per
+handle (invariant 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Generic, TypeVar
+
+from .broker import Delivery, RabbitBroker, Subscription, settle
+from .errors import (
+    AioqueueError,
+    BrokerConnectionError,
+    DeadLetteredError,
+    DecodeError,
+    ResultUnavailableError,
+    TaskError,
+    TaskNotFoundError,
+    TaskTimeoutError,
+)
+from .message import Outcome
+from .topology import reply_queue_arguments, reply_queue_name
+
+__all__ = ["ReplyConsumer", "ResultHandle"]
+
+log = logging.getLogger("aioqueue.results")
+
+R = TypeVar("R")
+
+
+class ReplyConsumer:
+    """Consumes this client's reply queue and resolves the matching futures."""
+
+    def __init__(self, broker: RabbitBroker, client_id: str, *, prefetch: int = 1000) -> None:
+        self._broker = broker
+        self.queue = reply_queue_name(client_id)
+        self._prefetch = prefetch
+        self._pending: dict[str, asyncio.Future[Outcome]] = {}
+        self._subscription: Subscription | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def pending(self) -> int:
+        """How many handles still wait for their outcome."""
+        return len(self._pending)
+
+    async def ensure_started(self) -> None:
+        """Declare the reply queue and consume it (once; later calls return at once)."""
+        if self._subscription is not None:
+            return
+        async with self._lock:
+            if self._subscription is None:
+                expires = self._broker.settings.reply_queue_expires
+                await self._broker.declare_queue(self.queue, reply_queue_arguments(expires))
+                self._subscription = await self._broker.subscribe(
+                    self.queue, self._on_reply, prefetch=self._prefetch
+                )
+
+    def expect(self, task_id: str) -> asyncio.Future[Outcome]:
+        """Register interest in ``task_id``'s outcome before its message is published."""
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._pending[task_id] = future
+        return future
+
+    def forget(self, task_id: str) -> None:
+        """Drop interest (the publish failed, so no outcome will come)."""
+        self._pending.pop(task_id, None)
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        task_id = delivery.properties.correlation_id or ""
+        future = self._pending.pop(task_id, None)
+        if future is None:
+            log.debug("dropped a reply for unknown or finished task %r", task_id)
+        elif not future.done():
+            try:
+                max_size = self._broker.settings.max_message_size
+                outcome = Outcome.decode(delivery.body, task_id=task_id, max_size=max_size)
+            except DecodeError as exc:
+                future.set_exception(
+                    DecodeError(f"unreadable reply: {exc.message}", task_id=task_id)
+                )
+            else:
+                future.set_result(outcome)
+        await settle(delivery, ack=True)
+
+    async def close(self, reason: str = "the app was closed before the outcome arrived") -> None:
+        """Stop consuming and fail every pending future with a clear error."""
+        if self._subscription is not None:
+            await self._subscription.close()
+            self._subscription = None
+        pending, self._pending = self._pending, {}
+        for task_id, future in pending.items():
+            if not future.done():
+                future.set_exception(BrokerConnectionError(reason, task_id=task_id))
+
+
+class ResultHandle(Generic[R]):
+    """The caller's handle on one submitted task.
+
+    Attributes:
+        id: The task id, unique per submit.
+        task_name: The task's registered name.
+    """
+
+    __slots__ = ("_future", "id", "task_name")
+
+    def __init__(
+        self, task_id: str, task_name: str, future: asyncio.Future[Outcome] | None
+    ) -> None:
+        self.id = task_id
+        self.task_name = task_name
+        self._future = future
+
+    def __repr__(self) -> str:
+        state = "ignored" if self._future is None else ("done" if self.done() else "pending")
+        return f"<ResultHandle {self.task_name} id={self.id} {state}>"
+
+    def done(self) -> bool:
+        """Whether the outcome has arrived (never blocks)."""
+        return self._future is not None and self._future.done()
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the task's return value.
+
+        Raises:
+            TaskError: the task raised (after its last attempt).
+            TaskTimeoutError: the task exceeded its own timeout.
+            TaskNotFoundError: no worker registered the task's name.
+            DeadLetteredError: the message was dead-lettered without running (expired, poison).
+            DecodeError: the worker could not read the message.
+            TimeoutError: no outcome within ``timeout`` seconds (the handle stays usable).
+            ResultUnavailableError: the task was submitted with ``ignore_result``.
+        """
+        if self._future is None:
+            raise ResultUnavailableError(
+                f"task {self.task_name} was submitted with ignore_result: it has no result",
+                task_name=self.task_name,
+                task_id=self.id,
+            )
+        if self._future.done():
+            outcome = self._future.result()
+        else:
+            outcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        return self._unwrap(outcome)  # type: ignore[no-any-return]
+
+    def _unwrap(self, outcome: Outcome) -> Any:
+        err = outcome.error
+        if err is None:
+            return outcome.value
+        ctx = {"task_name": self.task_name, "task_id": self.id}
+        if err.kind == "timeout":
+            raise TaskTimeoutError(err.type_name, err.message, traceback=err.traceback, **ctx)
+        if err.kind == "not_found":
+            raise TaskNotFoundError(err.message, **ctx)
+        if err.kind == "decode":
+            raise DecodeError(err.message, **ctx)
+        if err.kind == "dead_lettered":
+            raise DeadLetteredError(err.message, reason=err.type_name, **ctx)
+        if err.kind == "error":
+            raise TaskError(err.type_name, err.message, traceback=err.traceback, **ctx)
+        raise AioqueueError(f"{err.type_name}: {err.message}", **ctx)

@@ -1,0 +1,121 @@
+"""`Task[P, R]`: a registered function that can be called locally or submitted to workers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+from .retry import NO_RETRY, RetryPolicy
+from .topology import QueueType
+
+if TYPE_CHECKING:
+    from .app import App
+    from .results import ResultHandle
+
+__all__ = ["Task", "TaskOptions"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """How a task is routed and run.
+
+    Attributes:
+        name: Registered name, ``"<module>.<function>"`` unless given.
+        queue: Work queue (the app's default queue unless given).
+        timeout: Seconds one run may take; then `TaskTimeoutError`. None: no limit.
+        ignore_result: Send no reply; the handle's ``result()`` raises at once.
+        retry: The retry policy (default: no retries).
+        queue_type: ``"classic"`` or ``"quorum"`` for this task's queue.
+    """
+
+    name: str
+    queue: str
+    timeout: float | None = None
+    ignore_result: bool = False
+    retry: RetryPolicy = NO_RETRY
+    queue_type: QueueType = "classic"
+
+
+class Task(Generic[P, R]):
+    """A function registered with an `App`.
+
+    Calling it runs the function here, as a plain call (``await add(2, 3)``); ``submit`` sends it
+    to a worker and returns a `ResultHandle` once RabbitMQ confirmed the message.
+    """
+
+    def __init__(self, app: App, fn: Callable[P, Any], options: TaskOptions) -> None:
+        self.app = app
+        self.fn = fn
+        self.options = options
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.signature = inspect.signature(fn)
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", options.name)
+        self.__wrapped__ = fn
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.options.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Run the function locally, with no broker involved."""
+        return self.fn(*args, **kwargs)
+
+    def bind(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Check the arguments against the signature; `TypeError` if they do not fit."""
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{self.name}(): {exc}") from None
+
+    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> ResultHandle[R]:
+        """Send the task to a worker; returns once RabbitMQ confirmed the message.
+
+        Raises:
+            TypeError: the arguments do not fit the signature (nothing is published).
+            EncodeError: an argument is not JSON-native (nothing is published).
+            PublishError: RabbitMQ refused the message or did not confirm it in time.
+        """
+        return await self.submit_with_options(args=args, kwargs=kwargs)
+
+    async def submit_with_options(
+        self,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        ignore_result: bool | None = None,
+    ) -> ResultHandle[R]:
+        """Send the task with per-call options.
+
+        Args:
+            args: Positional arguments (JSON-native).
+            kwargs: Keyword arguments (JSON-native).
+            countdown: Run no earlier than this many seconds from now.
+            eta: Run no earlier than this aware datetime.
+            expires: Seconds from now, or an aware datetime, after which the task is not run.
+            queue: Another queue than the task's own.
+            ignore_result: Override the task's ``ignore_result``.
+        """
+        return await self.app.submit_with_options(
+            self.name,
+            args=args,
+            kwargs=kwargs,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            queue=queue,
+            ignore_result=ignore_result,
+        )

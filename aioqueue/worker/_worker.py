@@ -1,0 +1,263 @@
+"""`Worker`: consume, run, settle — one asyncio task per delivery inside an anyio task group."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from ..app import App
+from ..broker import Delivery, Subscription, settle
+from ..errors import DecodeError
+from ..message import Envelope, ErrorInfo
+from ..topology import dlq_arguments, dlq_name, work_queue_arguments
+from .execute import execute
+from .settle import Handoff
+
+__all__ = ["Worker", "WorkerStatistics"]
+
+log = logging.getLogger("aioqueue.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatistics:
+    """A snapshot of a worker's counters."""
+
+    in_hand: int
+    max_in_hand: int
+    running: int
+    processed: int
+
+
+class Worker:
+    """Runs an app's tasks from its queues until stopped.
+
+    Args:
+        app: The app whose registered tasks this worker runs (and whose connection it uses).
+        queues: Queues to consume; default: the app's default queue plus every task's queue.
+        concurrency: Most tasks running at once.
+        prefetch: Most unacked messages held by this worker, in total; default: ``concurrency``.
+            With several queues it is split evenly between them (at least 1 each).
+        shutdown_timeout: Seconds running tasks get to finish after `stop`; the rest go back
+            to their queue.
+        threads: Size of the thread pool for plain-function tasks; default
+            ``min(concurrency, 40)``.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 100,
+        prefetch: int | None = None,
+        shutdown_timeout: float = 30.0,
+        threads: int | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if prefetch is not None and prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
+        self.app = app
+        self.queues = list(queues) if queues else app.queues()
+        self.concurrency = concurrency
+        self.prefetch = prefetch or concurrency
+        self.shutdown_timeout = shutdown_timeout
+        self.threads = threads or min(concurrency, 40)
+        self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._stopping = False
+        self._in_hand = 0
+        self._max_in_hand = 0
+        self._running = 0
+        self._processed = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    @property
+    def prefetch_per_queue(self) -> int:
+        return max(1, self.prefetch // len(self.queues))
+
+    def statistics(self) -> WorkerStatistics:
+        return WorkerStatistics(self._in_hand, self._max_in_hand, self._running, self._processed)
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown; a second call returns running tasks to the queue at once."""
+        if self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consume until `stop`; connects the app first if it is not connected yet."""
+        own_connection = self.app._broker is None
+        if own_connection:
+            await self.app.connect()
+        executor = ThreadPoolExecutor(self.threads, thread_name_prefix="aioqueue-task")
+        try:
+            await self._run(Handoff(self.app.broker, self.identity), executor)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            if own_connection:
+                await self.app.close()
+
+    async def _run(self, handoff: Handoff, executor: ThreadPoolExecutor) -> None:
+        broker = self.app.broker
+        subscriptions: list[Subscription] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for queue in self.queues:
+                    kind = self.app.queue_type_of(queue)
+                    await broker.declare_queue(queue, work_queue_arguments(kind))
+                    await broker.declare_queue(dlq_name(queue), dlq_arguments(kind))
+
+                async def on_delivery(delivery: Delivery) -> None:
+                    self._received()
+                    try:
+                        tg.start_soon(self._handle, delivery, handoff, executor)
+                    except RuntimeError:  # the task group has closed: we are shutting down
+                        self._in_hand -= 1
+                        await settle(delivery, ack=False, requeue=True)
+
+                for queue in self.queues:
+                    subscriptions.append(
+                        await broker.subscribe(queue, on_delivery, prefetch=self.prefetch_per_queue)
+                    )
+                self.ready.set()
+                await self._stop.wait()
+                await self._drain(subscriptions)
+                tg.cancel_scope.cancel()
+        finally:
+            self._stopping = True
+            for subscription in subscriptions:
+                await subscription.close()
+
+    async def _drain(self, subscriptions: list[Subscription]) -> None:
+        self._stopping = True
+        log.info(
+            "stopping: no new tasks; waiting up to %gs for %d in hand",
+            self.shutdown_timeout,
+            self._in_hand,
+        )
+        for subscription in subscriptions:
+            await subscription.cancel()
+        with anyio.move_on_after(self.shutdown_timeout):
+            idle = asyncio.ensure_future(self._idle.wait())
+            force = asyncio.ensure_future(self._force.wait())
+            try:
+                await asyncio.wait({idle, force}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                idle.cancel()
+                force.cancel()
+        if self._in_hand:
+            log.warning("returning %d unfinished task(s) to their queue", self._in_hand)
+
+    def _received(self) -> None:
+        self._in_hand += 1
+        self._max_in_hand = max(self._max_in_hand, self._in_hand)
+        self._idle.clear()
+
+    async def _handle(
+        self, delivery: Delivery, handoff: Handoff, executor: ThreadPoolExecutor
+    ) -> None:
+        try:
+            async with self._slots:
+                if self._stopping:
+                    await settle(delivery, ack=False, requeue=True)
+                    return
+                self._running += 1
+                try:
+                    await self._process(delivery, handoff, executor)
+                finally:
+                    self._running -= 1
+                    self._processed += 1
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await settle(delivery, ack=False, requeue=True)
+            raise
+        except Exception:
+            # A bug of ours, not the task's: never lose the message, never stop the worker.
+            log.exception("unexpected error handling a message of %r; requeued", delivery.queue)
+            await settle(delivery, ack=False, requeue=True)
+        finally:
+            self._in_hand -= 1
+            if self._in_hand == 0:
+                self._idle.set()
+
+    async def _process(
+        self, delivery: Delivery, handoff: Handoff, executor: ThreadPoolExecutor
+    ) -> None:
+        """Decode → run → settle."""
+        props = delivery.properties
+        try:
+            envelope = Envelope.decode(
+                delivery.body,
+                message_id=props.message_id,
+                headers=props.headers,
+                reply_to=props.reply_to,
+                content_type=props.content_type,
+                max_size=self.app.settings.max_message_size,
+            )
+        except DecodeError as exc:
+            await handoff.dead_letter(
+                delivery,
+                reason="decode",
+                error=ErrorInfo("decode", "DecodeError", exc.message),
+                task_id=props.correlation_id or props.message_id,
+                task_name=_header_str(props.headers, "aioqueue-task"),
+                reply_to=props.reply_to,
+            )
+            return
+        reason, error = self._refuse(envelope)
+        if error is not None:
+            await handoff.dead_letter(
+                delivery,
+                reason=reason,
+                error=error,
+                task_id=envelope.id,
+                task_name=envelope.task,
+                reply_to=envelope.reply_to,
+            )
+            return
+        task = self.app.tasks[envelope.task]
+        outcome, _exc = await execute(
+            task, envelope, redelivered=delivery.redelivered, threads=executor
+        )
+        if outcome.error is None:
+            await handoff.finish(delivery, envelope.reply_to, outcome)
+            return
+        await handoff.dead_letter(
+            delivery,
+            reason="timeout" if outcome.error.kind == "timeout" else "failed",
+            error=outcome.error,
+            task_id=envelope.id,
+            task_name=envelope.task,
+            reply_to=envelope.reply_to,
+        )
+
+    def _refuse(self, envelope: Envelope) -> tuple[str, ErrorInfo | None]:
+        """Why this worker must not run ``envelope``, if it must not."""
+        if envelope.task not in self.app.tasks:
+            message = f"no task named {envelope.task!r} is registered on worker {self.identity}"
+            return "not_found", ErrorInfo("not_found", "TaskNotFoundError", message)
+        if envelope.deadline is not None and time.time() > envelope.deadline:
+            message = f"task {envelope.task} expired before it started"
+            return "expired", ErrorInfo("dead_lettered", "expired", message)
+        return "", None
+
+
+def _header_str(headers: dict[str, Any] | None, key: str) -> str:
+    value = (headers or {}).get(key)
+    return value if isinstance(value, str) else ""

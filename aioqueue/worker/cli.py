@@ -1,0 +1,146 @@
+"""``python -m aioqueue.worker module:app [options]``: run a worker until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from ..cli import load_app, run, setup_logging
+from ..errors import AioqueueError, BrokerConnectionError
+from ..settings import mask_url
+from ._worker import Worker
+
+__all__ = ["main"]
+
+log = logging.getLogger("aioqueue.worker")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m aioqueue.worker",
+        description="Run aioqueue tasks from RabbitMQ until SIGTERM or SIGINT.",
+    )
+    p.add_argument("app", help="the App to serve, as MODULE:ATTRIBUTE (e.g. shop.tasks:app)")
+    p.add_argument(
+        "--queues",
+        help="comma-separated queues (default: the default queue plus "
+        "every queue a registered task names)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=100,
+        help="most tasks running at once (default 100)",
+    )
+    p.add_argument(
+        "--prefetch",
+        type=_positive_int,
+        default=None,
+        help="most unacked messages this worker holds (default: --concurrency)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running tasks get to finish on shutdown (default 30)",
+    )
+    p.add_argument("--broker-url", help="overrides the app's broker URL and $AIOQUEUE_BROKER_URL")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=None,
+        help="seconds to keep retrying an unreachable broker at start (default 30)",
+    )
+    p.add_argument(
+        "--scheduler",
+        action="store_true",
+        help="also run the app's periodic-task scheduler in this process",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        app = load_app(args.app)
+    except (AioqueueError, ImportError) as exc:
+        print(f"error: cannot load {args.app}: {exc}", file=sys.stderr)
+        return 2
+    if args.broker_url:
+        app.broker_url = args.broker_url
+    if args.connect_timeout is not None:
+        from dataclasses import replace
+
+        app.settings = replace(app.settings, connect_timeout=args.connect_timeout)
+    if args.scheduler:
+        print("error: --scheduler: the scheduler is not available in this version", file=sys.stderr)
+        return 2
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
+    worker = Worker(
+        app,
+        queues=queues,
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    return run(_serve(worker))
+
+
+async def _serve(worker: Worker) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, worker, sig)
+    try:
+        await worker.app.connect()
+    except BrokerConnectionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        run_task = asyncio.ensure_future(worker.run())
+        ready = asyncio.ensure_future(worker.ready.wait())
+        await asyncio.wait({run_task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if worker.ready.is_set():
+            print(banner(worker), file=sys.stderr, flush=True)
+        ready.cancel()
+        await run_task
+    finally:
+        await worker.app.close()
+    log.info("worker %s stopped", worker.identity)
+    return 0
+
+
+def _on_signal(worker: Worker, sig: signal.Signals) -> None:
+    again = (
+        "again: returning running tasks now"
+        if worker.ready.is_set() and worker._stop.is_set()
+        else "finishing running tasks"
+    )
+    log.warning("received %s, %s", sig.name, again)
+    worker.stop()
+
+
+def banner(worker: Worker) -> str:
+    app = worker.app
+    per_queue = worker.prefetch_per_queue
+    tasks = "\n".join(f"    {name}  (queue {t.options.queue})" for name, t in app.tasks.items())
+    return (
+        f"aioqueue worker {worker.identity} ready\n"
+        f"  app:          {app.name}\n"
+        f"  broker:       {mask_url(app.broker_url)}\n"
+        f"  queues:       {', '.join(worker.queues)}\n"
+        f"  concurrency:  {worker.concurrency} (threads for plain functions: {worker.threads})\n"
+        f"  prefetch:     {worker.prefetch} in total ({per_queue} per queue)\n"
+        f"  tasks:\n{tasks or '    (none registered)'}"
+    )

@@ -1,0 +1,98 @@
+"""Run one task: ``async def`` on the event loop, plain functions in a bounded thread pool.
+
+A run returns an `Outcome` (the value, or what went wrong); it never raises for a task's own
+failure. Timeouts cancel a coroutine (``anyio.move_on_after``); a thread cannot be killed, so a
+thread that outlives its timeout keeps its pool slot until it returns and its late result is
+discarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from ..context import TaskContext, _current
+from ..errors import EncodeError
+from ..message import Envelope, ErrorInfo, Outcome, check_json_native
+from ..task import Task
+
+__all__ = ["execute"]
+
+MAX_TRACEBACK = 16 * 1024
+
+
+async def execute(
+    task: Task[Any, Any],
+    envelope: Envelope,
+    *,
+    redelivered: bool,
+    threads: ThreadPoolExecutor,
+) -> tuple[Outcome, BaseException | None]:
+    """Run ``task`` with the envelope's arguments under the task's timeout.
+
+    Returns the outcome and, when the task raised, the exception (for the retry decision).
+    """
+    scheduled = envelope.scheduled_at
+    _current.set(
+        TaskContext(
+            id=envelope.id,
+            name=envelope.task,
+            attempt=envelope.attempt,
+            redelivered=redelivered,
+            scheduled_at=datetime.fromtimestamp(scheduled, UTC) if scheduled else None,
+        )
+    )
+    timeout = task.options.timeout
+    try:
+        with anyio.move_on_after(timeout) as scope:
+            value = await _call(task, envelope, threads)
+        if scope.cancelled_caught:
+            return _timeout_outcome(task, envelope, timeout), None
+        check_json_native(value, "the task's return value")
+    except Exception as exc:
+        return _error_outcome(envelope, "error", exc), exc
+    return Outcome(task_id=envelope.id, task_name=envelope.task, value=value), None
+
+
+async def _call(task: Task[Any, Any], envelope: Envelope, threads: ThreadPoolExecutor) -> Any:
+    if task.is_async:
+        return await task.fn(*envelope.args, **envelope.kwargs)
+    context = contextvars.copy_context()
+    future = asyncio.get_running_loop().run_in_executor(
+        threads, lambda: context.run(task.fn, *envelope.args, **envelope.kwargs)
+    )
+    # Shielded: a timeout stops our wait, not the thread; its late result is dropped.
+    future.add_done_callback(_discard)
+    return await asyncio.shield(future)
+
+
+def _discard(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # mark retrieved: a late failure must not log "never retrieved"
+
+
+def _timeout_outcome(task: Task[Any, Any], envelope: Envelope, timeout: float | None) -> Outcome:
+    message = f"task {task.name} exceeded its timeout of {timeout:g}s"
+    return Outcome(
+        task_id=envelope.id,
+        task_name=envelope.task,
+        error=ErrorInfo(kind="timeout", type_name="TaskTimeoutError", message=message),
+    )
+
+
+def _error_outcome(envelope: Envelope, kind: str, exc: BaseException) -> Outcome:
+    tb = "".join(traceback.format_exception(exc))
+    if len(tb) > MAX_TRACEBACK:
+        tb = "...\n" + tb[-MAX_TRACEBACK:]
+    type_name = "EncodeError" if isinstance(exc, EncodeError) else type(exc).__qualname__
+    return Outcome(
+        task_id=envelope.id,
+        task_name=envelope.task,
+        error=ErrorInfo(kind=kind, type_name=type_name, message=str(exc), traceback=tb),
+    )

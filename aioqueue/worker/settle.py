@@ -1,0 +1,136 @@
+"""Handing an outcome off before the ack: replies and dead letters, each confirmed.
+
+Every function here publishes and waits for RabbitMQ's confirm, then settles the delivery:
+ack when the outcome is safely elsewhere, reject-with-requeue when it could not be handed off
+(the message runs again rather than being lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pamqp import commands as spec
+
+from ..broker import Delivery, RabbitBroker, settle
+from ..errors import PublishError, UnroutableError
+from ..message import CONTENT_TYPE, PROTOCOL_VERSION, ErrorInfo, Outcome
+from ..topology import dlq_name
+
+__all__ = ["Handoff"]
+
+log = logging.getLogger("aioqueue.worker")
+
+H_DEAD_REASON = "aioqueue-dead-reason"
+H_DEAD_ERROR = "aioqueue-dead-error"
+H_DEAD_AT = "aioqueue-dead-at"
+H_DEAD_WORKER = "aioqueue-dead-worker"
+H_DEAD_QUEUE = "aioqueue-dead-queue"
+H_DEAD_TRACEBACK = "aioqueue-dead-traceback"
+MAX_HEADER_TRACEBACK = 4096
+
+
+class Handoff:
+    """Publishes replies and dead letters for one worker, then settles deliveries."""
+
+    def __init__(self, broker: RabbitBroker, identity: str) -> None:
+        self.broker = broker
+        self.identity = identity
+
+    async def finish(self, delivery: Delivery, reply_to: str | None, outcome: Outcome) -> None:
+        """Send the outcome to the caller (if it waits for one), then ack."""
+        ok = await self._reply(reply_to, outcome)
+        await settle(delivery, ack=ok, requeue=not ok)
+
+    async def dead_letter(
+        self,
+        delivery: Delivery,
+        *,
+        reason: str,
+        error: ErrorInfo,
+        task_id: str | None,
+        task_name: str,
+        reply_to: str | None,
+    ) -> None:
+        """Copy the message to ``Q.dlq`` with why/when/who headers, tell the caller, then ack."""
+        outcome = Outcome(task_id=task_id or "", task_name=task_name, error=error)
+        stored, replied = await asyncio.gather(
+            self._store_dead(delivery, reason, error),
+            self._reply(reply_to if task_id else None, outcome),
+        )
+        ok = stored and replied
+        log.warning(
+            "dead-lettered task %s id=%s from %r to %r: %s: %s: %s",
+            task_name or "?",
+            task_id or "?",
+            delivery.queue,
+            dlq_name(delivery.queue),
+            reason,
+            error.type_name,
+            error.message,
+        )
+        await settle(delivery, ack=ok, requeue=not ok)
+
+    async def _store_dead(self, delivery: Delivery, reason: str, error: ErrorInfo) -> bool:
+        props = delivery.properties
+        headers: dict[str, Any] = dict(props.headers or {})
+        headers.pop("x-death", None)
+        headers.update(
+            {
+                H_DEAD_REASON: reason,
+                H_DEAD_ERROR: f"{error.type_name}: {error.message}"[:1024],
+                H_DEAD_AT: datetime.now(UTC).isoformat(),
+                H_DEAD_WORKER: self.identity,
+                H_DEAD_QUEUE: delivery.queue,
+            }
+        )
+        if error.traceback:
+            headers[H_DEAD_TRACEBACK] = error.traceback[-MAX_HEADER_TRACEBACK:]
+        copy = spec.Basic.Properties(
+            content_type=props.content_type,
+            content_encoding=props.content_encoding,
+            headers=headers,
+            delivery_mode=2,
+            priority=props.priority,
+            correlation_id=props.correlation_id,
+            reply_to=props.reply_to,
+            message_id=props.message_id,
+            timestamp=props.timestamp,
+            message_type=props.message_type,
+            app_id=props.app_id,
+        )
+        try:
+            await self.broker.publish(dlq_name(delivery.queue), delivery.body, copy)
+        except PublishError as exc:
+            log.error("could not dead-letter a message of %r (%s); requeued", delivery.queue, exc)
+            return False
+        return True
+
+    async def _reply(self, reply_to: str | None, outcome: Outcome) -> bool:
+        """Publish the outcome to ``reply_to``; False means "requeue, try again later"."""
+        if not reply_to:
+            return True
+        properties = spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2,
+            correlation_id=outcome.task_id,
+            headers={"aioqueue-protocol": PROTOCOL_VERSION},
+        )
+        try:
+            await self.broker.publish(reply_to, outcome.encode(), properties)
+        except UnroutableError:
+            # The caller's reply queue expired: nobody can receive this outcome any more.
+            log.warning(
+                "reply queue %r of task %s id=%s is gone; outcome discarded, task settled",
+                reply_to,
+                outcome.task_name,
+                outcome.task_id,
+            )
+        except PublishError as exc:
+            log.error(
+                "reply of task %s id=%s not confirmed (%s)", outcome.task_name, outcome.task_id, exc
+            )
+            return False
+        return True
