@@ -131,7 +131,7 @@ class RabbitBroker:
         if self._connection is None:
             raise BrokerConnectionError("not connected: use `async with app:` first")
         channel = await self._connection.channel(
-            publisher_confirms=publisher_confirms, on_return_raises=True
+            publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
         )
         assert isinstance(channel, AbstractRobustChannel)
         return channel

@@ -44,6 +44,7 @@ class ReplyConsumer:
         self._pending: dict[str, asyncio.Future[Outcome]] = {}
         self._subscription: Subscription | None = None
         self._lock = asyncio.Lock()
+        self.dropped = 0
 
     @property
     def pending(self) -> int:
@@ -76,6 +77,7 @@ class ReplyConsumer:
         task_id = delivery.properties.correlation_id or ""
         future = self._pending.pop(task_id, None)
         if future is None:
+            self.dropped += 1
             log.debug("dropped a reply for unknown or finished task %r", task_id)
         elif not future.done():
             try:
@@ -98,6 +100,7 @@ class ReplyConsumer:
         for task_id, future in pending.items():
             if not future.done():
                 future.set_exception(BrokerConnectionError(reason, task_id=task_id))
+                future.exception()  # retrieved: a handle nobody awaits must not log an error
 
 
 class ResultHandle(Generic[R]):

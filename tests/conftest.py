@@ -1,0 +1,142 @@
+"""Shared fixtures: the tests' own RabbitMQ node, unique queues, apps and in-process workers.
+
+The node is private (own name, ports and data directory, see ``tests/rabbit.py`` and
+``services/rabbitmq/broker.sh``): tests never touch a broker already running on the machine and
+may restart theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aioqueue import App
+from aioqueue.worker import Worker
+from tests.rabbit import RabbitNode
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    node = RabbitNode(tmp_path_factory.mktemp("rabbit"))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    """A queue of this test's own."""
+    return f"test.{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def make_app(rabbit: RabbitNode, queue_name: str) -> Callable[..., App]:
+    def make(**kwargs: Any) -> App:
+        kwargs.setdefault("broker_url", rabbit.url)
+        kwargs.setdefault("default_queue", queue_name)
+        return App("tests", **kwargs)
+
+    return make
+
+
+@asynccontextmanager
+async def running_worker(app: App, **kwargs: Any) -> AsyncIterator[Worker]:
+    """Run a worker on ``app`` (already connected) in this event loop until the block ends."""
+    worker = Worker(app, **kwargs)
+    task = asyncio.ensure_future(worker.run())
+    ready = asyncio.ensure_future(worker.ready.wait())
+    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises the start-up error
+    assert worker.ready.is_set(), "worker did not become ready within 30 s"
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 60)
+
+
+async def wait_until(condition: Callable[[], Any], *, timeout: float = 30.0,
+                     what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy, failing after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+class WorkerProcess:
+    """A real ``python -m aioqueue.worker`` subprocess with its output captured to a file."""
+
+    def __init__(self, app_spec: str, *args: str, env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "aioqueue.worker", app_spec, *args],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        await wait_until(
+            lambda: "ready" in self.output() or self.proc.poll() is not None,
+            timeout=timeout, what="worker banner",
+        )
+        assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
+
+    async def wait_exit(self, timeout: float = 60) -> int:
+        await wait_until(lambda: self.proc.poll() is not None, timeout=timeout,
+                         what="worker exit")
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_worker(
+    rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    procs: list[WorkerProcess] = []
+
+    def spawn(*args: str, app_spec: str = "tests.apps.basic:app",
+              env: dict[str, str] | None = None) -> WorkerProcess:
+        full_env = {"AIOQUEUE_BROKER_URL": rabbit.url, "AIOQUEUE_TEST_QUEUE": queue_name,
+                    "AIOQUEUE_TEST_DIR": str(tmp_path), **(env or {})}
+        proc = WorkerProcess(app_spec, *args, env=full_env,
+                             log=tmp_path / f"worker-{len(procs)}.log")
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        proc.kill()
