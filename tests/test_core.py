@@ -263,7 +263,7 @@ async def test_unknown_task_is_dead_lettered_and_caller_told(
         assert "t.unknown" in str(info.value)
         # the worker keeps running
         assert await (await known.submit()).result(timeout=30) == 1
-        assert worker.statistics().processed == 2
+        await wait_until(lambda: worker.statistics().processed == 2, what="2 processed")
     dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
     assert dead.headers["aioqueue-dead-reason"] == "not_found"
     assert dead.headers["aioqueue-task"] == "t.unknown"
