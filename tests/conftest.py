@@ -70,8 +70,9 @@ async def running_worker(app: App, **kwargs: Any) -> AsyncIterator[Worker]:
         await asyncio.wait_for(task, 60)
 
 
-async def wait_until(condition: Callable[[], Any], *, timeout: float = 30.0,
-                     what: str = "condition") -> Any:
+async def wait_until(
+    condition: Callable[[], Any], *, timeout: float = 30.0, what: str = "condition"
+) -> Any:
     """Poll ``condition`` until it returns something truthy, failing after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -105,13 +106,13 @@ class WorkerProcess:
     async def wait_ready(self, timeout: float = 60) -> None:
         await wait_until(
             lambda: "ready" in self.output() or self.proc.poll() is not None,
-            timeout=timeout, what="worker banner",
+            timeout=timeout,
+            what="worker banner",
         )
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
 
     async def wait_exit(self, timeout: float = 60) -> int:
-        await wait_until(lambda: self.proc.poll() is not None, timeout=timeout,
-                         what="worker exit")
+        await wait_until(lambda: self.proc.poll() is not None, timeout=timeout, what="worker exit")
         self._log.close()
         return self.proc.returncode
 
@@ -128,12 +129,18 @@ def spawn_worker(
 ) -> Iterator[Callable[..., WorkerProcess]]:
     procs: list[WorkerProcess] = []
 
-    def spawn(*args: str, app_spec: str = "tests.apps.basic:app",
-              env: dict[str, str] | None = None) -> WorkerProcess:
-        full_env = {"AIOQUEUE_BROKER_URL": rabbit.url, "AIOQUEUE_TEST_QUEUE": queue_name,
-                    "AIOQUEUE_TEST_DIR": str(tmp_path), **(env or {})}
-        proc = WorkerProcess(app_spec, *args, env=full_env,
-                             log=tmp_path / f"worker-{len(procs)}.log")
+    def spawn(
+        *args: str, app_spec: str = "tests.apps.basic:app", env: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        full_env = {
+            "AIOQUEUE_BROKER_URL": rabbit.url,
+            "AIOQUEUE_TEST_QUEUE": queue_name,
+            "AIOQUEUE_TEST_DIR": str(tmp_path),
+            **(env or {}),
+        }
+        proc = WorkerProcess(
+            app_spec, *args, env=full_env, log=tmp_path / f"worker-{len(procs)}.log"
+        )
         procs.append(proc)
         return proc
 

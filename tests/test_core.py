@@ -32,8 +32,9 @@ async def get_dead_letter(url: str, queue: str, timeout: float = 30) -> aio_pika
     async with await aio_pika.connect(url) as conn:
         channel = await conn.channel()
         q = await channel.get_queue(queue, ensure=True)
-        message = await wait_until(lambda: q.get(fail=False), timeout=timeout,
-                                   what=f"a message in {queue}")
+        message = await wait_until(
+            lambda: q.get(fail=False), timeout=timeout, what=f"a message in {queue}"
+        )
         await message.ack()
         return message  # type: ignore[no-any-return]
 
@@ -135,8 +136,9 @@ async def test_remote_error_carries_type_message_and_traceback(make_app: Any) ->
     assert (err.task_name, err.task_id) == ("t.fail", handle.id)
 
 
-async def test_failed_task_is_dead_lettered_with_reason(make_app: Any, rabbit: RabbitNode,
-                                                        queue_name: str) -> None:
+async def test_failed_task_is_dead_lettered_with_reason(
+    make_app: Any, rabbit: RabbitNode, queue_name: str
+) -> None:
     app: App = make_app()
 
     @app.task(name="t.explode")
@@ -161,11 +163,13 @@ async def test_task_timeout(make_app: Any, kind: str) -> None:
     release = threading.Event()
 
     if kind == "async":
+
         @app.task(name="t.slow", timeout=0.3)
         async def slow() -> str:
             await asyncio.sleep(60)
             return "late"
     else:
+
         @app.task(name="t.slow", timeout=0.3)
         def slow() -> str:
             release.wait(60)
@@ -285,14 +289,23 @@ async def publish_raw(url: str, queue: str, body: bytes, **props: Any) -> None:
         (b'{"args": [], "kwargs": {}}', None, "text/plain", "content_type"),
         (b'{"args": 1, "kwargs": {}}', None, "application/json", '"args" must be'),
         (b"[1, 2]", None, "application/json", "exactly"),
-        (b'{"args": [], "kwargs": {}}', {"aioqueue-task": "t.ok", "aioqueue-protocol": 99},
-         "application/json", "protocol version"),
+        (
+            b'{"args": [], "kwargs": {}}',
+            {"aioqueue-task": "t.ok", "aioqueue-protocol": 99},
+            "application/json",
+            "protocol version",
+        ),
         (b"[" * 200 + b"]" * 200, None, "application/json", "nested"),
     ],
 )
 async def test_malformed_messages_are_dead_lettered_and_the_caller_told(
-    make_app: Any, rabbit: RabbitNode, queue_name: str,
-    body: bytes, headers: dict[str, Any] | None, content_type: str, fragment: str,
+    make_app: Any,
+    rabbit: RabbitNode,
+    queue_name: str,
+    body: bytes,
+    headers: dict[str, Any] | None,
+    content_type: str,
+    fragment: str,
 ) -> None:
     app: App = make_app()
 
@@ -307,11 +320,17 @@ async def test_malformed_messages_are_dead_lettered_and_the_caller_told(
         await replies.ensure_started()
         task_id = uuid.uuid4().hex
         handle: ResultHandle[Any] = ResultHandle(task_id, "t.ok", replies.expect(task_id))
-        hdrs = headers if headers is not None else {"aioqueue-task": "t.ok",
-                                                    "aioqueue-protocol": 1}
-        await publish_raw(rabbit.url, queue_name, body, headers=hdrs,
-                          content_type=content_type, message_id=task_id,
-                          correlation_id=task_id, reply_to=replies.queue)
+        hdrs = headers if headers is not None else {"aioqueue-task": "t.ok", "aioqueue-protocol": 1}
+        await publish_raw(
+            rabbit.url,
+            queue_name,
+            body,
+            headers=hdrs,
+            content_type=content_type,
+            message_id=task_id,
+            correlation_id=task_id,
+            reply_to=replies.queue,
+        )
         # Then it learns promptly, and the worker goes on
         with pytest.raises(DecodeError) as info:
             await handle.result(timeout=30)

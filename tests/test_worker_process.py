@@ -32,8 +32,7 @@ async def test_banner_masks_the_password_and_lists_the_setup(
     out = worker.output()
     assert "guest:****@" in out
     assert ":guest@" not in out
-    for fragment in (queue_name, "tests.add", "tests.gated", "concurrency:  7",
-                     "prefetch:     7"):
+    for fragment in (queue_name, "tests.add", "tests.gated", "concurrency:  7", "prefetch:     7"):
         assert fragment in out
     worker.proc.send_signal(signal.SIGTERM)
     assert await worker.wait_exit() == 0
@@ -71,8 +70,10 @@ async def test_sigterm_returns_unfinished_tasks_to_the_queue(
         worker.proc.send_signal(signal.SIGTERM)
         assert await worker.wait_exit() == 0
         assert "returning 1 unfinished task" in worker.output()
-        await wait_until(lambda: rabbit.queue_stats()[queue_name]["messages_ready"] == 1,
-                         what="the task back in its queue")
+        await wait_until(
+            lambda: rabbit.queue_stats()[queue_name]["messages_ready"] == 1,
+            what="the task back in its queue",
+        )
         # Then another worker runs it and the caller gets the result
         (tmp_path / "release-r").touch()
         second: WorkerProcess = spawn_worker()
@@ -93,8 +94,7 @@ async def test_kill_9_mid_task_redelivers_and_the_caller_gets_one_result(
         # When the worker is killed mid-task
         first.kill()
         second: WorkerProcess = spawn_worker()
-        await wait_until(lambda: len(lines(tmp_path / "started-k")) == 2,
-                         what="task redelivered")
+        await wait_until(lambda: len(lines(tmp_path / "started-k")) == 2, what="task redelivered")
         (tmp_path / "release-k").touch()
         # Then the caller gets exactly one result, from the redelivered run
         result = await handle.result(timeout=60)
@@ -119,8 +119,15 @@ async def test_unreachable_broker_exits_nonzero_with_a_clear_message(
     assert "s3cret" not in out
 
 
-@pytest.mark.parametrize("spec", ["tests.apps.basic", "tests.apps.nosuch:app",
-                                  "tests.apps.basic:nothing", "tests.apps.basic:DIR"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "tests.apps.basic",
+        "tests.apps.nosuch:app",
+        "tests.apps.basic:nothing",
+        "tests.apps.basic:DIR",
+    ],
+)
 async def test_bad_app_spec_exits_2(spawn_worker: Any, spec: str) -> None:
     worker: WorkerProcess = spawn_worker(app_spec=spec)
     assert await worker.wait_exit() == 2
@@ -139,5 +146,7 @@ async def test_second_signal_returns_tasks_at_once(
         await wait_until(lambda: "stopping" in worker.output(), what="worker stopping")
         worker.proc.send_signal(signal.SIGINT)
         assert await worker.wait_exit(timeout=60) == 0
-        await wait_until(lambda: rabbit.queue_stats()[queue_name]["messages_ready"] == 1,
-                         what="the task back in its queue")
+        await wait_until(
+            lambda: rabbit.queue_stats()[queue_name]["messages_ready"] == 1,
+            what="the task back in its queue",
+        )

@@ -10,6 +10,8 @@ import asyncio
 import os
 from pathlib import Path
 
+import anyio
+
 from aioqueue import App, task_context
 
 app = App("tests", default_queue=os.environ.get("AIOQUEUE_TEST_QUEUE", "default"))
@@ -25,8 +27,15 @@ async def add(x: int, y: int) -> int:
 async def gated(key: str) -> dict[str, object]:
     """Record a start, then wait until the test creates ``release-<key>``."""
     ctx = task_context()
-    with (DIR / f"started-{key}").open("a") as f:
-        f.write(f"{os.getpid()} {ctx.redelivered}\n")
-    while not (DIR / f"release-{key}").exists():
-        await asyncio.sleep(0.02)
+    async with await anyio.open_file(DIR / f"started-{key}", "a") as f:
+        await f.write(f"{os.getpid()} {ctx.redelivered}\n")
+    await _file_appears(DIR / f"release-{key}")
     return {"key": key, "pid": os.getpid(), "redelivered": ctx.redelivered}
+
+
+async def _file_appears(path: Path) -> None:
+    """Wait for a file the test process creates (another process: no event to share)."""
+    while True:
+        if await anyio.Path(path).exists():
+            return
+        await asyncio.sleep(0.02)

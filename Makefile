@@ -1,0 +1,54 @@
+# Everything a newcomer needs: `make demo` and `make test` set up the machine themselves.
+# (a virtualenv in .venv with every extra; a RabbitMQ broker when one is needed)
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+BROKER := services/rabbitmq/broker.sh
+
+.PHONY: help install demo test lint typecheck unit bench broker stop-broker clean
+
+help:
+	@echo "make demo   - start RabbitMQ if needed, run a worker and the demo, shut down"
+	@echo "make test   - ruff, mypy --strict, and the whole test suite (own RabbitMQ node)"
+	@echo "make bench  - the benchmark suite against a raw aio-pika baseline"
+	@echo "make stop-broker - stop the background RabbitMQ node that 'make demo' started"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
+		echo "python3 -m venv failed; installing python3-venv"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv \
+		&& $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,aiohttp,metrics,fast]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+broker:
+	$(BROKER) ensure
+
+stop-broker:
+	$(BROKER) stop-demo
+
+demo: install broker
+	$(BIN)/python -m services.demo
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install lint typecheck
+	$(BROKER) install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BROKER) install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .rabbitmq .mypy_cache .ruff_cache .pytest_cache
