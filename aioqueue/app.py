@@ -6,7 +6,8 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, overload
 
@@ -19,7 +20,13 @@ from .results import ReplyConsumer, ResultHandle
 from .retry import NO_RETRY, RetryPolicy
 from .settings import Settings, mask_url, resolve_broker_url
 from .task import Task, TaskOptions
-from .topology import QueueType, work_queue_arguments
+from .topology import (
+    QueueType,
+    delay_entry_exchange,
+    delay_routing_key,
+    delay_units,
+    work_queue_arguments,
+)
 
 __all__ = ["App"]
 
@@ -196,10 +203,6 @@ class App:
         check_json_native(kwargs, "kwargs")
         now = time.time()
         delay = _delay(now, countdown, eta)
-        if delay > 0:
-            raise AioqueueError(
-                "countdown/eta are not supported yet: delayed delivery is not built"
-            )
         options = task.options if task else TaskOptions(name=name, queue=self.default_queue)
         target = queue or options.queue
         wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
@@ -208,40 +211,57 @@ class App:
             task=name,
             args=tuple(args),
             kwargs=kwargs,
-            reply_to=None,
             deadline=_deadline(now, expires),
         )
-        return await self._send(envelope, target, wants_reply=wants_reply)
+        return await self._send(envelope, target, wants_reply=wants_reply, delay=delay)
 
     async def _send(
-        self, envelope: Envelope, queue: str, *, wants_reply: bool
+        self, envelope: Envelope, queue: str, *, wants_reply: bool, delay: float = 0.0
     ) -> ResultHandle[Any]:
-        broker = self.broker
-        body = envelope.encode()
-        await broker.declare_queue(queue, work_queue_arguments(self.queue_type_of(queue)))
+        """Publish a new task (registering for its reply first) and return its handle."""
         future = None
-        reply_to = None
         if wants_reply:
-            assert self._replies is not None
-            await self._replies.ensure_started()
-            reply_to = self._replies.queue
-            future = self._replies.expect(envelope.id)
-        properties = spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=2,
-            message_id=envelope.id,
-            correlation_id=envelope.id,
-            reply_to=reply_to,
-            headers=envelope.headers(),
-            timestamp=datetime.now().astimezone(),
-        )
+            replies = self._replies
+            if replies is None:
+                raise AioqueueError(f"{self!r} is not connected: use `async with app:` first")
+            await replies.ensure_started()
+            envelope = replace(envelope, reply_to=replies.queue)
+            future = replies.expect(envelope.id)
         try:
-            await broker.publish(queue, body, properties)
+            await self._publish(envelope, queue, delay=delay)
         except BaseException:
             if self._replies is not None:
                 self._replies.forget(envelope.id)
             raise
         return ResultHandle(envelope.id, envelope.task, future)
+
+    async def _publish(self, envelope: Envelope, queue: str, *, delay: float = 0.0) -> None:
+        """Publish ``envelope`` to ``queue`` — through the delay ladder when ``delay`` > 0 —
+        and return once RabbitMQ confirmed it. Used for submits and for retries."""
+        broker = self.broker
+        kind = self.queue_type_of(queue)
+        await broker.declare_queue(queue, work_queue_arguments(kind))
+        properties = spec.Basic.Properties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2,
+            message_id=envelope.id,
+            correlation_id=envelope.id,
+            reply_to=envelope.reply_to,
+            headers=envelope.headers(),
+            timestamp=datetime.now(UTC),
+        )
+        body = envelope.encode()
+        if delay <= 0:
+            await broker.publish(queue, body, properties)
+            return
+        units = delay_units(delay)
+        await broker.ensure_delay_route(queue, kind)
+        await broker.publish(
+            delay_routing_key(queue, units),
+            body,
+            properties,
+            exchange=delay_entry_exchange(kind),
+        )
 
 
 class _TaskDecorator:
@@ -291,6 +311,12 @@ class _TaskDecorator:
 def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:
     if countdown is not None and eta is not None:
         raise ValueError("give countdown or eta, not both")
+    delay = _raw_delay(now, countdown, eta)
+    delay_units(delay)  # raises ValueError beyond the longest delay the ladder holds
+    return delay
+
+
+def _raw_delay(now: float, countdown: float | None, eta: datetime | None) -> float:
     if eta is not None:
         if eta.tzinfo is None:
             raise ValueError("eta must be an aware datetime (with a time zone)")

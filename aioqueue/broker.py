@@ -28,6 +28,7 @@ from pamqp import commands as spec
 
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .settings import Settings, mask_url
+from .topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 
 __all__ = ["Delivery", "RabbitBroker", "Subscription"]
 
@@ -63,6 +64,7 @@ class Delivery:
 
 
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+LostCallback = Callable[[str, BaseException | None], None]
 
 
 class RabbitBroker:
@@ -77,6 +79,9 @@ class RabbitBroker:
         self._inflight = asyncio.Semaphore(settings.max_inflight_publishes)
         self._declared: dict[str, aio_pika.abc.AbstractRobustQueue] = {}
         self._declare_lock = asyncio.Lock()
+        self._ladders: set[str] = set()
+        self._delay_routes: set[str] = set()
+        self._deliver: aio_pika.abc.AbstractRobustExchange | None = None
 
     def __repr__(self) -> str:
         return f"<RabbitBroker {mask_url(self._url)}>"
@@ -122,6 +127,8 @@ class RabbitBroker:
     async def close(self) -> None:
         connection, self._connection = self._connection, None
         self._declared.clear()
+        self._ladders.clear()
+        self._delay_routes.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -151,6 +158,38 @@ class RabbitBroker:
                     name, durable=True, arguments=arguments
                 )
 
+    async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
+        """Declare the delay ladder of ``queue_type`` (once) and route its exit to ``queue``.
+
+        ``queue`` must have been declared. See `aioqueue.topology` for the ladder's design.
+        """
+        if queue in self._delay_routes:
+            return
+        async with self._declare_lock:
+            if queue_type not in self._ladders:
+                await self._declare_ladder(queue_type)
+                self._ladders.add(queue_type)
+            if queue not in self._delay_routes:
+                assert self._deliver is not None
+                await self._declared[queue].bind(self._deliver, routing_key=deliver_pattern(queue))
+                self._delay_routes.add(queue)
+
+    async def _declare_ladder(self, queue_type: QueueType) -> None:
+        channel = self._channel()
+        topic = aio_pika.ExchangeType.TOPIC
+        if self._deliver is None:
+            self._deliver = await channel.declare_exchange(DELIVER_EXCHANGE, topic, durable=True)
+        exchanges = {DELIVER_EXCHANGE: self._deliver}
+        ladder = delay_ladder(queue_type)
+        for exchange, *_ in ladder:
+            exchanges[exchange] = await channel.declare_exchange(exchange, topic, durable=True)
+        for exchange, queue, arguments, to_queue, onward in ladder:
+            level = await channel.declare_queue(queue, durable=True, arguments=arguments)
+            await level.bind(exchanges[exchange], routing_key=to_queue)
+            await exchanges[arguments["x-dead-letter-exchange"]].bind(
+                exchanges[exchange], routing_key=onward
+            )
+
     async def queue_depth(self, name: str) -> tuple[int, int]:
         """(messages ready, consumers) of an existing queue, from a passive declare."""
         channel = await self._channel().get_underlay_channel()
@@ -163,6 +202,7 @@ class RabbitBroker:
         body: bytes,
         properties: spec.Basic.Properties,
         *,
+        exchange: str = "",
         timeout: float | None = None,
     ) -> None:
         """Publish to the default exchange and return once RabbitMQ confirmed it.
@@ -174,14 +214,14 @@ class RabbitBroker:
         timeout = self.settings.publish_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(timeout):
-                await self._publish_until_confirmed(routing_key, body, properties)
+                await self._publish_until_confirmed(exchange, routing_key, body, properties)
         except TimeoutError:
             raise PublishError(
                 f"no confirm for a publish to {routing_key!r} within {timeout:g}s"
             ) from None
 
     async def _publish_until_confirmed(
-        self, routing_key: str, body: bytes, properties: spec.Basic.Properties
+        self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties
     ) -> None:
         delay = 0.05
         robust = self._channel()
@@ -191,6 +231,7 @@ class RabbitBroker:
                 async with self._inflight:
                     confirm = await channel.basic_publish(
                         body,
+                        exchange=exchange,
                         routing_key=routing_key,
                         properties=properties,
                         mandatory=True,
@@ -216,10 +257,19 @@ class RabbitBroker:
             return
 
     async def subscribe(
-        self, queue: str, callback: DeliveryCallback, *, prefetch: int
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        *,
+        prefetch: int,
+        on_lost: LostCallback | None = None,
     ) -> Subscription:
-        """Consume ``queue`` with manual acks and ``prefetch`` unacked messages at most."""
-        subscription = Subscription(self, queue, callback, prefetch)
+        """Consume ``queue`` with manual acks and ``prefetch`` unacked messages at most.
+
+        ``on_lost(queue, exc)`` is called when the consuming channel closes under us (its
+        unacked deliveries go back to the queue); the subscription then recovers by itself.
+        """
+        subscription = Subscription(self, queue, callback, prefetch, on_lost)
         await subscription.start()
         return subscription
 
@@ -228,9 +278,15 @@ class Subscription:
     """A consumer that comes back after reconnects and after a server-side cancel."""
 
     def __init__(
-        self, broker: RabbitBroker, queue: str, callback: DeliveryCallback, prefetch: int
+        self,
+        broker: RabbitBroker,
+        queue: str,
+        callback: DeliveryCallback,
+        prefetch: int,
+        on_lost: LostCallback | None = None,
     ) -> None:
         self._broker = broker
+        self._on_lost = on_lost
         self.queue = queue
         self._callback = callback
         self._prefetch = prefetch
@@ -244,7 +300,12 @@ class Subscription:
         await self._channel.set_qos(prefetch_count=self._prefetch)
         self._active = True
         self._channel.reopen_callbacks.add(self._on_reopen)
+        self._channel.close_callbacks.add(self._on_close)
         await self._consume()
+
+    def _on_close(self, _channel: Any, exc: BaseException | None) -> None:
+        if self._active and self._on_lost is not None:
+            self._on_lost(self.queue, exc)
 
     async def _on_reopen(self, *_: Any) -> None:
         if self._active:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-__all__ = ["Retry", "RetryPolicy", "backoff"]
+__all__ = ["NO_RETRY", "Retry", "RetryPolicy", "backoff", "next_delay"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +75,21 @@ class Retry(Exception):
     def __init__(self, delay: float | None = None) -> None:
         super().__init__(f"retry requested (delay={delay})")
         self.delay = delay
+
+
+def next_delay(
+    policy: RetryPolicy, attempt: int, exc: BaseException, rng: random.Random | None = None
+) -> float | None:
+    """Seconds to wait before retrying after ``attempt`` failed with ``exc``; None: no retry.
+
+    `Retry` always asks for another attempt (its own delay, else the policy's back-off), other
+    exceptions only when they are instances of ``policy.retry_on``; either way only while
+    attempts remain.
+    """
+    if attempt >= policy.max_attempts:
+        return None
+    if isinstance(exc, Retry):
+        return exc.delay if exc.delay is not None else policy.delay_for(attempt, rng)
+    if isinstance(exc, policy.retry_on):
+        return policy.delay_for(attempt, rng)
+    return None

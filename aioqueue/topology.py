@@ -47,3 +47,99 @@ def dlq_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
 def reply_queue_arguments(expires: float) -> dict[str, Any]:
     """A durable reply queue that RabbitMQ deletes after ``expires`` seconds unused."""
     return {"x-queue-type": "classic", "x-expires": max(1000, int(expires * 1000))}
+
+
+# -- delayed delivery -------------------------------------------------------------------------
+#
+# A binary ladder of fixed-TTL queues, like kombu's native delayed delivery, with a 100 ms unit.
+# A delay is rounded *up* to whole units and written as DELAY_LEVELS bits, highest first, in the
+# routing key: "b24.b23....b0.<queue>". The message enters the top level's topic exchange; at
+# level k a bit of 1 routes it into queue k (TTL 2**k units), which dead-letters it into level
+# k-1's exchange when its time is up; a bit of 0 routes it straight on (exchange-to-exchange).
+# After level 0 the "deliver" exchange routes it by the remaining words to its work queue.
+# So a delay costs at most DELAY_LEVELS queues per queue type, whatever its length, every
+# message in a queue has the same TTL (per-queue TTL expires at the head, in order), and a
+# delayed message waits inside RabbitMQ, never in a worker.
+
+DELAY_UNIT: Final = 0.1
+DELAY_LEVELS: Final = 25
+MAX_DELAY: Final = DELAY_UNIT * (2**DELAY_LEVELS - 1)  # about 38.8 days
+DELIVER_EXCHANGE: Final = f"{INFRA_PREFIX}delay.deliver"
+
+
+def delay_units(seconds: float) -> int:
+    """``seconds`` as whole delay units, rounded up so a task never runs early."""
+    if seconds < 0:
+        raise ValueError("a delay cannot be negative")
+    if seconds > MAX_DELAY:
+        raise ValueError(f"a delay of {seconds:g}s exceeds the maximum of {MAX_DELAY:g}s")
+    units = int(-(-round(seconds * 1e6) // round(DELAY_UNIT * 1e6)))  # ceil, float-safe
+    return units
+
+
+def delay_exchange(queue_type: QueueType, level: int) -> str:
+    """The topic exchange of one ladder level."""
+    return f"{INFRA_PREFIX}delay.{queue_type}.{level}"
+
+
+def delay_queue(queue_type: QueueType, level: int) -> str:
+    """The queue of one ladder level: messages wait ``2**level`` units in it."""
+    return f"{INFRA_PREFIX}delay.{queue_type}.{level}.q"
+
+
+def delay_routing_key(queue: str, units: int) -> str:
+    """The routing key carrying ``units`` as bits (highest level first) and the target queue."""
+    if not 0 < units < 2**DELAY_LEVELS:
+        raise ValueError(f"delay units out of range: {units}")
+    if "*" in queue or "#" in queue:
+        raise ValueError(f"queue {queue!r}: delayed delivery needs a name without '*' or '#'")
+    bits = ".".join("1" if units >> level & 1 else "0" for level in reversed(range(DELAY_LEVELS)))
+    key = f"{bits}.{queue}"
+    if len(key.encode()) > 255:
+        raise ValueError(f"queue name {queue!r} is too long for delayed delivery")
+    return key
+
+
+def delay_entry_exchange(queue_type: QueueType) -> str:
+    """Where a delayed message is published: the top level."""
+    return delay_exchange(queue_type, DELAY_LEVELS - 1)
+
+
+def _position_pattern(level: int, word: str) -> str:
+    """Topic pattern matching ``word`` at ``level``'s bit position, anything after it."""
+    return "*." * (DELAY_LEVELS - 1 - level) + f"{word}.#"
+
+
+def delay_ladder(queue_type: QueueType) -> list[tuple[str, str, dict[str, Any], str, str]]:
+    """Every level as (exchange, queue, queue arguments, pattern to queue, pattern onwards).
+
+    The onward pattern binds the level's exchange to the next exchange down (the deliver
+    exchange after level 0); the queue dead-letters into that same next exchange.
+    """
+    levels = []
+    for level in reversed(range(DELAY_LEVELS)):
+        onward = delay_exchange(queue_type, level - 1) if level else DELIVER_EXCHANGE
+        arguments: dict[str, Any] = {
+            "x-queue-type": queue_type,
+            "x-message-ttl": round(DELAY_UNIT * 1000) * 2**level,
+            "x-dead-letter-exchange": onward,
+        }
+        if queue_type == "quorum":
+            # at-least-once dead-lettering: a hop survives a crash mid-way (3.10+)
+            arguments["x-dead-letter-strategy"] = "at-least-once"
+            arguments["x-overflow"] = "reject-publish"
+        levels.append(
+            (
+                delay_exchange(queue_type, level),
+                delay_queue(queue_type, level),
+                arguments,
+                _position_pattern(level, "1"),
+                _position_pattern(level, "0"),
+            )
+        )
+    return levels
+
+
+def deliver_pattern(queue: str) -> str:
+    """Binding of the deliver exchange to ``queue``: every bit word, then exactly the name."""
+    return "*." * DELAY_LEVELS + queue

@@ -18,9 +18,10 @@ from ..app import App
 from ..broker import Delivery, Subscription, settle
 from ..errors import DecodeError
 from ..message import Envelope, ErrorInfo
+from ..retry import next_delay
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
 from .execute import execute
-from .settle import Handoff
+from .settle import H_DELIVERIES, Handoff
 
 __all__ = ["Worker", "WorkerStatistics"]
 
@@ -35,6 +36,7 @@ class WorkerStatistics:
     max_in_hand: int
     running: int
     processed: int
+    consumer_timeouts: int
 
 
 class Worker:
@@ -50,6 +52,8 @@ class Worker:
             to their queue.
         threads: Size of the thread pool for plain-function tasks; default
             ``min(concurrency, 40)``.
+        max_deliveries: A message delivered this many times without ever being settled
+            (each time its worker died) is poison: it goes to ``Q.dlq`` instead of running.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class Worker:
         prefetch: int | None = None,
         shutdown_timeout: float = 30.0,
         threads: int | None = None,
+        max_deliveries: int = 5,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -72,6 +77,9 @@ class Worker:
         self.prefetch = prefetch or concurrency
         self.shutdown_timeout = shutdown_timeout
         self.threads = threads or min(concurrency, 40)
+        self.max_deliveries = max_deliveries
+        self._current: dict[int, tuple[str, str, str]] = {}
+        self._consumer_timeouts = 0
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -91,7 +99,13 @@ class Worker:
         return max(1, self.prefetch // len(self.queues))
 
     def statistics(self) -> WorkerStatistics:
-        return WorkerStatistics(self._in_hand, self._max_in_hand, self._running, self._processed)
+        return WorkerStatistics(
+            self._in_hand,
+            self._max_in_hand,
+            self._running,
+            self._processed,
+            self._consumer_timeouts,
+        )
 
     def stop(self) -> None:
         """Begin a graceful shutdown; a second call returns running tasks to the queue at once."""
@@ -106,7 +120,7 @@ class Worker:
             await self.app.connect()
         executor = ThreadPoolExecutor(self.threads, thread_name_prefix="aioqueue-task")
         try:
-            await self._run(Handoff(self.app.broker, self.identity), executor)
+            await self._run(Handoff(self.app, self.identity), executor)
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
             if own_connection:
@@ -200,9 +214,49 @@ class Worker:
         self, delivery: Delivery, handoff: Handoff, executor: ThreadPoolExecutor
     ) -> None:
         """Decode → run → settle."""
+        envelope = await self._decode(delivery, handoff)
+        if envelope is None:
+            return
+        redelivered = await self._count_delivery(delivery, envelope, handoff)
+        if redelivered is None:
+            return
+        reason, error = self._refuse(envelope)
+        if error is not None:
+            await handoff.dead_letter(
+                delivery,
+                reason=reason,
+                error=error,
+                task_id=envelope.id,
+                task_name=envelope.task,
+                reply_to=envelope.reply_to,
+            )
+            return
+        task = self.app.tasks[envelope.task]
+        self._current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
+        try:
+            outcome, exc = await execute(task, envelope, redelivered=redelivered, threads=executor)
+        finally:
+            del self._current[id(delivery)]
+        if outcome.error is None:
+            await handoff.finish(delivery, envelope.reply_to, outcome)
+            return
+        delay = None if exc is None else next_delay(task.options.retry, envelope.attempt, exc)
+        if delay is not None:
+            await handoff.retry(delivery, envelope, delay)
+            return
+        await handoff.dead_letter(
+            delivery,
+            reason="timeout" if outcome.error.kind == "timeout" else "failed",
+            error=outcome.error,
+            task_id=envelope.id,
+            task_name=envelope.task,
+            reply_to=envelope.reply_to,
+        )
+
+    async def _decode(self, delivery: Delivery, handoff: Handoff) -> Envelope | None:
         props = delivery.properties
         try:
-            envelope = Envelope.decode(
+            return Envelope.decode(
                 delivery.body,
                 message_id=props.message_id,
                 headers=props.headers,
@@ -219,33 +273,40 @@ class Worker:
                 task_name=_header_str(props.headers, "aioqueue-task"),
                 reply_to=props.reply_to,
             )
-            return
-        reason, error = self._refuse(envelope)
-        if error is not None:
+            return None
+
+    async def _count_delivery(
+        self, delivery: Delivery, envelope: Envelope, handoff: Handoff
+    ) -> bool | None:
+        """Count deliveries that were never settled; poison goes to the DLQ.
+
+        Returns whether this is a redelivery, or None when the message was handled here
+        (re-published with its count, or dead-lettered as poison).
+        """
+        headers = delivery.properties.headers or {}
+        quorum_count = headers.get("x-delivery-count")
+        if isinstance(quorum_count, int) and not isinstance(quorum_count, bool):
+            deaths = quorum_count  # quorum queues count returned deliveries themselves
+        else:
+            deaths = _header_int(headers, H_DELIVERIES) + int(delivery.redelivered)
+            if delivery.redelivered and deaths < self.max_deliveries:
+                await handoff.recount(delivery, deaths)
+                return None
+        if deaths >= self.max_deliveries:
+            message = (
+                f"task {envelope.task} was delivered {deaths} times without being settled "
+                "(each time its worker died or lost its connection): treated as poison"
+            )
             await handoff.dead_letter(
                 delivery,
-                reason=reason,
-                error=error,
+                reason="poison",
+                error=ErrorInfo("dead_lettered", "poison", message),
                 task_id=envelope.id,
                 task_name=envelope.task,
                 reply_to=envelope.reply_to,
             )
-            return
-        task = self.app.tasks[envelope.task]
-        outcome, _exc = await execute(
-            task, envelope, redelivered=delivery.redelivered, threads=executor
-        )
-        if outcome.error is None:
-            await handoff.finish(delivery, envelope.reply_to, outcome)
-            return
-        await handoff.dead_letter(
-            delivery,
-            reason="timeout" if outcome.error.kind == "timeout" else "failed",
-            error=outcome.error,
-            task_id=envelope.id,
-            task_name=envelope.task,
-            reply_to=envelope.reply_to,
-        )
+            return None
+        return delivery.redelivered or deaths > 0
 
     def _refuse(self, envelope: Envelope) -> tuple[str, ErrorInfo | None]:
         """Why this worker must not run ``envelope``, if it must not."""
@@ -256,6 +317,32 @@ class Worker:
             message = f"task {envelope.task} expired before it started"
             return "expired", ErrorInfo("dead_lettered", "expired", message)
         return "", None
+
+    def _channel_lost(self, queue: str, exc: BaseException | None) -> None:
+        """A consuming channel closed: its unacked deliveries are back in the queue."""
+        running = [(name, tid) for q, name, tid in self._current.values() if q == queue]
+        text = str(exc or "")
+        if "acknowledgement" in text and "timed out" in text:
+            self._consumer_timeouts += 1
+            log.error(
+                "RabbitMQ's consumer_timeout closed the channel of %r: a task held its "
+                "message too long. Running there: %s. They will be redelivered and run "
+                "again; raise consumer_timeout above your longest task (see README).",
+                queue,
+                ", ".join(f"{name} id={tid}" for name, tid in running) or "none",
+            )
+        elif self._stopping is False:
+            log.warning(
+                "lost the channel of %r (%s); %d running task(s) will be redelivered",
+                queue,
+                text or "closed",
+                len(running),
+            )
+
+
+def _header_int(headers: dict[str, Any], key: str) -> int:
+    value = headers.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _header_str(headers: dict[str, Any] | None, key: str) -> str:

@@ -18,8 +18,9 @@ from typing import Any
 import anyio
 
 from ..context import TaskContext, _current
-from ..errors import EncodeError
+from ..errors import EncodeError, TaskTimeoutError
 from ..message import Envelope, ErrorInfo, Outcome, check_json_native
+from ..retry import Retry
 from ..task import Task
 
 __all__ = ["execute"]
@@ -53,7 +54,14 @@ async def execute(
         with anyio.move_on_after(timeout) as scope:
             value = await _call(task, envelope, threads)
         if scope.cancelled_caught:
-            return _timeout_outcome(task, envelope, timeout), None
+            outcome = _timeout_outcome(task, envelope, timeout)
+            assert outcome.error is not None
+            return outcome, TaskTimeoutError(
+                outcome.error.type_name,
+                outcome.error.message,
+                task_name=envelope.task,
+                task_id=envelope.id,
+            )
         check_json_native(value, "the task's return value")
     except Exception as exc:
         return _error_outcome(envelope, "error", exc), exc
@@ -87,6 +95,8 @@ def _timeout_outcome(task: Task[Any, Any], envelope: Envelope, timeout: float | 
 
 
 def _error_outcome(envelope: Envelope, kind: str, exc: BaseException) -> Outcome:
+    if isinstance(exc, Retry) and exc.__cause__ is not None:
+        exc = exc.__cause__  # out of attempts: report what made the task ask for a retry
     tb = "".join(traceback.format_exception(exc))
     if len(tb) > MAX_TRACEBACK:
         tb = "...\n" + tb[-MAX_TRACEBACK:]

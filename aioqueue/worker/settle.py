@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from pamqp import commands as spec
 
-from ..broker import Delivery, RabbitBroker, settle
+from ..app import App
+from ..broker import Delivery, settle
 from ..errors import PublishError, UnroutableError
-from ..message import CONTENT_TYPE, PROTOCOL_VERSION, ErrorInfo, Outcome
+from ..message import CONTENT_TYPE, PROTOCOL_VERSION, Envelope, ErrorInfo, Outcome
 from ..topology import dlq_name
 
 __all__ = ["Handoff"]
@@ -29,15 +31,57 @@ H_DEAD_AT = "aioqueue-dead-at"
 H_DEAD_WORKER = "aioqueue-dead-worker"
 H_DEAD_QUEUE = "aioqueue-dead-queue"
 H_DEAD_TRACEBACK = "aioqueue-dead-traceback"
+H_DELIVERIES = "aioqueue-deliveries"
 MAX_HEADER_TRACEBACK = 4096
 
 
 class Handoff:
     """Publishes replies and dead letters for one worker, then settles deliveries."""
 
-    def __init__(self, broker: RabbitBroker, identity: str) -> None:
-        self.broker = broker
+    def __init__(self, app: App, identity: str) -> None:
+        self.app = app
+        self.broker = app.broker
         self.identity = identity
+
+    async def retry(self, delivery: Delivery, envelope: Envelope, delay: float) -> None:
+        """Publish the next attempt (through the delay ladder), then ack this one."""
+        try:
+            nxt = replace(envelope, attempt=envelope.attempt + 1)
+            await self.app._publish(nxt, delivery.queue, delay=delay)
+        except PublishError as exc:
+            log.error(
+                "could not publish the retry of %s id=%s (%s); requeued",
+                envelope.task,
+                envelope.id,
+                exc,
+            )
+            await settle(delivery, ack=False, requeue=True)
+            return
+        log.info(
+            "retrying task %s id=%s: attempt %d in %.1fs",
+            envelope.task,
+            envelope.id,
+            envelope.attempt + 1,
+            delay,
+        )
+        await settle(delivery, ack=True)
+
+    async def recount(self, delivery: Delivery, deliveries: int) -> bool:
+        """Re-publish a redelivered message with its crash count, then ack the old copy.
+
+        Classic queues keep no delivery count, so the count travels in a header: the copy is
+        confirmed before the redelivered message is acked, so a crash in between duplicates
+        the message at worst and never loses it. Returns False if it had to requeue instead.
+        """
+        copy = _copy_properties(delivery.properties, {H_DELIVERIES: deliveries})
+        try:
+            await self.broker.publish(delivery.queue, delivery.body, copy)
+        except PublishError as exc:
+            log.error("could not re-publish a redelivered message (%s); requeued", exc)
+            await settle(delivery, ack=False, requeue=True)
+            return False
+        await settle(delivery, ack=True)
+        return True
 
     async def finish(self, delivery: Delivery, reply_to: str | None, outcome: Outcome) -> None:
         """Send the outcome to the caller (if it waits for one), then ack."""
@@ -74,33 +118,16 @@ class Handoff:
         await settle(delivery, ack=ok, requeue=not ok)
 
     async def _store_dead(self, delivery: Delivery, reason: str, error: ErrorInfo) -> bool:
-        props = delivery.properties
-        headers: dict[str, Any] = dict(props.headers or {})
-        headers.pop("x-death", None)
-        headers.update(
-            {
-                H_DEAD_REASON: reason,
-                H_DEAD_ERROR: f"{error.type_name}: {error.message}"[:1024],
-                H_DEAD_AT: datetime.now(UTC).isoformat(),
-                H_DEAD_WORKER: self.identity,
-                H_DEAD_QUEUE: delivery.queue,
-            }
-        )
+        headers: dict[str, Any] = {
+            H_DEAD_REASON: reason,
+            H_DEAD_ERROR: f"{error.type_name}: {error.message}"[:1024],
+            H_DEAD_AT: datetime.now(UTC).isoformat(),
+            H_DEAD_WORKER: self.identity,
+            H_DEAD_QUEUE: delivery.queue,
+        }
         if error.traceback:
             headers[H_DEAD_TRACEBACK] = error.traceback[-MAX_HEADER_TRACEBACK:]
-        copy = spec.Basic.Properties(
-            content_type=props.content_type,
-            content_encoding=props.content_encoding,
-            headers=headers,
-            delivery_mode=2,
-            priority=props.priority,
-            correlation_id=props.correlation_id,
-            reply_to=props.reply_to,
-            message_id=props.message_id,
-            timestamp=props.timestamp,
-            message_type=props.message_type,
-            app_id=props.app_id,
-        )
+        copy = _copy_properties(delivery.properties, headers)
         try:
             await self.broker.publish(dlq_name(delivery.queue), delivery.body, copy)
         except PublishError as exc:
@@ -134,3 +161,31 @@ class Handoff:
             )
             return False
         return True
+
+
+def _copy_properties(props: spec.Basic.Properties, extra: dict[str, Any]) -> spec.Basic.Properties:
+    """Persistent copy of ``props`` with ``extra`` headers and without ``x-death``.
+
+    RabbitMQ drops a message dead-lettered into a queue already in its ``x-death`` history
+    (a "cycle"), so a copy re-entering our delay ladder must not carry it; nor a per-message
+    ``expiration``, which would expire it silently.
+    """
+    headers: dict[str, Any] = dict(props.headers or {})
+    headers.pop("x-death", None)
+    headers.pop("x-first-death-exchange", None)
+    headers.pop("x-first-death-queue", None)
+    headers.pop("x-first-death-reason", None)
+    headers.update(extra)
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=headers,
+        delivery_mode=2,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        message_type=props.message_type,
+        app_id=props.app_id,
+    )

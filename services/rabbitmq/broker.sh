@@ -190,6 +190,7 @@ cmd_install() {
     if [[ ! -e "$policy" ]]; then
         as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
         added_policy=1
+        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT # also when interrupted
     fi
     local rc=0
     {
@@ -198,6 +199,7 @@ cmd_install() {
     } || rc=$?
     if ((added_policy)); then
         as_root rm -f "$policy"
+        trap - EXIT
     fi
     ((rc == 0)) || die "apt-get install rabbitmq-server failed (exit $rc)"
     installed || die "rabbitmq-server installed, but $RMQ_BIN/rabbitmq-server is missing"
@@ -450,6 +452,9 @@ cmd_stop_demo() {
         return 0
     fi
     cmd_stop_node "$DEMO_NODE"
+    if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        log "a broker started with Docker is stopped with: docker compose stop rabbitmq"
+    fi
 }
 
 main() {

@@ -1,0 +1,106 @@
+"""The producer process: ``python -m bench.producer '<json spec>'`` runs one measurement.
+
+A fresh process per measurement, so one run's allocations and caches do not flatter the next
+(and RSS figures mean this workload alone). The spec (see `bench.procs.run_producer`) names the
+system, the workload, the broker URL, the queue and the sizes; the result is one JSON object on
+stdout. The aioqueue side reads its queue and URL from the environment, as `bench.tasks` does.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import orjson
+
+from . import workloads
+from .loop import run
+from .raw import RawClient
+from .workloads import Client, Sizes
+
+
+class AioqueueBench:
+    """`Client` on aioqueue's public API: ``submit`` then ``result``."""
+
+    def __init__(self) -> None:
+        from . import tasks  # reads $AIOQUEUE_BENCH_QUEUE and $AIOQUEUE_BROKER_URL
+
+        self.tasks = tasks
+
+    async def call(self, i: int) -> int:
+        handle = await self.tasks.noop.submit(i)
+        return await handle.result()
+
+    async def send(self) -> None:
+        await self.tasks.fire.submit()
+
+    async def executed(self) -> int:
+        handle = await self.tasks.executed.submit()
+        return await handle.result()
+
+
+class RawBench:
+    """`Client` on the naive aio-pika baseline."""
+
+    def __init__(self, raw: RawClient) -> None:
+        self.raw = raw
+
+    async def call(self, i: int) -> int:
+        value: int = await self.raw.call("noop", i)
+        return value
+
+    async def send(self) -> None:
+        await self.raw.send("fire")
+
+    async def executed(self) -> int:
+        value: int = await self.raw.call("executed")
+        return value
+
+
+async def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
+    sizes = Sizes(**spec["sizes"])
+    workload = spec["workload"]
+    if workload == "backlog":  # no worker: nothing to warm up against
+        return await workloads.backlog(
+            client, sizes.backlog, mark=sizes.backlog_mark, every=sizes.backlog_every
+        )
+    await workloads.warm_up(client, sizes.warmup)
+    if workload == "rpc":
+        return await workloads.rpc(client, sizes.rpc)
+    if workload == "fire":
+        return await workloads.fire(client, sizes.fire)
+    if workload == "latency":
+        return await workloads.latency(client, sizes.latency)
+    if workload == "soak":
+        return await workloads.soak(
+            client,
+            sizes.soak,
+            window=sizes.soak_window,
+            mark=sizes.soak_mark,
+            every=sizes.soak_every,
+            worker_pid=spec["worker_pid"],
+        )
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+async def main(spec: dict[str, Any]) -> dict[str, Any]:
+    """Connect the system's producer, measure, and name the queues it created (for cleanup)."""
+    if spec["system"] == "raw":
+        raw = await RawClient.connect(spec["url"], spec["queue"])
+        try:
+            result = await measure(RawBench(raw), spec)
+        finally:
+            await raw.close()
+        return {**result, "queues": [spec["queue"]]}
+    from aioqueue.topology import reply_queue_name
+
+    bench = AioqueueBench()
+    app = bench.tasks.app
+    async with app:
+        result = await measure(bench, spec)
+    return {**result, "queues": [spec["queue"], reply_queue_name(app.client_id)]}
+
+
+if __name__ == "__main__":
+    outcome = run(main(orjson.loads(sys.argv[1])))
+    sys.stdout.buffer.write(orjson.dumps(outcome) + b"\n")
