@@ -33,7 +33,7 @@ stop-broker:
 	$(BROKER) stop-demo
 
 demo: install broker
-	$(BIN)/python -m services.demo
+	AIOQUEUE_BROKER_URL="$${AIOQUEUE_BROKER_URL:-$$(cat .rabbitmq/demo-url)}" $(BIN)/python -m services.demo
 
 lint: install
 	$(BIN)/ruff check .

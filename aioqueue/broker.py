@@ -372,14 +372,19 @@ class Subscription:
                 await self._channel.close()
 
 
-async def settle(delivery: Delivery, *, ack: bool, requeue: bool = False) -> None:
-    """Ack (or reject) a delivery on its own channel; a stale one is dropped, never raised."""
+async def settle(
+    delivery: Delivery, *, ack: bool, requeue: bool = False, flush: bool = False
+) -> None:
+    """Ack (or reject) a delivery on its own channel; a stale one is dropped, never raised.
+
+    ``flush`` waits until the frame is written to the socket (acks are otherwise queued).
+    """
     channel = delivery.channel
     try:
         if ack:
-            await channel.basic_ack(delivery.delivery_tag, wait=False)
+            await channel.basic_ack(delivery.delivery_tag, wait=flush)
         else:
-            await channel.basic_reject(delivery.delivery_tag, requeue=requeue, wait=False)
+            await channel.basic_reject(delivery.delivery_tag, requeue=requeue, wait=flush)
     except (aiormq.exceptions.ChannelInvalidStateError, *_TRANSIENT) as exc:
         log.debug(
             "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",

@@ -80,6 +80,7 @@ class Worker:
         self.max_deliveries = max_deliveries
         self._current: dict[int, tuple[str, str, str]] = {}
         self._consumer_timeouts = 0
+        self._recounting: dict[str, asyncio.Event] = {}
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -284,13 +285,21 @@ class Worker:
         (re-published with its count, or dead-lettered as poison).
         """
         headers = delivery.properties.headers or {}
+        recounting = self._recounting.get(envelope.id)
+        if recounting is not None:
+            await recounting.wait()  # this may be the copy: let the old one's ack go out first
         quorum_count = headers.get("x-delivery-count")
         if isinstance(quorum_count, int) and not isinstance(quorum_count, bool):
             deaths = quorum_count  # quorum queues count returned deliveries themselves
         else:
             deaths = _header_int(headers, H_DELIVERIES) + int(delivery.redelivered)
             if delivery.redelivered and deaths < self.max_deliveries:
-                await handoff.recount(delivery, deaths)
+                self._recounting[envelope.id] = done = asyncio.Event()
+                try:
+                    await handoff.recount(delivery, deaths)
+                finally:
+                    del self._recounting[envelope.id]
+                    done.set()
                 return None
         if deaths >= self.max_deliveries:
             message = (

@@ -80,7 +80,8 @@ class Handoff:
             log.error("could not re-publish a redelivered message (%s); requeued", exc)
             await settle(delivery, ack=False, requeue=True)
             return False
-        await settle(delivery, ack=True)
+        # flushed: the old copy must be gone before the new one can kill this worker
+        await settle(delivery, ack=True, flush=True)
         return True
 
     async def finish(self, delivery: Delivery, reply_to: str | None, outcome: Outcome) -> None:

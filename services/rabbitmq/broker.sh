@@ -424,9 +424,17 @@ docker_compose() {
     fi
 }
 
+# The URL the demo should use is written to .rabbitmq/demo-url (read by `make demo`).
+remember_url() {
+    mkdir -p "$REPO_ROOT/.rabbitmq"
+    printf '%s\n' "$1" >"$REPO_ROOT/.rabbitmq/demo-url"
+}
+
 cmd_ensure() {
     if port_open 127.0.0.1 "$DEMO_AMQP_PORT"; then
         echo "RabbitMQ already answering on localhost:$DEMO_AMQP_PORT"
+        [[ -f "$REPO_ROOT/.rabbitmq/demo-url" ]] ||
+            remember_url "amqp://guest:guest@localhost:$DEMO_AMQP_PORT/"
         return 0
     fi
     if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
@@ -437,6 +445,7 @@ cmd_ensure() {
         echo "RabbitMQ (Docker) answering on localhost:$DEMO_AMQP_PORT;" \
             "its user is aioqueue/aioqueue: amqp://aioqueue:aioqueue@localhost:$DEMO_AMQP_PORT/"
         echo "Stop it with: docker compose stop rabbitmq"
+        remember_url "amqp://aioqueue:aioqueue@localhost:$DEMO_AMQP_PORT/"
         return 0
     fi
     cmd_install
@@ -444,6 +453,7 @@ cmd_ensure() {
     echo "Started RabbitMQ node $DEMO_NODE in the background:" \
         "amqp://guest:guest@localhost:$DEMO_AMQP_PORT/ (files in ${DEMO_DIR#"$REPO_ROOT"/})"
     echo "Stop it with: services/rabbitmq/broker.sh stop-demo"
+    remember_url "amqp://guest:guest@localhost:$DEMO_AMQP_PORT/"
 }
 
 cmd_stop_demo() {

@@ -14,7 +14,11 @@ import anyio
 
 from aioqueue import App, task_context
 
-app = App("tests", default_queue=os.environ.get("AIOQUEUE_TEST_QUEUE", "default"))
+app = App(
+    "tests",
+    default_queue=os.environ.get("AIOQUEUE_TEST_QUEUE", "default"),
+    queue_type="quorum" if os.environ.get("AIOQUEUE_TEST_QUEUE_TYPE") == "quorum" else "classic",
+)
 DIR = Path(os.environ.get("AIOQUEUE_TEST_DIR", "."))
 
 
@@ -39,3 +43,9 @@ async def _file_appears(path: Path) -> None:
         if await anyio.Path(path).exists():
             return
         await asyncio.sleep(0.02)
+
+
+@app.task(name="tests.crash")
+async def crash() -> None:
+    """Kill the worker process mid-task, as a segfault or the OOM killer would."""
+    os._exit(3)

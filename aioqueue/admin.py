@@ -1,0 +1,195 @@
+"""``python -m aioqueue dlq list|show|replay|purge module:app --queue Q``: dead letters by hand.
+
+Messages are read with ``basic.get`` and left unacked while we look at them; what is not replayed
+goes back to the dead-letter queue when the channel closes. A replay re-publishes the message,
+confirmed, to the queue it died in (headers of its death removed, attempt count reset), and only
+then removes it from the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+from pamqp import commands as spec
+
+from .app import App
+from .broker import RabbitBroker
+from .cli import load_app, run, setup_logging
+from .errors import AioqueueError
+from .topology import dlq_name
+from .worker.settle import H_DEAD_QUEUE, H_DELIVERIES
+
+__all__ = ["main"]
+
+DEAD_HEADERS = (H_DELIVERIES, "aioqueue-attempt")
+DEAD_PREFIXES = ("aioqueue-dead-", "x-death", "x-first-death")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One message in a dead-letter queue, as shown to a person."""
+
+    id: str
+    task: str
+    reason: str
+    error: str
+    at: str
+    headers: dict[str, Any]
+    body: bytes
+
+    @classmethod
+    def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
+        headers = dict(message.headers or {})
+        return cls(
+            id=message.message_id or "",
+            task=str(headers.get("aioqueue-task", "?")),
+            reason=str(headers.get("aioqueue-dead-reason", "?")),
+            error=str(headers.get("aioqueue-dead-error", "")),
+            at=str(headers.get("aioqueue-dead-at", "")),
+            headers=headers,
+            body=message.body,
+        )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aioqueue", description="aioqueue administration")
+    sub = p.add_subparsers(dest="command", required=True)
+    dlq = sub.add_parser("dlq", help="inspect and re-run dead-lettered tasks")
+    actions = dlq.add_subparsers(dest="action", required=True)
+    for name, text in (
+        ("list", "list the dead letters of a queue"),
+        ("show", "show one dead letter in full"),
+        ("replay", "re-run dead letters: re-publish them to their queue"),
+        ("purge", "delete every dead letter of a queue"),
+    ):
+        a = actions.add_parser(name, help=text)
+        a.add_argument("app", help="MODULE:APP")
+        a.add_argument("--queue", help="the work queue (default: the app's default queue)")
+        a.add_argument("--broker-url", help="overrides the app's broker URL")
+        a.add_argument("--limit", type=int, default=1000, help="most messages to read")
+        if name in ("show", "replay"):
+            a.add_argument("ids", nargs="*", help="task ids (replay: none with --all)")
+        if name == "replay":
+            a.add_argument("--all", action="store_true", help="replay every dead letter")
+        if name == "purge":
+            a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return p
+
+
+def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
+    args = parser().parse_args(argv)
+    setup_logging("WARNING")
+    try:
+        app = load_app(args.app)
+    except (AioqueueError, ImportError) as exc:
+        print(f"error: cannot load {args.app}: {exc}", file=sys.stderr)
+        return 2
+    if args.broker_url:
+        app.broker_url = args.broker_url
+    queue = args.queue or app.default_queue
+    try:
+        return run(_dlq(app, queue, args, stdin or sys.stdin))
+    except AioqueueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) -> int:
+    async with app:
+        broker = app.broker
+        channel = await broker.channel()
+        try:
+            dead = await channel.get_queue(dlq_name(queue), ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            print(f"{dlq_name(queue)} does not exist: nothing was dead-lettered there")
+            return 0
+        try:
+            if args.action == "purge":
+                return await _purge(dead, args.yes, stdin)
+            messages = []
+            for _ in range(args.limit):
+                message = await dead.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                messages.append(message)
+            if args.action == "list":
+                _print_table([DeadLetter.of(m) for m in messages], dlq_name(queue))
+                return 0
+            chosen = [
+                m
+                for m in messages
+                if (args.action == "replay" and args.all) or m.message_id in args.ids
+            ]
+            missing = set(args.ids) - {m.message_id for m in chosen}
+            if missing:
+                print(f"not found in {dlq_name(queue)}: {', '.join(sorted(missing))}")
+            if args.action == "show":
+                for message in chosen:
+                    _print_one(DeadLetter.of(message))
+                return 1 if missing else 0
+            for message in chosen:
+                await _replay(broker, message, queue)
+            print(f"replayed {len(chosen)} message(s)")
+            return 1 if missing else 0
+        finally:
+            await channel.close()  # what we read and did not replay goes back, unacked
+
+
+async def _purge(dead: aio_pika.abc.AbstractQueue, yes: bool, stdin: TextIO) -> int:
+    declared = await dead.declare()
+    count = declared.message_count or 0
+    if not yes:
+        print(f"Delete {count} message(s) from {dead.name}? Type 'yes' to confirm: ", end="")
+        if stdin.readline().strip() != "yes":
+            print("cancelled; nothing deleted")
+            return 1
+    await dead.purge()
+    print(f"purged {count} message(s) from {dead.name}")
+    return 0
+
+
+async def _replay(broker: RabbitBroker, message: AbstractIncomingMessage, queue: str) -> None:
+    headers = {
+        k: v
+        for k, v in (message.headers or {}).items()
+        if not k.startswith(DEAD_PREFIXES) and k not in DEAD_HEADERS
+    }
+    target = str((message.headers or {}).get(H_DEAD_QUEUE) or queue)
+    properties = spec.Basic.Properties(
+        content_type=message.content_type,
+        headers=headers,
+        delivery_mode=2,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+    )
+    await broker.publish(target, message.body, properties)
+    await message.ack()
+
+
+def _print_table(rows: list[DeadLetter], name: str) -> None:
+    if not rows:
+        print(f"{name} is empty")
+        return
+    print(f"{len(rows)} dead letter(s) in {name}:")
+    print(f"{'task id':<34} {'task':<28} {'reason':<10} {'when':<26} error")
+    for r in rows:
+        print(f"{r.id:<34} {r.task[:28]:<28} {r.reason:<10} {r.at[:26]:<26} {r.error[:80]}")
+
+
+def _print_one(letter: DeadLetter) -> None:
+    print(f"task id: {letter.id}\ntask:    {letter.task}\nreason:  {letter.reason}")
+    print(f"when:    {letter.at}\nerror:   {letter.error}")
+    for key, value in sorted(letter.headers.items()):
+        if key != "aioqueue-dead-traceback":
+            print(f"  {key}: {value}")
+    print(f"body ({len(letter.body)} bytes): {letter.body[:2000]!r}")
+    traceback = letter.headers.get("aioqueue-dead-traceback")
+    if traceback:
+        print(f"traceback:\n{traceback}")

@@ -1,0 +1,168 @@
+"""The benchmark's OS processes: workers, producers, and an optional py-spy profiler.
+
+Every process runs from the repository root with the bench environment: the broker URL in
+``$AIOQUEUE_BROKER_URL`` and the measurement's queue in ``$AIOQUEUE_BENCH_QUEUE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from .tasks import QUEUE_ENV
+
+__all__ = ["BenchError", "System", "Worker", "profiled", "run_producer", "start_worker"]
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+
+System = Literal["raw", "aioqueue"]
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be taken (a process failed, hung, or answered nonsense)."""
+
+
+def bench_env(url: str, queue: str) -> dict[str, str]:
+    return {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue}
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Worker:
+    """A worker process of either system, its output in ``log``."""
+
+    def __init__(self, system: System, url: str, queue: str, log: Path) -> None:
+        if system == "aioqueue":
+            command = [
+                *("-m", "aioqueue.worker", "bench.tasks:app"),
+                *("--concurrency", "100", "--log-level", "WARNING", "--broker-url", url),
+            ]
+        else:
+            command = ["-m", "bench.raw", url, queue]
+        self.system = system
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, *command],
+                cwd=ROOT,
+                env=bench_env(url, queue),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self) -> None:
+        """Block until the worker printed its "ready" banner (it consumes from then on)."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while "ready" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.system} worker exited early:\n{tail(self.log)}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BenchError(f"{self.system} worker not ready after {READY_TIMEOUT:g}s")
+            time.sleep(0.02)
+
+    def stop(self) -> int:
+        """SIGTERM, then wait (SIGKILL after `STOP_TIMEOUT`); returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def complaints(self) -> list[str]:
+        """Warning, error and traceback lines the worker logged (it runs at WARNING level)."""
+        words = ("WARNING", "ERROR", "CRITICAL", "Traceback")
+        lines = self.log.read_text(errors="replace").splitlines()
+        return [line for line in lines if any(word in line for word in words)]
+
+
+@contextlib.contextmanager
+def start_worker(system: System, url: str, queue: str, log: Path) -> Iterator[Worker]:
+    """A ready worker for the block; stopped (SIGTERM) when it ends."""
+    worker = Worker(system, url, queue, log)
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
+
+
+def run_producer(spec: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+    """Run ``python -m bench.producer`` for one measurement and return its JSON result."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.producer", orjson.dumps(spec).decode()],
+            cwd=ROOT,
+            env=bench_env(spec["url"], spec["queue"]),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        what = f"{spec['system']} {spec['workload']}"
+        raise BenchError(f"{what}: no result within {timeout:g}s") from None
+    if done.returncode != 0:
+        stderr = done.stderr.decode(errors="replace").strip().splitlines()[-15:]
+        raise BenchError(
+            f"{spec['system']} {spec['workload']}: producer exited {done.returncode}:\n"
+            + "\n".join(stderr)
+        )
+    result: dict[str, Any] = orjson.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def py_spy() -> str | None:
+    """The py-spy executable (on PATH or next to this Python), if installed."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path, *, rate: int = 250) -> Iterator[None]:
+    """Sample ``pid`` with ``py-spy record`` (collapsed stacks by function) during the block."""
+    exe = py_spy()
+    if exe is None:
+        raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    command = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
+    command += ["--function", "--nonblocking", "--output", str(out)]
+    with out.with_suffix(".log").open("wb") as log:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    time.sleep(0.5)  # let it attach before the work starts
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,162 @@
+"""From raw measurements to verdicts: medians, ratios, targets, the Markdown table."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from .workloads import Sizes
+
+__all__ = ["Row", "markdown", "per_run", "rows"]
+
+# Targets of issue 6 ("Performance").
+RPC_RATIO = 1.3  # aioqueue rpc ≥ 1.3 x raw
+FIRE_RATIO = 1.6  # aioqueue fire ≥ 1.6 x raw
+P50_MS = 0.6  # aioqueue latency p50 ≤ 0.6 ms
+SOAK_GROWTH_MB = 20.0  # worker RSS growth between the mark and the end
+BACKLOG_FLAT_MB = 5.0  # "flat": producer RSS growth between the mark and the end
+
+Runs = list[dict[str, Any]]
+Measurements = dict[str, dict[str, Runs]]  # workload → system → one result per run
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table; a ratio of None means "not compared", passed None "no target"."""
+
+    label: str
+    raw: float | None
+    aioqueue: float | None
+    ratio: float | None = None
+    target: str = "—"
+    passed: bool | None = None
+    digits: int = 0
+
+
+def _median(runs: Runs, key: str) -> float | None:
+    values = [run[key] for run in runs if key in run]
+    return statistics.median(values) if values else None
+
+
+def _ratio(top: float | None, bottom: float | None) -> float | None:
+    return top / bottom if top is not None and bottom else None
+
+
+def _verdict(value: float | None, low: float = -math.inf, high: float = math.inf) -> bool | None:
+    """Whether ``low <= value <= high``; None when there is no value."""
+    return None if value is None else low <= value <= high
+
+
+def rows(measured: Measurements, sizes: Sizes) -> list[Row]:
+    """The table's rows for whatever workloads were measured."""
+    out: list[Row] = []
+    for workload, factor, what in (
+        ("rpc", RPC_RATIO, f"{sizes.rpc:,} concurrent round trips"),
+        ("fire", FIRE_RATIO, f"{sizes.fire:,} tasks executed"),
+    ):
+        if workload in measured:
+            raw = _median(measured[workload].get("raw", []), "rate")
+            aq = _median(measured[workload].get("aioqueue", []), "rate")
+            ratio = _ratio(aq, raw)
+            label = f"{workload}: tasks/s ({what})"
+            target = f"≥ {factor:.1f}x raw"
+            out.append(Row(label, raw, aq, ratio, target, _verdict(ratio, low=factor)))
+    if "latency" in measured:
+        raw_runs = measured["latency"].get("raw", [])
+        aq_runs = measured["latency"].get("aioqueue", [])
+        p50 = _median(aq_runs, "p50_ms")
+        raw_p50 = _median(raw_runs, "p50_ms")
+        label = f"latency: p50 ms ({sizes.latency:,} sequential)"
+        passed = _verdict(p50, high=P50_MS)
+        out.append(Row(label, raw_p50, p50, _ratio(raw_p50, p50), f"≤ {P50_MS} ms", passed, 3))
+        raw_p99, p99 = _median(raw_runs, "p99_ms"), _median(aq_runs, "p99_ms")
+        out.append(Row("latency: p99 ms", raw_p99, p99, _ratio(raw_p99, p99), digits=3))
+    out += _soak_rows(measured.get("soak", {}).get("aioqueue", []), sizes)
+    out += _backlog_rows(measured.get("backlog", {}).get("aioqueue", []), sizes)
+    return out
+
+
+def _span(mark: int, end: int) -> str:
+    return f"{mark // 1000}k→{end // 1000}k" if mark >= 1000 else f"{mark}→{end}"
+
+
+def _soak_rows(runs: Runs, sizes: Sizes) -> list[Row]:
+    if not runs:
+        return []
+    span = _span(sizes.soak_mark, sizes.soak)
+    growth = _median(runs, "worker_growth_mb")
+    target = f"< {SOAK_GROWTH_MB:g} MB"
+    return [
+        Row(
+            f"soak: worker RSS growth {span}, MB",
+            None,
+            growth,
+            target=target,
+            passed=_verdict(growth, high=SOAK_GROWTH_MB),
+            digits=1,
+        ),
+        Row(
+            f"soak: producer RSS growth {span}, MB",
+            None,
+            _median(runs, "producer_growth_mb"),
+            digits=1,
+        ),
+        Row(f"soak: tasks/s ({sizes.soak_window:,} in flight)", None, _median(runs, "rate")),
+    ]
+
+
+def _backlog_rows(runs: Runs, sizes: Sizes) -> list[Row]:
+    if not runs:
+        return []
+    growth = _median(runs, "producer_growth_mb")
+    return [
+        Row(
+            f"backlog: producer RSS growth {_span(sizes.backlog_mark, sizes.backlog)}, MB",
+            None,
+            growth,
+            target=f"flat (< {BACKLOG_FLAT_MB:g} MB)",
+            passed=_verdict(growth, high=BACKLOG_FLAT_MB),
+            digits=1,
+        ),
+        Row("backlog: sequential submits/s", None, _median(runs, "rate")),
+    ]
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(table: list[Row]) -> str:
+    """The table in Markdown, with a footnote on how the latency ratio reads."""
+    lines = [
+        "| workload | raw | aioqueue | aioqueue vs raw | target | verdict |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for row in table:
+        ratio = "—" if row.ratio is None else f"{row.ratio:.2f}x"
+        if row.ratio is not None and row.label.startswith("latency"):
+            ratio += " ¹"
+        verdict = {True: "PASS", False: "**FAIL**", None: "—"}[row.passed]
+        cells = [row.label, _number(row.raw, row.digits), _number(row.aioqueue, row.digits)]
+        lines.append("| " + " | ".join([*cells, ratio, row.target, verdict]) + " |")
+    lines.append("")
+    lines.append(
+        "Ratios are aioqueue/raw for throughput; ¹ for latency raw/aioqueue: above 1 means "
+        "aioqueue is faster. Throughput and latency are medians over the runs."
+    )
+    return "\n".join(lines)
+
+
+def per_run(measured: Measurements) -> str:
+    """Each run's figure, to judge the spread behind the medians."""
+    keys = {"rpc": ("rate", 0), "fire": ("rate", 0), "latency": ("p50_ms", 3)}
+    lines = []
+    for workload, (key, digits) in keys.items():
+        for system, runs in measured.get(workload, {}).items():
+            figures = ", ".join(
+                _number(run.get(key), digits) if "error" not in run else "error" for run in runs
+            )
+            lines.append(f"- {workload} {key} {system}: {figures}")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The plan: which process runs when, interleaving the two systems, cleaning up after each.
+
+One measurement = a fresh queue, a fresh worker process (none for ``backlog``), a fresh producer
+process that connects, warms up and measures, then the worker is stopped (SIGTERM) and the
+queues are deleted. rpc, fire and latency run both systems in every run, alternating which goes
+first; soak and backlog run aioqueue once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .admin import delete_queues
+from .procs import BenchError, System, profiled, run_producer, start_worker
+from .profile import Hot, hot_functions
+from .report import Measurements
+from .workloads import Sizes
+
+__all__ = ["COMPARED", "ONCE", "Suite"]
+
+COMPARED = ("rpc", "fire", "latency")  # both systems, median of the runs
+ONCE = ("soak", "backlog")  # aioqueue alone, once
+PRODUCER_TIMEOUT = {"rpc": 300, "fire": 300, "latency": 300, "soak": 1200, "backlog": 1200}
+PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough samples
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def headline(workload: str, result: dict[str, Any]) -> str:
+    if "error" in result:
+        return "error"
+    if workload == "latency":
+        return f"p50 {result['p50_ms']:.3f} ms, p99 {result['p99_ms']:.3f} ms"
+    if workload in ("soak", "backlog"):
+        growth = result.get("worker_growth_mb", result["producer_growth_mb"])
+        return f"{result['rate']:,.0f} tasks/s, RSS growth {growth:+.1f} MB"
+    return f"{result['rate']:,.0f} tasks/s in {result['seconds']:.2f} s"
+
+
+class Suite:
+    """Runs measurements against one broker and keeps their results and anomalies."""
+
+    def __init__(self, url: str, sizes: Sizes, logs: Path) -> None:
+        self.url = url
+        self.sizes = sizes
+        self.logs = logs
+        self.measured: Measurements = {}
+        self.anomalies: list[str] = []
+
+    def run(self, workloads: list[str], runs: int) -> None:
+        """The compared workloads interleaved run by run, then the once-only ones."""
+        compared = [w for w in COMPARED if w in workloads]
+        for run in range(runs):
+            systems: tuple[System, System] = ("raw", "aioqueue")
+            for workload in compared:
+                for system in systems if run % 2 == 0 else systems[::-1]:
+                    self.record(workload, system, run, runs)
+        for workload in ONCE:
+            if workload in workloads:
+                self.record(workload, "aioqueue", 0, 1)
+
+    def record(self, workload: str, system: System, run: int, runs: int) -> None:
+        result = self.measure(workload, system, run)
+        self.measured.setdefault(workload, {}).setdefault(system, []).append(result)
+        progress(f"[{workload} {run + 1}/{runs}] {system:>8}: {headline(workload, result)}")
+
+    def measure(
+        self, workload: str, system: System, run: int, *, sizes: Sizes | None = None
+    ) -> dict[str, Any]:
+        """One measurement in fresh processes on a fresh queue; errors become a result."""
+        name = f"{workload}-{system}-{run}"
+        queue = f"bench.{name}.{secrets.token_hex(3)}"
+        spec = {
+            "system": system,
+            "workload": workload,
+            "url": self.url,
+            "queue": queue,
+            "sizes": asdict(sizes or self.sizes),
+        }
+        timeout = PRODUCER_TIMEOUT[workload]
+        queues = [queue, f"{queue}.dlq"]
+        try:
+            if workload == "backlog":  # no worker on purpose
+                result = run_producer(spec, timeout=timeout)
+            else:
+                with start_worker(system, self.url, queue, self.logs / f"{name}.log") as worker:
+                    result = run_producer({**spec, "worker_pid": worker.pid}, timeout=timeout)
+                self._check_worker(name, worker.proc.returncode, worker.complaints())
+            queues += result.pop("queues", [])
+        except BenchError as exc:
+            self.anomalies.append(f"{name}: {exc}")
+            result = {"error": str(exc)}
+        left = delete_queues(self.url, queues)
+        expected = (
+            {queue: self.sizes.backlog} if workload == "backlog" and "error" not in result else {}
+        )
+        self._check_left(name, left, expected)
+        return result
+
+    def profile(self, out: Path, top: int = 15) -> dict[str, Any]:
+        """An extra, unscored aioqueue rpc run with py-spy on the worker: its hottest functions."""
+        sizes = Sizes(**{**asdict(self.sizes), "rpc": self.sizes.rpc * PROFILE_FACTOR})
+        queue = f"bench.profile.{secrets.token_hex(3)}"
+        spec = {
+            "system": "aioqueue",
+            "workload": "rpc",
+            "url": self.url,
+            "queue": queue,
+            "sizes": asdict(sizes),
+        }
+        with start_worker("aioqueue", self.url, queue, self.logs / "profile.log") as worker:
+            with profiled(worker.pid, out):
+                result = run_producer(spec, timeout=PRODUCER_TIMEOUT["rpc"])
+        delete_queues(self.url, [queue, f"{queue}.dlq", *result.pop("queues", [])])
+        samples, hot = hot_functions(out, top)
+        progress(f"[profile] aioqueue worker: {samples} samples, rpc {headline('rpc', result)}")
+        return {"samples": samples, "rpc": result, "file": str(out), "top": _as_dicts(hot)}
+
+    def _check_worker(self, name: str, status: int | None, complaints: list[str]) -> None:
+        if status != 0:
+            self.anomalies.append(f"{name}: the worker exited with status {status} on SIGTERM")
+        if complaints:
+            shown = "\n    ".join(complaints[:5])
+            self.anomalies.append(
+                f"{name}: the worker logged {len(complaints)} line(s):\n    {shown}"
+            )
+
+    def _check_left(self, name: str, left: dict[str, int], expected: dict[str, int]) -> None:
+        """Every queue must hold what the workload left on purpose (backlog), nothing else."""
+        for queue, count in left.items():
+            if count != expected.get(queue, 0):
+                self.anomalies.append(f"{name}: {count} message(s) left in {queue}")
+
+
+def _as_dicts(hot: list[Hot]) -> list[dict[str, Any]]:
+    return [asdict(h) for h in hot]
