@@ -300,12 +300,13 @@ class Subscription:
         await self._channel.set_qos(prefetch_count=self._prefetch)
         self._active = True
         self._channel.reopen_callbacks.add(self._on_reopen)
-        self._channel.close_callbacks.add(self._on_close)
         await self._consume()
 
-    def _on_close(self, _channel: Any, exc: BaseException | None) -> None:
-        if self._active and self._on_lost is not None:
-            self._on_lost(self.queue, exc)
+    def _on_close(self, closing: asyncio.Future[Any]) -> None:
+        if not self._active or self._on_lost is None:
+            return
+        exc = None if closing.cancelled() else closing.exception()
+        self._on_lost(self.queue, exc)
 
     async def _on_reopen(self, *_: Any) -> None:
         if self._active:
@@ -316,6 +317,7 @@ class Subscription:
         assert self._channel is not None
         channel = await self._channel.get_underlay_channel()
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
+        channel.closing.add_done_callback(self._on_close)
         await channel.basic_consume(
             self.queue, self._on_message, no_ack=False, consumer_tag=self._tag
         )

@@ -6,7 +6,8 @@ piece of metadata in AMQP properties and headers:
 - ``message_id`` and ``correlation_id``: the task id; ``reply_to``: the caller's reply queue;
 - headers ``aioqueue-task`` (name), ``aioqueue-attempt`` (1 on the first run),
   ``aioqueue-protocol`` (:data:`PROTOCOL_VERSION`), and optionally ``aioqueue-deadline``
-  (expiry, Unix seconds) and ``aioqueue-scheduled-at`` (periodic slot, Unix seconds).
+  (expiry) and ``aioqueue-scheduled-at`` (periodic slot), both in integer Unix milliseconds
+  (AMQP tables carry floats only as 32-bit, far too coarse for a timestamp).
 
 Decoding is strict and bounded: the size is checked before parsing, nesting depth is limited,
 and anything malformed raises :class:`~aioqueue.errors.DecodeError`.
@@ -136,9 +137,9 @@ class Envelope:
             H_PROTOCOL: PROTOCOL_VERSION,
         }
         if self.deadline is not None:
-            headers[H_DEADLINE] = self.deadline
+            headers[H_DEADLINE] = round(self.deadline * 1000)
         if self.scheduled_at is not None:
-            headers[H_SCHEDULED_AT] = self.scheduled_at
+            headers[H_SCHEDULED_AT] = round(self.scheduled_at * 1000)
         return headers
 
     @classmethod
@@ -190,8 +191,8 @@ def _optional_time(headers: Mapping[str, Any], key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DecodeError(f"header {key!r} is {value!r}, not a Unix time")
-    return float(value)
+        raise DecodeError(f"header {key!r} is {value!r}, not a Unix time in milliseconds")
+    return value / 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ import anyio
 from ..app import App
 from ..broker import Delivery, Subscription, settle
 from ..errors import DecodeError
-from ..message import Envelope, ErrorInfo
+from ..message import Envelope, ErrorInfo, Outcome
 from ..retry import next_delay
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
 from .execute import execute
@@ -81,6 +81,7 @@ class Worker:
         self._current: dict[int, tuple[str, str, str]] = {}
         self._consumer_timeouts = 0
         self._recounting: dict[str, asyncio.Event] = {}
+        self._running_ids: dict[str, asyncio.Future[bool]] = {}
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -148,7 +149,12 @@ class Worker:
 
                 for queue in self.queues:
                     subscriptions.append(
-                        await broker.subscribe(queue, on_delivery, prefetch=self.prefetch_per_queue)
+                        await broker.subscribe(
+                            queue,
+                            on_delivery,
+                            prefetch=self.prefetch_per_queue,
+                            on_lost=self._channel_lost,
+                        )
                     )
                 self.ready.set()
                 await self._stop.wait()
@@ -216,7 +222,7 @@ class Worker:
     ) -> None:
         """Decode → run → settle."""
         envelope = await self._decode(delivery, handoff)
-        if envelope is None:
+        if envelope is None or await self._already_running(delivery, envelope):
             return
         redelivered = await self._count_delivery(delivery, envelope, handoff)
         if redelivered is None:
@@ -234,18 +240,33 @@ class Worker:
             return
         task = self.app.tasks[envelope.task]
         self._current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
+        handed_off = asyncio.get_running_loop().create_future()
+        self._running_ids[envelope.id] = handed_off
         try:
             outcome, exc = await execute(task, envelope, redelivered=redelivered, threads=executor)
+            handed_off.set_result(await self._settle(delivery, envelope, outcome, exc, handoff))
         finally:
             del self._current[id(delivery)]
+            del self._running_ids[envelope.id]
+            if not handed_off.done():
+                handed_off.set_result(False)
+
+    async def _settle(
+        self,
+        delivery: Delivery,
+        envelope: Envelope,
+        outcome: Outcome,
+        exc: BaseException | None,
+        handoff: Handoff,
+    ) -> bool:
+        """Hand the outcome off — reply, retry or dead letter — then settle the delivery."""
         if outcome.error is None:
-            await handoff.finish(delivery, envelope.reply_to, outcome)
-            return
-        delay = None if exc is None else next_delay(task.options.retry, envelope.attempt, exc)
+            return await handoff.finish(delivery, envelope.reply_to, outcome)
+        policy = self.app.tasks[envelope.task].options.retry
+        delay = None if exc is None else next_delay(policy, envelope.attempt, exc)
         if delay is not None:
-            await handoff.retry(delivery, envelope, delay)
-            return
-        await handoff.dead_letter(
+            return await handoff.retry(delivery, envelope, delay)
+        return await handoff.dead_letter(
             delivery,
             reason="timeout" if outcome.error.kind == "timeout" else "failed",
             error=outcome.error,
@@ -253,6 +274,22 @@ class Worker:
             task_name=envelope.task,
             reply_to=envelope.reply_to,
         )
+
+    async def _already_running(self, delivery: Delivery, envelope: Envelope) -> bool:
+        """A redelivery of a message this worker is still running (its channel was closed, e.g.
+        by RabbitMQ's consumer timeout): wait for that run instead of starting a second one."""
+        running = self._running_ids.get(envelope.id)
+        if running is None:
+            return False
+        log.info(
+            "task %s id=%s is already running here; its redelivery waits for it",
+            envelope.task,
+            envelope.id,
+        )
+        if await asyncio.shield(running):
+            await settle(delivery, ack=True)
+            return True
+        return False
 
     async def _decode(self, delivery: Delivery, handoff: Handoff) -> Envelope | None:
         props = delivery.properties

@@ -43,7 +43,7 @@ class Handoff:
         self.broker = app.broker
         self.identity = identity
 
-    async def retry(self, delivery: Delivery, envelope: Envelope, delay: float) -> None:
+    async def retry(self, delivery: Delivery, envelope: Envelope, delay: float) -> bool:
         """Publish the next attempt (through the delay ladder), then ack this one."""
         try:
             nxt = replace(envelope, attempt=envelope.attempt + 1)
@@ -56,7 +56,7 @@ class Handoff:
                 exc,
             )
             await settle(delivery, ack=False, requeue=True)
-            return
+            return False
         log.info(
             "retrying task %s id=%s: attempt %d in %.1fs",
             envelope.task,
@@ -65,6 +65,7 @@ class Handoff:
             delay,
         )
         await settle(delivery, ack=True)
+        return True
 
     async def recount(self, delivery: Delivery, deliveries: int) -> bool:
         """Re-publish a redelivered message with its crash count, then ack the old copy.
@@ -84,10 +85,11 @@ class Handoff:
         await settle(delivery, ack=True, flush=True)
         return True
 
-    async def finish(self, delivery: Delivery, reply_to: str | None, outcome: Outcome) -> None:
+    async def finish(self, delivery: Delivery, reply_to: str | None, outcome: Outcome) -> bool:
         """Send the outcome to the caller (if it waits for one), then ack."""
         ok = await self._reply(reply_to, outcome)
         await settle(delivery, ack=ok, requeue=not ok)
+        return ok
 
     async def dead_letter(
         self,
@@ -98,7 +100,7 @@ class Handoff:
         task_id: str | None,
         task_name: str,
         reply_to: str | None,
-    ) -> None:
+    ) -> bool:
         """Copy the message to ``Q.dlq`` with why/when/who headers, tell the caller, then ack."""
         outcome = Outcome(task_id=task_id or "", task_name=task_name, error=error)
         stored, replied = await asyncio.gather(
@@ -117,6 +119,7 @@ class Handoff:
             error.message,
         )
         await settle(delivery, ack=ok, requeue=not ok)
+        return ok
 
     async def _store_dead(self, delivery: Delivery, reason: str, error: ErrorInfo) -> bool:
         headers: dict[str, Any] = {
