@@ -82,7 +82,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # task ids may come after the options: `dlq show shop:app --queue q ID ...`
+    if extra and (getattr(args, "ids", None) is None or any(e.startswith("-") for e in extra)):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.ids = [*args.ids, *extra]
     setup_logging("WARNING")
     try:
         app = load_app(args.app)

@@ -49,14 +49,24 @@ async def test_consumer_timeout_is_detected_and_the_task_still_completes_once(
     async with app, running_worker(app) as worker:
         handle = await long.submit()
         # When RabbitMQ closes the channel for it
-        await wait_until(lambda: worker.statistics().consumer_timeouts >= 1, timeout=60,
-                         what="the consumer timeout to be detected")
+        await wait_until(
+            lambda: worker.statistics().consumer_timeouts >= 1,
+            timeout=60,
+            what="the consumer timeout to be detected",
+        )
         # Then it is logged loudly, naming the task
-        assert any(r.levelno == logging.ERROR and "consumer_timeout" in r.getMessage()
-                   and "ct.long" in r.getMessage() for r in caplog.records)
+        assert any(
+            r.levelno == logging.ERROR
+            and "consumer_timeout" in r.getMessage()
+            and "ct.long" in r.getMessage()
+            for r in caplog.records
+        )
         # and the redelivered message waits for the run in progress instead of a second run
-        await wait_until(lambda: any("already running here" in r.getMessage()
-                                     for r in caplog.records), timeout=60, what="the redelivery")
+        await wait_until(
+            lambda: any("already running here" in r.getMessage() for r in caplog.records),
+            timeout=60,
+            what="the redelivery",
+        )
         gate.set()
         assert await handle.result(timeout=60) == "finished"
         assert runs == [False]

@@ -127,8 +127,11 @@ async def test_thread_timeout_is_retried_when_the_policy_says(make_app: Any) -> 
     release = asyncio.Event()
     runs: list[int] = []
 
-    @app.task(name="t.stuck", timeout=0.3,
-              retry=RetryPolicy(max_attempts=2, backoff=0.1, retry_on=(TaskTimeoutError,)))
+    @app.task(
+        name="t.stuck",
+        timeout=0.3,
+        retry=RetryPolicy(max_attempts=2, backoff=0.1, retry_on=(TaskTimeoutError,)),
+    )
     def stuck() -> str:
         runs.append(task_context().attempt)
         deadline = time.monotonic() + 30
@@ -190,8 +193,10 @@ async def test_a_thirty_day_delay_waits_in_rabbitmq_not_in_the_worker(
         await month.submit_with_options(countdown=30 * 86400, ignore_result=True)
         # 30 days = 25,920,000 units: highest bit is level 24
         top = f"aioqueue.delay.{queue_type}.24.q"
-        await wait_until(lambda: rabbit.queue_stats().get(top, {}).get("messages") == 1,
-                         what=f"the message waiting in {top}")
+        await wait_until(
+            lambda: rabbit.queue_stats().get(top, {}).get("messages") == 1,
+            what=f"the message waiting in {top}",
+        )
         assert worker.statistics().in_hand == 0
     rabbit.ctl("purge_queue", top)
 
@@ -236,14 +241,18 @@ async def test_poison_message_goes_to_dlq_after_five_worker_deaths(
     spawn_worker: Any, rabbit: RabbitNode, queue_name: str, queue_type: str
 ) -> None:
     env = {"AIOQUEUE_TEST_QUEUE_TYPE": queue_type}
-    async with App("client", broker_url=rabbit.url, default_queue=queue_name,
-                   queue_type=queue_type) as app:  # type: ignore[arg-type]
+    async with App(
+        "client", broker_url=rabbit.url, default_queue=queue_name, queue_type=queue_type
+    ) as app:  # type: ignore[arg-type]
         handle = await app.submit("tests.crash")
         deaths = 0
         while deaths < 10:
             worker = spawn_worker(env=env)
-            await wait_until(lambda w=worker: w.proc.poll() is not None or handle.done(),
-                             timeout=120, what="a worker death or the outcome")
+            await wait_until(
+                lambda w=worker: w.proc.poll() is not None or handle.done(),
+                timeout=120,
+                what="a worker death or the outcome",
+            )
             if handle.done():
                 break
             assert worker.proc.returncode == 3, worker.output()

@@ -49,3 +49,12 @@ async def _file_appears(path: Path) -> None:
 async def crash() -> None:
     """Kill the worker process mid-task, as a segfault or the OOM killer would."""
     os._exit(3)
+
+
+@app.task(name="tests.needs_fix")
+async def needs_fix(key: str) -> str:
+    """Fail until the test creates ``fixed-<key>``; then record the success."""
+    if not await anyio.Path(DIR / f"fixed-{key}").exists():
+        raise RuntimeError(f"{key} is broken")
+    await anyio.Path(DIR / f"done-{key}").touch()
+    return "fixed"
