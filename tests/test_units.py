@@ -1,0 +1,433 @@
+"""Pure logic, table-driven: codec, JSON checks, back-off, retry decisions, delay routing, URLs."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import aioqueue
+from aioqueue import DecodeError, EncodeError, Retry, RetryPolicy
+from aioqueue.message import Envelope, ErrorInfo, Outcome, check_json_native
+from aioqueue.retry import backoff, next_delay
+from aioqueue.settings import mask_url, resolve_broker_url
+from aioqueue.topology import (
+    DELAY_LEVELS,
+    MAX_DELAY,
+    delay_ladder,
+    delay_routing_key,
+    delay_units,
+    deliver_pattern,
+)
+
+
+def _nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+HEADERS = {"aioqueue-task": "t", "aioqueue-protocol": 1, "aioqueue-attempt": 1}
+
+
+def test_public_names_are_complete_and_sorted() -> None:
+    public = {name for name in dir(aioqueue) if not name.startswith("_")}
+    modules = {
+        "app",
+        "broker",
+        "cli",
+        "context",
+        "errors",
+        "message",
+        "results",
+        "retry",
+        "settings",
+        "task",
+        "topology",
+        "worker",
+        "admin",
+        "scheduler",
+    }
+    assert public - modules - {"annotations"} == set(aioqueue.__all__)
+    assert aioqueue.__all__ == sorted(aioqueue.__all__)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, 0, -(2**63), 2**64 - 1, 1.5, "é", [], (1, "a"), {"a": [{"b": None}]}],
+)
+def test_json_native_values_pass(value: Any) -> None:
+    check_json_native(value)
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (object(), "object"),
+        (b"x", "bytes"),
+        ({1: 2}, "non-str key"),
+        (float("inf"), "inf"),
+        (float("nan"), "nan"),
+        (2**64, "too large"),
+        ({1, 2}, "set"),
+        (
+            [
+                [
+                    [
+                        [
+                            [
+                                [
+                                    [
+                                        [
+                                            [
+                                                [
+                                                    [
+                                                        [
+                                                            [
+                                                                [
+                                                                    [
+                                                                        [
+                                                                            [
+                                                                                [
+                                                                                    [
+                                                                                        [
+                                                                                            [
+                                                                                                [
+                                                                                                    [
+                                                                                                        [
+                                                                                                            [
+                                                                                                                [
+                                                                                                                    [
+                                                                                                                        [
+                                                                                                                            [
+                                                                                                                                [
+                                                                                                                                    [
+                                                                                                                                        [
+                                                                                                                                            [
+                                                                                                                                                [
+                                                                                                                                                    [
+                                                                                                                                                        [
+                                                                                                                                                            [
+                                                                                                                                                                [
+                                                                                                                                                                    [
+                                                                                                                                                                        [
+                                                                                                                                                                            [
+                                                                                                                                                                                [
+                                                                                                                                                                                    [
+                                                                                                                                                                                        [
+                                                                                                                                                                                            [
+                                                                                                                                                                                                [
+                                                                                                                                                                                                    [
+                                                                                                                                                                                                        [
+                                                                                                                                                                                                            [
+                                                                                                                                                                                                                [
+                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                            [
+                                                                                                                                                                                                                                [
+                                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                                            [
+                                                                                                                                                                                                                                                [
+                                                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                                                            [
+                                                                                                                                                                                                                                                                [
+                                                                                                                                                                                                                                                                    [
+                                                                                                                                                                                                                                                                        [
+                                                                                                                                                                                                                                                                            []
+                                                                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                                                                ]
+                                                                                                                                                                                                                                                            ]
+                                                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                                                ]
+                                                                                                                                                                                                                                            ]
+                                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                                ]
+                                                                                                                                                                                                                            ]
+                                                                                                                                                                                                                        ]
+                                                                                                                                                                                                                    ]
+                                                                                                                                                                                                                ]
+                                                                                                                                                                                                            ]
+                                                                                                                                                                                                        ]
+                                                                                                                                                                                                    ]
+                                                                                                                                                                                                ]
+                                                                                                                                                                                            ]
+                                                                                                                                                                                        ]
+                                                                                                                                                                                    ]
+                                                                                                                                                                                ]
+                                                                                                                                                                            ]
+                                                                                                                                                                        ]
+                                                                                                                                                                    ]
+                                                                                                                                                                ]
+                                                                                                                                                            ]
+                                                                                                                                                        ]
+                                                                                                                                                    ]
+                                                                                                                                                ]
+                                                                                                                                            ]
+                                                                                                                                        ]
+                                                                                                                                    ]
+                                                                                                                                ]
+                                                                                                                            ]
+                                                                                                                        ]
+                                                                                                                    ]
+                                                                                                                ]
+                                                                                                            ]
+                                                                                                        ]
+                                                                                                    ]
+                                                                                                ]
+                                                                                            ]
+                                                                                        ]
+                                                                                    ]
+                                                                                ]
+                                                                            ]
+                                                                        ]
+                                                                    ]
+                                                                ]
+                                                            ]
+                                                        ]
+                                                    ]
+                                                ]
+                                            ]
+                                        ]
+                                    ]
+                                ]
+                            ]
+                        ]
+                    ]
+                ]
+            ],
+            "nested",
+        ),
+    ],
+)
+def test_non_json_values_raise_encode_error(value: Any, fragment: str) -> None:
+    with pytest.raises(EncodeError, match=fragment) as info:
+        check_json_native(value, "arg")
+    assert isinstance(info.value, TypeError)
+
+
+def test_envelope_round_trip_turns_tuples_into_lists_of_the_same_values() -> None:
+    env = Envelope(
+        id="i",
+        task="t",
+        args=(1, (2, 3)),
+        kwargs={"k": "v"},
+        reply_to="r",
+        attempt=2,
+        deadline=1700000000.123,
+        scheduled_at=1700000001.5,
+    )
+    back = Envelope.decode(
+        env.encode(), message_id="i", headers=env.headers(), reply_to="r", max_size=1000
+    )
+    assert back.args == (1, [2, 3]) and back.kwargs == {"k": "v"}
+    assert (back.attempt, back.deadline, back.scheduled_at) == (2, 1700000000.123, 1700000001.5)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "kwargs", "fragment"),
+    [
+        (b"{}", HEADERS, {"message_id": None}, "message_id"),
+        (b"x" * 101, HEADERS, {}, "over the limit"),
+        (b"{", HEADERS, {}, "not valid JSON"),
+        (b'{"args": [], "kwargs": {}, "x": 1}', HEADERS, {}, "exactly"),
+        (b'{"args": {}, "kwargs": {}}', HEADERS, {}, "must be an array"),
+        (b'{"args": [], "kwargs": {}}', {**HEADERS, "aioqueue-attempt": 0}, {}, "positive"),
+        (b'{"args": [], "kwargs": {}}', {**HEADERS, "aioqueue-task": 5}, {}, "not a string"),
+        (b'{"args": [], "kwargs": {}}', {**HEADERS, "aioqueue-deadline": "soon"}, {}, "Unix"),
+        (b'{"args": [], "kwargs": {}}', None, {}, "protocol"),
+        (
+            b'{"args": [], "kwargs": {}}',
+            HEADERS,
+            {"content_type": "application/x-pickle"},
+            "content_type",
+        ),
+    ],
+)
+def test_envelope_decode_rejects(body: bytes, headers: Any, kwargs: Any, fragment: str) -> None:
+    params = {"message_id": "i", "headers": headers, "max_size": 100, **kwargs}
+    with pytest.raises(DecodeError, match=fragment):
+        Envelope.decode(body, **params)
+
+
+@given(
+    st.binary(max_size=300),
+    st.dictionaries(st.text(max_size=10), st.one_of(st.integers(), st.text(), st.none())),
+)
+def test_decode_never_raises_anything_but_decode_error(body: bytes, headers: Any) -> None:
+    try:
+        Envelope.decode(body, message_id="i", headers={**HEADERS, **headers}, max_size=200)
+    except DecodeError:
+        pass
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Outcome("i", "t", value={"x": [1, 2]}),
+        Outcome("i", "t", error=ErrorInfo("timeout", "TaskTimeoutError", "slow", "tb")),
+    ],
+)
+def test_outcome_round_trip(outcome: Outcome) -> None:
+    assert Outcome.decode(outcome.encode(), task_id="i", max_size=1000) == outcome
+
+
+@pytest.mark.parametrize(
+    ("attempt", "base", "cap", "expected"),
+    [
+        (1, 1.0, 60, 1.0),
+        (2, 1.0, 60, 2.0),
+        (3, 0.5, 60, 2.0),
+        (7, 1.0, 60, 60.0),
+        (200, 1.0, 5, 5.0),
+        (1, 0.0, 5, 0.0),
+    ],
+)
+def test_backoff_table(attempt: int, base: float, cap: float, expected: float) -> None:
+    assert backoff(attempt, base=base, cap=cap) == expected
+
+
+def test_backoff_jitter_stays_within_bounds_and_cap() -> None:
+    rng = random.Random(7)
+    values = [backoff(3, base=1.0, cap=4.5, jitter=0.25, rng=rng) for _ in range(500)]
+    assert min(values) >= 3.0 and max(values) <= 4.5
+    assert len(set(values)) > 100
+
+
+@pytest.mark.parametrize(
+    ("policy", "attempt", "exc", "expected"),
+    [
+        (RetryPolicy(max_attempts=3, backoff=1, jitter=0), 1, ValueError(), 1.0),
+        (RetryPolicy(max_attempts=3, backoff=1, jitter=0), 2, ValueError(), 2.0),
+        (RetryPolicy(max_attempts=3, backoff=1, jitter=0), 3, ValueError(), None),
+        (RetryPolicy(max_attempts=3, retry_on=(KeyError,)), 1, ValueError(), None),
+        (RetryPolicy(max_attempts=3, backoff=9, jitter=0), 1, Retry(delay=0.25), 0.25),
+        (RetryPolicy(max_attempts=3, backoff=9, jitter=0), 1, Retry(), 9.0),
+        (RetryPolicy(max_attempts=1), 1, Retry(delay=1), None),
+    ],
+)
+def test_next_delay_table(
+    policy: RetryPolicy, attempt: int, exc: BaseException, expected: float | None
+) -> None:
+    assert next_delay(policy, attempt, exc) == expected
+
+
+@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"backoff": -1}, {"jitter": 2}])
+def test_retry_policy_validates(kwargs: Any) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "units"),
+    [(0.01, 1), (0.1, 1), (0.10001, 2), (0.3, 3), (1.5, 15), (30 * 86400, 25_920_000)],
+)
+def test_delay_units_round_up(seconds: float, units: int) -> None:
+    assert delay_units(seconds) == units
+
+
+def test_delay_bounds() -> None:
+    assert MAX_DELAY >= 30 * 86400
+    with pytest.raises(ValueError):
+        delay_units(MAX_DELAY + 1)
+    with pytest.raises(ValueError):
+        delay_units(-1)
+
+
+@given(st.integers(min_value=1, max_value=2**DELAY_LEVELS - 1))
+def test_ladder_routing_waits_exactly_the_units(units: int) -> None:
+    # Simulate the topic routing of the ladder: the time spent is the sum of the levels whose
+    # queue the key routes into, and the message leaves for its own queue only.
+    key = delay_routing_key("shop.emails", units)
+    words = key.split(".")
+    waited = 0
+    for _exchange, _queue, args, to_queue, onward in delay_ladder("classic"):
+        into_queue = _matches(to_queue, words)
+        assert into_queue != _matches(onward, words)
+        if into_queue:
+            waited += args["x-message-ttl"]
+    assert waited == units * 100
+    assert _matches(deliver_pattern("shop.emails"), words)
+    assert not _matches(deliver_pattern("emails"), words)
+    assert not _matches(deliver_pattern("x.shop.emails"), words)
+
+
+def _matches(pattern: str, words: list[str]) -> bool:
+    """AMQP topic matching: * is one word, # zero or more."""
+    parts = pattern.split(".")
+    if not parts:
+        return not words
+    head, rest = parts[0], ".".join(parts[1:])
+    if head == "#":
+        return any(_matches(rest, words[i:]) if rest else True for i in range(len(words) + 1))
+    if not words or (head != "*" and head != words[0]):
+        return False
+    return _matches(rest, words[1:]) if rest else len(words) == 1
+
+
+@pytest.mark.parametrize("queue", ["a*b", "a#", "q" * 250])
+def test_delay_refuses_queue_names_it_cannot_route(queue: str) -> None:
+    with pytest.raises(ValueError):
+        delay_routing_key(queue, 5)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("amqp://guest:guest@localhost/", "amqp://guest:****@localhost/"),
+        ("amqps://u:p%40ss@h:5671/v?heartbeat=5", "amqps://u:****@h:5671/v?heartbeat=5"),
+        ("amqp://localhost/", "amqp://localhost/"),
+    ],
+)
+def test_mask_url(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_broker_url_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIOQUEUE_BROKER_URL", raising=False)
+    assert resolve_broker_url(None) == "amqp://guest:guest@localhost/"
+    monkeypatch.setenv("AIOQUEUE_BROKER_URL", "amqp://env/")
+    assert resolve_broker_url(None) == "amqp://env/"
+    assert resolve_broker_url("amqp://arg/") == "amqp://arg/"
+
+
+def test_app_repr_and_errors_never_show_the_password() -> None:
+    app = aioqueue.App("x", broker_url="amqp://u:hunter2@h/")
+    assert "hunter2" not in repr(app)
+
+
+async def test_task_is_callable_locally_and_keeps_its_name() -> None:
+    app = aioqueue.App("local", broker_url="amqp://nowhere/")
+
+    @app.task
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="custom.mul", queue="slow", timeout=3)
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    assert await add(2, 3) == 5 and mul(2, 3) == 6
+    assert (
+        add.name == "tests.test_units.test_task_is_callable_locally_and_keeps_its_name.<locals>.add"
+    )
+    assert (mul.name, mul.options.queue, mul.options.timeout) == ("custom.mul", "slow", 3)
+    assert app.queues() == ["default", "slow"]
+    with pytest.raises(ValueError, match="already registered"):
+        app.task(name="custom.mul")(mul.fn)
+    with pytest.raises(aioqueue.AioqueueError, match="not connected"):
+        await add.submit(1, 2)
+
+
+def test_orjson_is_what_goes_on_the_wire() -> None:
+    env = Envelope(id="i", task="t", args=(1,), kwargs={})
+    assert orjson.loads(env.encode()) == {"args": [1], "kwargs": {}}
