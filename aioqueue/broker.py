@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
 import aiormq
@@ -26,6 +27,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from .acks import Acker
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .settings import Settings, mask_url
 from .topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
@@ -60,7 +62,11 @@ class Delivery:
     redelivered: bool
     queue: str
     delivery_tag: int
-    channel: aiormq.abc.AbstractChannel
+    acker: Acker
+
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel:
+        return self.acker.channel
 
 
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
@@ -100,6 +106,9 @@ class RabbitBroker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.connect_timeout
         delay = 0.1
+        options: dict[str, Any] = {}
+        if "heartbeat" not in parse_qs(urlsplit(self._url).query):  # the URL's value wins
+            options["heartbeat"] = self.settings.heartbeat
         while True:
             try:
                 self._connection = await aio_pika.connect_robust(
@@ -107,6 +116,8 @@ class RabbitBroker:
                     reconnect_interval=self.settings.reconnect_interval,
                     client_properties={"connection_name": self._connection_name},
                     timeout=max(1.0, min(10.0, deadline - loop.time())),
+                    ssl_context=self.settings.ssl_context,
+                    **options,
                 )
                 break
             except (TimeoutError, *_TRANSIENT) as exc:
@@ -294,6 +305,7 @@ class Subscription:
         self._channel: AbstractRobustChannel | None = None
         self._active = False
         self._recover_task: asyncio.Task[None] | None = None
+        self._acker: Acker | None = None
 
     async def start(self) -> None:
         self._channel = await self._broker.channel()
@@ -318,6 +330,7 @@ class Subscription:
         channel = await self._channel.get_underlay_channel()
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
         channel.closing.add_done_callback(self._on_close)
+        self._acker = Acker(channel)
         await channel.basic_consume(
             self.queue, self._on_message, no_ack=False, consumer_tag=self._tag
         )
@@ -352,7 +365,7 @@ class Subscription:
                 redelivered=bool(delivery.redelivered),
                 queue=self.queue,
                 delivery_tag=delivery.delivery_tag or 0,
-                channel=message.channel,
+                acker=self._acker or Acker(message.channel),
             )
         )
 
@@ -369,6 +382,8 @@ class Subscription:
 
     async def close(self) -> None:
         await self.cancel()
+        if self._acker is not None:
+            await self._acker.flush()
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await self._channel.close()
@@ -379,14 +394,20 @@ async def settle(
 ) -> None:
     """Ack (or reject) a delivery on its own channel; a stale one is dropped, never raised.
 
-    ``flush`` waits until the frame is written to the socket (acks are otherwise queued).
+    Acks are batched per channel (see `aioqueue.acks`); ``flush`` sends this one on its own
+    and waits until it is written to the socket.
     """
     channel = delivery.channel
+    tag = delivery.delivery_tag
     try:
+        if ack and not flush:
+            delivery.acker.ack(tag)
+            return
+        delivery.acker.settled_elsewhere(tag)
         if ack:
-            await channel.basic_ack(delivery.delivery_tag, wait=flush)
+            await channel.basic_ack(tag, wait=True)
         else:
-            await channel.basic_reject(delivery.delivery_tag, requeue=requeue, wait=flush)
+            await channel.basic_reject(tag, requeue=requeue, wait=flush)
     except (aiormq.exceptions.ChannelInvalidStateError, *_TRANSIENT) as exc:
         log.debug(
             "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",
