@@ -51,17 +51,13 @@ async def execute(
     )
     timeout = task.options.timeout
     try:
-        with anyio.move_on_after(timeout) as scope:
+        if timeout is None:
             value = await _call(task, envelope, threads)
-        if scope.cancelled_caught:
-            outcome = _timeout_outcome(task, envelope, timeout)
-            assert outcome.error is not None
-            return outcome, TaskTimeoutError(
-                outcome.error.type_name,
-                outcome.error.message,
-                task_name=envelope.task,
-                task_id=envelope.id,
-            )
+        else:
+            with anyio.move_on_after(timeout) as scope:
+                value = await _call(task, envelope, threads)
+            if scope.cancelled_caught:
+                return _timed_out(task, envelope, timeout)
         check_json_native(value, "the task's return value")
     except Exception as exc:
         return _error_outcome(envelope, "error", exc), exc
@@ -85,13 +81,19 @@ def _discard(future: asyncio.Future[Any]) -> None:
         future.exception()  # mark retrieved: a late failure must not log "never retrieved"
 
 
-def _timeout_outcome(task: Task[Any, Any], envelope: Envelope, timeout: float | None) -> Outcome:
+def _timed_out(
+    task: Task[Any, Any], envelope: Envelope, timeout: float
+) -> tuple[Outcome, BaseException]:
     message = f"task {task.name} exceeded its timeout of {timeout:g}s"
-    return Outcome(
+    outcome = Outcome(
         task_id=envelope.id,
         task_name=envelope.task,
         error=ErrorInfo(kind="timeout", type_name="TaskTimeoutError", message=message),
     )
+    exc = TaskTimeoutError(
+        "TaskTimeoutError", message, task_name=envelope.task, task_id=envelope.id
+    )
+    return outcome, exc
 
 
 def _error_outcome(envelope: Envelope, kind: str, exc: BaseException) -> Outcome:
