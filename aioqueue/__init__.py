@@ -32,6 +32,7 @@ from .errors import (
 )
 from .results import ResultHandle
 from .retry import Retry, RetryPolicy
+from .scheduler import Misfire, Schedule, Scheduler
 from .settings import Settings
 from .task import Task, TaskOptions
 
@@ -44,11 +45,14 @@ __all__ = [
     "DeadLetteredError",
     "DecodeError",
     "EncodeError",
+    "Misfire",
     "PublishError",
     "ResultHandle",
     "ResultUnavailableError",
     "Retry",
     "RetryPolicy",
+    "Schedule",
+    "Scheduler",
     "Settings",
     "Task",
     "TaskContext",

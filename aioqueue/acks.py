@@ -49,6 +49,16 @@ class Acker:
         """``tag`` was rejected, or acked on its own: it only counts towards contiguity."""
         self._settled.add(tag)
 
+    async def ack_now(self, tag: int) -> None:
+        """Ack ``tag`` on its own and wait until the frame is written."""
+        self.settled_elsewhere(tag)
+        await self.channel.basic_ack(tag, wait=True)
+
+    async def reject(self, tag: int, *, requeue: bool, flush: bool = False) -> None:
+        """Reject ``tag`` (back to its queue when ``requeue``)."""
+        self.settled_elsewhere(tag)
+        await self.channel.basic_reject(tag, requeue=requeue, wait=flush)
+
     async def flush(self) -> None:
         """Send what is pending now and wait until it is written."""
         self._flush()

@@ -1,5 +1,7 @@
 """``python -m aioqueue dlq list|show|replay|purge module:app --queue Q``: dead letters by hand.
 
+(``status`` and ``purge`` live in ``admin_status.py``; this module's `main` runs them all.)
+
 Messages are read with ``basic.get`` and left unacked while we look at them; what is not replayed
 goes back to the dead-letter queue when the channel closes. A replay re-publishes the message,
 confirmed, to the queue it died in (headers of its death removed, attempt count reset), and only
@@ -17,6 +19,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from pamqp import commands as spec
 
+from .admin_status import add_parsers, run_command
 from .app import App
 from .broker import RabbitBroker
 from .cli import load_app, run, setup_logging
@@ -78,6 +81,7 @@ def parser() -> argparse.ArgumentParser:
             a.add_argument("--all", action="store_true", help="replay every dead letter")
         if name == "purge":
             a.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    add_parsers(sub)  # status, purge
     return p
 
 
@@ -97,9 +101,10 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
         return 2
     if args.broker_url:
         app.broker_url = args.broker_url
-    queue = args.queue or app.default_queue
     try:
-        return run(_dlq(app, queue, args, stdin or sys.stdin))
+        if args.command != "dlq":
+            return run(run_command(app, args, stdin or sys.stdin))
+        return run(_dlq(app, args.queue or app.default_queue, args, stdin or sys.stdin))
     except AioqueueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
 
 async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) -> int:
     async with app:
-        broker = app.broker
+        broker = _rabbit(app)
         channel = await broker.channel()
         try:
             dead = await channel.get_queue(dlq_name(queue), ensure=True)
@@ -177,6 +182,13 @@ async def _replay(broker: RabbitBroker, message: AbstractIncomingMessage, queue:
     )
     await broker.publish(target, message.body, properties)
     await message.ack()
+
+
+def _rabbit(app: App) -> RabbitBroker:
+    broker = app.broker
+    if not isinstance(broker, RabbitBroker):
+        raise AioqueueError("these commands need RabbitMQ, not an in-memory broker")
+    return broker
 
 
 def _print_table(rows: list[DeadLetter], name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -9,15 +10,17 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from pamqp import commands as spec
 
-from .broker import RabbitBroker
-from .errors import AioqueueError
+from .broker import Broker, RabbitBroker
+from .errors import AioqueueError, PublishError
 from .message import CONTENT_TYPE, Envelope, check_json_native
 from .results import ReplyConsumer, ResultHandle
 from .retry import NO_RETRY, RetryPolicy
+from .scheduler import Clock, Schedule, Scheduler
+from .scheduler._define import PeriodicDecorator, ScheduleOptions, add_schedule, build_schedule
 from .settings import Settings, mask_url, resolve_broker_url
 from .task import Task, TaskOptions
 from .topology import (
@@ -66,7 +69,8 @@ class App:
         self.settings = settings or Settings()
         self.client_id = uuid.uuid4().hex
         self.tasks: dict[str, Task[Any, Any]] = {}
-        self._broker: RabbitBroker | None = None
+        self.schedules: dict[str, Schedule] = {}
+        self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
 
     def __repr__(self) -> str:
@@ -138,7 +142,7 @@ class App:
     # -- connection -------------------------------------------------------------------------
 
     @property
-    def broker(self) -> RabbitBroker:
+    def broker(self) -> Broker:
         if self._broker is None:
             raise AioqueueError(f"{self!r} is not connected: use `async with app:` first")
         return self._broker
@@ -147,9 +151,15 @@ class App:
         """Connect to the broker (retrying for ``settings.connect_timeout`` seconds)."""
         if self._broker is not None:
             return
-        broker = RabbitBroker(
-            self.broker_url, self.settings, connection_name=f"aioqueue {self.name} client"
-        )
+        broker: Broker
+        if self.broker_url.startswith("memory://"):
+            from .testing import memory_broker  # the in-memory broker, for tests
+
+            broker = memory_broker(self.broker_url, self.settings)
+        else:
+            broker = RabbitBroker(
+                self.broker_url, self.settings, connection_name=f"aioqueue {self.name} client"
+            )
         await broker.connect()
         self._broker = broker
         self._replies = ReplyConsumer(broker, self.client_id)
@@ -218,20 +228,34 @@ class App:
     async def _send(
         self, envelope: Envelope, queue: str, *, wants_reply: bool, delay: float = 0.0
     ) -> ResultHandle[Any]:
-        """Publish a new task (registering for its reply first) and return its handle."""
+        """Publish a new task (registering for its reply first) and return its handle.
+
+        One publish deadline covers the whole submit, declaring queues on first use included:
+        a broker that stays away past it is a `PublishError`, never a hang.
+        """
         future = None
-        if wants_reply:
-            replies = self._replies
-            if replies is None:
-                raise AioqueueError(f"{self!r} is not connected: use `async with app:` first")
-            await replies.ensure_started()
-            envelope = replace(envelope, reply_to=replies.queue)
-            future = replies.expect(envelope.id)
+        timeout = self.settings.publish_timeout
         try:
-            await self._publish(envelope, queue, delay=delay)
-        except BaseException:
+            async with asyncio.timeout(timeout):
+                if wants_reply:
+                    replies = self._replies
+                    if replies is None:
+                        raise AioqueueError(
+                            f"{self!r} is not connected: use `async with app:` first"
+                        )
+                    await replies.ensure_started()
+                    envelope = replace(envelope, reply_to=replies.queue)
+                    future = replies.expect(envelope.id)
+                await self._publish(envelope, queue, delay=delay)
+        except BaseException as exc:
             if self._replies is not None:
                 self._replies.forget(envelope.id)
+            if isinstance(exc, TimeoutError):
+                raise PublishError(
+                    f"task {envelope.task} was not confirmed within {timeout:g}s",
+                    task_name=envelope.task,
+                    task_id=envelope.id,
+                ) from None
             raise
         return ResultHandle(envelope.id, envelope.task, future)
 
@@ -261,6 +285,77 @@ class App:
             body,
             properties,
             exchange=delay_entry_exchange(kind),
+        )
+
+    # -- periodic tasks: aioqueue.scheduler, docs/scheduler.md ------------------------------
+
+    def periodic(
+        self,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        timeout: float | None = None,
+        ignore_result: bool = False,
+        retry: RetryPolicy | None = None,
+        queue_type: QueueType | None = None,
+        **when: Unpack[ScheduleOptions],
+    ) -> PeriodicDecorator:
+        """Register the function as a task and schedule it: ``@app.periodic(cron="0 3 * * *")``.
+
+        ``name``, ``queue``, ``timeout``, ``ignore_result``, ``retry`` and ``queue_type`` are
+        the task's options, as in `task`; the others are the schedule's, as in `schedule`. The
+        schedule takes the task's name.
+
+        Raises:
+            ValueError: a bad cron expression, time zone, interval or misfire setting.
+            TypeError: the schedule's arguments do not fit the function (nothing is registered).
+        """
+        template = build_schedule("?", "?", queue, when)  # validated before anything registers
+        register = self.task(
+            name=name,
+            queue=queue,
+            timeout=timeout,
+            ignore_result=ignore_result,
+            retry=retry,
+            queue_type=queue_type,
+        )
+        return PeriodicDecorator(self, register, template)
+
+    def schedule(
+        self,
+        task: str,
+        /,
+        *,
+        name: str | None = None,
+        queue: str | None = None,
+        **when: Unpack[ScheduleOptions],
+    ) -> Schedule:
+        """Submit the task named ``task`` periodically: ``app.schedule("a.b", cron="0 * * * *")``.
+
+        Args:
+            task: The task's name (its arguments are checked if it is registered here).
+            name: The schedule's name, unique in this app (default: ``task``).
+            queue: Queue to submit to (default: the task's queue, else the default queue).
+            **when: ``cron`` or ``every``, and ``tz``, ``start``, ``args``, ``kwargs``,
+                ``misfire``, ``misfire_window``, ``grace``, ``skip_if_running``: see `Schedule`.
+
+        Raises:
+            ValueError: a bad expression, zone, interval or option, or a duplicate name.
+            TypeError: the arguments do not fit the registered task, or an unknown option.
+        """
+        return add_schedule(self, build_schedule(name or task, task, queue, when))
+
+    def scheduler(
+        self,
+        *,
+        clock: Clock | None = None,
+        poll_interval: float = 0.5,
+        heartbeat: int = 5,
+        identity: str | None = None,
+    ) -> Scheduler:
+        """A `Scheduler` of this app: ``async with app.scheduler():`` runs it in the background."""
+        return Scheduler(
+            self, clock=clock, poll_interval=poll_interval, heartbeat=heartbeat, identity=identity
         )
 
 

@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
@@ -32,7 +32,7 @@ from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .settings import Settings, mask_url
 from .topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 
-__all__ = ["Delivery", "RabbitBroker", "Subscription"]
+__all__ = ["Broker", "Delivery", "RabbitBroker", "Settler", "Subscription", "settle"]
 
 log = logging.getLogger("aioqueue.broker")
 
@@ -53,6 +53,24 @@ _FATAL_CHANNEL = (
 )
 
 
+class Settler(Protocol):
+    """Settles the deliveries of one channel (`aioqueue.acks.Acker` on RabbitMQ)."""
+
+    def ack(self, tag: int) -> None: ...
+    async def ack_now(self, tag: int) -> None: ...
+    async def reject(self, tag: int, *, requeue: bool, flush: bool = False) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class Consumer(Protocol):
+    """A running subscription: `cancel` stops deliveries, `close` also releases the channel."""
+
+    queue: str
+
+    async def cancel(self) -> None: ...
+    async def close(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Delivery:
     """One message delivered to a consumer; settle it with the broker that delivered it."""
@@ -62,15 +80,47 @@ class Delivery:
     redelivered: bool
     queue: str
     delivery_tag: int
-    acker: Acker
-
-    @property
-    def channel(self) -> aiormq.abc.AbstractChannel:
-        return self.acker.channel
+    acker: Settler
 
 
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
 LostCallback = Callable[[str, BaseException | None], None]
+
+
+class Broker(Protocol):
+    """The one seam: what the app, the worker and the results need from a broker.
+
+    `RabbitBroker` is the real one; `aioqueue.testing.MemoryBroker` keeps everything in
+    memory for users' tests (``App(..., broker_url="memory://")``).
+    """
+
+    settings: Settings
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def connected(self) -> bool: ...
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
+    async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None: ...
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        exchange: str = "",
+        timeout: float | None = None,
+    ) -> None: ...
+    async def subscribe(
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        *,
+        prefetch: int,
+        on_lost: LostCallback | None = None,
+    ) -> Consumer: ...
 
 
 class RabbitBroker:
@@ -397,17 +447,15 @@ async def settle(
     Acks are batched per channel (see `aioqueue.acks`); ``flush`` sends this one on its own
     and waits until it is written to the socket.
     """
-    channel = delivery.channel
+    acker = delivery.acker
     tag = delivery.delivery_tag
     try:
         if ack and not flush:
-            delivery.acker.ack(tag)
-            return
-        delivery.acker.settled_elsewhere(tag)
-        if ack:
-            await channel.basic_ack(tag, wait=True)
+            acker.ack(tag)
+        elif ack:
+            await acker.ack_now(tag)
         else:
-            await channel.basic_reject(tag, requeue=requeue, wait=flush)
+            await acker.reject(tag, requeue=requeue, flush=flush)
     except (aiormq.exceptions.ChannelInvalidStateError, *_TRANSIENT) as exc:
         log.debug(
             "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",

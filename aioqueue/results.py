@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import Any, Generic, TypeVar
 
-from .broker import Delivery, RabbitBroker, Subscription, settle
+from .broker import Broker, Consumer, Delivery, settle
 from .errors import (
     AioqueueError,
     BrokerConnectionError,
@@ -37,12 +37,12 @@ R = TypeVar("R")
 class ReplyConsumer:
     """Consumes this client's reply queue and resolves the matching futures."""
 
-    def __init__(self, broker: RabbitBroker, client_id: str, *, prefetch: int = 1000) -> None:
+    def __init__(self, broker: Broker, client_id: str, *, prefetch: int = 1000) -> None:
         self._broker = broker
         self.queue = reply_queue_name(client_id)
         self._prefetch = prefetch
         self._pending: dict[str, asyncio.Future[Outcome]] = {}
-        self._subscription: Subscription | None = None
+        self._subscription: Consumer | None = None
         self._lock = asyncio.Lock()
         self.dropped = 0
 

@@ -7,6 +7,7 @@ Environment variables:
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
@@ -49,6 +50,13 @@ class Settings:
         max_message_size: Largest body accepted, in bytes, checked before decoding.
         max_inflight_publishes: Cap on unconfirmed publishes per connection.
         reconnect_interval: Seconds between reconnection attempts after a connection is lost.
+        heartbeat: AMQP heartbeat in whole seconds, unless the URL sets ``?heartbeat=``
+            (0 disables it). A silent peer is declared dead by RabbitMQ after 2 missed
+            heartbeats and by the client after ``3 * (heartbeat + 1)`` seconds without a
+            frame (about 50 s at the default), then the connection is re-established.
+        ssl_context: TLS settings for ``amqps://`` URLs; None means the URL's ``cafile``,
+            ``certfile``, ``keyfile`` (and ``no_verify_ssl=1`` to turn verification off),
+            else the system's CA store with verification on. See ``docs/guarantees.md``.
     """
 
     publish_timeout: float = 30.0
@@ -57,3 +65,5 @@ class Settings:
     max_message_size: int = 1024 * 1024
     max_inflight_publishes: int = 1000
     reconnect_interval: float = 1.0
+    heartbeat: int = 15
+    ssl_context: ssl.SSLContext | None = None

@@ -1,4 +1,4 @@
-"""``python -m bench [--runs 3] [--only rpc,fire,...] [--quick] [--broker-url URL] [--profile]``.
+"""``python -m bench [--runs 3] [--only rpc,fire,...] [--quick] [--broker-url URL] ...``.
 
 Starts a private RabbitMQ node (unless ``--broker-url``), runs the suite, prints the Markdown
 table to stdout (progress goes to stderr) and writes everything to ``bench/results/latest.json``.
@@ -27,7 +27,7 @@ from . import report
 from .admin import server_version
 from .loop import loop_name
 from .procs import ROOT, BenchError
-from .suite import COMPARED, ONCE, Suite, progress
+from .suite import BUSY_CORES, COMPARED, ONCE, Suite, progress
 from .workloads import Sizes
 
 RESULTS = ROOT / "bench" / "results"
@@ -51,6 +51,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also profile the aioqueue worker during an extra rpc run (needs py-spy)",
     )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each measurement, wait up to this long for other processes to go quiet "
+        "(default 0: do not wait)",
+    )
     p.add_argument("--json", type=Path, default=RESULTS / "latest.json", help="result file")
     args = p.parse_args(argv)
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -63,10 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def broker(url: str | None) -> Iterator[str]:
-    """The given broker URL, or a private RabbitMQ node for the duration (tests/rabbit.py)."""
+def broker(url: str | None) -> Iterator[tuple[str, int | None]]:
+    """(URL, pid) of a private RabbitMQ node for the duration (tests/rabbit.py), or the given
+    URL (pid unknown)."""
     if url:
-        yield url
+        yield url, None
         return
     from tests.rabbit import RabbitNode
 
@@ -75,7 +84,7 @@ def broker(url: str | None) -> Iterator[str]:
     progress(f"starting a private RabbitMQ node in {base} ...")
     node.start()
     try:
-        yield node.url
+        yield node.url, node.pid
     finally:
         node.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -99,6 +108,7 @@ def environment(url: str, args: argparse.Namespace, sizes: Sizes) -> dict[str, A
         "broker": server_version(url),
         "runs": args.runs,
         "quick": args.quick,
+        "quiet_wait": args.quiet_wait,
         "workloads": args.only,
         "sizes": asdict(sizes),
     }
@@ -115,9 +125,9 @@ def render(suite: Suite, profile: dict[str, Any] | None, meta: dict[str, Any]) -
         "",
         report.markdown(report.rows(suite.measured, suite.sizes)),
     ]
-    runs = report.per_run(suite.measured)
+    runs = report.per_run(suite.measured, BUSY_CORES)
     if runs:
-        parts += ["", "Per run:", runs]
+        parts += ["", f"Per run (* = other processes used > {BUSY_CORES} cores meanwhile):", runs]
     if profile:
         parts += ["", _profile_table(profile)]
     if suite.anomalies:
@@ -149,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir(parents=True)
     profile: dict[str, Any] | None = None
-    with broker(args.broker_url) as url:
+    with broker(args.broker_url) as (url, broker_pid):
         meta = environment(url, args, sizes)
-        suite = Suite(url, sizes, logs)
+        suite = Suite(url, sizes, logs, broker_pid=broker_pid, quiet_wait=args.quiet_wait)
         suite.run(args.only, args.runs)
         if args.profile:
             try:

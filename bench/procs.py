@@ -99,10 +99,17 @@ class Worker:
             self.proc.wait()
 
     def complaints(self) -> list[str]:
-        """Warning, error and traceback lines the worker logged (it runs at WARNING level)."""
+        """Warnings, errors and tracebacks the worker logged (it runs at WARNING level).
+
+        The aioqueue worker's own notice of the SIGTERM that stopped it is no complaint.
+        """
         words = ("WARNING", "ERROR", "CRITICAL", "Traceback")
         lines = self.log.read_text(errors="replace").splitlines()
-        return [line for line in lines if any(word in line for word in words)]
+        return [
+            line
+            for line in lines
+            if any(word in line for word in words) and "received SIGTERM" not in line
+        ]
 
 
 @contextlib.contextmanager

@@ -78,6 +78,7 @@ async def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
             window=sizes.soak_window,
             mark=sizes.soak_mark,
             every=sizes.soak_every,
+            rpc_every=sizes.soak_rpc_every,
             worker_pid=spec["worker_pid"],
         )
     raise ValueError(f"unknown workload {workload!r}")

@@ -103,7 +103,12 @@ def _soak_rows(runs: Runs, sizes: Sizes) -> list[Row]:
             _median(runs, "producer_growth_mb"),
             digits=1,
         ),
-        Row(f"soak: tasks/s ({sizes.soak_window:,} in flight)", None, _median(runs, "rate")),
+        Row(
+            f"soak: tasks/s ({sizes.soak_window:,} in flight, 1 in {sizes.soak_rpc_every} "
+            "a round trip)",
+            None,
+            _median(runs, "rate"),
+        ),
     ]
 
 
@@ -149,14 +154,20 @@ def markdown(table: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def per_run(measured: Measurements) -> str:
-    """Each run's figure, to judge the spread behind the medians."""
+def per_run(measured: Measurements, busy: float) -> str:
+    """Each run's figure, to judge the spread behind the medians; * marks a contended run
+    (other processes used more than ``busy`` cores on average meanwhile)."""
     keys = {"rpc": ("rate", 0), "fire": ("rate", 0), "latency": ("p50_ms", 3)}
     lines = []
     for workload, (key, digits) in keys.items():
         for system, runs in measured.get(workload, {}).items():
-            figures = ", ".join(
-                _number(run.get(key), digits) if "error" not in run else "error" for run in runs
-            )
+            figures = ", ".join(_run_figure(run, key, digits, busy) for run in runs)
             lines.append(f"- {workload} {key} {system}: {figures}")
     return "\n".join(lines)
+
+
+def _run_figure(run: dict[str, Any], key: str, digits: int, busy: float) -> str:
+    if "error" in run:
+        return "error"
+    other = run.get("machine", {}).get("other_cores", 0.0)
+    return _number(run.get(key), digits) + ("*" if other > busy else "")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .admin import delete_queues
+from .machine import CpuWatch, wait_until_quiet
 from .procs import BenchError, System, profiled, run_producer, start_worker
 from .profile import Hot, hot_functions
 from .report import Measurements
@@ -25,6 +26,7 @@ __all__ = ["COMPARED", "ONCE", "Suite"]
 COMPARED = ("rpc", "fire", "latency")  # both systems, median of the runs
 ONCE = ("soak", "backlog")  # aioqueue alone, once
 PRODUCER_TIMEOUT = {"rpc": 300, "fire": 300, "latency": 300, "soak": 1200, "backlog": 1200}
+BUSY_CORES = 0.25  # other processes using more CPU than this meanwhile: an anomaly
 PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough samples
 
 
@@ -46,8 +48,18 @@ def headline(workload: str, result: dict[str, Any]) -> str:
 class Suite:
     """Runs measurements against one broker and keeps their results and anomalies."""
 
-    def __init__(self, url: str, sizes: Sizes, logs: Path) -> None:
+    def __init__(
+        self,
+        url: str,
+        sizes: Sizes,
+        logs: Path,
+        *,
+        broker_pid: int | None,
+        quiet_wait: float = 0.0,
+    ) -> None:
         self.url = url
+        self.broker_pid = broker_pid
+        self.quiet_wait = quiet_wait
         self.sizes = sizes
         self.logs = logs
         self.measured: Measurements = {}
@@ -70,29 +82,36 @@ class Suite:
         self.measured.setdefault(workload, {}).setdefault(system, []).append(result)
         progress(f"[{workload} {run + 1}/{runs}] {system:>8}: {headline(workload, result)}")
 
-    def measure(
-        self, workload: str, system: System, run: int, *, sizes: Sizes | None = None
-    ) -> dict[str, Any]:
-        """One measurement in fresh processes on a fresh queue; errors become a result."""
-        name = f"{workload}-{system}-{run}"
-        queue = f"bench.{name}.{secrets.token_hex(3)}"
-        spec = {
+    def _spec(self, workload: str, system: System, name: str, sizes: Sizes) -> dict[str, Any]:
+        """What `bench.producer` is to do, on a queue of its own."""
+        return {
             "system": system,
             "workload": workload,
             "url": self.url,
-            "queue": queue,
-            "sizes": asdict(sizes or self.sizes),
+            "queue": f"bench.{name}.{secrets.token_hex(3)}",
+            "sizes": asdict(sizes),
         }
-        timeout = PRODUCER_TIMEOUT[workload]
+
+    def measure(self, workload: str, system: System, run: int) -> dict[str, Any]:
+        """One measurement in fresh processes on a fresh queue; errors become a result."""
+        name = f"{workload}-{system}-{run}"
+        spec = self._spec(workload, system, name, self.sizes)
+        queue = spec["queue"]
         queues = [queue, f"{queue}.dlq"]
+        if self.quiet_wait > 0:
+            waited = wait_until_quiet(self.broker_pid, limit=self.quiet_wait, threshold=BUSY_CORES)
+            if waited >= self.quiet_wait:
+                progress(f"[{name}] the machine stayed busy for {waited:.0f} s; measuring anyway")
         try:
-            if workload == "backlog":  # no worker on purpose
-                result = run_producer(spec, timeout=timeout)
-            else:
-                with start_worker(system, self.url, queue, self.logs / f"{name}.log") as worker:
-                    result = run_producer({**spec, "worker_pid": worker.pid}, timeout=timeout)
-                self._check_worker(name, worker.proc.returncode, worker.complaints())
+            with CpuWatch(self.broker_pid) as watch:
+                result = self._take(spec, name)
             queues += result.pop("queues", [])
+            result["machine"] = machine = watch.summary()
+            if machine["other_cores"] > BUSY_CORES:
+                self.anomalies.append(
+                    f"{name}: other processes used {machine['other_cores']:.2f} cores on "
+                    "average meanwhile (figures skewed)"
+                )
         except BenchError as exc:
             self.anomalies.append(f"{name}: {exc}")
             result = {"error": str(exc)}
@@ -103,17 +122,21 @@ class Suite:
         self._check_left(name, left, expected)
         return result
 
+    def _take(self, spec: dict[str, Any], name: str) -> dict[str, Any]:
+        """Run the producer (with a ready worker unless the workload is backlog)."""
+        timeout = PRODUCER_TIMEOUT[spec["workload"]]
+        if spec["workload"] == "backlog":  # no worker on purpose
+            return run_producer(spec, timeout=timeout)
+        with start_worker(spec["system"], self.url, spec["queue"], self.logs / f"{name}.log") as w:
+            result = run_producer({**spec, "worker_pid": w.pid}, timeout=timeout)
+        self._check_worker(name, w.proc.returncode, w.complaints())
+        return result
+
     def profile(self, out: Path, top: int = 15) -> dict[str, Any]:
         """An extra, unscored aioqueue rpc run with py-spy on the worker: its hottest functions."""
         sizes = Sizes(**{**asdict(self.sizes), "rpc": self.sizes.rpc * PROFILE_FACTOR})
-        queue = f"bench.profile.{secrets.token_hex(3)}"
-        spec = {
-            "system": "aioqueue",
-            "workload": "rpc",
-            "url": self.url,
-            "queue": queue,
-            "sizes": asdict(sizes),
-        }
+        spec = self._spec("rpc", "aioqueue", "profile", sizes)
+        queue = spec["queue"]
         with start_worker("aioqueue", self.url, queue, self.logs / "profile.log") as worker:
             with profiled(worker.pid, out):
                 result = run_producer(spec, timeout=PRODUCER_TIMEOUT["rpc"])

@@ -42,13 +42,15 @@ class Sizes:
     soak_window: int = 1_000
     soak_mark: int = 20_000
     soak_every: int = 10_000
+    soak_rpc_every: int = 4  # every 4th soak task is a round trip, the rest fire-and-forget
     backlog: int = 100_000
     backlog_mark: int = 10_000
     backlog_every: int = 10_000
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(**{name: max(1, value // 10) for name, value in asdict(cls()).items()})
+        counts = {k: max(1, v // 10) for k, v in asdict(cls()).items() if k != "soak_rpc_every"}
+        return cls(**counts)
 
 
 def rss_mb(pid: int | None = None) -> float:
@@ -119,12 +121,22 @@ async def latency(client: Client, n: int) -> dict[str, Any]:
 
 
 async def soak(
-    client: Client, n: int, *, window: int, mark: int, every: int, worker_pid: int
+    client: Client,
+    n: int,
+    *,
+    window: int,
+    mark: int,
+    every: int,
+    rpc_every: int,
+    worker_pid: int,
 ) -> dict[str, Any]:
-    """``n`` round trips through one worker, ``window`` in flight at a time; RSS over time.
+    """``n`` tasks through one worker, ``window`` lanes at a time; RSS of both sides over time.
 
-    Worker and producer RSS are sampled after warm-up and every ``every`` tasks; the verdict is
-    the worker's growth between ``mark`` tasks (steady state) and the end.
+    Every ``rpc_every``-th task is a round trip (checked), the others fire-and-forget: both the
+    reply path and the plain execute-and-ack path run for the whole soak, and the round trips
+    (queued behind the fire tasks) keep the queue's backlog bounded. Worker and producer RSS are
+    sampled after warm-up, every ``every`` tasks and once the worker has executed everything;
+    the verdict is the worker's growth between ``mark`` tasks (steady state) and the end.
     """
     start = time.perf_counter()
     samples: list[dict[str, float]] = []
@@ -139,26 +151,35 @@ async def soak(
             }
         )
 
-    issued = done = 0
+    fired_before = await client.executed()
+    issued = done = fired = 0
 
     async def lane() -> None:
-        nonlocal issued, done
+        nonlocal issued, done, fired
         while issued < n:
             i = issued
             issued += 1
-            if await client.call(i) != i:
-                raise RuntimeError("soak: a reply did not match its task")
+            if i % rpc_every == 0:
+                if await client.call(i) != i:
+                    raise RuntimeError("soak: a reply did not match its task")
+            else:
+                fired += 1
+                await client.send()
             done += 1
-            if done % every == 0 or done == n:
+            if done % every == 0 and done < n:
                 sample(done)
 
     sample(0)
     await asyncio.gather(*(lane() for _ in range(min(window, n))))
+    while await client.executed() < fired_before + fired:
+        pass
+    sample(n)
     seconds = time.perf_counter() - start
     at_mark = _at(samples, mark)
     end = samples[-1]
     return {
         "tasks": n,
+        "round_trips": n - fired,
         "seconds": seconds,
         "rate": n / seconds,
         "mark": mark,

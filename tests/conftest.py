@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import aioqueue.testing as aioqueue_testing
 from aioqueue import App
 from aioqueue.worker import Worker
 from tests.rabbit import RabbitNode
@@ -51,6 +52,27 @@ def make_app(rabbit: RabbitNode, queue_name: str) -> Callable[..., App]:
         return App("tests", **kwargs)
 
     return make
+
+
+@pytest.fixture(params=["rabbitmq", "memory"])
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """Behavioural tests run on RabbitMQ and on the in-memory broker, so they cannot drift."""
+    return str(request.param)
+
+
+@pytest.fixture
+def make_any_app(
+    broker_kind: str, rabbit: RabbitNode, queue_name: str
+) -> Iterator[Callable[..., App]]:
+    url = rabbit.url if broker_kind == "rabbitmq" else f"memory://{queue_name}"
+
+    def make(**kwargs: Any) -> App:
+        kwargs.setdefault("broker_url", url)
+        kwargs.setdefault("default_queue", queue_name)
+        return App("tests", **kwargs)
+
+    yield make
+    aioqueue_testing.reset(url)
 
 
 @asynccontextmanager

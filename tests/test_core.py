@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -23,12 +24,25 @@ from aioqueue import (
     task_context,
 )
 from aioqueue.results import ResultHandle
+from aioqueue.settings import Settings
+from aioqueue.testing import memory_broker
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
 
 
-async def get_dead_letter(url: str, queue: str, timeout: float = 30) -> aio_pika.IncomingMessage:
+@dataclass
+class DeadLetter:
+    body: bytes
+    headers: dict[str, Any]
+    message_id: str | None
+
+
+async def get_dead_letter(url: str, queue: str, timeout: float = 30) -> Any:
     """The first message in ``queue`` (a DLQ), waiting for it with a deadline."""
+    if url.startswith("memory://"):
+        broker = memory_broker(url, Settings())
+        body, props = (await wait_until(lambda: broker.messages(queue), timeout=timeout))[0]
+        return DeadLetter(body, dict(props.headers or {}), props.message_id)
     async with await aio_pika.connect(url) as conn:
         channel = await conn.channel()
         q = await channel.get_queue(queue, ensure=True)
@@ -39,9 +53,9 @@ async def get_dead_letter(url: str, queue: str, timeout: float = 30) -> aio_pika
         return message  # type: ignore[no-any-return]
 
 
-async def test_round_trip_returns_the_value(make_app: Any) -> None:
+async def test_round_trip_returns_the_value(make_any_app: Any) -> None:
     # Given an async task and a worker
-    app: App = make_app()
+    app: App = make_any_app()
 
     @app.task(name="t.add")
     async def add(x: int, y: int) -> int:
@@ -56,8 +70,8 @@ async def test_round_trip_returns_the_value(make_app: Any) -> None:
         assert handle.done()
 
 
-async def test_many_concurrent_round_trips_each_get_their_own_result(make_app: Any) -> None:
-    app: App = make_app()
+async def test_many_concurrent_round_trips_each_get_their_own_result(make_any_app: Any) -> None:
+    app: App = make_any_app()
 
     @app.task(name="t.square")
     async def square(x: int) -> int:
@@ -70,8 +84,8 @@ async def test_many_concurrent_round_trips_each_get_their_own_result(make_app: A
         assert len({h.id for h in handles}) == 500
 
 
-async def test_plain_functions_run_in_threads_with_a_capacity_limit(make_app: Any) -> None:
-    app: App = make_app()
+async def test_plain_functions_run_in_threads_with_a_capacity_limit(make_any_app: Any) -> None:
+    app: App = make_any_app()
     lock = threading.Lock()
     state = {"now": 0, "max": 0}
     gate = threading.Event()
@@ -95,8 +109,8 @@ async def test_plain_functions_run_in_threads_with_a_capacity_limit(make_app: An
     assert all(name.startswith("aioqueue-task") for name in names)
 
 
-async def test_task_context_in_async_and_thread_tasks(make_app: Any) -> None:
-    app: App = make_app()
+async def test_task_context_in_async_and_thread_tasks(make_any_app: Any) -> None:
+    app: App = make_any_app()
 
     @app.task(name="t.ctx_async")
     async def ctx_async() -> list[Any]:
@@ -116,8 +130,8 @@ async def test_task_context_in_async_and_thread_tasks(make_app: Any) -> None:
         task_context()
 
 
-async def test_remote_error_carries_type_message_and_traceback(make_app: Any) -> None:
-    app: App = make_app()
+async def test_remote_error_carries_type_message_and_traceback(make_any_app: Any) -> None:
+    app: App = make_any_app()
 
     @app.task(name="t.fail")
     async def fail(what: str) -> None:
@@ -136,10 +150,8 @@ async def test_remote_error_carries_type_message_and_traceback(make_app: Any) ->
     assert (err.task_name, err.task_id) == ("t.fail", handle.id)
 
 
-async def test_failed_task_is_dead_lettered_with_reason(
-    make_app: Any, rabbit: RabbitNode, queue_name: str
-) -> None:
-    app: App = make_app()
+async def test_failed_task_is_dead_lettered_with_reason(make_any_app: Any, queue_name: str) -> None:
+    app: App = make_any_app()
 
     @app.task(name="t.explode")
     async def explode() -> None:
@@ -149,7 +161,7 @@ async def test_failed_task_is_dead_lettered_with_reason(
         handle = await explode.submit()
         with pytest.raises(TaskError):
             await handle.result(timeout=30)
-    dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
+    dead = await get_dead_letter(app.broker_url, f"{queue_name}.dlq")
     assert dead.message_id == handle.id
     assert dead.headers["aioqueue-dead-reason"] == "failed"
     assert dead.headers["aioqueue-dead-error"] == "RuntimeError: kaboom"
@@ -158,8 +170,8 @@ async def test_failed_task_is_dead_lettered_with_reason(
 
 
 @pytest.mark.parametrize("kind", ["async", "thread"])
-async def test_task_timeout(make_app: Any, kind: str) -> None:
-    app: App = make_app()
+async def test_task_timeout(make_any_app: Any, kind: str) -> None:
+    app: App = make_any_app()
     release = threading.Event()
 
     if kind == "async":
@@ -213,9 +225,9 @@ async def test_submit_checks_signature_and_json_before_publishing(
 
 
 async def test_result_timeout_raises_builtin_timeout_and_handle_stays_usable(
-    make_app: Any,
+    make_any_app: Any,
 ) -> None:
-    app: App = make_app()
+    app: App = make_any_app()
     gate = asyncio.Event()
 
     @app.task(name="t.wait")
@@ -232,8 +244,8 @@ async def test_result_timeout_raises_builtin_timeout_and_handle_stays_usable(
         assert await handle.result(timeout=30) == "done"
 
 
-async def test_ignore_result_handle_raises_at_once(make_app: Any) -> None:
-    app: App = make_app()
+async def test_ignore_result_handle_raises_at_once(make_any_app: Any) -> None:
+    app: App = make_any_app()
     ran = asyncio.Event()
 
     @app.task(name="t.notify", ignore_result=True)
@@ -252,9 +264,9 @@ async def test_ignore_result_handle_raises_at_once(make_app: Any) -> None:
 
 
 async def test_unknown_task_is_dead_lettered_and_caller_told(
-    make_app: Any, rabbit: RabbitNode, queue_name: str
+    make_any_app: Any, queue_name: str
 ) -> None:
-    app: App = make_app()
+    app: App = make_any_app()
 
     @app.task(name="t.known")
     async def known() -> int:
@@ -268,7 +280,7 @@ async def test_unknown_task_is_dead_lettered_and_caller_told(
         # the worker keeps running
         assert await (await known.submit()).result(timeout=30) == 1
         await wait_until(lambda: worker.statistics().processed == 2, what="2 processed")
-    dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
+    dead = await get_dead_letter(app.broker_url, f"{queue_name}.dlq")
     assert dead.headers["aioqueue-dead-reason"] == "not_found"
     assert dead.headers["aioqueue-task"] == "t.unknown"
 
@@ -342,12 +354,9 @@ async def test_malformed_messages_are_dead_lettered_and_the_caller_told(
     assert fragment in dead.headers["aioqueue-dead-error"]
 
 
-async def test_oversized_body_is_refused_before_parsing(
-    make_app: Any, rabbit: RabbitNode, queue_name: str
-) -> None:
-    from aioqueue import Settings
+async def test_oversized_body_is_refused_before_parsing(make_any_app: Any, queue_name: str) -> None:
 
-    app: App = make_app(settings=Settings(max_message_size=1000))
+    app: App = make_any_app(settings=Settings(max_message_size=1000))
 
     @app.task(name="t.big")
     async def big(data: str) -> int:
@@ -395,9 +404,9 @@ async def test_prefetch_bounds_unacked_messages(
         assert worker.statistics().max_in_hand == 3
 
 
-async def test_submit_before_any_worker_started(make_app: Any) -> None:
+async def test_submit_before_any_worker_started(make_any_app: Any) -> None:
     # Given no worker and a queue nobody declared yet
-    app: App = make_app()
+    app: App = make_any_app()
 
     @app.task(name="t.early")
     async def early(x: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ from aioqueue import (
     TaskTimeoutError,
     task_context,
 )
+from aioqueue.testing import reset
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.test_core import get_dead_letter
@@ -31,9 +33,21 @@ def queue_type(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def qapp(make_app: Any, queue_type: str) -> App:
+def rabbit_qapp(make_app: Any, queue_type: str) -> App:
+    """An app on RabbitMQ with classic or quorum queues."""
     app: App = make_app(queue_type=queue_type)
     return app
+
+
+@pytest.fixture(params=["classic", "quorum", "memory"])
+def qapp(request: pytest.FixtureRequest, make_app: Any, queue_name: str) -> Iterator[App]:
+    """The portable behaviour: RabbitMQ classic, RabbitMQ quorum, and the in-memory broker."""
+    if request.param == "memory":
+        url = f"memory://{queue_name}"
+        yield App("tests", broker_url=url, default_queue=queue_name)
+        reset(url)
+    else:
+        yield make_app(queue_type=request.param)
 
 
 async def test_retries_until_success_and_caller_sees_only_the_final_result(qapp: App) -> None:
@@ -66,7 +80,7 @@ async def test_exhausted_retries_dead_letter_with_the_last_error(
             await handle.result(timeout=60)
     assert info.value.type_name == "ValueError"
     assert info.value.message == "failure #3"
-    dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
+    dead = await get_dead_letter(qapp.broker_url, f"{queue_name}.dlq")
     assert dead.message_id == handle.id
     assert dead.headers["aioqueue-attempt"] == 3
     assert dead.headers["aioqueue-dead-reason"] == "failed"
@@ -183,13 +197,13 @@ async def test_eta_as_aware_datetime(qapp: App) -> None:
 
 
 async def test_a_thirty_day_delay_waits_in_rabbitmq_not_in_the_worker(
-    qapp: App, rabbit: RabbitNode, queue_type: str
+    rabbit_qapp: App, rabbit: RabbitNode, queue_type: str
 ) -> None:
-    @qapp.task(name="t.month")
+    @rabbit_qapp.task(name="t.month")
     async def month() -> None:
         raise AssertionError("must not run")
 
-    async with qapp, running_worker(qapp) as worker:
+    async with rabbit_qapp, running_worker(rabbit_qapp) as worker:
         await month.submit_with_options(countdown=30 * 86400, ignore_result=True)
         # 30 days = 25,920,000 units: highest bit is level 24
         top = f"aioqueue.delay.{queue_type}.24.q"
@@ -201,12 +215,12 @@ async def test_a_thirty_day_delay_waits_in_rabbitmq_not_in_the_worker(
     rabbit.ctl("purge_queue", top)
 
 
-async def test_delays_survive_a_broker_restart(qapp: App, rabbit: RabbitNode) -> None:
-    @qapp.task(name="t.durable_delay")
+async def test_delays_survive_a_broker_restart(rabbit_qapp: App, rabbit: RabbitNode) -> None:
+    @rabbit_qapp.task(name="t.durable_delay")
     async def durable_delay() -> float:
         return time.time()
 
-    async with qapp, running_worker(qapp):
+    async with rabbit_qapp, running_worker(rabbit_qapp):
         submitted = time.time()
         handle = await durable_delay.submit_with_options(countdown=4)
         await asyncio.to_thread(rabbit.restart)
@@ -233,7 +247,7 @@ async def test_expired_task_is_not_run_and_caller_gets_dead_lettered_error(
                     await handle.result(timeout=60)
                 assert info.value.reason == "expired"
     assert runs == []
-    dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
+    dead = await get_dead_letter(qapp.broker_url, f"{queue_name}.dlq")
     assert dead.headers["aioqueue-dead-reason"] == "expired"
 
 

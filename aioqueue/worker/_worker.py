@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 
 from ..app import App
-from ..broker import Delivery, Subscription, settle
+from ..broker import Consumer, Delivery, settle
 from ..errors import DecodeError
 from ..message import Envelope, ErrorInfo, Outcome
 from ..retry import next_delay
@@ -130,7 +130,7 @@ class Worker:
 
     async def _run(self, handoff: Handoff, executor: ThreadPoolExecutor) -> None:
         broker = self.app.broker
-        subscriptions: list[Subscription] = []
+        subscriptions: list[Consumer] = []
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -165,7 +165,7 @@ class Worker:
             for subscription in subscriptions:
                 await subscription.close()
 
-    async def _drain(self, subscriptions: list[Subscription]) -> None:
+    async def _drain(self, subscriptions: list[Consumer]) -> None:
         self._stopping = True
         log.info(
             "stopping: no new tasks; waiting up to %gs for %d in hand",

@@ -10,6 +10,8 @@ import sys
 
 from ..cli import load_app, run, setup_logging
 from ..errors import AioqueueError, BrokerConnectionError
+from ..scheduler import Scheduler
+from ..scheduler.cli import banner as scheduler_banner
 from ..settings import mask_url
 from ._worker import Worker
 
@@ -84,9 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         app.settings = replace(app.settings, connect_timeout=args.connect_timeout)
-    if args.scheduler:
-        print("error: --scheduler: the scheduler is not available in this version", file=sys.stderr)
-        return 2
+    scheduler = Scheduler(app) if args.scheduler else None
+    if scheduler is not None:
+        try:
+            scheduler.check_schedules()
+        except TypeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     worker = Worker(
         app,
@@ -95,18 +101,19 @@ def main(argv: list[str] | None = None) -> int:
         prefetch=args.prefetch,
         shutdown_timeout=args.shutdown_timeout,
     )
-    return run(_serve(worker))
+    return run(_serve(worker, scheduler))
 
 
-async def _serve(worker: Worker) -> int:
+async def _serve(worker: Worker, scheduler: Scheduler | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, _on_signal, worker, sig)
+        loop.add_signal_handler(sig, _on_signal, worker, sig, scheduler)
     try:
         await worker.app.connect()
     except BrokerConnectionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    scheduling: asyncio.Future[None] | None = None
     try:
         run_task = asyncio.ensure_future(worker.run())
         ready = asyncio.ensure_future(worker.ready.wait())
@@ -114,14 +121,20 @@ async def _serve(worker: Worker) -> int:
         if worker.ready.is_set():
             print(banner(worker), file=sys.stderr, flush=True)
         ready.cancel()
+        if scheduler is not None:  # --scheduler: fire schedules in this event loop too
+            scheduling = asyncio.ensure_future(scheduler.run())
+            print(scheduler_banner(scheduler), file=sys.stderr, flush=True)
         await run_task
     finally:
+        if scheduler is not None and scheduling is not None:
+            scheduler.stop()
+            await scheduling
         await worker.app.close()
     log.info("worker %s stopped", worker.identity)
     return 0
 
 
-def _on_signal(worker: Worker, sig: signal.Signals) -> None:
+def _on_signal(worker: Worker, sig: signal.Signals, scheduler: Scheduler | None = None) -> None:
     again = (
         "again: returning running tasks now"
         if worker.ready.is_set() and worker._stop.is_set()
@@ -129,6 +142,8 @@ def _on_signal(worker: Worker, sig: signal.Signals) -> None:
     )
     log.warning("received %s, %s", sig.name, again)
     worker.stop()
+    if scheduler is not None:
+        scheduler.stop()
 
 
 def banner(worker: Worker) -> str:

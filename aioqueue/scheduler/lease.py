@@ -1,0 +1,244 @@
+"""Leader election in RabbitMQ: an exclusive queue held by a plain (non-robust) connection.
+
+``aioqueue.scheduler.<app>.lease`` is declared ``exclusive``: RabbitMQ lets exactly one
+connection hold it, refuses it to every other one (``RESOURCE_LOCKED``) and deletes it the moment
+the holder's connection closes — when the process exits or is killed (the kernel closes its
+socket), or, if its machine or network is lost, when the AMQP heartbeat times out.
+
+The connection is a plain aiormq connection, outside aio-pika's ``connect_robust``, which would
+re-declare the queue after a reconnect and could loop on ``RESOURCE_LOCKED``. Losing it means
+losing the lease: the scheduler stops firing and campaigns again on a fresh connection.
+
+Each ``RESOURCE_LOCKED`` refusal is logged by RabbitMQ as an error, so followers do not poll the
+lease itself. The leader also consumes ``aioqueue.scheduler.<app>.leader`` (a durable queue no one
+publishes to); followers re-declare that queue every ``poll_interval`` — which returns its
+consumer count without an error — and try for the lease only when the count is zero.
+
+Fencing: the leader fires each slot through this connection, in a transaction (see
+``state.py``); a commit RabbitMQ accepted was made while the connection, and so the lease, was
+alive. A leader that lost the connection cannot fire any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any, Final
+
+import aiormq
+import aiormq.abc
+from yarl import URL
+
+from ..errors import AioqueueError, BrokerConnectionError
+from ..settings import mask_url
+from ..topology import INFRA_PREFIX
+
+__all__ = ["Lease", "LeaseLost", "describe_error", "leader_queue_name", "lease_queue_name"]
+
+log = logging.getLogger("aioqueue.scheduler")
+
+# Followers' beacon queue: kept while any scheduler of the app polls it, gone an hour after.
+_LEADER_QUEUE_ARGS: Final[dict[str, Any]] = {"x-queue-type": "classic", "x-expires": 3_600_000}
+# Trouble with the connection or a channel: reconnect and campaign again.
+CONNECTION_ERRORS: Final = (
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    RuntimeError,
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+
+
+class LeaseLost(AioqueueError):
+    """The scheduler's lease connection closed: it must stop firing at once."""
+
+
+def lease_queue_name(app_name: str) -> str:
+    """The exclusive queue whose holder is the leader."""
+    return f"{INFRA_PREFIX}scheduler.{app_name}.lease"
+
+
+def leader_queue_name(app_name: str) -> str:
+    """The queue the leader consumes, so followers can see that there is one."""
+    return f"{INFRA_PREFIX}scheduler.{app_name}.leader"
+
+
+class Lease:
+    """One attempt at leadership: a connection that campaigns, then holds the lease.
+
+    Args:
+        url: The broker URL.
+        app_name: Whose scheduler this is (names the queues).
+        identity: This instance's name, shown as the connection name.
+        poll_interval: Seconds between a follower's looks for a free lease.
+        heartbeat: AMQP heartbeat of the connection, in seconds: a leader whose machine or
+            network vanished loses the lease after about two to three of them.
+        timeout: Seconds any single broker operation may take.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        app_name: str,
+        *,
+        identity: str,
+        poll_interval: float = 0.5,
+        heartbeat: int = 5,
+        timeout: float = 10.0,
+    ) -> None:
+        self._url = url
+        self._app_name = app_name
+        self._identity = identity
+        self.poll_interval = poll_interval
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self._connection: aiormq.abc.AbstractConnection | None = None
+        self._probe: aiormq.abc.AbstractChannel | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._tx: aiormq.abc.AbstractChannel | None = None
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "not held"
+        return f"<Lease {lease_queue_name(self._app_name)} {state} at {mask_url(self._url)}>"
+
+    @property
+    def held(self) -> bool:
+        """Whether this lease's connection holds the lease and is still open."""
+        parts = (self._connection, self._channel, self._tx)
+        return all(part is not None and not part.is_closed for part in parts)
+
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel:
+        """The leader's plain channel (declare, get, ack); `LeaseLost` once the lease is gone."""
+        self.check()
+        assert self._channel is not None
+        return self._channel
+
+    @property
+    def tx(self) -> aiormq.abc.AbstractChannel:
+        """The leader's transactional channel (fires); `LeaseLost` once the lease is gone."""
+        self.check()
+        assert self._tx is not None
+        return self._tx
+
+    def check(self) -> None:
+        """Raise `LeaseLost` unless the lease is held right now."""
+        if not self.held:
+            raise LeaseLost(f"lost the lease {lease_queue_name(self._app_name)}")
+
+    async def connect(self, timeout: float) -> None:
+        """Open the connection, retrying for ``timeout`` seconds, then `BrokerConnectionError`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.1
+        while True:
+            try:
+                await self._probe_channel()
+                return
+            except CONNECTION_ERRORS as exc:
+                await self.release()
+                if loop.time() + delay > deadline:
+                    raise BrokerConnectionError(
+                        f"cannot reach the broker at {mask_url(self._url)} within {timeout:g}s: "
+                        f"{self.describe(exc)}"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def acquire(self) -> None:
+        """Return once this connection holds the lease, (re)connecting as needed."""
+        delay = 0.2
+        while True:
+            try:
+                if await self._try_acquire():
+                    return
+                delay = 0.2
+                await asyncio.sleep(self.poll_interval * random.uniform(0.8, 1.2))
+            except CONNECTION_ERRORS as exc:
+                log.warning(
+                    "scheduler lease: broker unavailable (%s); retrying", self.describe(exc)
+                )
+                await self.release()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def describe(self, exc: BaseException) -> str:
+        """``describe_error(exc)`` with any broker URL in it masked."""
+        text = describe_error(exc)
+        for url in (str(self._connect_url()), self._url):
+            text = text.replace(url, mask_url(url))
+        return text
+
+    def _connect_url(self) -> URL:
+        url = URL(self._url)
+        if "heartbeat" not in url.query:
+            url = url.update_query(heartbeat=str(self.heartbeat))
+        return url
+
+    async def wait_lost(self) -> None:
+        """Return when the lease connection or its channel closes."""
+        if not self.held:
+            return
+        parts = (self._connection, self._channel, self._tx)
+        observers = [part.closing for part in parts if part is not None]
+        try:
+            await asyncio.wait(observers, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for observer in observers:
+                observer.cancel()
+
+    async def release(self) -> None:
+        """Close the connection: the lease, if held, is free for another instance at once."""
+        connection, self._connection = self._connection, None
+        self._probe = self._channel = self._tx = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), self.timeout)
+
+    async def _try_acquire(self) -> bool:
+        probe = await self._probe_channel()
+        leader_queue = leader_queue_name(self._app_name)
+        ok = await probe.queue_declare(
+            leader_queue, durable=True, arguments=_LEADER_QUEUE_ARGS, timeout=self.timeout
+        )
+        if ok.consumer_count:
+            return False
+        assert self._connection is not None
+        channel = await self._connection.channel(publisher_confirms=False, timeout=self.timeout)
+        try:
+            await channel.queue_declare(
+                lease_queue_name(self._app_name), exclusive=True, timeout=self.timeout
+            )
+        except aiormq.exceptions.ChannelLockedResource:
+            return False  # another instance was quicker
+        await channel.basic_consume(leader_queue, _ignore, no_ack=True, timeout=self.timeout)
+        tx = await self._connection.channel(publisher_confirms=False, timeout=self.timeout)
+        await tx.tx_select(timeout=self.timeout)
+        self._channel, self._tx = channel, tx
+        return True
+
+    async def _probe_channel(self) -> aiormq.abc.AbstractChannel:
+        if self._connection is None or self._connection.is_closed:
+            name = f"aioqueue {self._app_name} scheduler lease {self._identity}"
+            self._connection = aiormq.Connection(
+                self._connect_url(), client_properties={"connection_name": name}
+            )
+            self._probe = None
+            await asyncio.wait_for(self._connection.connect(), self.timeout)
+        if self._probe is None or self._probe.is_closed:
+            self._probe = await self._connection.channel(
+                publisher_confirms=False, timeout=self.timeout
+            )
+        return self._probe
+
+
+async def _ignore(message: Any) -> None:
+    """The beacon queue never has messages; its consumer only marks the leader."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"`` for logs (the type alone when the message is empty)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,0 +1,93 @@
+"""Was the machine ours? CPU used by other processes (and stolen by the hypervisor) meanwhile.
+
+On a shared 2-core machine another test suite or broker running at the same time skews every
+figure. `CpuWatch` compares the machine's busy CPU time (``/proc/stat``) over a measurement with
+the CPU time of the benchmark's own processes: this process, the children it reaped (workers,
+producers) and the private broker node.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from types import TracebackType
+
+__all__ = ["CpuWatch", "wait_until_quiet"]
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine() -> tuple[float, float, float]:
+    """(busy, steal, total) CPU seconds of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    busy = user + nice + system + irq + softirq
+    return busy / TICK, steal / TICK, sum(fields) / TICK
+
+
+def _process(pid: int) -> float:
+    """CPU seconds of ``pid`` and its reaped children (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / TICK  # utime stime cutime cstime
+
+
+def _ours(broker_pid: int | None) -> float:
+    times = os.times()
+    own = times.user + times.system + times.children_user + times.children_system
+    return own + (_process(broker_pid) if broker_pid else 0.0)
+
+
+class CpuWatch:
+    """``with CpuWatch(broker_pid) as watch: ...`` then ``watch.summary()``.
+
+    Without ``broker_pid`` (a broker given by URL) the broker counts as "other".
+    """
+
+    def __init__(self, broker_pid: int | None) -> None:
+        self._broker_pid = broker_pid
+        self._start = self._end = (0.0, 0.0, 0.0, 0.0, 0.0)
+
+    def _now(self) -> tuple[float, float, float, float, float]:
+        return (time.monotonic(), *_machine(), _ours(self._broker_pid))
+
+    def __enter__(self) -> CpuWatch:
+        self._start = self._now()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._end = self._now()
+
+    def summary(self) -> dict[str, float]:
+        """Average cores used by other processes, and % of CPU time stolen, over the block."""
+        wall, busy, steal, total, ours = (
+            b - a for a, b in zip(self._start, self._end, strict=True)
+        )
+        return {
+            "seconds": wall,
+            "other_cores": max(0.0, busy - ours) / wall if wall > 0 else 0.0,
+            "steal_pct": 100 * steal / total if total > 0 else 0.0,
+        }
+
+
+def wait_until_quiet(
+    broker_pid: int | None, *, limit: float, threshold: float, probe: float = 1.0
+) -> float:
+    """Wait up to ``limit`` seconds until other processes use under ``threshold`` cores for a
+    ``probe``-second sample; returns the seconds waited (``limit`` or more if never quiet)."""
+    start = time.monotonic()
+    while True:
+        with CpuWatch(broker_pid) as watch:
+            time.sleep(probe)
+        waited = time.monotonic() - start
+        if watch.summary()["other_cores"] < threshold or waited >= limit:
+            return waited
