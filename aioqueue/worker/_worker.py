@@ -18,8 +18,10 @@ from ..app import App
 from ..broker import Consumer, Delivery, settle
 from ..errors import DecodeError
 from ..message import Envelope, ErrorInfo, Outcome
-from ..retry import next_delay
+from ..retry import Retry, next_delay
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
+from .events import Outcome as TaskOutcome
+from .events import TaskLog, TaskObserver
 from .execute import execute
 from .settle import H_DELIVERIES, Handoff
 
@@ -54,6 +56,8 @@ class Worker:
             ``min(concurrency, 40)``.
         max_deliveries: A message delivered this many times without ever being settled
             (each time its worker died) is poison: it goes to ``Q.dlq`` instead of running.
+        observers: Receive task events (see `aioqueue.worker.events`); default: `TaskLog`,
+            one log line per task.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class Worker:
         shutdown_timeout: float = 30.0,
         threads: int | None = None,
         max_deliveries: int = 5,
+        observers: Sequence[TaskObserver] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -78,6 +83,7 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self.threads = threads or min(concurrency, 40)
         self.max_deliveries = max_deliveries
+        self.observers: list[TaskObserver] = list(observers or [TaskLog()])
         self._current: dict[int, tuple[str, str, str]] = {}
         self._consumer_timeouts = 0
         self._recounting: dict[str, asyncio.Event] = {}
@@ -122,7 +128,7 @@ class Worker:
             await self.app.connect()
         executor = ThreadPoolExecutor(self.threads, thread_name_prefix="aioqueue-task")
         try:
-            await self._run(Handoff(self.app, self.identity), executor)
+            await self._run(Handoff(self.app, self.identity, self.observers), executor)
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
             if own_connection:
@@ -242,14 +248,36 @@ class Worker:
         self._current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
         handed_off = asyncio.get_running_loop().create_future()
         self._running_ids[envelope.id] = handed_off
+        for observer in self.observers:
+            observer.started(envelope.task, envelope.id, envelope.attempt)
+        started = time.perf_counter()
         try:
             outcome, exc = await execute(task, envelope, redelivered=redelivered, threads=executor)
+            duration = time.perf_counter() - started
             handed_off.set_result(await self._settle(delivery, envelope, outcome, exc, handoff))
+            self._observe_finish(envelope, outcome, exc, duration)
         finally:
             del self._current[id(delivery)]
             del self._running_ids[envelope.id]
             if not handed_off.done():
                 handed_off.set_result(False)
+
+    def _observe_finish(
+        self, envelope: Envelope, outcome: Outcome, exc: BaseException | None, duration: float
+    ) -> None:
+        result: TaskOutcome = "succeeded"
+        if outcome.error is not None:
+            policy = self.app.tasks[envelope.task].options.retry
+            if (
+                exc is not None
+                and envelope.attempt < policy.max_attempts
+                and (isinstance(exc, Retry | policy.retry_on))
+            ):
+                result = "retried"
+            else:
+                result = "timeout" if outcome.error.kind == "timeout" else "failed"
+        for observer in self.observers:
+            observer.finished(envelope.task, envelope.id, envelope.attempt, result, duration)
 
     async def _settle(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -20,6 +21,7 @@ from ..broker import Delivery, settle
 from ..errors import PublishError, UnroutableError
 from ..message import CONTENT_TYPE, PROTOCOL_VERSION, Envelope, ErrorInfo, Outcome
 from ..topology import dlq_name
+from .events import TaskObserver
 
 __all__ = ["Handoff"]
 
@@ -38,10 +40,11 @@ MAX_HEADER_TRACEBACK = 4096
 class Handoff:
     """Publishes replies and dead letters for one worker, then settles deliveries."""
 
-    def __init__(self, app: App, identity: str) -> None:
+    def __init__(self, app: App, identity: str, observers: Sequence[TaskObserver] = ()) -> None:
         self.app = app
         self.broker = app.broker
         self.identity = identity
+        self.observers = observers
 
     async def retry(self, delivery: Delivery, envelope: Envelope, delay: float) -> bool:
         """Publish the next attempt (through the delay ladder), then ack this one."""
@@ -108,6 +111,8 @@ class Handoff:
             self._reply(reply_to if task_id else None, outcome),
         )
         ok = stored and replied
+        for observer in self.observers:
+            observer.dead_lettered(delivery.queue, task_name, task_id or "", reason)
         log.warning(
             "dead-lettered task %s id=%s from %r to %r: %s: %s: %s",
             task_name or "?",
