@@ -34,6 +34,7 @@ from .results import ResultHandle
 from .retry import Retry, RetryPolicy
 from .scheduler import Misfire, Schedule, Scheduler
 from .settings import Settings
+from .streams import Progress, Result
 from .task import Task, TaskOptions
 
 __version__ = "0.1.0"
@@ -46,7 +47,9 @@ __all__ = [
     "DecodeError",
     "EncodeError",
     "Misfire",
+    "Progress",
     "PublishError",
+    "Result",
     "ResultHandle",
     "ResultUnavailableError",
     "Retry",

@@ -16,18 +16,21 @@ from pamqp import commands as spec
 
 from .broker import Broker, RabbitBroker
 from .errors import AioqueueError, PublishError
-from .message import CONTENT_TYPE, Envelope, check_json_native
+from .message import CONTENT_TYPE, Envelope, Outcome, check_json_native
 from .results import ReplyConsumer, ResultHandle
 from .retry import NO_RETRY, RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
 from .scheduler._define import PeriodicDecorator, ScheduleOptions, add_schedule, build_schedule
 from .settings import Settings, mask_url, resolve_broker_url
+from .streams import EventSink, StreamReader
 from .task import Task, TaskOptions
 from .topology import (
     QueueType,
     delay_entry_exchange,
     delay_routing_key,
     delay_units,
+    reply_queue_arguments,
+    stream_queue_name,
     work_queue_arguments,
 )
 
@@ -72,6 +75,9 @@ class App:
         self.schedules: dict[str, Schedule] = {}
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
+        # Called with the task's name after each confirmed submit (e.g. a metrics counter);
+        # fast, non-blocking. Retries and scheduler firings are not submits.
+        self.on_submit: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
         return f"<App {self.name!r} broker={mask_url(self.broker_url)} tasks={len(self.tasks)}>"
@@ -223,33 +229,36 @@ class App:
             kwargs=kwargs,
             deadline=_deadline(now, expires),
         )
-        return await self._send(envelope, target, wants_reply=wants_reply, delay=delay)
+        stream = task is not None and task.is_generator
+        return await self._send(
+            envelope, target, wants_reply=wants_reply, delay=delay, stream=stream
+        )
 
     async def _send(
-        self, envelope: Envelope, queue: str, *, wants_reply: bool, delay: float = 0.0
+        self,
+        envelope: Envelope,
+        queue: str,
+        *,
+        wants_reply: bool,
+        delay: float = 0.0,
+        stream: bool = False,
     ) -> ResultHandle[Any]:
         """Publish a new task (registering for its reply first) and return its handle.
 
         One publish deadline covers the whole submit, declaring queues on first use included:
         a broker that stays away past it is a `PublishError`, never a hang.
         """
-        future = None
         timeout = self.settings.publish_timeout
+        receiver = _Receiver()
         try:
             async with asyncio.timeout(timeout):
                 if wants_reply:
-                    replies = self._replies
-                    if replies is None:
-                        raise AioqueueError(
-                            f"{self!r} is not connected: use `async with app:` first"
-                        )
-                    await replies.ensure_started()
-                    envelope = replace(envelope, reply_to=replies.queue)
-                    future = replies.expect(envelope.id)
+                    envelope = await receiver.prepare(self, envelope, stream=stream)
                 await self._publish(envelope, queue, delay=delay)
         except BaseException as exc:
             if self._replies is not None:
                 self._replies.forget(envelope.id)
+            await receiver.abandon()
             if isinstance(exc, TimeoutError):
                 raise PublishError(
                     f"task {envelope.task} was not confirmed within {timeout:g}s",
@@ -257,7 +266,14 @@ class App:
                     task_id=envelope.id,
                 ) from None
             raise
-        return ResultHandle(envelope.id, envelope.task, future)
+        for hook in self.on_submit:
+            try:
+                hook(envelope.task)
+            except Exception:  # the task is published: a failing hook must not say otherwise
+                log.exception("on_submit hook %r failed", hook)
+        return ResultHandle(
+            envelope.id, envelope.task, receiver.future, receiver.sink, receiver.reader
+        )
 
     async def _publish(self, envelope: Envelope, queue: str, *, delay: float = 0.0) -> None:
         """Publish ``envelope`` to ``queue`` — through the delay ladder when ``delay`` > 0 —
@@ -357,6 +373,34 @@ class App:
         return Scheduler(
             self, clock=clock, poll_interval=poll_interval, heartbeat=heartbeat, identity=identity
         )
+
+
+class _Receiver:
+    """What a submit that waits for its outcome sets up before publishing."""
+
+    future: asyncio.Future[Outcome] | None = None
+    sink: EventSink | None = None
+    reader: StreamReader | None = None
+
+    async def prepare(self, app: App, envelope: Envelope, *, stream: bool) -> Envelope:
+        replies = app._replies
+        if replies is None:
+            raise AioqueueError(f"{app!r} is not connected: use `async with app:` first")
+        await replies.ensure_started()
+        envelope = replace(envelope, reply_to=replies.queue)
+        if stream:
+            queue = stream_queue_name(envelope.id)
+            expires = app.settings.reply_queue_expires
+            await app.broker.declare_queue(queue, reply_queue_arguments(expires))
+            self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
+            await self.reader.start()
+            envelope = replace(envelope, stream_to=queue)
+        self.future, self.sink = replies.expect(envelope.id)
+        return envelope
+
+    async def abandon(self) -> None:
+        if self.reader is not None:
+            await self.reader.close()
 
 
 class _TaskDecorator:

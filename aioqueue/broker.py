@@ -104,6 +104,7 @@ class Broker(Protocol):
     async def close(self) -> None: ...
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None: ...
+    async def delete_queue(self, name: str) -> None: ...
     async def publish(
         self,
         routing_key: str,
@@ -218,6 +219,13 @@ class RabbitBroker:
                 self._declared[name] = await self._channel().declare_queue(
                     name, durable=True, arguments=arguments
                 )
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue of ours (e.g. a finished stream)."""
+        self._declared.pop(name, None)
+        self._delay_routes.discard(name)
+        channel = await self._channel().get_underlay_channel()
+        await channel.queue_delete(name)
 
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
         """Declare the delay ladder of ``queue_type`` (once) and route its exit to ``queue``.

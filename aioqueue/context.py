@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from .errors import AioqueueError
 
@@ -28,6 +30,17 @@ class TaskContext:
     attempt: int = 1
     redelivered: bool = False
     scheduled_at: datetime | None = None
+    _emit: Callable[[Any], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
+
+    async def progress(self, data: Any) -> None:
+        """Tell the caller how far the task got; it receives it from ``handle.events()``.
+
+        ``data`` must be JSON-native. Each update is published (confirmed) to the caller's
+        reply queue; a task nobody waits for (``ignore_result``) sends nothing. Progress is a
+        latest-state signal: a caller that reads slowly may miss intermediate updates.
+        """
+        if self._emit is not None:
+            await self._emit(data)
 
 
 _current: ContextVar[TaskContext] = ContextVar("aioqueue_task_context")

@@ -43,6 +43,9 @@ H_ATTEMPT: Final = "aioqueue-attempt"
 H_PROTOCOL: Final = "aioqueue-protocol"
 H_DEADLINE: Final = "aioqueue-deadline"
 H_SCHEDULED_AT: Final = "aioqueue-scheduled-at"
+H_STREAM_TO: Final = "aioqueue-stream-to"
+H_EVENT: Final = "aioqueue-event"
+H_SEQ: Final = "aioqueue-seq"
 
 
 def check_json_native(value: Any, where: str = "value", *, max_depth: int = MAX_DEPTH) -> None:
@@ -124,6 +127,7 @@ class Envelope:
     attempt: int = 1
     deadline: float | None = None
     scheduled_at: float | None = None
+    stream_to: str | None = None
 
     def encode(self) -> bytes:
         """The message body: the arguments as JSON."""
@@ -140,6 +144,8 @@ class Envelope:
             headers[H_DEADLINE] = round(self.deadline * 1000)
         if self.scheduled_at is not None:
             headers[H_SCHEDULED_AT] = round(self.scheduled_at * 1000)
+        if self.stream_to is not None:
+            headers[H_STREAM_TO] = self.stream_to
         return headers
 
     @classmethod
@@ -160,7 +166,7 @@ class Envelope:
             raise DecodeError(f"content_type is {content_type!r}, expected {CONTENT_TYPE!r}")
         hdrs = headers or {}
         protocol = hdrs.get(H_PROTOCOL)
-        if protocol != PROTOCOL_VERSION:
+        if type(protocol) is not int or protocol != PROTOCOL_VERSION:  # not True, 1.0, Decimal
             raise DecodeError(f"protocol version {protocol!r} is not {PROTOCOL_VERSION}")
         name = hdrs.get(H_TASK)
         if not isinstance(name, str) or not name:
@@ -183,7 +189,17 @@ class Envelope:
             attempt=attempt,
             deadline=_optional_time(hdrs, H_DEADLINE),
             scheduled_at=_optional_time(hdrs, H_SCHEDULED_AT),
+            stream_to=_optional_str(hdrs, H_STREAM_TO),
         )
+
+
+def _optional_str(headers: Mapping[str, Any], key: str) -> str | None:
+    value = headers.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise DecodeError(f"header {key!r} is {value!r}, not a queue name")
+    return value
 
 
 def _optional_time(headers: Mapping[str, Any], key: str) -> float | None:
@@ -217,27 +233,27 @@ class Outcome:
     task_name: str
     value: Any = None
     error: ErrorInfo | None = None
+    items: int | None = None  # how many items a generator task streamed
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def encode(self) -> bytes:
+        payload: dict[str, Any] = {"task": self.task_name, "ok": self.error is None}
+        if self.items is not None:
+            payload["items"] = self.items
         if self.error is None:
-            return dumps({"task": self.task_name, "ok": True, "value": self.value})
+            payload["value"] = self.value
+            return dumps(payload)
         err = self.error
-        return dumps(
-            {
-                "task": self.task_name,
-                "ok": False,
-                "error": {
-                    "kind": err.kind,
-                    "type": err.type_name,
-                    "message": err.message,
-                    "traceback": err.traceback,
-                },
-            }
-        )
+        payload["error"] = {
+            "kind": err.kind,
+            "type": err.type_name,
+            "message": err.message,
+            "traceback": err.traceback,
+        }
+        return dumps(payload)
 
     @classmethod
     def decode(cls, body: bytes, *, task_id: str, max_size: int) -> Outcome:
@@ -245,8 +261,10 @@ class Outcome:
         if not isinstance(payload, dict) or not isinstance(payload.get("ok"), bool):
             raise DecodeError('reply must be an object with a boolean "ok"')
         name = str(payload.get("task", ""))
+        items = payload.get("items")
+        items = items if isinstance(items, int) and not isinstance(items, bool) else None
         if payload["ok"]:
-            return cls(task_id=task_id, task_name=name, value=payload.get("value"))
+            return cls(task_id=task_id, task_name=name, value=payload.get("value"), items=items)
         err = payload.get("error")
         if not isinstance(err, dict):
             raise DecodeError('failed reply has no "error" object')
@@ -256,4 +274,4 @@ class Outcome:
             message=str(err.get("message", "")),
             traceback=str(err.get("traceback", "")),
         )
-        return cls(task_id=task_id, task_name=name, error=info)
+        return cls(task_id=task_id, task_name=name, error=info, items=items)

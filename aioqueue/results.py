@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any, Generic, TypeVar
 
 from .broker import Broker, Consumer, Delivery, settle
@@ -24,7 +25,8 @@ from .errors import (
     TaskNotFoundError,
     TaskTimeoutError,
 )
-from .message import Outcome
+from .message import H_EVENT, Outcome
+from .streams import EventSink, Progress, Result, StreamReader
 from .topology import reply_queue_arguments, reply_queue_name
 
 __all__ = ["ReplyConsumer", "ResultHandle"]
@@ -42,6 +44,7 @@ class ReplyConsumer:
         self.queue = reply_queue_name(client_id)
         self._prefetch = prefetch
         self._pending: dict[str, asyncio.Future[Outcome]] = {}
+        self._sinks: dict[str, EventSink] = {}
         self._subscription: Consumer | None = None
         self._lock = asyncio.Lock()
         self.dropped = 0
@@ -63,19 +66,37 @@ class ReplyConsumer:
                     self.queue, self._on_reply, prefetch=self._prefetch
                 )
 
-    def expect(self, task_id: str) -> asyncio.Future[Outcome]:
-        """Register interest in ``task_id``'s outcome before its message is published."""
+    def expect(self, task_id: str) -> tuple[asyncio.Future[Outcome], EventSink]:
+        """Register interest in ``task_id``'s outcome (and progress) before it is published."""
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
-        return future
+        sink = self._sinks[task_id] = EventSink(self._broker.settings.event_buffer)
+        return future, sink
 
     def forget(self, task_id: str) -> None:
         """Drop interest (the publish failed, so no outcome will come)."""
         self._pending.pop(task_id, None)
+        self._sinks.pop(task_id, None)
+
+    def _on_progress(self, task_id: str, delivery: Delivery) -> None:
+        sink = self._sinks.get(task_id)
+        if sink is None:
+            return
+        try:
+            sink.push(delivery, self._broker.settings.max_message_size)
+        except DecodeError as exc:
+            log.warning("dropped an unreadable progress event of task %s: %s", task_id, exc)
 
     async def _on_reply(self, delivery: Delivery) -> None:
         task_id = delivery.properties.correlation_id or ""
+        if (delivery.properties.headers or {}).get(H_EVENT) == "progress":
+            self._on_progress(task_id, delivery)
+            await settle(delivery, ack=True)
+            return
         future = self._pending.pop(task_id, None)
+        sink = self._sinks.pop(task_id, None)
+        if sink is not None:
+            sink.changed.set()
         if future is None:
             self.dropped += 1
             log.debug("dropped a reply for unknown or finished task %r", task_id)
@@ -111,14 +132,21 @@ class ResultHandle(Generic[R]):
         task_name: The task's registered name.
     """
 
-    __slots__ = ("_future", "id", "task_name")
+    __slots__ = ("_future", "_sink", "_stream", "id", "task_name")
 
     def __init__(
-        self, task_id: str, task_name: str, future: asyncio.Future[Outcome] | None
+        self,
+        task_id: str,
+        task_name: str,
+        future: asyncio.Future[Outcome] | None,
+        sink: EventSink | None = None,
+        stream: StreamReader | None = None,
     ) -> None:
         self.id = task_id
         self.task_name = task_name
         self._future = future
+        self._sink = sink
+        self._stream = stream
 
     def __repr__(self) -> str:
         state = "ignored" if self._future is None else ("done" if self.done() else "pending")
@@ -151,6 +179,70 @@ class ResultHandle(Generic[R]):
         else:
             outcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
         return self._unwrap(outcome)  # type: ignore[no-any-return]
+
+    async def events(self) -> AsyncIterator[Progress | Result]:
+        """Progress updates as they come, then the `Result` — or the task's error, raised.
+
+        Updates are ordered and never repeated; a reader that lags more than
+        ``Settings.event_buffer`` updates behind loses the oldest ones.
+        """
+        future = self._require_future()
+        sink = self._sink
+        while True:
+            while sink is not None and sink.events:
+                yield sink.events.popleft()
+            if future.done():
+                yield Result(self._unwrap(future.result()))
+                return
+            if sink is None:
+                await asyncio.shield(future)
+                continue
+            sink.changed.clear()
+            changed: asyncio.Future[Any] = asyncio.ensure_future(sink.changed.wait())
+            waiters: set[asyncio.Future[Any]] = {changed, future}
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+
+    async def stream(self) -> AsyncIterator[Any]:
+        """The items of an ``async def`` generator task, in order, each once.
+
+        At most ``Settings.event_buffer`` items wait in this process; the rest wait in
+        RabbitMQ until read. Ends when the task finished and every item was read; raises the
+        task's error after the items that arrived.
+        """
+        future = self._require_future()
+        if self._stream is None:
+            raise ResultUnavailableError(
+                f"task {self.task_name} is not a registered generator task: it has no stream",
+                task_name=self.task_name,
+                task_id=self.id,
+            )
+        try:
+            while True:
+                expected = self._expected_items(future)
+                try:
+                    yield await self._stream.next_item(future, expected)
+                except StopAsyncIteration:
+                    break
+            self._unwrap(future.result())
+        finally:
+            await self._stream.close()
+
+    def _expected_items(self, future: asyncio.Future[Outcome]) -> int | None:
+        if not future.done() or future.exception() is not None:
+            return None
+        return future.result().items
+
+    def _require_future(self) -> asyncio.Future[Outcome]:
+        if self._future is None:
+            raise ResultUnavailableError(
+                f"task {self.task_name} was submitted with ignore_result: it has no result",
+                task_name=self.task_name,
+                task_id=self.id,
+            )
+        return self._future
 
     def _unwrap(self, outcome: Outcome) -> Any:
         err = outcome.error

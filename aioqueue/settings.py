@@ -49,6 +49,8 @@ class Settings:
         reply_queue_expires: Seconds an unused reply queue lives on (RabbitMQ ``x-expires``).
         max_message_size: Largest body accepted, in bytes, checked before decoding.
         max_inflight_publishes: Cap on unconfirmed publishes per connection.
+        event_buffer: Per handle, most progress updates kept and most stream items held
+            unacked in this process.
         reconnect_interval: Seconds between reconnection attempts after a connection is lost.
         heartbeat: AMQP heartbeat in whole seconds, unless the URL sets ``?heartbeat=``
             (0 disables it). A silent peer is declared dead by RabbitMQ after 2 missed
@@ -64,6 +66,7 @@ class Settings:
     reply_queue_expires: float = 600.0
     max_message_size: int = 1024 * 1024
     max_inflight_publishes: int = 1000
+    event_buffer: int = 100
     reconnect_interval: float = 1.0
     heartbeat: int = 15
     ssl_context: ssl.SSLContext | None = None

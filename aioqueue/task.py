@@ -54,6 +54,7 @@ class Task(Generic[P, R]):
         self.fn = fn
         self.options = options
         self.is_async = inspect.iscoroutinefunction(fn)
+        self.is_generator = inspect.isasyncgenfunction(fn)
         self.signature = inspect.signature(fn)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", options.name)

@@ -166,6 +166,12 @@ class MemoryBroker:
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
         return None
 
+    async def delete_queue(self, name: str) -> None:
+        queue = self.queues.pop(name, None)
+        if queue is not None:
+            for consumer in list(queue.consumers):
+                await consumer.cancel()
+
     def messages(self, queue: str) -> list[tuple[bytes, spec.Basic.Properties]]:
         """What waits in ``queue`` (e.g. a ``.dlq``), oldest first, without consuming it."""
         q = self.queues.get(queue)

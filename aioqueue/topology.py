@@ -17,6 +17,7 @@ __all__ = [
     "dlq_name",
     "reply_queue_arguments",
     "reply_queue_name",
+    "stream_queue_name",
     "work_queue_arguments",
 ]
 
@@ -32,6 +33,11 @@ def dlq_name(queue: str) -> str:
 def reply_queue_name(client_id: str) -> str:
     """The reply queue of one client (one `App` instance)."""
     return f"{INFRA_PREFIX}reply.{client_id}"
+
+
+def stream_queue_name(task_id: str) -> str:
+    """The queue carrying the items a generator task yields to its caller."""
+    return f"{INFRA_PREFIX}stream.{task_id}"
 
 
 def work_queue_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:

@@ -20,6 +20,7 @@ from ..errors import DecodeError
 from ..message import Envelope, ErrorInfo, Outcome
 from ..retry import Retry, next_delay
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
+from .emit import Emitter
 from .events import Outcome as TaskOutcome
 from .events import TaskLog, TaskObserver
 from .execute import execute
@@ -252,7 +253,10 @@ class Worker:
             observer.started(envelope.task, envelope.id, envelope.attempt)
         started = time.perf_counter()
         try:
-            outcome, exc = await execute(task, envelope, redelivered=redelivered, threads=executor)
+            emitter = Emitter(self.app.broker, envelope)
+            outcome, exc = await execute(
+                task, envelope, redelivered=redelivered, threads=executor, emitter=emitter
+            )
             duration = time.perf_counter() - started
             handed_off.set_result(await self._settle(delivery, envelope, outcome, exc, handoff))
             self._observe_finish(envelope, outcome, exc, duration)
@@ -271,13 +275,16 @@ class Worker:
             if (
                 exc is not None
                 and envelope.attempt < policy.max_attempts
-                and (isinstance(exc, Retry | policy.retry_on))
+                and isinstance(exc, (Retry, *policy.retry_on))
             ):
                 result = "retried"
             else:
                 result = "timeout" if outcome.error.kind == "timeout" else "failed"
         for observer in self.observers:
-            observer.finished(envelope.task, envelope.id, envelope.attempt, result, duration)
+            try:
+                observer.finished(envelope.task, envelope.id, envelope.attempt, result, duration)
+            except Exception:  # an observer's bug must not touch the task's outcome
+                log.exception("task observer %r failed", observer)
 
     async def _settle(
         self,

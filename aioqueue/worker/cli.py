@@ -7,13 +7,19 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
 
+from ..app import App
 from ..cli import load_app, run, setup_logging
 from ..errors import AioqueueError, BrokerConnectionError
 from ..scheduler import Scheduler
 from ..scheduler.cli import banner as scheduler_banner
 from ..settings import mask_url
 from ._worker import Worker
+from .events import TaskLog
+
+if TYPE_CHECKING:  # aioqueue.metrics needs the metrics extra: imported only when asked for
+    from ..metrics import MetricsServer, PrometheusObserver
 
 __all__ = ["main"]
 
@@ -69,7 +75,25 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the app's periodic-task scheduler in this process",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        help="serve Prometheus metrics over HTTP on this port (needs aioqueue[metrics])",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="address the metrics server binds (default 0.0.0.0: all interfaces)",
+    )
     return p
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("must be between 0 and 65535")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         except TypeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    metrics = None
+    if args.metrics_port is not None:
+        try:
+            metrics = _start_metrics(app, args.metrics_port, args.metrics_host)
+        except (ImportError, OSError) as exc:
+            print(f"error: --metrics-port {args.metrics_port}: {exc}", file=sys.stderr)
+            return 2
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
     worker = Worker(
         app,
@@ -100,11 +131,29 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         shutdown_timeout=args.shutdown_timeout,
+        observers=None if metrics is None else [TaskLog(), metrics[0]],
     )
-    return run(_serve(worker, scheduler))
+    try:
+        return run(_serve(worker, scheduler, metrics))
+    finally:
+        if metrics is not None:
+            metrics[1].close()
 
 
-async def _serve(worker: Worker, scheduler: Scheduler | None = None) -> int:
+def _start_metrics(app: App, port: int, host: str) -> tuple[PrometheusObserver, MetricsServer]:
+    """Serve a new `PrometheusObserver`'s registry over HTTP (ImportError, OSError)."""
+    from ..metrics import PrometheusObserver, serve_metrics
+
+    observer = PrometheusObserver(tasks=app.tasks)
+    app.on_submit.append(observer.submitted)  # tasks that submit tasks
+    return observer, serve_metrics(observer.registry, port, host)
+
+
+async def _serve(
+    worker: Worker,
+    scheduler: Scheduler | None = None,
+    metrics: tuple[PrometheusObserver, MetricsServer] | None = None,
+) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, worker, sig, scheduler)
@@ -114,18 +163,26 @@ async def _serve(worker: Worker, scheduler: Scheduler | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     scheduling: asyncio.Future[None] | None = None
+    watching: asyncio.Future[None] | None = None
     try:
         run_task = asyncio.ensure_future(worker.run())
         ready = asyncio.ensure_future(worker.ready.wait())
         await asyncio.wait({run_task, ready}, return_when=asyncio.FIRST_COMPLETED)
         if worker.ready.is_set():
-            print(banner(worker), file=sys.stderr, flush=True)
+            print(banner(worker, metrics[1].url if metrics else None), file=sys.stderr, flush=True)
+            if metrics is not None:  # the queue gauges
+                watching = asyncio.ensure_future(
+                    metrics[0].watch_queues(worker.app.broker, worker.queues)
+                )
         ready.cancel()
         if scheduler is not None:  # --scheduler: fire schedules in this event loop too
             scheduling = asyncio.ensure_future(scheduler.run())
             print(scheduler_banner(scheduler), file=sys.stderr, flush=True)
         await run_task
     finally:
+        if watching is not None:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         if scheduler is not None and scheduling is not None:
             scheduler.stop()
             await scheduling
@@ -146,7 +203,7 @@ def _on_signal(worker: Worker, sig: signal.Signals, scheduler: Scheduler | None 
         scheduler.stop()
 
 
-def banner(worker: Worker) -> str:
+def banner(worker: Worker, metrics_url: str | None = None) -> str:
     app = worker.app
     per_queue = worker.prefetch_per_queue
     tasks = "\n".join(f"    {name}  (queue {t.options.queue})" for name, t in app.tasks.items())
@@ -157,5 +214,6 @@ def banner(worker: Worker) -> str:
         f"  queues:       {', '.join(worker.queues)}\n"
         f"  concurrency:  {worker.concurrency} (threads for plain functions: {worker.threads})\n"
         f"  prefetch:     {worker.prefetch} in total ({per_queue} per queue)\n"
-        f"  tasks:\n{tasks or '    (none registered)'}"
+        + (f"  metrics:      {metrics_url}\n" if metrics_url else "")
+        + f"  tasks:\n{tasks or '    (none registered)'}"
     )

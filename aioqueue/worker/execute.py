@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +23,7 @@ from ..errors import EncodeError, TaskTimeoutError
 from ..message import Envelope, ErrorInfo, Outcome, check_json_native
 from ..retry import Retry
 from ..task import Task
+from .emit import Emitter
 
 __all__ = ["execute"]
 
@@ -34,6 +36,7 @@ async def execute(
     *,
     redelivered: bool,
     threads: ThreadPoolExecutor,
+    emitter: Emitter,
 ) -> tuple[Outcome, BaseException | None]:
     """Run ``task`` with the envelope's arguments under the task's timeout.
 
@@ -47,15 +50,25 @@ async def execute(
             attempt=envelope.attempt,
             redelivered=redelivered,
             scheduled_at=datetime.fromtimestamp(scheduled, UTC) if scheduled else None,
+            _emit=emitter.progress,
         )
     )
+    outcome, exc = await _run(task, envelope, threads, emitter)
+    if task.is_generator:
+        outcome = replace(outcome, items=emitter.items)
+    return outcome, exc
+
+
+async def _run(
+    task: Task[Any, Any], envelope: Envelope, threads: ThreadPoolExecutor, emitter: Emitter
+) -> tuple[Outcome, BaseException | None]:
     timeout = task.options.timeout
     try:
         if timeout is None:
-            value = await _call(task, envelope, threads)
+            value = await _call(task, envelope, threads, emitter)
         else:
             with anyio.move_on_after(timeout) as scope:
-                value = await _call(task, envelope, threads)
+                value = await _call(task, envelope, threads, emitter)
             if scope.cancelled_caught:
                 return _timed_out(task, envelope, timeout)
         check_json_native(value, "the task's return value")
@@ -64,7 +77,14 @@ async def execute(
     return Outcome(task_id=envelope.id, task_name=envelope.task, value=value), None
 
 
-async def _call(task: Task[Any, Any], envelope: Envelope, threads: ThreadPoolExecutor) -> Any:
+async def _call(
+    task: Task[Any, Any], envelope: Envelope, threads: ThreadPoolExecutor, emitter: Emitter
+) -> Any:
+    if task.is_generator:
+        # an async generator streams its items; its result is how many it yielded
+        async for item in task.fn(*envelope.args, **envelope.kwargs):
+            await emitter.item(item)
+        return emitter.items
     if task.is_async:
         return await task.fn(*envelope.args, **envelope.kwargs)
     context = contextvars.copy_context()

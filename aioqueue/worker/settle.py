@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from pamqp import commands as spec
+from pamqp import encode
 
 from ..app import App
 from ..broker import Delivery, settle
@@ -148,6 +150,16 @@ class Handoff:
         """Publish the outcome to ``reply_to``; False means "requeue, try again later"."""
         if not reply_to:
             return True
+        if reply_to.startswith("amq."):
+            # No queue can be named amq.*; publishing to amq.rabbitmq.reply-to without
+            # consuming it is a channel error, so a message asking for it would loop forever.
+            log.warning(
+                "reply_to %r of task %s id=%s is reserved by RabbitMQ; outcome discarded",
+                reply_to,
+                outcome.task_name,
+                outcome.task_id,
+            )
+            return True
         properties = spec.Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=2,
@@ -188,7 +200,7 @@ def _copy_properties(props: spec.Basic.Properties, extra: dict[str, Any]) -> spe
     return spec.Basic.Properties(
         content_type=props.content_type,
         content_encoding=props.content_encoding,
-        headers=headers,
+        headers=_encodable(headers),
         delivery_mode=2,
         priority=props.priority,
         correlation_id=props.correlation_id,
@@ -198,3 +210,29 @@ def _copy_properties(props: spec.Basic.Properties, extra: dict[str, Any]) -> spe
         message_type=props.message_type,
         app_id=props.app_id,
     )
+
+
+def _encodable(headers: dict[str, Any]) -> dict[str, Any]:
+    """``headers``, with any value pamqp cannot write back replaced by its ``repr``.
+
+    pamqp reads a 64-bit float (``d``, as Java and .NET clients send) but writes every float
+    as 32-bit, so a copy of such a header could fail to encode — and a dead letter that can
+    never be published would be requeued forever.
+    """
+    try:
+        encode.field_table(headers)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        return {key: _encodable_value(value) for key, value in headers.items()}
+    return headers
+
+
+def _encodable_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _encodable(value)
+    if isinstance(value, list):
+        return [_encodable_value(item) for item in value]
+    try:
+        encode.encode_table_value(value)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        return repr(value)
+    return value

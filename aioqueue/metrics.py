@@ -1,0 +1,242 @@
+"""Prometheus metrics of a worker: `PrometheusObserver`, and serving them over HTTP.
+
+Needs the ``metrics`` extra (``pip install aioqueue[metrics]``, the official prometheus-client);
+nothing else in aioqueue imports this module, so the core never needs it.
+
+```python
+observer = PrometheusObserver(tasks=app.tasks)           # its own CollectorRegistry
+app.on_submit.append(observer.submitted)                  # count this process's submits too
+worker = Worker(app, observers=[TaskLog(), observer])
+server = serve_metrics(observer.registry, 9100)           # http://host:9100/metrics
+watch = asyncio.ensure_future(observer.watch_queues(app.broker, worker.queues))
+```
+
+``python -m aioqueue.worker module:app --metrics-port 9100`` does all of this. The metric names
+and labels are listed in ``docs/observability.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+import aio_pika
+from aio_pika.abc import AbstractRobustChannel
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "aioqueue.metrics needs the Prometheus client library: pip install aioqueue[metrics]"
+    ) from exc
+
+from .broker import Broker, RabbitBroker
+from .topology import dlq_name
+from .worker.events import Outcome
+
+__all__ = ["DURATION_BUCKETS", "MetricsServer", "PrometheusObserver", "serve_metrics"]
+
+log = logging.getLogger("aioqueue.metrics")
+
+# Seconds, 1 ms to 5 min: fast async tasks at the low end, long jobs near a typical timeout.
+DURATION_BUCKETS = (
+    *(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+)
+
+# Dead letters whose task name comes from the message rather than the registry: any producer
+# could mint label values without bound, so they are counted under this name (the worker's
+# WARNING log line names the task).
+UNTRUSTED_NAME_REASONS = frozenset({"decode", "not_found"})
+UNKNOWN_TASK = "unknown"
+
+
+class PrometheusObserver:
+    """A `TaskObserver` that counts tasks into its own Prometheus `CollectorRegistry`.
+
+    Args:
+        registry: Where the metrics live; default: a new registry (never the global one, so
+            several workers in one process, or tests, do not collide).
+        tasks: Task names whose series start at 0 (so the first failure shows up in
+            ``increase()``); usually ``app.tasks``.
+
+    Attributes:
+        registry: Serve it with `serve_metrics` or ``prometheus_client.generate_latest``.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, tasks: Iterable[str] = ()
+    ) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ("task",)) -> Counter:
+            return Counter(f"aioqueue_tasks_{name}", doc, labels, registry=self.registry)
+
+        self.submitted_total = counter("submitted", "Tasks submitted (confirmed) by this process.")
+        self.started_total = counter("started", "Task attempts started.")
+        self.succeeded_total = counter("succeeded", "Task attempts that succeeded.")
+        self.failed_total = counter("failed", "Tasks failed for good, timeouts included.")
+        self.retried_total = counter("retried", "Task attempts that failed and were retried.")
+        self.dead_lettered_total = counter(
+            "dead_lettered", "Messages sent to a dead-letter queue.", ("task", "queue", "reason")
+        )
+        self.duration = Histogram(
+            "aioqueue_task_duration_seconds",
+            "Run time of task attempts, whatever their outcome.",
+            ("task",),
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "aioqueue_tasks_in_flight",
+            "Task attempts running now.",
+            ("task",),
+            registry=self.registry,
+        )
+        self.queue_messages = Gauge(
+            "aioqueue_queue_messages",
+            "Messages ready in a queue (sampled every few seconds).",
+            ("queue",),
+            registry=self.registry,
+        )
+        self.queue_consumers = Gauge(
+            "aioqueue_queue_consumers",
+            "Consumers of a queue (sampled every few seconds).",
+            ("queue",),
+            registry=self.registry,
+        )
+        self._outcomes = {
+            "succeeded": self.succeeded_total,
+            "retried": self.retried_total,
+            "failed": self.failed_total,
+            "timeout": self.failed_total,
+        }
+        self._probe_ok = True
+        for task in tasks:
+            self._prime(task)
+
+    def _prime(self, task: str) -> None:
+        for metric in (self.submitted_total, self.started_total, self.in_flight, self.duration):
+            metric.labels(task)
+        for counter in self._outcomes.values():
+            counter.labels(task)
+
+    # -- TaskObserver ---------------------------------------------------------------------
+
+    def started(self, task: str, task_id: str, attempt: int) -> None:
+        self.started_total.labels(task).inc()
+        self.in_flight.labels(task).inc()
+
+    def finished(
+        self, task: str, task_id: str, attempt: int, outcome: Outcome, duration: float
+    ) -> None:
+        self.in_flight.labels(task).dec()
+        self.duration.labels(task).observe(duration)
+        self._outcomes[outcome].labels(task).inc()
+
+    def dead_lettered(self, queue: str, task: str, task_id: str, reason: str) -> None:
+        if reason in UNTRUSTED_NAME_REASONS or not task:
+            task = UNKNOWN_TASK
+        self.dead_lettered_total.labels(task, queue, reason).inc()
+
+    # -- App.on_submit --------------------------------------------------------------------
+
+    def submitted(self, task: str) -> None:
+        """Count one confirmed submit: ``app.on_submit.append(observer.submitted)``."""
+        self.submitted_total.labels(task).inc()
+
+    # -- queue gauges ---------------------------------------------------------------------
+
+    async def watch_queues(
+        self, broker: Broker, queues: Iterable[str], *, interval: float = 5.0
+    ) -> None:
+        """Refresh the queue gauges every ``interval`` seconds until cancelled; never raises.
+
+        A failed sample (broker unreachable, ...) removes the gauges' series, so dashboards
+        show no data rather than stale numbers; it is logged once until sampling works again.
+        """
+        names = list(queues)
+        while True:
+            try:
+                async with asyncio.timeout(max(interval, 10.0)):
+                    await self.refresh_queues(broker, names)
+            except Exception as exc:
+                self.queue_messages.clear()
+                self.queue_consumers.clear()
+                level = logging.WARNING if self._probe_ok else logging.DEBUG
+                log.log(level, "could not sample queue depths: %s: %s", type(exc).__name__, exc)
+                self._probe_ok = False
+            else:
+                if not self._probe_ok:
+                    log.info("sampling queue depths again")
+                self._probe_ok = True
+            await asyncio.sleep(interval)
+
+    async def refresh_queues(self, broker: Broker, queues: Iterable[str]) -> None:
+        """Sample each queue and its ``.dlq`` once (RabbitMQ only; a no-op on other brokers).
+
+        Passive declares on a channel of its own — a missing queue closes the channel it is
+        asked on, and that must never be the publishing channel — so nothing is created; the
+        series of a missing queue is removed.
+        """
+        if not isinstance(broker, RabbitBroker):
+            return
+        channel: AbstractRobustChannel | None = None
+        try:
+            for name in [n for queue in queues for n in (queue, dlq_name(queue))]:
+                if channel is None:
+                    channel = await broker.channel()
+                try:
+                    queue = await channel.declare_queue(name, passive=True, robust=False)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    await channel.close()  # closed by the broker; also stops its reopening
+                    channel = None
+                    self._forget(name)
+                    continue
+                ok = queue.declaration_result
+                self.queue_messages.labels(name).set(ok.message_count or 0)
+                self.queue_consumers.labels(name).set(ok.consumer_count or 0)
+        finally:
+            if channel is not None:
+                await channel.close()
+
+    def _forget(self, queue: str) -> None:
+        for gauge in (self.queue_messages, self.queue_consumers):
+            with contextlib.suppress(KeyError):
+                gauge.remove(queue)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsServer:
+    """A registry served over HTTP by prometheus-client's server thread."""
+
+    server: WSGIServer
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """Where to scrape; a wildcard host is shown as ``localhost``."""
+        host = "localhost" if self.host in ("", "0.0.0.0", "::") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving and release the port (waits up to half a second for the thread)."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> MetricsServer:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread.
+
+    ``port`` 0 picks a free port (see `MetricsServer.port`). Raises OSError when the port is
+    taken.
+    """
+    server, _thread = start_http_server(port, host, registry=registry)
+    return MetricsServer(server, host, int(server.server_port))
