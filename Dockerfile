@@ -11,7 +11,7 @@ WORKDIR /app
 # Dependencies first (cached while only the demo or tests change), then the whole project.
 COPY pyproject.toml README.md ./
 COPY aioqueue ./aioqueue
-RUN pip install ".[fast]"
+RUN pip install ".[fast,aiohttp]"
 COPY . .
 
 RUN useradd --system --uid 10001 --no-create-home aioqueue

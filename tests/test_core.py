@@ -331,7 +331,7 @@ async def test_malformed_messages_are_dead_lettered_and_the_caller_told(
         assert replies is not None
         await replies.ensure_started()
         task_id = uuid.uuid4().hex
-        handle: ResultHandle[Any] = ResultHandle(task_id, "t.ok", replies.expect(task_id))
+        handle: ResultHandle[Any] = ResultHandle(task_id, "t.ok", *replies.expect(task_id))
         hdrs = headers if headers is not None else {"aioqueue-task": "t.ok", "aioqueue-protocol": 1}
         await publish_raw(
             rabbit.url,
