@@ -37,8 +37,18 @@ class Acker:
         self._scheduled = False
         self._sends: set[asyncio.Task[None]] = set()
 
+    def _first_settle(self, tag: int) -> bool:
+        """False (and a warning) if ``tag`` was settled before: RabbitMQ would close the
+        channel for an unknown delivery tag, taking every other delivery on it along."""
+        if tag <= self._floor or tag in self._settled:
+            log.warning("delivery %s settled twice; the second settle is ignored", tag)
+            return False
+        return True
+
     def ack(self, tag: int) -> None:
         """Ack ``tag`` at the end of this event-loop iteration."""
+        if not self._first_settle(tag):
+            return
         self._settled.add(tag)
         self._unsent.add(tag)
         if not self._scheduled:
@@ -51,11 +61,15 @@ class Acker:
 
     async def ack_now(self, tag: int) -> None:
         """Ack ``tag`` on its own and wait until the frame is written."""
+        if not self._first_settle(tag):
+            return
         self.settled_elsewhere(tag)
         await self.channel.basic_ack(tag, wait=True)
 
     async def reject(self, tag: int, *, requeue: bool, flush: bool = False) -> None:
         """Reject ``tag`` (back to its queue when ``requeue``)."""
+        if not self._first_settle(tag):
+            return
         self.settled_elsewhere(tag)
         await self.channel.basic_reject(tag, requeue=requeue, wait=flush)
 

@@ -148,6 +148,12 @@ def _profile_table(profile: dict[str, Any]) -> str:
         lines.append(
             f"| {i} | `{hot['function']}` | {hot['self_pct']:.1f} | {hot['total_pct']:.1f} |"
         )
+    lines += [
+        "",
+        "`Runner.run`'s own time is uvloop's C code (polling, transports, callbacks); a Python "
+        "function's self time includes the C calls it makes (e.g. `StreamWriter.write`: the "
+        "socket send).",
+    ]
     return "\n".join(lines)
 
 

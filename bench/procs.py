@@ -1,7 +1,8 @@
 """The benchmark's OS processes: workers, producers, and an optional py-spy profiler.
 
 Every process runs from the repository root with the bench environment: the broker URL in
-``$AIOQUEUE_BROKER_URL`` and the measurement's queue in ``$AIOQUEUE_BENCH_QUEUE``.
+``$AIOQUEUE_BROKER_URL`` and the measurement's queue in ``$AIOQUEUE_BENCH_QUEUE``. This module
+does not import aioqueue: the orchestrating process keeps working while aioqueue is mid-edit.
 """
 
 from __future__ import annotations
@@ -19,11 +20,18 @@ from typing import Any, Literal
 
 import orjson
 
-from .tasks import QUEUE_ENV
-
-__all__ = ["BenchError", "System", "Worker", "profiled", "run_producer", "start_worker"]
+__all__ = [
+    "QUEUE_ENV",
+    "BenchError",
+    "System",
+    "Worker",
+    "profiled",
+    "run_producer",
+    "start_worker",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
+QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 

@@ -10,7 +10,7 @@ import os
 
 from aioqueue import App
 
-QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"
+from .procs import QUEUE_ENV
 
 app = App("bench", default_queue=os.environ.get(QUEUE_ENV, "bench"))
 
