@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
@@ -35,6 +35,7 @@ from .topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 __all__ = ["Broker", "Delivery", "RabbitBroker", "Settler", "Subscription", "settle"]
 
 log = logging.getLogger("aioqueue.broker")
+_T = TypeVar("_T")
 
 # Connection-level trouble: wait for the robust connection to come back and try again.
 _TRANSIENT = (
@@ -134,6 +135,8 @@ class RabbitBroker:
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._inflight = asyncio.Semaphore(settings.max_inflight_publishes)
+        self._publishers: dict[aiormq.Channel, set[asyncio.Task[Any]]] = {}
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self._declared: dict[str, aio_pika.abc.AbstractRobustQueue] = {}
         self._declare_lock = asyncio.Lock()
         self._ladders: set[str] = set()
@@ -197,13 +200,39 @@ class RabbitBroker:
 
     async def channel(self, *, publisher_confirms: bool = False) -> AbstractRobustChannel:
         """A new robust channel on this connection (re-opened after reconnects)."""
-        if self._connection is None:
+        connection = self._connection
+        if connection is None:
             raise BrokerConnectionError("not connected: use `async with app:` first")
-        channel = await self._connection.channel(
-            publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
+        channel = await self._retrying(
+            "opening a channel",
+            lambda: connection.channel(
+                publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
+            ),
         )
         assert isinstance(channel, AbstractRobustChannel)
         return channel
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+        """``operation()``, retried through connection trouble while the connection recovers.
+
+        For ``settings.publish_timeout`` at most (a submit's own deadline is the same), then
+        `BrokerConnectionError`; a refusal (access, not found, precondition) is raised at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.publish_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await operation()
+            except _FATAL_CHANNEL:
+                raise
+            except _TRANSIENT as exc:
+                closed = self._connection is None or self._connection.is_closed
+                if closed or loop.time() + delay > deadline:
+                    raise BrokerConnectionError(f"{what} failed: {self._scrub(exc)}") from None
+                log.info("%s interrupted (%s); retrying", what, self._scrub(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     def _channel(self) -> AbstractRobustChannel:
         if self._publish_channel is None:
@@ -216,8 +245,9 @@ class RabbitBroker:
             return
         async with self._declare_lock:
             if name not in self._declared:
-                self._declared[name] = await self._channel().declare_queue(
-                    name, durable=True, arguments=arguments
+                self._declared[name] = await self._retrying(
+                    f"declaring queue {name!r}",
+                    lambda: self._channel().declare_queue(name, durable=True, arguments=arguments),
                 )
 
     async def delete_queue(self, name: str) -> None:
@@ -294,18 +324,30 @@ class RabbitBroker:
     ) -> None:
         delay = 0.05
         robust = self._channel()
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             try:
                 channel = cast(aiormq.Channel, await robust.get_underlay_channel())
                 async with self._inflight:
-                    confirm = await channel.basic_publish(
-                        body,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        properties=properties,
-                        mandatory=True,
-                        wait=False,
-                    )
+                    publishers = self._publishers_on(channel)
+                    publishers.add(task)
+                    try:
+                        confirm = await channel.basic_publish(
+                            body,
+                            exchange=exchange,
+                            routing_key=routing_key,
+                            properties=properties,
+                            mandatory=True,
+                            wait=False,
+                        )
+                    except asyncio.CancelledError:
+                        if task not in self._abandoned or task.uncancel():
+                            raise
+                        raise aiormq.exceptions.ChannelInvalidStateError("abandoned") from None
+                    finally:
+                        publishers.discard(task)
+                        self._abandoned.discard(task)
             except aiormq.exceptions.PublishError as exc:
                 raise UnroutableError(
                     f"message to {routing_key!r} was returned unroutable: {exc.reason}"
@@ -324,6 +366,25 @@ class RabbitBroker:
             if not isinstance(confirm, spec.Basic.Ack):
                 raise PublishError(f"RabbitMQ did not confirm a message to {routing_key!r}")
             return
+
+    def _publishers_on(self, channel: aiormq.Channel) -> set[asyncio.Task[Any]]:
+        """The tasks publishing on ``channel``; they are abandoned (and retry) when it closes.
+
+        aiormq can leave a publish blocked for good on a dead connection — its frame queue full,
+        no writer left to drain it — while it holds the channel lock: that publish, and every
+        one queued behind it, would otherwise wait out its whole deadline although the
+        connection came back long before.
+        """
+        tasks = self._publishers.get(channel)
+        if tasks is None:
+            tasks = self._publishers[channel] = set()
+            channel.closing.add_done_callback(lambda _: self._abandon(channel))
+        return tasks
+
+    def _abandon(self, channel: aiormq.Channel) -> None:
+        for task in self._publishers.pop(channel, ()):
+            self._abandoned.add(task)
+            task.cancel()
 
     async def subscribe(
         self,
@@ -367,10 +428,16 @@ class Subscription:
 
     async def start(self) -> None:
         self._channel = await self._broker.channel()
-        await self._channel.set_qos(prefetch_count=self._prefetch)
         self._active = True
         self._channel.reopen_callbacks.add(self._on_reopen)
-        await self._consume()
+        try:
+            await self._channel.set_qos(prefetch_count=self._prefetch)
+            await self._consume()
+        except _FATAL_CHANNEL:
+            raise
+        except _TRANSIENT as exc:
+            # the robust channel re-applies the QoS when it reopens, and _on_reopen consumes
+            log.info("consuming %r interrupted (%s); resumes on reconnect", self.queue, exc)
 
     def _on_close(self, closing: asyncio.Future[Any]) -> None:
         if not self._active or self._on_lost is None:
