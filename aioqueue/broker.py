@@ -324,30 +324,13 @@ class RabbitBroker:
     ) -> None:
         delay = 0.05
         robust = self._channel()
-        task = asyncio.current_task()
-        assert task is not None
         while True:
             try:
                 channel = cast(aiormq.Channel, await robust.get_underlay_channel())
                 async with self._inflight:
-                    publishers = self._publishers_on(channel)
-                    publishers.add(task)
-                    try:
-                        confirm = await channel.basic_publish(
-                            body,
-                            exchange=exchange,
-                            routing_key=routing_key,
-                            properties=properties,
-                            mandatory=True,
-                            wait=False,
-                        )
-                    except asyncio.CancelledError:
-                        if task not in self._abandoned or task.uncancel():
-                            raise
-                        raise aiormq.exceptions.ChannelInvalidStateError("abandoned") from None
-                    finally:
-                        publishers.discard(task)
-                        self._abandoned.discard(task)
+                    confirm = await self._publish_once(
+                        channel, exchange, routing_key, body, properties
+                    )
             except aiormq.exceptions.PublishError as exc:
                 raise UnroutableError(
                     f"message to {routing_key!r} was returned unroutable: {exc.reason}"
@@ -366,6 +349,42 @@ class RabbitBroker:
             if not isinstance(confirm, spec.Basic.Ack):
                 raise PublishError(f"RabbitMQ did not confirm a message to {routing_key!r}")
             return
+
+    async def _publish_once(
+        self,
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+    ) -> Any:
+        """One ``basic_publish`` and its confirm; a channel closing under it: transient."""
+        task = asyncio.current_task()
+        assert task is not None
+        publishers = self._publishers_on(channel)
+        publishers.add(task)
+        try:
+            return await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                wait=False,
+            )
+        except asyncio.CancelledError:
+            if task not in self._abandoned or task.uncancel():
+                raise
+            raise aiormq.exceptions.ChannelInvalidStateError("abandoned") from None
+        except Exception as exc:
+            # a channel closed without a reason fails its pending confirms with a bare
+            # Exception: that is connection trouble too, not a refusal
+            if type(exc) is Exception and channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError("closed") from None
+            raise
+        finally:
+            publishers.discard(task)
+            self._abandoned.discard(task)
 
     def _publishers_on(self, channel: aiormq.Channel) -> set[asyncio.Task[Any]]:
         """The tasks publishing on ``channel``; they are abandoned (and retry) when it closes.

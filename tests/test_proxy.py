@@ -13,6 +13,7 @@ from aioqueue import App, PublishError, Settings
 from tests.conftest import running_worker, wait_until
 from tests.proxy import Proxy
 from tests.rabbit import RabbitNode
+from tests.test_reconnect import connection_of
 
 HEARTBEAT = 2
 # aiormq declares the peer dead after 3 * (heartbeat + 1) s without a frame, checked every
@@ -112,7 +113,7 @@ async def test_heartbeats_detect_a_blackholed_connection_within_the_bound(
     worker_app.register(echo)
     async with app, worker_app, running_worker(worker_app):
         assert await (await echo.submit(1)).result(timeout=30) == 1
-        connection: Any = app.broker._connection
+        connection = connection_of(app)
         # When the network silently swallows everything (no FIN, no RST)
         proxy.blackhole()
         started = time.monotonic()

@@ -36,6 +36,12 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def connection_of(app: App) -> Any:
+    """The app's aio-pika robust connection (RabbitMQ broker only)."""
+    broker: Any = app.broker
+    return broker._connection
+
+
 async def consumers(rabbit: RabbitNode, queue: str) -> int:
     stats = await asyncio.to_thread(rabbit.queue_stats)
     return stats.get(queue, {}).get("consumers", 0)
@@ -201,11 +207,9 @@ async def test_the_heartbeat_is_negotiated_from_settings_unless_the_url_sets_it(
     rabbit: RabbitNode, queue_name: str
 ) -> None:
     async with App("hb", broker_url=rabbit.url, settings=Settings(heartbeat=7)) as app:
-        transport: Any = app.broker._connection.transport  # type: ignore[union-attr]
-        assert transport.connection.heartbeat_timeout == 7
+        assert connection_of(app).transport.connection.heartbeat_timeout == 7
     async with App("hb", broker_url=rabbit.url + "?heartbeat=3") as app:
-        transport = app.broker._connection.transport  # type: ignore[union-attr]
-        assert transport.connection.heartbeat_timeout == 3
+        assert connection_of(app).transport.connection.heartbeat_timeout == 3
 
 
 async def test_credentials_never_appear_in_reprs_errors_or_logs(

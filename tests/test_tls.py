@@ -21,6 +21,7 @@ import pytest
 from aioqueue import App, BrokerConnectionError, Settings
 from tests.conftest import running_worker
 from tests.rabbit import RabbitNode, free_port
+from tests.test_reconnect import connection_of
 
 PASSWORD = "tls-s3cret-pw"
 
@@ -132,9 +133,7 @@ async def test_round_trip_over_amqps_with_verification_on(tls_node: TlsNode) -> 
     async with app, running_worker(app):
         # Then the result comes back, over a verified connection
         assert await (await add.submit(2, 3)).result(timeout=30) == 5
-        transport = app.broker._connection.transport  # type: ignore[union-attr]
-        context = transport.connection.ssl_certs  # type: ignore[union-attr]
-        assert context.verify is True
+        assert connection_of(app).transport.connection.ssl_certs.verify is True
 
 
 async def test_an_ssl_context_in_settings_is_used(tls_node: TlsNode) -> None:
@@ -142,16 +141,16 @@ async def test_an_ssl_context_in_settings_is_used(tls_node: TlsNode) -> None:
     context = ssl.create_default_context(cafile=str(tls_node.certs.ca))
     context.load_cert_chain(str(tls_node.certs.client_cert), str(tls_node.certs.client_key))
     url = f"amqps://tls:{PASSWORD}@127.0.0.1:{tls_node.port}/"
-    app = App("tls", broker_url=url, settings=Settings(ssl_context=context))
+    queue = f"tls.{uuid.uuid4().hex[:8]}"
+    app = App("tls", broker_url=url, default_queue=queue, settings=Settings(ssl_context=context))
 
     @app.task(name="tls.echo")
     async def echo(x: str) -> str:
         return x
 
-    app.default_queue = f"tls.{uuid.uuid4().hex[:8]}"
-    async with app, running_worker(app, queues=[app.default_queue]):
-        handle = await app.submit_with_options("tls.echo", args=("hi",), queue=app.default_queue)
-        assert await handle.result(timeout=30) == "hi"
+    # When a task goes through a worker, Then it comes back
+    async with app, running_worker(app):
+        assert await (await echo.submit("hi")).result(timeout=30) == "hi"
 
 
 async def test_a_server_certificate_from_another_ca_is_refused_clearly(

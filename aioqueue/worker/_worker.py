@@ -262,7 +262,8 @@ class Worker:
             self._observe_finish(envelope, outcome, exc, duration)
         finally:
             del self._current[id(delivery)]
-            del self._running_ids[envelope.id]
+            if self._running_ids.get(envelope.id) is handed_off:  # two copies may run here
+                del self._running_ids[envelope.id]
             if not handed_off.done():
                 handed_off.set_result(False)
 
@@ -370,7 +371,8 @@ class Worker:
                 try:
                     await handoff.recount(delivery, deaths)
                 finally:
-                    del self._recounting[envelope.id]
+                    if self._recounting.get(envelope.id) is done:  # two copies may recount
+                        del self._recounting[envelope.id]
                     done.set()
                 return None
         if deaths >= self.max_deliveries:

@@ -62,6 +62,8 @@ class Figures:
     faults: list[str] = field(default_factory=list)
     publish_errors: dict[str, int] = field(default_factory=dict)
     timeline: list[str] = field(default_factory=list)
+    submit_bugs: list[str] = field(default_factory=list)
+    worker_errors: int = 0  # "unexpected error" tracebacks in the workers' logs
     elapsed: float = 0.0
 
     def line(self) -> str:
@@ -185,6 +187,9 @@ class Scenario:
                 errors = self.figures.publish_errors
                 errors[text] = errors.get(text, 0) + 1
                 self._event(f"submit of {i} (started {started - self._t0:.1f}s) raised {text}")
+                return
+            except Exception as exc:  # a bug: a submit raises PublishError or nothing
+                self.figures.submit_bugs.append(f"{i}: {type(exc).__name__}: {exc}"[:200])
                 return
             self._confirmed.add(i)
             self._submitted_at[i] = time.monotonic()
@@ -318,6 +323,10 @@ class Scenario:
         f.results = sum(1 for i in normal if self._outcomes.get(i) == "ok")
         f.results += f.poison_dead_lettered
         f.poison_runs = sum(poison_runs.values())
+        f.worker_errors = sum(
+            path.read_text(errors="replace").count("unexpected error")
+            for path in self.dir.glob("worker-*.log")
+        )
 
     def wrong_outcomes(self, limit: int = 10) -> list[tuple[int, str]]:
         """A few tasks whose outcome was not the expected one (for failure messages)."""
@@ -333,6 +342,8 @@ def check(scenario: Scenario, *, producer_faults: bool) -> None:
     """The suite's assertions, the same for every scenario."""
     f = scenario.figures
     assert f.submitted >= scenario.tasks
+    assert not f.submit_bugs, f.submit_bugs[:5]
+    assert f.worker_errors == 0, "a worker logged an unexpected error (see its log)"
     assert f.lost == 0, f"{f.lost} lost: {scenario.wrong_outcomes()}"
     assert f.unexpected == 0
     assert f.results == f.expected_results, scenario.wrong_outcomes()
