@@ -139,7 +139,7 @@ class Proxy:
                 # during a blackhole the other side learns nothing, as in a real partition.
                 await self._passing.wait()
                 if self._delay:
-                    await asyncio.sleep(self._delay)
+                    await asyncio.sleep(self._delay)  # sleep-ok: the injected delay
                     await self._passing.wait()
                 if not data or link.closed:
                     break

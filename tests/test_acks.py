@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aioqueue.acks import Acker
@@ -64,5 +63,4 @@ async def test_a_second_settle_of_a_tag_is_ignored() -> None:
     await acker.reject(1, requeue=True)
     await acker.ack_now(1)
     await flushed(acker)
-    await asyncio.sleep(0)
     assert channel.frames == [("ack", 1, True)]

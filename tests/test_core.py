@@ -178,7 +178,7 @@ async def test_task_timeout(make_any_app: Any, kind: str) -> None:
 
         @app.task(name="t.slow", timeout=0.3)
         async def slow() -> str:
-            await asyncio.sleep(60)
+            await asyncio.sleep(60)  # sleep-ok: outlives its timeout on purpose
             return "late"
     else:
 

@@ -169,7 +169,7 @@ async def test_failover_kill_9_the_leader_three_times(
 async def _second_phase(phase: float) -> None:
     """Wait for the moment ``phase`` seconds past a whole second (the failure's timing)."""
     now = time.time()
-    await asyncio.sleep((phase - now % 1) % 1)
+    await asyncio.sleep((phase - now % 1) % 1)  # sleep-ok: the fault lands at this phase
 
 
 async def _at_least(url: str, queue: str, count: int) -> bool:

@@ -13,6 +13,7 @@ import pytest
 
 from aioqueue import App, Retry, RetryPolicy, TaskError, UnroutableError, task_context
 from aioqueue.testing import VirtualClock, memory_broker, run_until_idle, running_worker
+from tests.conftest import wait_until
 
 
 async def test_virtual_clock_jumps_a_thirty_day_delay_and_long_retries(
@@ -113,8 +114,7 @@ async def test_prefetch_bounds_deliveries_in_memory_too(aioqueue_memory_url: str
 
     async with app, running_worker(app, concurrency=10, prefetch=3) as worker:
         handles = [await hold.submit() for _ in range(8)]
-        for _ in range(50):
-            await asyncio.sleep(0)
+        await wait_until(lambda: running == 3, what="3 tasks running")
         assert worker.statistics().in_hand == 3
         gate.set()
         await asyncio.gather(*(h.result(timeout=5) for h in handles))

@@ -38,11 +38,12 @@ async def gated(key: str) -> dict[str, object]:
 
 
 async def _file_appears(path: Path) -> None:
-    """Wait for a file the test process creates (another process: no event to share)."""
-    while True:
-        if await anyio.Path(path).exists():
-            return
-        await asyncio.sleep(0.02)
+    """Wait (at most 120 s) for a file the test process creates: another process, no event."""
+    with anyio.fail_after(120):
+        while True:
+            if await anyio.Path(path).exists():
+                return
+            await asyncio.sleep(0.02)  # polling interval of a condition with a deadline
 
 
 @app.task(name="tests.crash")

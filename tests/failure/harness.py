@@ -146,7 +146,8 @@ class Scenario:
                     worker.kill()  # closes its log
                     self.figures.worker_crashes += 1
                     self.workers[k] = self.spawn()
-            await asyncio.sleep(0.1)  # a supervisor's polling period, not a synchronisation
+            # a supervisor's polling period, not a synchronisation
+            await asyncio.sleep(0.1)  # sleep-ok
 
     def kill_worker(self) -> None:
         """``kill -9`` the longest-running live worker."""

@@ -72,7 +72,8 @@ async def test_network_reset_blackholed_and_slowed(fault_node: RabbitNode, tmp_p
 
         async def blackhole() -> None:
             proxy.blackhole()
-            await asyncio.sleep(10)  # the partition's length: longer than the heartbeat bound
+            # the partition's length: longer than the heartbeat bound
+            await asyncio.sleep(10)  # sleep-ok
             proxy.passthrough()
 
         async def slow() -> None:
