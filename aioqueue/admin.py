@@ -22,7 +22,7 @@ from pamqp import commands as spec
 from .admin_status import add_parsers, run_command
 from .app import App
 from .broker import RabbitBroker
-from .cli import load_app, run, setup_logging
+from .cli import app_from_args, run, setup_logging
 from .errors import AioqueueError
 from .topology import dlq_name
 from .worker.settle import H_DEAD_QUEUE, H_DELIVERIES
@@ -94,13 +94,9 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
     if extra:
         args.ids = [*args.ids, *extra]
     setup_logging("WARNING")
-    try:
-        app = load_app(args.app)
-    except (AioqueueError, ImportError) as exc:
-        print(f"error: cannot load {args.app}: {exc}", file=sys.stderr)
+    app = app_from_args(args)
+    if app is None:
         return 2
-    if args.broker_url:
-        app.broker_url = args.broker_url
     try:
         if args.command != "dlq":
             return run(run_command(app, args, stdin or sys.stdin))

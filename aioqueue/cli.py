@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib
 import logging
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
 from .app import App
 from .errors import AioqueueError
 
-__all__ = ["load_app", "run", "setup_logging"]
+T = TypeVar("T")
+
+__all__ = ["app_from_args", "load_app", "run", "setup_logging"]
 
 
 def load_app(spec: str) -> App:
@@ -32,6 +36,21 @@ def load_app(spec: str) -> App:
     return app
 
 
+def app_from_args(args: argparse.Namespace) -> App | None:
+    """Load ``args.app`` and apply ``--broker-url`` / ``--connect-timeout`` if the command has
+    them; None (after printing why) when the app cannot be loaded."""
+    try:
+        app = load_app(args.app)
+    except (AioqueueError, ImportError) as exc:
+        print(f"error: cannot load {args.app}: {exc}", file=sys.stderr)
+        return None
+    if getattr(args, "broker_url", None):
+        app.broker_url = args.broker_url
+    if getattr(args, "connect_timeout", None) is not None:
+        app.settings = replace(app.settings, connect_timeout=args.connect_timeout)
+    return app
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -40,7 +59,7 @@ def setup_logging(level: str) -> None:
     )
 
 
-def run(main: Coroutine[Any, Any, int]) -> int:
+def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when it is installed (``aioqueue[fast]``), else on asyncio."""
     try:
         import uvloop

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from aioqueue.cli import run as aioqueue_run
 
 T = TypeVar("T")
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` to completion on a new uvloop loop (plain asyncio without uvloop)."""
-    try:
-        import uvloop
-    except ImportError:
-        factory = None
-    else:
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
+    """Run ``main`` to completion on uvloop when installed, exactly as aioqueue's CLIs do."""
+    return aioqueue_run(main)
 
 
 def loop_name() -> str:

@@ -6,10 +6,9 @@ import argparse
 import asyncio
 import signal
 import sys
-from dataclasses import replace
 
-from ..cli import load_app, run, setup_logging
-from ..errors import AioqueueError, BrokerConnectionError
+from ..cli import app_from_args, run, setup_logging
+from ..errors import BrokerConnectionError
 from ..settings import mask_url
 from ._scheduler import Scheduler, log
 from .schedule import next_run
@@ -38,15 +37,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        app = load_app(args.app)
-    except (AioqueueError, ImportError) as exc:
-        print(f"error: cannot load {args.app}: {exc}", file=sys.stderr)
+    app = app_from_args(args)
+    if app is None:
         return 2
-    if args.broker_url:
-        app.broker_url = args.broker_url
-    if args.connect_timeout is not None:
-        app.settings = replace(app.settings, connect_timeout=args.connect_timeout)
     try:
         scheduler = Scheduler(app)
         scheduler.check_schedules()

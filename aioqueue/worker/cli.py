@@ -10,8 +10,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..app import App
-from ..cli import load_app, run, setup_logging
-from ..errors import AioqueueError, BrokerConnectionError
+from ..cli import app_from_args, run, setup_logging
+from ..errors import BrokerConnectionError
 from ..scheduler import Scheduler
 from ..scheduler.cli import banner as scheduler_banner
 from ..settings import mask_url
@@ -99,17 +99,9 @@ def _port(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        app = load_app(args.app)
-    except (AioqueueError, ImportError) as exc:
-        print(f"error: cannot load {args.app}: {exc}", file=sys.stderr)
+    app = app_from_args(args)
+    if app is None:
         return 2
-    if args.broker_url:
-        app.broker_url = args.broker_url
-    if args.connect_timeout is not None:
-        from dataclasses import replace
-
-        app.settings = replace(app.settings, connect_timeout=args.connect_timeout)
     scheduler = Scheduler(app) if args.scheduler else None
     if scheduler is not None:
         try:
