@@ -8,15 +8,13 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
-from pamqp import commands as spec
-
-from .broker import Broker, RabbitBroker
+from .broker import Broker, RabbitBroker, task_properties
 from .errors import AioqueueError, PublishError
-from .message import CONTENT_TYPE, Envelope, Outcome, check_json_native
+from .message import Envelope, Outcome, check_json_native
 from .results import ReplyConsumer, ResultHandle
 from .retry import NO_RETRY, RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
@@ -281,15 +279,7 @@ class App:
         broker = self.broker
         kind = self.queue_type_of(queue)
         await broker.declare_queue(queue, work_queue_arguments(kind))
-        properties = spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=2,
-            message_id=envelope.id,
-            correlation_id=envelope.id,
-            reply_to=envelope.reply_to,
-            headers=envelope.headers(),
-            timestamp=datetime.now(UTC),
-        )
+        properties = task_properties(envelope)
         body = envelope.encode()
         if delay <= 0:
             await broker.publish(queue, body, properties)

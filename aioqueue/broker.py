@@ -18,6 +18,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,6 +30,7 @@ from pamqp import commands as spec
 
 from .acks import Acker
 from .errors import BrokerConnectionError, PublishError, UnroutableError
+from .message import CONTENT_TYPE, Envelope
 from .settings import Settings, mask_url
 from .topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 
@@ -70,6 +72,21 @@ class Consumer(Protocol):
 
     async def cancel(self) -> None: ...
     async def close(self) -> None: ...
+
+
+def task_properties(envelope: Envelope) -> spec.Basic.Properties:
+    """The AMQP properties of a task message: persistent JSON, task id as message and
+    correlation id, the envelope's metadata in headers. Submits, retries and the scheduler
+    all publish with these."""
+    return spec.Basic.Properties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=envelope.id,
+        correlation_id=envelope.id,
+        reply_to=envelope.reply_to,
+        headers=envelope.headers(),
+        timestamp=datetime.now(UTC),
+    )
 
 
 @dataclass(slots=True)

@@ -33,6 +33,7 @@ import aiormq.abc
 import orjson
 from pamqp import commands as spec
 
+from ..broker import task_properties
 from ..errors import DecodeError
 from ..message import CONTENT_TYPE, Envelope
 from ..topology import INFRA_PREFIX
@@ -96,19 +97,6 @@ class SlotRecord:
             return cls(slot=slot.astimezone(UTC), by=str(data.get("by", "")))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"unreadable scheduler state record: {exc}") from None
-
-
-def task_properties(envelope: Envelope) -> spec.Basic.Properties:
-    """AMQP properties of a task message (as `App` publishes them)."""
-    return spec.Basic.Properties(
-        content_type=CONTENT_TYPE,
-        delivery_mode=2,
-        message_id=envelope.id,
-        correlation_id=envelope.id,
-        reply_to=envelope.reply_to,
-        headers=envelope.headers(),
-        timestamp=datetime.now(UTC),
-    )
 
 
 class SlotStore:
