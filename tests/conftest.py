@@ -111,11 +111,13 @@ async def wait_until(
 class WorkerProcess:
     """A real ``python -m aioqueue.worker`` subprocess with its output captured to a file."""
 
+    module = "aioqueue.worker"
+
     def __init__(self, app_spec: str, *args: str, env: dict[str, str], log: Path) -> None:
         self.log_path = log
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aioqueue.worker", app_spec, *args],
+            [sys.executable, "-m", self.module, app_spec, *args],
             cwd=ROOT,
             env={**os.environ, **env},
             stdout=self._log,

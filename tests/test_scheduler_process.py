@@ -40,22 +40,13 @@ HOST_LOSS_BOUND = 20.0
 KILL_PHASES = (0.004, 0.010, 0.020)
 
 
-class SchedulerProcess:
+class SchedulerProcess(WorkerProcess):
     """A ``python -m aioqueue.scheduler`` subprocess with its output in a file."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.log_path = log
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aioqueue.scheduler", APP_SPEC],
-            cwd=ROOT,
-            env={**os.environ, **env},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+    module = "aioqueue.scheduler"
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        super().__init__(APP_SPEC, env=env, log=log)
 
     @property
     def alive(self) -> bool:
@@ -70,17 +61,6 @@ class SchedulerProcess:
         line = [ln for ln in self.output().splitlines() if LEADER in ln][-1]
         stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # local time
         return stamp.timestamp()
-
-    async def wait_exit(self, timeout: float = 60) -> int:
-        await wait_until(lambda: not self.alive, timeout=timeout, what="scheduler exit")
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.alive:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @pytest.fixture
