@@ -28,6 +28,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from ._wire import RobustConnection
 from .acks import Acker
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .message import CONTENT_TYPE, Envelope
@@ -188,6 +189,7 @@ class RabbitBroker:
                     client_properties={"connection_name": self._connection_name},
                     timeout=max(1.0, min(10.0, deadline - loop.time())),
                     ssl_context=self.settings.ssl_context,
+                    connection_class=RobustConnection,
                     **options,
                 )
                 break
