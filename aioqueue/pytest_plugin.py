@@ -2,7 +2,8 @@
 
 - ``aioqueue_memory_url``: a fresh ``memory://`` URL for this test (its broker is forgotten after).
 - ``aioqueue_clock``: a `VirtualClock` installed on that URL, so delays and retries can be
-  jumped over with ``await run_until_idle(app)`` or ``await aioqueue_clock.advance(seconds)``.
+  jumped over with ``await run_until_idle(app)`` or ``await aioqueue_clock.advance(seconds)``;
+  a scheduler of the app (``app.scheduler()``) takes its slot time from it too.
 """
 
 from __future__ import annotations

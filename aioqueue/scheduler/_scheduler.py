@@ -4,6 +4,9 @@ One *term* of leadership: acquire the lease (``lease.py``), read each schedule's
 (``state.py``), then loop — fire the due slots (``due_slots`` in ``schedule.py``), sleep on the
 clock until the next one — until the lease is lost or the scheduler stops. A slot fires as one
 transaction on the lease connection: its record and its task message, both or neither.
+
+An app on the in-memory broker (``memory://``) keeps its lease and records in that broker instead
+(``memory.py``) and, by default, takes slot time from the broker's `VirtualClock`.
 """
 
 from __future__ import annotations
@@ -13,21 +16,22 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..message import Envelope
 from ..topology import work_queue_arguments
 from .clock import Clock, SystemClock
 from .lease import CONNECTION_ERRORS, Lease, LeaseLost
 from .schedule import Misfire, Schedule, due_slots, missed_slots, next_run, slot_id
-from .state import DONE_QUEUE_ARGS, SlotStore, done_queue_name
+from .state import DONE_QUEUE_ARGS, SlotRecord, SlotStore, done_queue_name
 
 if TYPE_CHECKING:
     from ..app import App
+    from .memory import MemoryBackend
 
 __all__ = ["Scheduler", "SchedulerStatistics"]
 
@@ -59,6 +63,33 @@ class SchedulerStatistics:
     skipped_running: int
 
 
+class _Lease(Protocol):
+    """One attempt at leadership (`Lease` on RabbitMQ, `MemoryLease` in memory)."""
+
+    async def connect(self, timeout: float) -> None: ...
+    async def acquire(self) -> None: ...
+    async def release(self) -> None: ...
+    async def wait_lost(self) -> None: ...
+    def check(self) -> None: ...
+    def contended(self) -> bool: ...
+    def describe(self, exc: BaseException) -> str: ...
+
+
+class _Store(Protocol):
+    """Slot records and fires through a held lease (`SlotStore`, `MemorySlotStore`)."""
+
+    async def declare(self, queue: str, arguments: dict[str, Any]) -> None: ...
+    async def load(self, schedule_name: str) -> SlotRecord | None: ...
+    async def fire(
+        self, schedule_name: str, slot: datetime, queue: str, envelope: Envelope
+    ) -> None: ...
+    async def finished(self, schedule_name: str, run_id: str) -> bool: ...
+
+
+def _always() -> bool:
+    return True
+
+
 @dataclass(slots=True)
 class _Plan:
     """A schedule during one term: where it stands and where its runs go."""
@@ -75,7 +106,8 @@ class Scheduler:
     Args:
         app: The app whose schedules (``app.periodic``, ``app.schedule``) are fired, with its
             broker URL and settings; the scheduler uses a connection of its own.
-        clock: Source of slot time (default: the system clock); see `FakeClock` for tests.
+        clock: Source of slot time (default: the system clock, or the in-memory broker's
+            `VirtualClock` on a ``memory://`` app); see `FakeClock` for tests.
         poll_interval: Seconds between a follower's looks for a free lease: the takeover time
             after a leader process dies is about this plus a few milliseconds.
         heartbeat: AMQP heartbeat of the lease connection, in seconds: when a leader's machine
@@ -99,6 +131,7 @@ class Scheduler:
             raise ValueError("poll_interval must be positive and heartbeat at least 1 s")
         self.app = app
         self.clock: Clock = clock or SystemClock()
+        self._default_clock = clock is None
         self.poll_interval = poll_interval
         self.heartbeat = heartbeat
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -107,6 +140,12 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._leader = False
         self._terms = self._fired = self._skipped = 0
+        # Whether it has work due: in memory, `VirtualClock.advance` and `run_until_idle` wait
+        # for it. Running, and not parked (asleep until a slot still ahead, or waiting for a
+        # lease another instance holds).
+        self._active = False
+        self._parked: Callable[[], bool] | None = None
+        self._memory: MemoryBackend | None = None
 
     def __repr__(self) -> str:
         role = "leader" if self._leader else "follower"
@@ -126,6 +165,7 @@ class Scheduler:
         self._stop.set()
 
     async def __aenter__(self) -> Scheduler:
+        self._start()  # now, so that in memory a clock advanced next waits for the first term
         self._task = asyncio.ensure_future(self.run())
         return self
 
@@ -138,7 +178,10 @@ class Scheduler:
         self.stop()
         if self._task is not None:
             task, self._task = self._task, None
-            await task
+            try:
+                await task
+            finally:
+                self._finish()
 
     async def run(self) -> None:
         """Campaign and fire until `stop`.
@@ -148,10 +191,44 @@ class Scheduler:
             BrokerConnectionError: the broker was not reachable within the app's
                 ``settings.connect_timeout`` at start (later outages are waited out).
         """
-        self.check_schedules()
-        while not self._stop.is_set():
-            if not await self._term():
-                await self._unless_stopped(asyncio.sleep(_RETRY_PAUSE))
+        self._start()
+        try:
+            self.check_schedules()
+            while not self._stop.is_set():
+                if not await self._term():
+                    self._parked = _always
+                    try:
+                        await self._unless_stopped(asyncio.sleep(_RETRY_PAUSE))
+                    finally:
+                        self._parked = None
+        finally:
+            self._finish()
+
+    def _start(self) -> None:
+        self._active = True
+        if self._memory is None and self.app.broker_url.startswith("memory://"):
+            from .memory import MemoryBackend
+
+            self._memory = MemoryBackend(
+                self.app.broker_url, self.app.settings, self.app.name, self._busy
+            )
+            virtual = self._memory.clock
+            if self._default_clock and virtual is not None:
+                self.clock = virtual
+
+    def _finish(self) -> None:
+        self._active = False
+        self._parked = None
+        memory, self._memory = self._memory, None
+        if memory is not None:
+            memory.close()
+
+    def _busy(self) -> bool:
+        """Whether it has work due now (a slot to fire, a free lease to take)."""
+        if not self._active:
+            return False
+        parked = self._parked
+        return parked is None or not parked()
 
     def check_schedules(self) -> None:
         """Raise `TypeError` if a schedule's arguments do not fit its registered task."""
@@ -176,8 +253,10 @@ class Scheduler:
             return True
         return False
 
-    async def _term(self) -> bool:
-        """Campaign, then lead until the lease is lost or `stop`; False if it ended in error."""
+    def _open(self) -> tuple[_Lease, _Store]:
+        """A lease to campaign with and the store that fires through it, for this term."""
+        if self._memory is not None:
+            return self._memory.open(self.identity)
         lease = Lease(
             self.app.broker_url,
             self.app.name,
@@ -185,13 +264,23 @@ class Scheduler:
             poll_interval=self.poll_interval,
             heartbeat=self.heartbeat,
         )
+        return lease, SlotStore(lease, self.app.name, identity=self.identity)
+
+    async def _term(self) -> bool:
+        """Campaign, then lead until the lease is lost or `stop`; False if it ended in error."""
+        lease, store = self._open()
         try:
             if not self.ready.is_set():
                 if not await self._unless_stopped(lease.connect(self.app.settings.connect_timeout)):
                     return True
                 self.ready.set()
-            if await self._unless_stopped(lease.acquire()):
-                await self._lead(lease)
+            self._parked = lease.contended
+            try:
+                acquired = await self._unless_stopped(lease.acquire())
+            finally:
+                self._parked = None
+            if acquired:
+                await self._lead(lease, store)
             return True
         except LeaseLost as exc:
             log.warning("scheduler %s: %s; stopped firing", self.identity, exc)
@@ -209,7 +298,7 @@ class Scheduler:
             if was_leader:
                 log.info("scheduler %s released the lease of app %r", self.identity, self.app.name)
 
-    async def _lead(self, lease: Lease) -> None:
+    async def _lead(self, lease: _Lease, store: _Store) -> None:
         self._terms += 1
         self._leader = True
         schedules = list(self.app.schedules.values())
@@ -220,7 +309,6 @@ class Scheduler:
             self._terms,
             len(schedules),
         )
-        store = SlotStore(lease, self.app.name, identity=self.identity)
         started = self.clock.now()
         plans = [await self._plan(store, schedule, started) for schedule in schedules]
         while not self._stop.is_set():
@@ -230,7 +318,7 @@ class Scheduler:
             wake = min((next_run(p.schedule, p.cursor) for p in plans), default=None)
             await self._sleep(wake, lease)
 
-    async def _plan(self, store: SlotStore, schedule: Schedule, started: datetime) -> _Plan:
+    async def _plan(self, store: _Store, schedule: Schedule, started: datetime) -> _Plan:
         """Where ``schedule`` stands at the start of a term, from its state record."""
         record = await store.load(schedule.name)
         queue = self._queue_of(schedule)
@@ -248,7 +336,7 @@ class Scheduler:
         task = self.app.tasks.get(schedule.task)
         return task.options.queue if task is not None else self.app.default_queue
 
-    async def _fire_due(self, plan: _Plan, store: SlotStore, now: datetime) -> None:
+    async def _fire_due(self, plan: _Plan, store: _Store, now: datetime) -> None:
         schedule = plan.schedule
         if next_run(schedule, plan.cursor) <= now - schedule.grace:
             first, last = missed_slots(schedule, plan.cursor, now)
@@ -267,7 +355,7 @@ class Scheduler:
             plan.cursor = slot
         plan.cursor = max(plan.cursor, now)
 
-    async def _fire(self, plan: _Plan, slot: datetime, store: SlotStore) -> None:
+    async def _fire(self, plan: _Plan, slot: datetime, store: _Store) -> None:
         """Record the slot and submit its task, in one transaction on the lease connection."""
         schedule = plan.schedule
         if plan.running is not None:
@@ -297,15 +385,18 @@ class Scheduler:
             plan.running = run_id
         log.info("fired %s (task %s, queue %r)", run_id, schedule.task, plan.queue)
 
-    async def _sleep(self, wake: datetime | None, lease: Lease) -> None:
+    async def _sleep(self, wake: datetime | None, lease: _Lease) -> None:
         """Sleep on the clock until ``wake``, `stop` or the loss of the lease."""
         waits: list[Awaitable[Any]] = [self._stop.wait(), lease.wait_lost()]
         if wake is not None:
             waits.append(self.clock.sleep_until(wake))
         tasks = [asyncio.ensure_future(w) for w in waits]
         try:
+            await asyncio.sleep(0)  # the sleepers are now waiting on the clock: we are parked
+            self._parked = _always if wake is None else lambda: self.clock.now() < wake
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self._parked = None
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

@@ -129,6 +129,11 @@ class Lease:
         if not self.held:
             raise LeaseLost(f"lost the lease {lease_queue_name(self._app_name)}")
 
+    def contended(self) -> bool:
+        """Whether another instance may hold the lease: unless held here, a follower learns
+        it only by polling, so yes (for the in-memory broker's idle check; unused here)."""
+        return not self.held
+
     async def connect(self, timeout: float) -> None:
         """Open the connection, retrying for ``timeout`` seconds, then `BrokerConnectionError`."""
         loop = asyncio.get_running_loop()
