@@ -71,6 +71,7 @@ class App:
         self.client_id = uuid.uuid4().hex
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}
+        self._queue_types: dict[str, QueueType] | None = None
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
@@ -130,6 +131,11 @@ class App:
         if task.name in self.tasks:
             raise ValueError(f"a task named {task.name!r} is already registered")
         self.tasks[task.name] = task
+        self._queue_types = None
+
+    def _unregister(self, name: str) -> None:
+        del self.tasks[name]
+        self._queue_types = None
 
     def queues(self) -> list[str]:
         """The default queue and every queue a registered task names, in a stable order."""
@@ -138,10 +144,10 @@ class App:
 
     def queue_type_of(self, queue: str) -> QueueType:
         """The declared type of ``queue``: a task's ``queue_type`` wins, else the app's."""
-        for task in self.tasks.values():
-            if task.options.queue == queue:
-                return task.options.queue_type
-        return self.queue_type
+        if self._queue_types is None:  # the first task naming a queue decides
+            tasks = reversed(self.tasks.values())
+            self._queue_types = {t.options.queue: t.options.queue_type for t in tasks}
+        return self._queue_types.get(queue, self.queue_type)
 
     # -- connection -------------------------------------------------------------------------
 

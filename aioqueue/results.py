@@ -96,7 +96,7 @@ class ReplyConsumer:
         future = self._pending.pop(task_id, None)
         sink = self._sinks.pop(task_id, None)
         if sink is not None:
-            sink.changed.set()
+            sink.notify()
         if future is None:
             self.dropped += 1
             log.debug("dropped a reply for unknown or finished task %r", task_id)

@@ -53,23 +53,43 @@ def _seq(delivery: Delivery) -> int:
 
 
 class EventSink:
-    """The progress updates of one handle, bounded, newest kept."""
+    """The progress updates of one handle, bounded, newest kept.
+
+    Made for every submit that waits for its outcome, so it stays cheap until used: the
+    event a reader waits on exists only once somebody reads ``handle.events()``.
+    """
+
+    __slots__ = ("_changed", "bound", "dropped", "events", "last_seq")
 
     def __init__(self, bound: int) -> None:
-        self.events: deque[Progress] = deque(maxlen=bound)
-        self.changed = asyncio.Event()
+        self.bound = bound
+        self.events: deque[Progress] = deque()
+        self._changed: asyncio.Event | None = None
         self.last_seq = 0
         self.dropped = 0
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set when an update or the outcome arrived (for a reader to wait on)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
+
+    def notify(self) -> None:
+        """Wake a reader, if one waits."""
+        if self._changed is not None:
+            self._changed.set()
 
     def push(self, delivery: Delivery, max_size: int) -> None:
         seq = _seq(delivery)
         if seq <= self.last_seq:
             return  # a redelivered or retried run repeating itself
         self.last_seq = seq
-        if len(self.events) == self.events.maxlen:
+        if len(self.events) >= self.bound:
+            self.events.popleft()
             self.dropped += 1
         self.events.append(Progress(seq, loads(delivery.body, max_size=max_size)))
-        self.changed.set()
+        self.notify()
 
 
 class StreamReader:

@@ -108,6 +108,6 @@ class PeriodicDecorator:
         try:
             add_schedule(self._app, replace(self._template, name=task.name, task=task.name))
         except BaseException:
-            del self._app.tasks[task.name]  # a task that cannot be scheduled is not kept
+            self._app._unregister(task.name)  # a task that cannot be scheduled is not kept
             raise
         return task

@@ -1,4 +1,4 @@
-"""`Worker`: consume, run, settle — one asyncio task per delivery inside an anyio task group."""
+"""`Worker`: consume, run, settle — one asyncio task per delivery."""
 
 from __future__ import annotations
 
@@ -101,7 +101,6 @@ class Worker:
         self._max_in_hand = 0
         self._running = 0
         self._processed = 0
-        self._tg: anyio.abc.TaskGroup | None = None
 
     @property
     def prefetch_per_queue(self) -> int:
@@ -138,37 +137,44 @@ class Worker:
     async def _run(self, handoff: Handoff, executor: ThreadPoolExecutor) -> None:
         broker = self.app.broker
         subscriptions: list[Consumer] = []
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()  # one per delivery in hand
+
+        async def on_delivery(delivery: Delivery) -> None:
+            # aiormq runs this in a task of the channel's, cancelled if the channel closes:
+            # the delivery gets a task of its own, which outlives its channel
+            self._received()
+            if self._stopping:
+                self._in_hand -= 1
+                await settle(delivery, ack=False, requeue=True)
+                return
+            task = loop.create_task(self._handle(delivery, handoff, executor))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                for queue in self.queues:
-                    kind = self.app.queue_type_of(queue)
-                    await broker.declare_queue(queue, work_queue_arguments(kind))
-                    await broker.declare_queue(dlq_name(queue), dlq_arguments(kind))
-
-                async def on_delivery(delivery: Delivery) -> None:
-                    self._received()
-                    try:
-                        tg.start_soon(self._handle, delivery, handoff, executor)
-                    except RuntimeError:  # the task group has closed: we are shutting down
-                        self._in_hand -= 1
-                        await settle(delivery, ack=False, requeue=True)
-
-                for queue in self.queues:
-                    subscriptions.append(
-                        await broker.subscribe(
-                            queue,
-                            on_delivery,
-                            prefetch=self.prefetch_per_queue,
-                            on_lost=self._channel_lost,
-                        )
+            for queue in self.queues:
+                kind = self.app.queue_type_of(queue)
+                await broker.declare_queue(queue, work_queue_arguments(kind))
+                await broker.declare_queue(dlq_name(queue), dlq_arguments(kind))
+            for queue in self.queues:
+                subscriptions.append(
+                    await broker.subscribe(
+                        queue,
+                        on_delivery,
+                        prefetch=self.prefetch_per_queue,
+                        on_lost=self._channel_lost,
                     )
-                self.ready.set()
-                await self._stop.wait()
-                await self._drain(subscriptions)
-                tg.cancel_scope.cancel()
+                )
+            self.ready.set()
+            await self._stop.wait()
+            await self._drain(subscriptions)
         finally:
             self._stopping = True
+            for task in list(tasks):  # past the shutdown timeout: back to their queue
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
             for subscription in subscriptions:
                 await subscription.close()
 
