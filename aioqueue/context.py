@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,7 +31,10 @@ class TaskContext:
     attempt: int = 1
     redelivered: bool = False
     scheduled_at: datetime | None = None
-    _emit: Callable[[Any], Awaitable[None]] | None = field(default=None, repr=False, compare=False)
+    _emit: Callable[[Any], Coroutine[Any, Any, None]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
 
     async def progress(self, data: Any) -> None:
         """Tell the caller how far the task got; it receives it from ``handle.events()``.
@@ -41,6 +45,42 @@ class TaskContext:
         """
         if self._emit is not None:
             await self._emit(data)
+
+    def progress_sync(self, data: Any, *, timeout: float | None = None) -> None:
+        """`progress` for a plain-function task, which runs in a worker thread.
+
+        Hands the update to the worker's event loop and blocks this thread until it was
+        published (confirmed), exactly like ``await progress(data)``; errors come back here
+        (an `EncodeError` for data that is not JSON-native, a `PublishError`). A task nobody
+        waits for sends nothing. It needs no event loop in the calling thread.
+
+        Args:
+            data: JSON-native progress data.
+            timeout: Seconds to wait for the publish at most (default: the publish's own
+                deadline, ``settings.publish_timeout``); then the builtin `TimeoutError`.
+
+        Raises:
+            RuntimeError: called on the worker's event loop thread (from an ``async def``
+                task), where blocking would stop the very loop that publishes: use
+                ``await task_context().progress(data)`` there.
+        """
+        if self._emit is None or self._loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError(
+                "task_context().progress_sync() called on the worker's event loop thread, "
+                "which it would block: use `await task_context().progress(...)` in async code"
+            )
+        future = asyncio.run_coroutine_threadsafe(self._emit(data), self._loop)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
 
 
 _current: ContextVar[TaskContext] = ContextVar("aioqueue_task_context")

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from aioqueue import App, Retry, RetryPolicy, Settings, TaskError, task_context
+from aioqueue import (
+    App,
+    EncodeError,
+    Retry,
+    RetryPolicy,
+    Settings,
+    TaskContext,
+    TaskError,
+    task_context,
+)
 from aioqueue.streams import Progress, Result
 from tests.conftest import running_worker, wait_until
 
@@ -31,6 +41,66 @@ async def test_progress_then_result_in_order(make_any_app: Any) -> None:
         Progress(3, {"done": 3, "of": 3}),
         Result("finished"),
     ]
+
+
+async def test_progress_from_a_plain_function_task_in_a_thread(make_any_app: Any) -> None:
+    app: App = make_any_app()
+    threads: list[str] = []
+
+    @app.task(name="s.thread_job")
+    def thread_job(steps: int) -> str:
+        threads.append(threading.current_thread().name)
+        for i in range(1, steps + 1):
+            task_context().progress_sync({"done": i, "of": steps})  # returns once confirmed
+        return "finished"
+
+    async with app, running_worker(app):
+        handle = await thread_job.submit(3)
+        events = [event async for event in handle.events()]
+    assert threads[0].startswith("aioqueue-task")  # it ran in the worker's thread pool
+    assert events == [
+        Progress(1, {"done": 1, "of": 3}),
+        Progress(2, {"done": 2, "of": 3}),
+        Progress(3, {"done": 3, "of": 3}),
+        Result("finished"),
+    ]
+
+
+async def test_progress_sync_reports_the_publish_error_to_the_thread(make_any_app: Any) -> None:
+    app: App = make_any_app()
+    caught: list[BaseException] = []
+
+    @app.task(name="s.thread_bad")
+    def thread_bad() -> str:
+        task_context().progress_sync("first")
+        try:
+            task_context().progress_sync({"not": {1, 2}})  # a set is not JSON-native
+        except EncodeError as exc:
+            caught.append(exc)
+        return "went on"
+
+    async with app, running_worker(app):
+        handle = await thread_bad.submit()
+        events = [event async for event in handle.events()]
+    assert events == [Progress(1, "first"), Result("went on")]
+    assert len(caught) == 1 and "progress data" in str(caught[0])
+
+
+async def test_progress_sync_on_the_event_loop_is_refused(make_any_app: Any) -> None:
+    app: App = make_any_app()
+
+    @app.task(name="s.loop_blocker")
+    async def loop_blocker() -> None:
+        task_context().progress_sync("would block the loop")
+
+    async with app, running_worker(app):
+        handle = await loop_blocker.submit()
+        with pytest.raises(TaskError, match=r"RuntimeError: .*progress_sync\(\) called on"):
+            await handle.result(timeout=30)
+
+
+def test_progress_sync_outside_a_worker_sends_nothing() -> None:
+    TaskContext(id="x", name="local").progress_sync({"ignored": True})
 
 
 async def test_events_raise_the_task_error_last(make_any_app: Any) -> None:

@@ -51,6 +51,7 @@ async def execute(
             redelivered=redelivered,
             scheduled_at=datetime.fromtimestamp(scheduled, UTC) if scheduled else None,
             _emit=emitter.progress,
+            _loop=asyncio.get_running_loop(),  # for progress_sync() from a thread task
         )
     )
     outcome, exc = await _run(task, envelope, threads, emitter)
