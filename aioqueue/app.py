@@ -221,7 +221,7 @@ class App:
             task.bind(tuple(args), kwargs)
         check_json_native(list(args), "args")
         check_json_native(kwargs, "kwargs")
-        now = time.time()
+        now = self._broker.now() if self._broker is not None else time.time()
         delay = _delay(now, countdown, eta)
         options = task.options if task else TaskOptions(name=name, queue=self.default_queue)
         target = queue or options.queue

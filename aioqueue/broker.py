@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class Broker(Protocol):
     def url(self) -> str: ...
     @property
     def connected(self) -> bool: ...
+    def now(self) -> float: ...  # the broker's time, for expires/eta (a VirtualClock in memory)
     async def connect(self) -> None: ...
     async def close(self) -> None: ...
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
@@ -172,6 +174,9 @@ class RabbitBroker:
     @property
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
+
+    def now(self) -> float:
+        return time.time()
 
     async def connect(self) -> None:
         """Connect, retrying with back-off for ``settings.connect_timeout`` seconds."""

@@ -20,7 +20,8 @@ All `App` objects with the same ``memory://`` URL in one process share one broke
 follow RabbitMQ where aioqueue relies on them: queues must be declared before a publish reaches
 them (else `UnroutableError`), prefetch bounds unacked deliveries per subscription, a rejected
 message goes back to the head of its queue marked redelivered, closing a subscription returns
-its unacked deliveries. Delays use the clock; task timeouts and ``expires`` use wall time.
+its unacked deliveries. Delays, ``expires`` and ``eta`` use the broker's clock (`MemoryBroker.now`);
+task timeouts use wall time.
 
 Schedules (``@app.periodic``, ``app.schedule``) run here too: ``async with app.scheduler():`` holds
 an in-memory lease and keeps its slot records in the memory broker, and takes slot time from the
@@ -273,7 +274,7 @@ class MemoryBroker:
         return self._users > 0
 
     def now(self) -> float:
-        """The broker's time: its clock's."""
+        """The broker's time (its clock's): ``expires`` and ``eta`` are measured on it."""
         return self.clock.time()
 
     async def connect(self) -> None:

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 
 import pytest
 
-from aioqueue import App, Retry, RetryPolicy, TaskError, UnroutableError, task_context
+from aioqueue import (
+    App,
+    DeadLetteredError,
+    Retry,
+    RetryPolicy,
+    TaskError,
+    UnroutableError,
+    task_context,
+)
 from aioqueue.testing import VirtualClock, memory_broker, run_until_idle, running_worker
 from tests.conftest import wait_until
 
@@ -119,3 +128,55 @@ async def test_prefetch_bounds_deliveries_in_memory_too(aioqueue_memory_url: str
         gate.set()
         await asyncio.gather(*(h.result(timeout=5) for h in handles))
     assert peak == 3
+
+
+async def test_expiry_follows_the_virtual_clock(
+    aioqueue_memory_url: str, aioqueue_clock: VirtualClock
+) -> None:
+    app = App("mem", broker_url=aioqueue_memory_url, default_queue="q")
+    runs: list[str] = []
+
+    @app.task(name="m.perishable")
+    async def perishable(label: str) -> str:
+        runs.append(label)
+        return label
+
+    async with app, running_worker(app):
+        # Given virtual time a day ahead of the wall clock
+        await aioqueue_clock.advance(86400)
+        now = aioqueue_clock.now()
+        # When tasks delayed by a minute expire after 30 s, or after 90 s
+        stale = await perishable.submit_with_options(args=("stale",), expires=30, countdown=60)
+        stale_at = await perishable.submit_with_options(
+            args=("stale_at",), expires=now + timedelta(seconds=30), countdown=60
+        )
+        fresh = await perishable.submit_with_options(args=("fresh",), expires=90, countdown=60)
+        await run_until_idle(app)
+        # Then the first two are dead-lettered, as on RabbitMQ, and the third runs
+        for handle in (stale, stale_at):
+            with pytest.raises(DeadLetteredError) as info:
+                await handle.result(timeout=5)
+            assert info.value.reason == "expired"
+        assert await fresh.result(timeout=5) == "fresh"
+    assert runs == ["fresh"]
+    dead = memory_broker(aioqueue_memory_url, app.settings).messages("q.dlq")
+    assert [props.headers["aioqueue-dead-reason"] for _, props in dead] == ["expired"] * 2
+
+
+async def test_eta_is_measured_on_the_virtual_clock(
+    aioqueue_memory_url: str, aioqueue_clock: VirtualClock
+) -> None:
+    app = App("mem", broker_url=aioqueue_memory_url)
+    ran_at: list[float] = []
+
+    @app.task(name="m.at")
+    async def at() -> None:
+        ran_at.append(aioqueue_clock.time())
+
+    async with app, running_worker(app):
+        await aioqueue_clock.advance(86400)
+        eta = aioqueue_clock.now() + timedelta(minutes=5)
+        handle = await at.submit_with_options(eta=eta)
+        await run_until_idle(app)
+        await handle.result(timeout=5)
+    assert ran_at == [pytest.approx(eta.timestamp(), abs=1.0)]  # the ladder's 1 s resolution

@@ -402,7 +402,7 @@ class Worker:
         if envelope.task not in self.app.tasks:
             message = f"no task named {envelope.task!r} is registered on worker {self.identity}"
             return "not_found", ErrorInfo("not_found", "TaskNotFoundError", message)
-        if envelope.deadline is not None and time.time() > envelope.deadline:
+        if envelope.deadline is not None and self.app.broker.now() > envelope.deadline:
             message = f"task {envelope.task} expired before it started"
             return "expired", ErrorInfo("dead_lettered", "expired", message)
         return "", None
