@@ -420,3 +420,24 @@ async def test_task_is_callable_locally_and_keeps_its_name() -> None:
 def test_orjson_is_what_goes_on_the_wire() -> None:
     env = Envelope(id="i", task="t", args=(1,), kwargs={})
     assert orjson.loads(env.encode()) == {"args": [1], "kwargs": {}}
+
+
+def test_bind_checks_every_call_although_fitting_shapes_are_remembered() -> None:
+    app = aioqueue.App("bind-shapes", broker_url="memory://bind-shapes")
+
+    @app.task
+    def f(a: int, b: int = 0, *, c: int = 0) -> int:
+        return a + b + c
+
+    for _ in range(2):  # the second round goes through the remembered shapes
+        f.bind((1,), {})
+        f.bind((1, 2), {"c": 3})
+        with pytest.raises(TypeError, match="f"):
+            f.bind((), {})
+        with pytest.raises(TypeError):
+            f.bind((1, 2, 3), {})
+        with pytest.raises(TypeError):
+            f.bind((1,), {"d": 1})
+    f.bind((), {"a": 1})  # a new shape that fits
+    with pytest.raises(TypeError):
+        f.bind((1,), {"a": 1})  # the same names, another count: checked, and refused
