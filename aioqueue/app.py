@@ -72,6 +72,7 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}
         self._queue_types: dict[str, QueueType] | None = None
+        self._declared: set[str] = set()  # work queues declared on this connection
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
@@ -178,6 +179,7 @@ class App:
         """Fail pending handles with a clear error, then close the connection."""
         replies, self._replies = self._replies, None
         broker, self._broker = self._broker, None
+        self._declared.clear()
         if replies is not None:
             await replies.close()
         if broker is not None:
@@ -254,11 +256,25 @@ class App:
         """
         timeout = self.settings.publish_timeout
         receiver = _Receiver()
+        replies = self._replies
+        warm = (
+            delay <= 0
+            and not stream
+            and queue in self._declared
+            and (not wants_reply or (replies is not None and replies.started))
+        )
         try:
-            async with asyncio.timeout(timeout):
-                if wants_reply:
-                    envelope = await receiver.prepare(self, envelope, stream=stream)
-                await self._publish(envelope, queue, delay=delay)
+            if warm:
+                # Nothing to declare or subscribe first: the publish's own deadline is the
+                # submit's, without a timer of ours around it.
+                if wants_reply and replies is not None:
+                    envelope = receiver.expect(replies, envelope)
+                await self._publish(envelope, queue, timeout=timeout)
+            else:
+                async with asyncio.timeout(timeout):
+                    if wants_reply:
+                        envelope = await receiver.prepare(self, envelope, stream=stream)
+                    await self._publish(envelope, queue, delay=delay)
         except BaseException as exc:
             if self._replies is not None:
                 self._replies.forget(envelope.id)
@@ -269,6 +285,8 @@ class App:
                     task_name=envelope.task,
                     task_id=envelope.id,
                 ) from None
+            if isinstance(exc, PublishError) and exc.task_id is None:
+                exc.task_name, exc.task_id = envelope.task, envelope.id
             raise
         for hook in self.on_submit:
             try:
@@ -279,16 +297,20 @@ class App:
             envelope.id, envelope.task, receiver.future, receiver.sink, receiver.reader
         )
 
-    async def _publish(self, envelope: Envelope, queue: str, *, delay: float = 0.0) -> None:
+    async def _publish(
+        self, envelope: Envelope, queue: str, *, delay: float = 0.0, timeout: float | None = None
+    ) -> None:
         """Publish ``envelope`` to ``queue`` — through the delay ladder when ``delay`` > 0 —
         and return once RabbitMQ confirmed it. Used for submits and for retries."""
         broker = self.broker
         kind = self.queue_type_of(queue)
-        await broker.declare_queue(queue, work_queue_arguments(kind))
+        if queue not in self._declared:
+            await broker.declare_queue(queue, work_queue_arguments(kind))
+            self._declared.add(queue)
         properties = task_properties(envelope)
         body = envelope.encode()
         if delay <= 0:
-            await broker.publish(queue, body, properties)
+            await broker.publish(queue, body, properties, timeout=timeout)
             return
         units = delay_units(delay)
         await broker.ensure_delay_route(queue, kind)
@@ -383,7 +405,6 @@ class _Receiver:
         if replies is None:
             raise AioqueueError(f"{app!r} is not connected: use `async with app:` first")
         await replies.ensure_started()
-        envelope = replace(envelope, reply_to=replies.queue)
         if stream:
             queue = stream_queue_name(envelope.id)
             expires = app.settings.reply_queue_expires
@@ -391,8 +412,12 @@ class _Receiver:
             self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
             await self.reader.start()
             envelope = replace(envelope, stream_to=queue)
+        return self.expect(replies, envelope)
+
+    def expect(self, replies: ReplyConsumer, envelope: Envelope) -> Envelope:
+        """Register for the outcome of ``envelope``, sent with this client's reply queue."""
         self.future, self.sink = replies.expect(envelope.id)
-        return envelope
+        return replace(envelope, reply_to=replies.queue)
 
     async def abandon(self) -> None:
         if self.reader is not None:

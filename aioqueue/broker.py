@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from ._wire import RobustConnection
+from ._wire import Pacer, RobustConnection
 from .acks import Acker
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .message import CONTENT_TYPE, Envelope
@@ -56,6 +56,10 @@ _FATAL_CHANNEL = (
     aiormq.exceptions.ChannelNotFoundEntity,
     aiormq.exceptions.ChannelPreconditionFailed,
 )
+
+
+# Below aiormq's writer queue (10 frame sets), leaving room for acks: see `Pacer`.
+_PUBLISHES_PER_ITERATION = 8
 
 
 class Settler(Protocol):
@@ -155,6 +159,7 @@ class RabbitBroker:
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._inflight = asyncio.Semaphore(settings.max_inflight_publishes)
+        self._pacer = Pacer(_PUBLISHES_PER_ITERATION)
         self._publishers: dict[aiormq.Channel, set[asyncio.Task[Any]]] = {}
         self._abandoned: set[asyncio.Task[Any]] = set()
         self._declared: dict[str, aio_pika.abc.AbstractRobustQueue] = {}
@@ -335,26 +340,45 @@ class RabbitBroker:
         (default ``settings.publish_timeout``); then `PublishError`.
         """
         timeout = self.settings.publish_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
-            async with asyncio.timeout(timeout):
-                await self._publish_until_confirmed(exchange, routing_key, body, properties)
+            await self._publish_until_confirmed(exchange, routing_key, body, properties, deadline)
         except TimeoutError:
             raise PublishError(
                 f"no confirm for a publish to {routing_key!r} within {timeout:g}s"
             ) from None
 
     async def _publish_until_confirmed(
-        self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        deadline: float,
     ) -> None:
+        """Publish until confirmed, refused, or ``deadline`` (loop time): `TimeoutError`.
+
+        The deadline is handed down instead of wrapping the whole in ``asyncio.timeout``
+        (a timer per publish): aiormq bounds the publish and its confirm, and the two waits
+        of our own are bounded only when they would block.
+        """
+        loop = asyncio.get_running_loop()
         delay = 0.05
         robust = self._channel()
         while True:
             try:
-                channel = cast(aiormq.Channel, await robust.get_underlay_channel())
-                async with self._inflight:
+                channel = await self._underlay(robust, deadline)
+                if self._inflight.locked():
+                    async with asyncio.timeout_at(deadline):
+                        await self._inflight.acquire()
+                else:
+                    await self._inflight.acquire()
+                try:
                     confirm = await self._publish_once(
-                        channel, exchange, routing_key, body, properties
+                        channel, exchange, routing_key, body, properties, deadline
                     )
+                finally:
+                    self._inflight.release()
             except aiormq.exceptions.PublishError as exc:
                 raise UnroutableError(
                     f"message to {routing_key!r} was returned unroutable: {exc.reason}"
@@ -366,13 +390,25 @@ class RabbitBroker:
             except _FATAL_CHANNEL as exc:
                 raise PublishError(f"publish to {routing_key!r} refused: {exc}") from None
             except _TRANSIENT as exc:
+                if isinstance(exc, TimeoutError) and loop.time() >= deadline:
+                    raise
                 log.info("publish to %r interrupted (%s); retrying", routing_key, self._scrub(exc))
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
                 delay = min(delay * 2, 1.0)
                 continue
             if not isinstance(confirm, spec.Basic.Ack):
                 raise PublishError(f"RabbitMQ did not confirm a message to {routing_key!r}")
             return
+
+    async def _underlay(self, robust: AbstractRobustChannel, deadline: float) -> aiormq.Channel:
+        """The aiormq channel under ``robust``, waiting for a reconnect until ``deadline``."""
+        if asyncio.get_running_loop().time() >= deadline:
+            raise TimeoutError
+        connection = self._connection
+        if connection is not None and connection.connected.is_set():
+            return cast(aiormq.Channel, await robust.get_underlay_channel())
+        async with asyncio.timeout_at(deadline):
+            return cast(aiormq.Channel, await robust.get_underlay_channel())
 
     async def _publish_once(
         self,
@@ -381,6 +417,7 @@ class RabbitBroker:
         routing_key: str,
         body: bytes,
         properties: spec.Basic.Properties,
+        deadline: float,
     ) -> Any:
         """One ``basic_publish`` and its confirm; a channel closing under it: transient."""
         task = asyncio.current_task()
@@ -388,12 +425,17 @@ class RabbitBroker:
         publishers = self._publishers_on(channel)
         publishers.add(task)
         try:
+            await self._pacer.wait()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise TimeoutError
             return await channel.basic_publish(
                 body,
                 exchange=exchange,
                 routing_key=routing_key,
                 properties=properties,
                 mandatory=True,
+                timeout=remaining,
                 wait=False,
             )
         except asyncio.CancelledError:

@@ -54,6 +54,11 @@ class ReplyConsumer:
         """How many handles still wait for their outcome."""
         return len(self._pending)
 
+    @property
+    def started(self) -> bool:
+        """Whether the reply queue is declared and consumed."""
+        return self._subscription is not None
+
     async def ensure_started(self) -> None:
         """Declare the reply queue and consume it (once; later calls return at once)."""
         if self._subscription is not None:
