@@ -29,7 +29,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from ._wire import Pacer, RobustConnection
+from ._wire import Pacer, RobustConnection, TaskProperties
 from .acks import Acker
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .message import CONTENT_TYPE, Envelope
@@ -84,7 +84,7 @@ def task_properties(envelope: Envelope) -> spec.Basic.Properties:
     """The AMQP properties of a task message: persistent JSON, task id as message and
     correlation id, the envelope's metadata in headers. Submits, retries and the scheduler
     all publish with these."""
-    return spec.Basic.Properties(
+    return TaskProperties(
         content_type=CONTENT_TYPE,
         delivery_mode=2,
         message_id=envelope.id,

@@ -441,3 +441,38 @@ def test_bind_checks_every_call_although_fitting_shapes_are_remembered() -> None
     f.bind((), {"a": 1})  # a new shape that fits
     with pytest.raises(TypeError):
         f.bind((1,), {"a": 1})  # the same names, another count: checked, and refused
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"aioqueue-task": "t", "aioqueue-attempt": 1, "aioqueue-protocol": 1},
+        {"aioqueue-task": "t", "aioqueue-attempt": 3, "aioqueue-deadline": 1_700_000_000_123},
+        {"flag": True},  # equal to 1 and hashing alike, but encoded as a boolean
+        {"flag": 1},
+        {"nested": {"a": [1, "b"]}, "n": None},  # unhashable: encoded without the cache
+        {},
+        None,
+    ],
+)
+def test_task_properties_encode_exactly_as_pamqp(headers: dict[str, Any] | None) -> None:
+    from datetime import UTC, datetime
+
+    from pamqp import commands as spec
+
+    from aioqueue._wire import TaskProperties
+
+    fields: dict[str, Any] = {
+        "content_type": "application/json",
+        "delivery_mode": 2,
+        "message_id": "m" * 32,
+        "correlation_id": "c" * 32,
+        "reply_to": "aioqueue.reply.x",
+        "headers": headers,
+        "timestamp": datetime(2026, 11, 24, 10, 0, 1, tzinfo=UTC),
+    }
+    for _ in range(2):  # the second time through the header cache
+        assert TaskProperties(**fields).marshal() == spec.Basic.Properties(**fields).marshal()
+    assert TaskProperties(**fields, priority=3).marshal() == (
+        spec.Basic.Properties(**fields, priority=3).marshal()
+    )
