@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="also profile the aioqueue worker during an extra rpc run (needs py-spy)",
+        help="also profile the aioqueue worker and producer during an extra rpc run (needs py-spy)",
     )
     p.add_argument(
         "--quiet-wait",
@@ -137,9 +137,22 @@ def render(suite: Suite, profile: dict[str, Any] | None, meta: dict[str, Any]) -
 
 
 def _profile_table(profile: dict[str, Any]) -> str:
+    lines = _hot_table("worker", profile)
+    if profile.get("producer"):
+        lines += ["", *_hot_table("producer", profile["producer"])]
+    lines += [
+        "",
+        "`Runner.run`'s own time is uvloop's C code (polling, transports, callbacks); a Python "
+        "function's self time includes the C calls it makes (e.g. `StreamWriter.write`: the "
+        "socket send).",
+    ]
+    return "\n".join(lines)
+
+
+def _hot_table(process: str, profile: dict[str, Any]) -> list[str]:
     lines = [
-        f"Hottest functions of the aioqueue worker during rpc (py-spy, {profile['samples']} "
-        "samples; self = in the function's own code):",
+        f"Hottest functions of the aioqueue {process} during rpc (py-spy, "
+        f"{profile['samples']} samples; self = in the function's own code):",
         "",
         "| # | function | self % | total % |",
         "|---:|---|---:|---:|",
@@ -148,13 +161,7 @@ def _profile_table(profile: dict[str, Any]) -> str:
         lines.append(
             f"| {i} | `{hot['function']}` | {hot['self_pct']:.1f} | {hot['total_pct']:.1f} |"
         )
-    lines += [
-        "",
-        "`Runner.run`'s own time is uvloop's C code (polling, transports, callbacks); a Python "
-        "function's self time includes the C calls it makes (e.g. `StreamWriter.write`: the "
-        "socket send).",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

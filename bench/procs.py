@@ -131,11 +131,19 @@ def start_worker(system: System, url: str, queue: str, log: Path) -> Iterator[Wo
         worker.stop()
 
 
-def run_producer(spec: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-    """Run ``python -m bench.producer`` for one measurement and return its JSON result."""
+def run_producer(
+    spec: dict[str, Any], *, timeout: float, profile: Path | None = None
+) -> dict[str, Any]:
+    """Run ``python -m bench.producer`` for one measurement and return its JSON result.
+
+    With ``profile``, the producer runs under ``py-spy record`` (collapsed stacks there).
+    """
+    command = [sys.executable, "-m", "bench.producer", orjson.dumps(spec).decode()]
+    if profile is not None:
+        command = [*_py_spy_record(profile), "--", *command]
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "bench.producer", orjson.dumps(spec).decode()],
+            command,
             cwd=ROOT,
             env=bench_env(spec["url"], spec["queue"]),
             stdin=subprocess.DEVNULL,
@@ -152,7 +160,11 @@ def run_producer(spec: dict[str, Any], *, timeout: float) -> dict[str, Any]:
             f"{spec['system']} {spec['workload']}: producer exited {done.returncode}:\n"
             + "\n".join(stderr)
         )
-    result: dict[str, Any] = orjson.loads(done.stdout.splitlines()[-1])
+    # the result is the last JSON line (py-spy, when profiling, writes lines of its own)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(b"{")]
+    if not lines:
+        raise BenchError(f"{spec['system']} {spec['workload']}: the producer printed no result")
+    result: dict[str, Any] = orjson.loads(lines[-1])
     return result
 
 
@@ -162,14 +174,20 @@ def py_spy() -> str | None:
     return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
 
 
-@contextlib.contextmanager
-def profiled(pid: int, out: Path, *, rate: int = 250) -> Iterator[None]:
-    """Sample ``pid`` with ``py-spy record`` (collapsed stacks by function) during the block."""
+def _py_spy_record(out: Path, *, rate: int = 250) -> list[str]:
     exe = py_spy()
     if exe is None:
         raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
-    command = [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
-    command += ["--function", "--nonblocking", "--output", str(out)]
+    return [
+        *(exe, "record", "--rate", str(rate), "--format", "raw"),
+        *("--function", "--nonblocking", "--output", str(out)),
+    ]
+
+
+@contextlib.contextmanager
+def profiled(pid: int, out: Path, *, rate: int = 250) -> Iterator[None]:
+    """Sample ``pid`` with ``py-spy record`` (collapsed stacks by function) during the block."""
+    command = [*_py_spy_record(out, rate=rate), "--pid", str(pid)]
     with out.with_suffix(".log").open("wb") as log:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     time.sleep(0.5)  # let it attach before the work starts

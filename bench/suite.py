@@ -133,17 +133,30 @@ class Suite:
         return result
 
     def profile(self, out: Path, top: int = 15) -> dict[str, Any]:
-        """An extra, unscored aioqueue rpc run with py-spy on the worker: its hottest functions."""
+        """An extra, unscored aioqueue rpc run with py-spy on the worker and on the producer:
+        the hottest functions of each (the producer's stacks go next to ``out``)."""
         sizes = Sizes(**{**asdict(self.sizes), "rpc": self.sizes.rpc * PROFILE_FACTOR})
         spec = self._spec("rpc", "aioqueue", "profile", sizes)
         queue = spec["queue"]
+        producer_out = out.with_name(f"{out.stem}-producer{out.suffix}")
         with start_worker("aioqueue", self.url, queue, self.logs / "profile.log") as worker:
             with profiled(worker.pid, out):
-                result = run_producer(spec, timeout=PRODUCER_TIMEOUT["rpc"])
+                result = run_producer(spec, timeout=PRODUCER_TIMEOUT["rpc"], profile=producer_out)
         delete_queues(self.url, [queue, f"{queue}.dlq", *result.pop("queues", [])])
         samples, hot = hot_functions(out, top)
+        producer_samples, producer_hot = hot_functions(producer_out, top)
         progress(f"[profile] aioqueue worker: {samples} samples, rpc {headline('rpc', result)}")
-        return {"samples": samples, "rpc": result, "file": str(out), "top": _as_dicts(hot)}
+        return {
+            "samples": samples,
+            "rpc": result,
+            "file": str(out),
+            "top": _as_dicts(hot),
+            "producer": {
+                "samples": producer_samples,
+                "file": str(producer_out),
+                "top": _as_dicts(producer_hot),
+            },
+        }
 
     def _check_worker(self, name: str, status: int | None, complaints: list[str]) -> None:
         if status != 0:
