@@ -294,7 +294,7 @@ async def test_sleep_until_wakes_at_the_time_and_advance_steps_through_timers() 
         woke.append(clock.now())
 
     tasks = [asyncio.ensure_future(sleeper(slot(m))) for m in (3, 1, 2)]
-    await asyncio.sleep(0)
+    await wait_until(lambda: len(clock._sleepers) == 3, what="three sleepers")
     assert clock.next_timer == slot(1).timestamp()
     await clock.advance(120)
     assert woke == [slot(1), slot(2)] and clock.now() == slot(2, 30)
