@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import aiormq
-import pytest
 from pamqp import commands as spec
 
 from aioqueue import App, task_context
@@ -21,12 +20,7 @@ from aioqueue.scheduler import FakeClock, Scheduler
 from aioqueue.scheduler.state import done_queue_name
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
-
-START = datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)  # half a minute before the first slot
-
-
-def slot(minute: int, second: int = 0) -> datetime:
-    return datetime(2030, 1, 1, 0, minute, second, tzinfo=UTC)
+from tests.schedules import START, missed_slots, slot
 
 
 async def drain(url: str, queue: str) -> list[Envelope]:
@@ -137,14 +131,7 @@ async def test_a_periodic_run_knows_its_slot(rabbit: RabbitNode, queue_name: str
     assert seen == [slot(1), None]
 
 
-@pytest.mark.parametrize(
-    ("misfire", "window", "expected"),
-    [
-        ("skip", None, [1, 11]),
-        ("once", None, [1, 10, 11]),
-        ("all", timedelta(minutes=4, seconds=45), [1, 6, 7, 8, 9, 10, 11]),
-    ],
-)
+@missed_slots
 async def test_slots_missed_while_no_scheduler_ran(
     rabbit: RabbitNode,
     queue_name: str,

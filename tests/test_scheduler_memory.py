@@ -26,12 +26,7 @@ from aioqueue.testing import (
     use_clock,
 )
 from tests.conftest import wait_until
-
-START = datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)  # half a minute before the first slot
-
-
-def slot(minute: int, second: int = 0, *, hour: int = 0) -> datetime:
-    return datetime(2030, 1, 1, hour, minute, second, tzinfo=UTC)
+from tests.schedules import START, missed_slots, slot
 
 
 @pytest.fixture
@@ -92,14 +87,7 @@ async def test_a_cron_schedule_across_a_dst_gap(aioqueue_memory_url: str) -> Non
     ]
 
 
-@pytest.mark.parametrize(
-    ("misfire", "window", "expected"),
-    [
-        ("skip", None, [1, 11]),
-        ("once", None, [1, 10, 11]),
-        ("all", timedelta(minutes=4, seconds=45), [1, 6, 7, 8, 9, 10, 11]),
-    ],
-)
+@missed_slots
 async def test_slots_missed_while_no_scheduler_ran(
     aioqueue_memory_url: str,
     clock: VirtualClock,
