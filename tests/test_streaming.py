@@ -23,8 +23,10 @@ from aioqueue.streams import Progress, Result
 from tests.conftest import running_worker, wait_until
 
 
-async def test_progress_then_result_in_order(make_any_app: Any) -> None:
+@pytest.mark.parametrize("kind", ["async", "thread"])
+async def test_progress_then_result_in_order(make_any_app: Any, kind: str) -> None:
     app: App = make_any_app()
+    threads: list[str] = []
 
     @app.task(name="s.job")
     async def job(steps: int) -> str:
@@ -32,32 +34,18 @@ async def test_progress_then_result_in_order(make_any_app: Any) -> None:
             await task_context().progress({"done": i, "of": steps})
         return "finished"
 
-    async with app, running_worker(app):
-        handle = await job.submit(3)
-        events = [event async for event in handle.events()]
-    assert events == [
-        Progress(1, {"done": 1, "of": 3}),
-        Progress(2, {"done": 2, "of": 3}),
-        Progress(3, {"done": 3, "of": 3}),
-        Result("finished"),
-    ]
-
-
-async def test_progress_from_a_plain_function_task_in_a_thread(make_any_app: Any) -> None:
-    app: App = make_any_app()
-    threads: list[str] = []
-
     @app.task(name="s.thread_job")
-    def thread_job(steps: int) -> str:
+    def thread_job(steps: int) -> str:  # a plain function: progress from a worker thread
         threads.append(threading.current_thread().name)
         for i in range(1, steps + 1):
             task_context().progress_sync({"done": i, "of": steps})  # returns once confirmed
         return "finished"
 
     async with app, running_worker(app):
-        handle = await thread_job.submit(3)
+        handle = await (job if kind == "async" else thread_job).submit(3)
         events = [event async for event in handle.events()]
-    assert threads[0].startswith("aioqueue-task")  # it ran in the worker's thread pool
+    if kind == "thread":
+        assert threads[0].startswith("aioqueue-task")  # it ran in the worker's thread pool
     assert events == [
         Progress(1, {"done": 1, "of": 3}),
         Progress(2, {"done": 2, "of": 3}),
@@ -66,7 +54,7 @@ async def test_progress_from_a_plain_function_task_in_a_thread(make_any_app: Any
     ]
 
 
-async def test_progress_sync_reports_the_publish_error_to_the_thread(make_any_app: Any) -> None:
+async def test_progress_sync_reports_an_encode_error_to_the_thread(make_any_app: Any) -> None:
     app: App = make_any_app()
     caught: list[BaseException] = []
 
