@@ -72,7 +72,6 @@ class App:
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}
         self._queue_types: dict[str, QueueType] | None = None
-        self._declared: set[str] = set()  # work queues declared on this connection
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
@@ -179,7 +178,6 @@ class App:
         """Fail pending handles with a clear error, then close the connection."""
         replies, self._replies = self._replies, None
         broker, self._broker = self._broker, None
-        self._declared.clear()
         if replies is not None:
             await replies.close()
         if broker is not None:
@@ -260,7 +258,8 @@ class App:
         warm = (
             delay <= 0
             and not stream
-            and queue in self._declared
+            and self._broker is not None
+            and self._broker.is_declared(queue)
             and (not wants_reply or (replies is not None and replies.started))
         )
         try:
@@ -304,9 +303,8 @@ class App:
         and return once RabbitMQ confirmed it. Used for submits and for retries."""
         broker = self.broker
         kind = self.queue_type_of(queue)
-        if queue not in self._declared:
+        if not broker.is_declared(queue):
             await broker.declare_queue(queue, work_queue_arguments(kind))
-            self._declared.add(queue)
         properties = task_properties(envelope)
         body = envelope.encode()
         if delay <= 0:

@@ -59,11 +59,10 @@ class EventSink:
     event a reader waits on exists only once somebody reads ``handle.events()``.
     """
 
-    __slots__ = ("_changed", "bound", "dropped", "events", "last_seq")
+    __slots__ = ("_changed", "dropped", "events", "last_seq")
 
     def __init__(self, bound: int) -> None:
-        self.bound = bound
-        self.events: deque[Progress] = deque()
+        self.events: deque[Progress] = deque(maxlen=bound)
         self._changed: asyncio.Event | None = None
         self.last_seq = 0
         self.dropped = 0
@@ -85,8 +84,7 @@ class EventSink:
         if seq <= self.last_seq:
             return  # a redelivered or retried run repeating itself
         self.last_seq = seq
-        if len(self.events) >= self.bound:
-            self.events.popleft()
+        if len(self.events) == self.events.maxlen:
             self.dropped += 1
         self.events.append(Progress(seq, loads(delivery.body, max_size=max_size)))
         self.notify()

@@ -296,6 +296,9 @@ class MemoryBroker:
         if self._users == 0 and isinstance(self.clock, VirtualClock):
             self.clock._detach(self)
 
+    def is_declared(self, name: str) -> bool:
+        return name in self.queues
+
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         self.queues.setdefault(name, _Queue(name))
 
