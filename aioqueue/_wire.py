@@ -1,4 +1,4 @@
-"""Socket writes coalesced per event-loop iteration, and publishes paced to go with them.
+"""Socket writes coalesced per event-loop iteration, and task properties encoded fast.
 
 aiormq's writer task hands every frame to ``StreamWriter.write`` on its own; on a busy
 connection that is one ``send()`` system call per publish, ack and confirm, and one TCP segment
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,6 @@ from yarl import URL
 __all__ = [
     "CoalescingTransportFactory",
     "CoalescingWriter",
-    "Pacer",
     "RobustConnection",
     "TaskProperties",
 ]
@@ -79,52 +77,6 @@ class RobustConnection(aio_pika.RobustConnection):
     def __init__(self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any):
         super().__init__(url, loop, **kwargs)
         self.kwargs["transport_factory"] = CoalescingTransportFactory()
-
-
-class Pacer:
-    """Lets at most ``per_iteration`` publishes into aiormq per event-loop iteration.
-
-    aiormq holds the channel lock while it queues a publish's frames for the writer task, and
-    that queue holds ten frames: past ten publishes in one iteration one of them waits, still
-    holding the lock, and everything behind it queues on the lock. From then on asyncio's
-    fair lock hands over to one waiter per iteration, for as long as the queue of waiters
-    stays non-empty — under load, for good: one publish per iteration. Admitting a few per
-    iteration, below the writer queue's size, keeps the lock uncontended, so each admitted
-    publish goes through at once and the writer sends them together.
-    """
-
-    def __init__(self, per_iteration: int) -> None:
-        self._per_iteration = per_iteration
-        self._left = per_iteration
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._scheduled = False
-
-    async def wait(self) -> None:
-        """Return when this publish may go (at once, unless this iteration's share is used)."""
-        if self._left > 0 and not self._waiters:
-            self._left -= 1
-            self._schedule()
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._schedule()
-        await waiter
-
-    def _schedule(self) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._next_iteration)
-
-    def _next_iteration(self) -> None:
-        self._scheduled = False
-        self._left = self._per_iteration
-        while self._left > 0 and self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():  # a cancelled waiter takes no share
-                waiter.set_result(None)
-                self._left -= 1
-        if self._waiters or self._left < self._per_iteration:
-            self._schedule()
 
 
 def _encode_headers(value: Any) -> bytes:

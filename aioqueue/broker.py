@@ -4,8 +4,9 @@ aio-pika owns the connection, its recovery and the topology (robust channels re-
 after a reconnect). Per message we go one level down to the aiormq channel under the robust
 channel — fetched afresh for every operation, because it is a new object after each reconnect:
 
-- publishes use ``basic_publish(wait=False)`` (no channel lock held until the socket drains) and
-  each still awaits its own publisher confirm, under a deadline that spans reconnects;
+- publishes go through `ChannelPublisher` (aiormq's confirm bookkeeping, without its
+  per-publish lock, timer and writer-queue wait; see `aioqueue._publisher`) and each awaits
+  its own publisher confirm, under a deadline that spans reconnects;
 - deliveries arrive as light :class:`Delivery` objects, settled on the channel they came from.
   A delivery whose channel died is redelivered by RabbitMQ anyway, so its stale ack is dropped.
 """
@@ -29,7 +30,8 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from ._wire import Pacer, RobustConnection, TaskProperties
+from ._publisher import ChannelPublisher, Deadlines
+from ._wire import RobustConnection, TaskProperties
 from .acks import Acker
 from .errors import BrokerConnectionError, PublishError, UnroutableError
 from .message import CONTENT_TYPE, Envelope
@@ -56,10 +58,6 @@ _FATAL_CHANNEL = (
     aiormq.exceptions.ChannelNotFoundEntity,
     aiormq.exceptions.ChannelPreconditionFailed,
 )
-
-
-# Below aiormq's writer queue (10 frame sets), leaving room for acks: see `Pacer`.
-_PUBLISHES_PER_ITERATION = 8
 
 
 async def _by(deadline: float, awaitable: Awaitable[_T], *, blocks: bool) -> _T:
@@ -169,9 +167,8 @@ class RabbitBroker:
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
         self._inflight = asyncio.Semaphore(settings.max_inflight_publishes)
-        self._pacer = Pacer(_PUBLISHES_PER_ITERATION)
-        self._publishers: dict[aiormq.Channel, set[asyncio.Task[Any]]] = {}
-        self._abandoned: set[asyncio.Task[Any]] = set()
+        self._publisher: ChannelPublisher | None = None  # of the current publishing channel
+        self._deadlines = Deadlines()
         self._declared: dict[str, aio_pika.abc.AbstractRobustQueue] = {}
         self._declare_lock = asyncio.Lock()
         self._ladders: set[str] = set()
@@ -373,8 +370,8 @@ class RabbitBroker:
         """Publish until confirmed, refused, or ``deadline`` (loop time): `TimeoutError`.
 
         The deadline is handed down instead of wrapping the whole in ``asyncio.timeout``
-        (a timer per publish): aiormq bounds the publish and its confirm, and the two waits
-        of our own are bounded only when they would block.
+        (a timer per publish): `Deadlines` bounds the confirm waits with one timer, and the
+        two waits before the publish are bounded only when they would block.
         """
         loop = asyncio.get_running_loop()
         delay = 0.05
@@ -422,29 +419,19 @@ class RabbitBroker:
         properties: spec.Basic.Properties,
         deadline: float,
     ) -> Any:
-        """One ``basic_publish`` and its confirm; a channel closing under it: transient."""
-        task = asyncio.current_task()
-        assert task is not None
-        publishers = self._publishers_on(channel)
-        publishers.add(task)
+        """One publish and its confirm, cancelled at ``deadline``: `TimeoutError`."""
+        publisher = self._publisher
+        if publisher is None or publisher.channel is not channel:
+            publisher = self._publisher = ChannelPublisher(channel)
+        tag, confirm = publisher.publish(exchange, routing_key, body, properties)
+        self._deadlines.add(confirm, deadline)
         try:
-            await self._pacer.wait()
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise TimeoutError
-            return await channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-                timeout=remaining,
-                wait=False,
-            )
+            return await confirm
         except asyncio.CancelledError:
-            if task not in self._abandoned or task.uncancel():
-                raise
-            raise aiormq.exceptions.ChannelInvalidStateError("abandoned") from None
+            task = asyncio.current_task()
+            if confirm.cancelled() and task is not None and not task.cancelling():
+                raise TimeoutError from None  # cancelled by its deadline, not our caller
+            raise
         except Exception as exc:
             # a channel closed without a reason fails its pending confirms with a bare
             # Exception: that is connection trouble too, not a refusal
@@ -452,27 +439,7 @@ class RabbitBroker:
                 raise aiormq.exceptions.ChannelInvalidStateError("closed") from None
             raise
         finally:
-            publishers.discard(task)
-            self._abandoned.discard(task)
-
-    def _publishers_on(self, channel: aiormq.Channel) -> set[asyncio.Task[Any]]:
-        """The tasks publishing on ``channel``; they are abandoned (and retry) when it closes.
-
-        aiormq can leave a publish blocked for good on a dead connection — its frame queue full,
-        no writer left to drain it — while it holds the channel lock: that publish, and every
-        one queued behind it, would otherwise wait out its whole deadline although the
-        connection came back long before.
-        """
-        tasks = self._publishers.get(channel)
-        if tasks is None:
-            tasks = self._publishers[channel] = set()
-            channel.closing.add_done_callback(lambda _: self._abandon(channel))
-        return tasks
-
-    def _abandon(self, channel: aiormq.Channel) -> None:
-        for task in self._publishers.pop(channel, ()):
-            self._abandoned.add(task)
-            task.cancel()
+            publisher.forget(tag, properties.message_id or "")
 
     async def subscribe(
         self,

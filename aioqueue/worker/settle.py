@@ -18,6 +18,7 @@ from typing import Any
 from pamqp import commands as spec
 from pamqp import encode
 
+from .._wire import TaskProperties
 from ..app import App
 from ..broker import Delivery, settle
 from ..errors import PublishError, UnroutableError
@@ -162,8 +163,11 @@ class Handoff:
             return True
         # no headers: a final outcome is told apart from progress events by having none, and
         # its body says what it is ("ok", "task"); a header table costs a decode per reply
-        properties = spec.Basic.Properties(
-            content_type=CONTENT_TYPE, delivery_mode=2, correlation_id=outcome.task_id
+        properties = TaskProperties(
+            content_type=CONTENT_TYPE,
+            delivery_mode=2,
+            message_id=outcome.task_id,
+            correlation_id=outcome.task_id,
         )
         try:
             await self.broker.publish(reply_to, outcome.encode(), properties)

@@ -1,0 +1,190 @@
+"""Confirmed publishes on an aiormq channel, batched per event-loop iteration.
+
+aiormq's ``basic_publish`` costs more than the publish: per call a timer (``asyncio.timeout``),
+the channel lock, an awaited put on the writer queue (ten frame sets deep, so a burst queues on
+the lock, one publish per iteration), a `ChannelFrame` built through pamqp's generic marshal,
+and three done-callbacks on the confirmation future. `ChannelPublisher` keeps aiormq's own
+bookkeeping — the channel's delivery tags, its ``confirmations`` (which aiormq resolves from
+RabbitMQ's acks, nacks and returns) and its message-id map for returns — and replaces only the
+way there: the frames of every publish made during one iteration go to the writer queue as one
+`ChannelFrame` at its end, tagged in the order they were written. `Deadlines` bounds the
+confirm waits with one timer for all of them.
+
+Everything published on the channel must come through one `ChannelPublisher` (the delivery tags
+are counted here); aioqueue's publishing channel is its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import heapq
+import itertools
+import struct
+import uuid
+from typing import Any
+
+import aiormq
+import pamqp.frame
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+
+__all__ = ["ChannelPublisher", "Deadlines", "publish_frames"]
+
+_FRAME = struct.Struct(">BHI")  # type, channel, size; then the payload and a frame end
+_HEADER = struct.Struct(">HHQ")  # class id, weight, body size; then the properties
+_FRAME_HEADER = 2
+_FRAME_BODY = 3
+_FRAME_END = b"\xce"
+_BASIC_CLASS = 60
+_RETRY_FULL_QUEUE = 0.001  # seconds: the writer queue was full, try again this soon
+
+
+@functools.lru_cache(maxsize=1024)
+def _method_frame(channel: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
+    # one per destination: a task queue, a reply queue, a delay level
+    publish = spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+    return pamqp.frame.marshal(publish, channel)
+
+
+def publish_frames(
+    channel: int,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    properties: spec.Basic.Properties,
+    *,
+    mandatory: bool,
+    max_content: int,
+) -> bytes:
+    """The method, header and body frames of one publish, as aiormq's ``basic_publish`` writes
+    them (bodies over ``max_content`` bytes split over several body frames)."""
+    header = _HEADER.pack(_BASIC_CLASS, 0, len(body)) + properties.marshal()
+    parts = [
+        _method_frame(channel, exchange, routing_key, mandatory),
+        _FRAME.pack(_FRAME_HEADER, channel, len(header)),
+        header,
+        _FRAME_END,
+    ]
+    for start in range(0, len(body), max_content):
+        chunk = body[start : start + max_content]
+        parts += (_FRAME.pack(_FRAME_BODY, channel, len(chunk)), chunk, _FRAME_END)
+    return b"".join(parts)
+
+
+class ChannelPublisher:
+    """Publishes with confirms on one aiormq channel; see the module's docstring."""
+
+    def __init__(self, channel: aiormq.Channel) -> None:
+        self.channel = channel
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[bytes] = []
+        self._scheduled = False
+        channel.closing.add_done_callback(self._on_closing)
+
+    def publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties
+    ) -> tuple[int, asyncio.Future[Any]]:
+        """Queue a mandatory publish for this iteration's write; return its delivery tag and
+        the future of its confirm (a `Basic.Ack`, else aiormq's exception for the nack or
+        return; the channel's close reason if it closes first).
+
+        Raises:
+            ChannelInvalidStateError: the channel is closed.
+        """
+        channel = self.channel
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        if not properties.message_id:  # returns are matched to publishes by message id
+            properties.message_id = uuid.uuid4().hex
+        self._pending.append(
+            publish_frames(
+                channel.number,
+                exchange,
+                routing_key,
+                body,
+                properties,
+                mandatory=True,
+                max_content=channel.max_content_size,
+            )
+        )
+        channel.delivery_tag += 1
+        tag = channel.delivery_tag
+        future: asyncio.Future[Any] = self._loop.create_future()
+        channel.confirmations[tag] = future
+        channel.message_id_delivery_tag[properties.message_id] = tag
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+        return tag, future
+
+    def forget(self, tag: int, message_id: str) -> None:
+        """Drop the message id of a publish that has its outcome (only returns look it up)."""
+        if self.channel.message_id_delivery_tag.get(message_id) == tag:
+            del self.channel.message_id_delivery_tag[message_id]
+
+    def _flush(self) -> None:
+        pending = self._pending
+        if self.channel.is_closed:
+            pending.clear()  # their futures were failed by _on_closing
+        if not pending:
+            self._scheduled = False
+            return
+        payload = pending[0] if len(pending) == 1 else b"".join(pending)
+        try:
+            self.channel.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+        except asyncio.QueueFull:  # the writer is behind: keep the order, try again shortly
+            self._loop.call_later(_RETRY_FULL_QUEUE, self._flush)
+            return
+        pending.clear()
+        self._scheduled = False
+
+    def _on_closing(self, closing: asyncio.Future[Any]) -> None:
+        """Fail the confirms still pending with the channel's close reason, as aiormq does
+        for the publishes it made itself."""
+        reason = None if closing.cancelled() else closing.exception()
+        error = reason if isinstance(reason, Exception) else None
+        for confirmation in self.channel.confirmations.values():
+            if isinstance(confirmation, asyncio.Future) and not confirmation.done():
+                confirmation.set_exception(
+                    error or aiormq.exceptions.ChannelInvalidStateError("channel closed")
+                )
+
+
+class Deadlines:
+    """Cancels each registered future still pending at its deadline (loop time), with one
+    timer for them all instead of one per future."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.Future[Any]]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = 0.0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, future: asyncio.Future[Any], deadline: float) -> None:
+        heap = self._heap
+        while heap and heap[0][2].done():  # settled in time: the usual case
+            heapq.heappop(heap)
+        heapq.heappush(heap, (deadline, next(self._order), future))
+        if self._timer is None or deadline < self._armed_for:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._heap:
+            self._armed_for = self._heap[0][0]
+            self._timer = asyncio.get_running_loop().call_at(self._armed_for, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        heap = self._heap
+        now = asyncio.get_running_loop().time()
+        while heap and (heap[0][2].done() or heap[0][0] <= now):
+            _, _, future = heapq.heappop(heap)
+            future.cancel()
+        self._arm()

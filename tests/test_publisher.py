@@ -1,0 +1,151 @@
+"""`aioqueue._publisher`: the frames it writes, its deadlines, and its publishes on RabbitMQ.
+
+A confirm that never comes (the publish deadline) is tested through a real blackhole in
+`tests/test_proxy.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+
+from aioqueue._publisher import Deadlines, publish_frames
+from aioqueue._wire import TaskProperties
+from aioqueue.broker import RabbitBroker
+from aioqueue.errors import PublishError, UnroutableError
+from aioqueue.settings import Settings
+from tests.rabbit import RabbitNode
+
+
+def _aiormq_frames(
+    channel: int, exchange: str, key: str, body: bytes, props: Any, max_content: int
+) -> bytes:
+    """What aiormq's ``basic_publish`` hands its writer for the same publish."""
+    chunks = [body[i : i + max_content] for i in range(0, len(body), max_content)]
+    frames: list[Any] = [
+        spec.Basic.Publish(exchange=exchange, routing_key=key, mandatory=True),
+        ContentHeader(body_size=len(body), properties=props),
+        *(ContentBody(chunk) for chunk in chunks),
+    ]
+    return ChannelFrame.marshall(channel_number=channel, frames=frames).payload
+
+
+@pytest.mark.parametrize(
+    ("exchange", "body", "max_content"),
+    [
+        ("", b'{"id":"x"}', 131064),
+        ("aioqueue.delay.1", b"", 131064),  # no body frame at all
+        ("", bytes(range(256)) * 40, 1000),  # split over 11 body frames, the last one short
+        ("", b"x" * 3000, 1000),  # exactly three full frames
+    ],
+)
+def test_publish_frames_are_the_bytes_aiormq_writes(
+    exchange: str, body: bytes, max_content: int
+) -> None:
+    for props in (
+        spec.Basic.Properties(content_type="application/json", delivery_mode=2),
+        TaskProperties(
+            content_type="application/json",
+            delivery_mode=2,
+            message_id="m" * 32,
+            correlation_id="m" * 32,
+            reply_to="aioqueue.reply.abc",
+            headers={"aioqueue-task": "t.x", "aioqueue-attempt": 1},
+        ),
+    ):
+        ours = publish_frames(
+            7, exchange, "q.one", body, props, mandatory=True, max_content=max_content
+        )
+        assert ours == _aiormq_frames(7, exchange, "q.one", body, props, max_content)
+
+
+async def test_deadlines_cancel_what_is_still_pending_and_nothing_else() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines()
+    late, settled, early = (loop.create_future() for _ in range(3))
+    deadlines.add(late, loop.time() + 0.5)
+    deadlines.add(settled, loop.time() + 0.05)
+    deadlines.add(early, loop.time() + 0.1)  # earlier than the first: the timer moves up
+    settled.set_result("confirmed")
+    await asyncio.wait([early], timeout=10)
+    assert early.cancelled() and not late.done()
+    assert settled.result() == "confirmed"
+    await asyncio.wait([late], timeout=10)
+    assert late.cancelled()
+    assert len(deadlines) == 0 and deadlines._timer is None  # nothing kept, no timer left
+
+
+async def test_settled_futures_leave_the_deadlines_as_new_ones_come() -> None:
+    loop = asyncio.get_running_loop()
+    deadlines = Deadlines()
+    for _ in range(1000):
+        future = loop.create_future()
+        deadlines.add(future, loop.time() + 60)
+        future.set_result(None)
+    assert len(deadlines) == 1  # only the last, not a minute's worth of settled publishes
+
+
+@pytest.fixture
+async def broker(rabbit: RabbitNode) -> AsyncIterator[RabbitBroker]:
+    broker = RabbitBroker(rabbit.url, Settings(publish_timeout=20), connection_name="publisher")
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+def _props() -> spec.Basic.Properties:
+    return TaskProperties(delivery_mode=2, message_id=uuid.uuid4().hex)
+
+
+async def test_a_burst_far_past_the_writer_queue_is_confirmed_and_delivered_in_order(
+    broker: RabbitBroker, queue_name: str
+) -> None:
+    await broker.declare_queue(queue_name, {})
+    n = 3000  # aiormq's writer queue holds 10 frame sets; the in-flight cap is 1000
+    await asyncio.gather(*(broker.publish(queue_name, b"%d" % i, _props()) for i in range(n)))
+    channel = await broker.channel()
+    underlay = await channel.get_underlay_channel()
+    try:
+        bodies = []
+        for _ in range(n):
+            message = await underlay.basic_get(queue_name, no_ack=True)
+            bodies.append(int(message.body))
+    finally:
+        await underlay.queue_delete(queue_name)
+        await channel.close()
+    assert bodies == list(range(n))  # every one, once, in the order submitted
+    publishing = await broker._channel().get_underlay_channel()
+    assert not publishing.confirmations and not publishing.message_id_delivery_tag
+
+
+async def test_an_unroutable_publish_is_returned_as_unroutable(broker: RabbitBroker) -> None:
+    props = _props()
+    with pytest.raises(UnroutableError):
+        await broker.publish(f"nowhere.{uuid.uuid4().hex}", b"{}", props)
+    publishing = await broker._channel().get_underlay_channel()
+    assert props.message_id not in publishing.message_id_delivery_tag
+
+
+async def test_a_refused_publish_fails_at_once_and_the_channel_comes_back(
+    broker: RabbitBroker, queue_name: str
+) -> None:
+    await broker.declare_queue(queue_name, {})
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    # a missing exchange closes the channel (404): a refusal, not connection trouble
+    with pytest.raises(PublishError, match="refused"):
+        await broker.publish(queue_name, b"{}", _props(), exchange=f"none.{uuid.uuid4().hex}")
+    assert loop.time() - started < 10  # not the 20 s publish deadline
+    await broker.publish(queue_name, b"{}", _props())  # on the re-opened channel
+    assert (await broker.queue_depth(queue_name))[0] == 1
+    await broker.delete_queue(queue_name)
