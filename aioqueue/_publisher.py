@@ -22,6 +22,7 @@ import heapq
 import itertools
 import struct
 import uuid
+from collections import deque
 from typing import Any
 
 import aiormq
@@ -29,7 +30,7 @@ import pamqp.frame
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 
-__all__ = ["ChannelPublisher", "Deadlines", "publish_frames"]
+__all__ = ["ChannelPublisher", "Deadlines", "Slots", "publish_frames"]
 
 _FRAME = struct.Struct(">BHI")  # type, channel, size; then the payload and a frame end
 _HEADER = struct.Struct(">HHQ")  # class id, weight, body size; then the properties
@@ -188,3 +189,44 @@ class Deadlines:
             _, _, future = heapq.heappop(heap)
             future.cancel()
         self._arm()
+
+
+class Slots:
+    """A cap on publishes in flight, whose waits end at a deadline (`TimeoutError`).
+
+    Like `asyncio.Semaphore`, first come first served; but a release hands its slot straight
+    to the next waiter in O(1), where the semaphore scans from the first waiter on every
+    release: with thousands waiting and hundreds of confirms arriving in one iteration, that
+    scan was a tenth of a busy producer's time. Waits are bounded by `Deadlines`, not a timer
+    each.
+    """
+
+    def __init__(self, size: int, deadlines: Deadlines) -> None:
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._deadlines = deadlines
+
+    async def acquire(self, deadline: float) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._deadlines.add(waiter, deadline)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot, then cancelled: pass it on
+            task = asyncio.current_task()
+            if waiter.cancelled() and task is not None and not task.cancelling():
+                raise TimeoutError from None  # its deadline, not our caller
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # one cancelled (by its caller or deadline) takes nothing
+                waiter.set_result(None)
+                return
+        self._free += 1

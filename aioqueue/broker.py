@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from ._publisher import ChannelPublisher, Deadlines
+from ._publisher import ChannelPublisher, Deadlines, Slots
 from ._wire import RobustConnection, TaskProperties
 from .acks import Acker
 from .errors import BrokerConnectionError, PublishError, UnroutableError
@@ -166,9 +166,9 @@ class RabbitBroker:
         self._connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
-        self._inflight = asyncio.Semaphore(settings.max_inflight_publishes)
         self._publisher: ChannelPublisher | None = None  # of the current publishing channel
         self._deadlines = Deadlines()
+        self._inflight = Slots(settings.max_inflight_publishes, self._deadlines)
         self._declared: dict[str, aio_pika.abc.AbstractRobustQueue] = {}
         self._declare_lock = asyncio.Lock()
         self._ladders: set[str] = set()
@@ -370,8 +370,8 @@ class RabbitBroker:
         """Publish until confirmed, refused, or ``deadline`` (loop time): `TimeoutError`.
 
         The deadline is handed down instead of wrapping the whole in ``asyncio.timeout``
-        (a timer per publish): `Deadlines` bounds the confirm waits with one timer, and the
-        two waits before the publish are bounded only when they would block.
+        (a timer per publish): `Deadlines` bounds the waits for a slot and for confirms with
+        one timer, and the wait for the channel is bounded only when it would block.
         """
         loop = asyncio.get_running_loop()
         delay = 0.05
@@ -382,7 +382,7 @@ class RabbitBroker:
                 ready = connection is not None and connection.connected.is_set()
                 underlay = await _by(deadline, robust.get_underlay_channel(), blocks=not ready)
                 channel = cast(aiormq.Channel, underlay)
-                await _by(deadline, self._inflight.acquire(), blocks=self._inflight.locked())
+                await self._inflight.acquire(deadline)
                 try:
                     confirm = await self._publish_once(
                         channel, exchange, routing_key, body, properties, deadline

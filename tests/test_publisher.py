@@ -17,11 +17,12 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from aioqueue._publisher import Deadlines, publish_frames
+from aioqueue._publisher import Deadlines, Slots, publish_frames
 from aioqueue._wire import TaskProperties
 from aioqueue.broker import RabbitBroker
 from aioqueue.errors import PublishError, UnroutableError
 from aioqueue.settings import Settings
+from tests.conftest import wait_until
 from tests.rabbit import RabbitNode
 
 
@@ -149,3 +150,60 @@ async def test_a_refused_publish_fails_at_once_and_the_channel_comes_back(
     await broker.publish(queue_name, b"{}", _props())  # on the re-opened channel
     assert (await broker.queue_depth(queue_name))[0] == 1
     await broker.delete_queue(queue_name)
+
+
+async def test_slots_go_first_come_first_served_and_a_release_hands_one_over() -> None:
+    loop = asyncio.get_running_loop()
+    slots = Slots(2, Deadlines())
+    order: list[int] = []
+
+    async def take(i: int) -> None:
+        await slots.acquire(loop.time() + 30)
+        order.append(i)
+
+    await take(0)
+    await take(1)
+    waiting = [asyncio.ensure_future(take(i)) for i in range(2, 6)]
+    await wait_until(lambda: len(slots._waiters) == 4, timeout=10, what="four waiters")
+    assert order == [0, 1]
+    slots.release()
+    slots.release()
+    await asyncio.wait_for(asyncio.gather(*waiting[:2]), 10)
+    assert order == [0, 1, 2, 3] and not any(w.done() for w in waiting[2:])
+    for _ in range(2):
+        slots.release()
+    await asyncio.wait_for(asyncio.gather(*waiting[2:]), 10)
+    assert order == [0, 1, 2, 3, 4, 5]
+
+
+async def test_a_slot_wait_ends_at_its_deadline_and_cancelled_waiters_take_nothing() -> None:
+    loop = asyncio.get_running_loop()
+    slots = Slots(1, Deadlines())
+    await slots.acquire(loop.time() + 30)
+    with pytest.raises(TimeoutError):  # no release comes: the deadline ends the wait
+        await slots.acquire(loop.time() + 0.1)
+    cancelled = asyncio.ensure_future(slots.acquire(loop.time() + 30))
+    handed = asyncio.ensure_future(slots.acquire(loop.time() + 30))
+    last = asyncio.ensure_future(slots.acquire(loop.time() + 30))
+    await wait_until(lambda: len(slots._waiters) == 4, timeout=10, what="three more waiters")
+    cancelled.cancel()
+    slots.release()  # skips the timed-out and the cancelled waiter: "handed" gets it
+    await asyncio.wait_for(handed, 10)
+    assert cancelled.cancelled() and not last.done()
+    slots.release()
+    await asyncio.wait_for(last, 10)
+    slots.release()
+    await asyncio.wait_for(slots.acquire(loop.time() + 30), 10)  # free again, at once
+
+
+async def test_a_slot_handed_to_a_waiter_cancelled_meanwhile_passes_on() -> None:
+    loop = asyncio.get_running_loop()
+    slots = Slots(1, Deadlines())
+    await slots.acquire(loop.time() + 30)
+    first = asyncio.ensure_future(slots.acquire(loop.time() + 30))
+    second = asyncio.ensure_future(slots.acquire(loop.time() + 30))
+    await wait_until(lambda: len(slots._waiters) == 2, timeout=10, what="two waiters")
+    slots.release()  # hands the slot to "first"...
+    first.cancel()  # ...which is cancelled before it runs: the slot goes on to "second"
+    await asyncio.wait_for(second, 10)
+    assert first.cancelled()
