@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import aioqueue
 from aioqueue import DecodeError, EncodeError, Retry, RetryPolicy
-from aioqueue.message import Envelope, ErrorInfo, Outcome, check_json_native
+from aioqueue.message import MAX_DEPTH, Envelope, ErrorInfo, Outcome, check_json_native, loads
 from aioqueue.retry import backoff, next_delay
 from aioqueue.settings import mask_url, resolve_broker_url
 from aioqueue.topology import (
@@ -476,3 +476,23 @@ def test_task_properties_encode_exactly_as_pamqp(headers: dict[str, Any] | None)
     assert TaskProperties(**fields, priority=3).marshal() == (
         spec.Basic.Properties(**fields, priority=3).marshal()
     )
+
+
+@pytest.mark.parametrize(
+    ("value", "deep"),
+    [
+        (_nested(MAX_DEPTH - 1), False),  # MAX_DEPTH levels, the outermost included
+        (_nested(MAX_DEPTH), True),
+        ([[] for _ in range(3 * MAX_DEPTH)], False),  # many brackets, shallow: walked, fine
+        (["[{" * MAX_DEPTH], False),  # brackets inside a string are not nesting
+        ({"a": _nested(MAX_DEPTH - 2)}, False),
+        ({"a": _nested(MAX_DEPTH - 1)}, True),
+    ],
+)
+def test_json_nested_past_the_limit_is_refused_and_only_that(value: Any, deep: bool) -> None:
+    body = orjson.dumps(value)
+    if deep:
+        with pytest.raises(DecodeError, match="nested more than"):
+            loads(body, max_size=10**6)
+    else:
+        assert loads(body, max_size=10**6) == value
