@@ -17,6 +17,7 @@ import aio_pika
 import pytest
 
 from aioqueue import App, BrokerConnectionError, PublishError, Settings
+from aioqueue._wire import CHANNEL_FRAME_BUFFER
 from aioqueue.topology import work_queue_arguments
 from tests.conftest import WorkerProcess, running_worker, wait_until
 from tests.rabbit import RabbitNode
@@ -223,3 +224,37 @@ async def test_credentials_never_appear_in_reprs_errors_or_logs(
     assert "user:****@127.0.0.1:1" in str(info.value)
     for text in (repr(app), str(info.value), repr(info.value), caplog.text):
         assert "hunter2" not in text
+
+
+async def test_every_channel_gets_the_deep_frame_buffer_after_a_reconnect_too(
+    make_app: Callable[..., App], rabbit: RabbitNode
+) -> None:
+    # Given a connected app with a publishing channel and a consumed reply queue
+    app = make_app()
+    async with app:
+        await app.submit_with_options("t.nothing", ignore_result=False)
+
+        def buffers() -> set[int] | None:
+            transport = connection_of(app).transport
+            if transport is None or not transport.connection.is_opened:
+                return None
+            channels = transport.connection.channels.values()
+            return {channel.frames.maxsize for channel in channels} or None
+
+        before = connection_of(app).transport.connection
+        assert buffers() == {CHANNEL_FRAME_BUFFER}
+        # When the connection is closed under it and comes back
+        await asyncio.to_thread(rabbit.close_all_connections)
+        await wait_until(
+            lambda: (
+                connection_of(app).transport is not None
+                and connection_of(app).transport.connection is not before
+                and buffers()
+            ),
+            timeout=60,
+            what="a new connection",
+        )
+        await app.submit_with_options("t.nothing", ignore_result=False)
+        # Then its channels, restored or new, have the deep buffer as well
+        assert buffers() == {CHANNEL_FRAME_BUFFER}
+        assert len(connection_of(app).transport.connection.channels) >= 2
