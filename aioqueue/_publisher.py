@@ -7,8 +7,8 @@ and three done-callbacks on the confirmation future. `ChannelPublisher` keeps ai
 bookkeeping — the channel's delivery tags, its ``confirmations`` (which aiormq resolves from
 RabbitMQ's acks, nacks and returns) and its message-id map for returns — and replaces only the
 way there: the frames of every publish made during one iteration go to the writer queue as one
-`ChannelFrame` at its end, tagged in the order they were written. `Deadlines` bounds the
-confirm waits with one timer for all of them.
+frame set at its end (`aioqueue._frames.FrameBatch`), tagged in the order they were written.
+`Deadlines` bounds the confirm waits with one timer for all of them.
 
 Everything published on the channel must come through one `ChannelPublisher` (the delivery tags
 are counted here); aioqueue's publishing channel is its own.
@@ -27,8 +27,9 @@ from typing import Any
 
 import aiormq
 import pamqp.frame
-from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
+
+from ._frames import FrameBatch
 
 __all__ = ["ChannelPublisher", "Deadlines", "Slots", "publish_frames"]
 
@@ -38,7 +39,6 @@ _FRAME_HEADER = 2
 _FRAME_BODY = 3
 _FRAME_END = b"\xce"
 _BASIC_CLASS = 60
-_RETRY_FULL_QUEUE = 0.001  # seconds: the writer queue was full, try again this soon
 
 
 @functools.lru_cache(maxsize=1024)
@@ -79,8 +79,7 @@ class ChannelPublisher:
     def __init__(self, channel: aiormq.Channel) -> None:
         self.channel = channel
         self._loop = asyncio.get_running_loop()
-        self._pending: list[bytes] = []
-        self._scheduled = False
+        self._frames = FrameBatch(channel)
         channel.closing.add_done_callback(self._on_closing)
 
     def publish(
@@ -98,7 +97,7 @@ class ChannelPublisher:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         if not properties.message_id:  # returns are matched to publishes by message id
             properties.message_id = uuid.uuid4().hex
-        self._pending.append(
+        self._frames.add(
             publish_frames(
                 channel.number,
                 exchange,
@@ -114,31 +113,12 @@ class ChannelPublisher:
         future: asyncio.Future[Any] = self._loop.create_future()
         channel.confirmations[tag] = future
         channel.message_id_delivery_tag[properties.message_id] = tag
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
         return tag, future
 
     def forget(self, tag: int, message_id: str) -> None:
         """Drop the message id of a publish that has its outcome (only returns look it up)."""
         if self.channel.message_id_delivery_tag.get(message_id) == tag:
             del self.channel.message_id_delivery_tag[message_id]
-
-    def _flush(self) -> None:
-        pending = self._pending
-        if self.channel.is_closed:
-            pending.clear()  # their futures were failed by _on_closing
-        if not pending:
-            self._scheduled = False
-            return
-        payload = pending[0] if len(pending) == 1 else b"".join(pending)
-        try:
-            self.channel.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
-        except asyncio.QueueFull:  # the writer is behind: keep the order, try again shortly
-            self._loop.call_later(_RETRY_FULL_QUEUE, self._flush)
-            return
-        pending.clear()
-        self._scheduled = False
 
     def _on_closing(self, closing: asyncio.Future[Any]) -> None:
         """Fail the confirms still pending with the channel's close reason, as aiormq does

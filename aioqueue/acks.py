@@ -7,6 +7,9 @@ of finished tasks costs one frame instead of one each. A tag settled above a gap
 still holds a lower tag) is acked on its own at the flush, so a long task never holds back the
 prefetch window. Rejections are sent at once and only count towards contiguity.
 
+Acks and rejections are written in the order they were made, through one `FrameBatch` per
+channel (see `aioqueue._frames` for why aiormq's awaited writes cannot be relied on for that).
+
 Only the consumer of a channel settles its deliveries here (one `Acker` per channel, per
 channel generation): a reconnect brings a new channel and a new `Acker`, and acks for the old
 one are dropped as stale — RabbitMQ redelivers those messages.
@@ -15,27 +18,29 @@ one are dropped as stale — RabbitMQ redelivers those messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import aiormq
+
+from ._frames import FrameBatch, ack_frame, reject_frame
 
 __all__ = ["Acker"]
 
 log = logging.getLogger("aioqueue.broker")
 
-_STALE = (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError, ConnectionError)
-
 
 class Acker:
     """Batches the acks of one aiormq channel."""
 
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+    def __init__(self, channel: aiormq.Channel) -> None:
         self.channel = channel
+        self._number = channel.number
+        self._frames = FrameBatch(channel)
         self._floor = 0  # every tag <= floor is settled
         self._settled: set[int] = set()  # settled tags above the floor
         self._unsent: set[int] = set()  # acked by us, not yet sent to RabbitMQ
         self._scheduled = False
-        self._sends: set[asyncio.Task[None]] = set()
 
     def _first_settle(self, tag: int) -> bool:
         """False (and a warning) if ``tag`` was settled before: RabbitMQ would close the
@@ -64,20 +69,27 @@ class Acker:
         if not self._first_settle(tag):
             return
         self.settled_elsewhere(tag)
-        await self.channel.basic_ack(tag, wait=True)
+        self._frames.add(ack_frame(self._number, tag, multiple=False))
+        await self._frames.written()
 
     async def reject(self, tag: int, *, requeue: bool, flush: bool = False) -> None:
-        """Reject ``tag`` (back to its queue when ``requeue``)."""
+        """Reject ``tag`` (back to its queue when ``requeue``); with ``flush``, wait until the
+        frame is written."""
         if not self._first_settle(tag):
             return
         self.settled_elsewhere(tag)
-        await self.channel.basic_reject(tag, requeue=requeue, wait=flush)
+        self._frames.add(reject_frame(self._number, tag, requeue=requeue))
+        if flush:
+            await self._frames.written()
+        else:
+            self._frames.send()
 
     async def flush(self) -> None:
-        """Send what is pending now and wait until it is written."""
+        """Send what is pending now and wait until it is written (on a channel that closed
+        meanwhile, the acks are dropped: RabbitMQ redelivers those messages)."""
         self._flush()
-        if self._sends:
-            await asyncio.gather(*self._sends, return_exceptions=True)
+        with contextlib.suppress(aiormq.exceptions.ChannelInvalidStateError):
+            await self._frames.written()
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -88,19 +100,15 @@ class Acker:
             if self._floor in self._unsent:
                 self._unsent.discard(self._floor)
                 top = self._floor
+        if self.channel.is_closed:
+            if top or self._unsent:
+                stale = sorted({top, *self._unsent} - {0})
+                log.debug("dropped stale acks %s: RabbitMQ redelivers those messages", stale)
+            self._unsent.clear()
+            return
         if top:
-            self._send(top, multiple=True)
+            self._frames.add(ack_frame(self._number, top, multiple=True))
         for tag in sorted(self._unsent):  # above a gap: alone, so prefetch is not held back
-            self._send(tag, multiple=False)
+            self._frames.add(ack_frame(self._number, tag, multiple=False))
         self._unsent.clear()
-
-    def _send(self, tag: int, *, multiple: bool) -> None:
-        task = asyncio.ensure_future(self._write(tag, multiple))
-        self._sends.add(task)
-        task.add_done_callback(self._sends.discard)
-
-    async def _write(self, tag: int, multiple: bool) -> None:
-        try:
-            await self.channel.basic_ack(tag, multiple=multiple, wait=False)
-        except _STALE as exc:
-            log.debug("dropped stale ack %s (%s): RabbitMQ redelivers those messages", tag, exc)
+        self._frames.send()

@@ -507,7 +507,7 @@ class Subscription:
 
     async def _consume(self) -> None:
         assert self._channel is not None
-        channel = await self._channel.get_underlay_channel()
+        channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
         channel.closing.add_done_callback(self._on_close)
         self._acker = Acker(channel)
@@ -545,7 +545,7 @@ class Subscription:
                 redelivered=bool(delivery.redelivered),
                 queue=self.queue,
                 delivery_tag=delivery.delivery_tag or 0,
-                acker=self._acker or Acker(message.channel),
+                acker=self._acker or Acker(cast(aiormq.Channel, message.channel)),
             )
         )
 

@@ -1,66 +1,160 @@
-"""The ack batcher, against a fake channel that records frames like RabbitMQ would check them."""
+"""The ack batcher, against a channel whose writer decodes the frames (with pamqp) and checks
+them as RabbitMQ would: an ack or reject of a tag no longer outstanding closes the channel."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pamqp.frame
+import pytest
+from pamqp import commands as spec
+
+from aioqueue._frames import ack_frame, reject_frame
 from aioqueue.acks import Acker
 
 
-class FakeChannel:
-    def __init__(self) -> None:
-        self.outstanding: set[int] = set(range(1, 101))
+class Channel:
+    """What `Acker` uses of an aiormq channel, with a writer task like aiormq's."""
+
+    def __init__(self, *, queue_size: int = 10, slow: bool = False) -> None:
+        self.number = 3
+        self.is_closed = False
+        self.write_queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
+        self.outstanding: set[int] = set(range(1, 1001))
         self.frames: list[tuple[str, int, bool]] = []
+        self.errors: list[str] = []
+        self.slow = slow
+        self._writer = asyncio.ensure_future(self._write())
 
-    async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
-        self._settle("ack", tag, multiple)
+    def create_future(self) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
 
-    async def basic_reject(self, tag: int, *, requeue: bool = True, wait: bool = True) -> None:
-        self._settle("reject", tag, False)
+    async def _write(self) -> None:
+        while True:
+            frame = await self.write_queue.get()
+            payload = frame.payload
+            while payload:
+                used, channel, method = pamqp.frame.unmarshal(payload)
+                payload = payload[used:]
+                assert channel == self.number
+                if isinstance(method, spec.Basic.Ack):
+                    self._settle("ack", method.delivery_tag, method.multiple)
+                else:
+                    assert isinstance(method, spec.Basic.Reject)
+                    self._settle("reject", method.delivery_tag, False)
+            if frame.drain_future is not None:
+                frame.drain_future.set_result(None)
+            if self.slow:  # a writer that falls behind: the queue fills up
+                for _ in range(5):
+                    await asyncio.sleep(0)  # sleep-ok: five iterations per frame set
 
     def _settle(self, kind: str, tag: int, multiple: bool) -> None:
         if tag not in self.outstanding:
-            raise AssertionError(f"PRECONDITION_FAILED - unknown delivery tag {tag}")
+            self.errors.append(f"PRECONDITION_FAILED - unknown delivery tag {tag}")
+            return
         self.frames.append((kind, tag, multiple))
         gone = {t for t in self.outstanding if t <= tag} if multiple else {tag}
         self.outstanding -= gone
 
+    async def close(self) -> None:
+        self._writer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await self._writer
 
-async def flushed(acker: Acker) -> None:
-    await acker.flush()
+
+@pytest.fixture
+async def channel() -> AsyncIterator[Channel]:
+    channel = Channel()
+    yield channel
+    await channel.close()
 
 
-async def test_a_burst_of_in_order_acks_is_one_frame() -> None:
-    channel = FakeChannel()
+def test_ack_and_reject_frames_are_pamqps_bytes() -> None:
+    for tag, flag in ((1, True), (2**40 + 5, False)):
+        ack = spec.Basic.Ack(delivery_tag=tag, multiple=flag)
+        reject = spec.Basic.Reject(delivery_tag=tag, requeue=flag)
+        assert ack_frame(7, tag, multiple=flag) == pamqp.frame.marshal(ack, 7)
+        assert reject_frame(7, tag, requeue=flag) == pamqp.frame.marshal(reject, 7)
+
+
+async def test_a_burst_of_in_order_acks_is_one_frame(channel: Channel) -> None:
     acker = Acker(channel)  # type: ignore[arg-type]
     for tag in range(1, 51):
         acker.ack(tag)
-    await flushed(acker)
-    assert channel.frames == [("ack", 50, True)]
-    assert channel.outstanding == set(range(51, 101))
+    await acker.flush()
+    assert channel.frames == [("ack", 50, True)] and channel.errors == []
+    assert channel.outstanding == set(range(51, 1001))
 
 
-async def test_tags_above_a_gap_are_acked_alone_and_never_twice() -> None:
-    channel = FakeChannel()
-    acker: Any = Acker(channel)  # type: ignore[arg-type]
+async def test_tags_above_a_gap_are_acked_alone_and_never_twice(channel: Channel) -> None:
+    acker = Acker(channel)  # type: ignore[arg-type]
     for tag in (1, 2, 4, 5):
         acker.ack(tag)
-    await flushed(acker)
+    await acker.flush()
     assert channel.frames == [("ack", 2, True), ("ack", 4, False), ("ack", 5, False)]
     await acker.reject(3, requeue=True)
     acker.ack(6)
-    await flushed(acker)
-    assert channel.frames[-1] == ("ack", 6, True)
-    assert channel.outstanding == set(range(7, 101))
+    await acker.flush()
+    assert channel.frames[-2:] == [("reject", 3, False), ("ack", 6, True)]
+    assert channel.outstanding == set(range(7, 1001))
 
 
-async def test_a_second_settle_of_a_tag_is_ignored() -> None:
-    channel = FakeChannel()
+async def test_a_second_settle_of_a_tag_is_ignored(channel: Channel) -> None:
     acker = Acker(channel)  # type: ignore[arg-type]
     acker.ack(1)
-    await flushed(acker)
+    await acker.flush()
     acker.ack(1)
     await acker.reject(1, requeue=True)
     await acker.ack_now(1)
-    await flushed(acker)
-    assert channel.frames == [("ack", 1, True)]
+    await acker.flush()
+    assert channel.frames == [("ack", 1, True)] and channel.errors == []
+
+
+async def test_settles_reach_the_writer_in_order_while_its_queue_is_full() -> None:
+    # Given a writer that falls behind, so that its 2-deep queue stays full
+    channel = Channel(queue_size=2, slow=True)
+    acker = Acker(channel)  # type: ignore[arg-type]
+    try:
+        # When tasks finish out of order for many iterations — tags above gaps acked alone,
+        # rejections in between, later multiple acks covering all of them
+        tags = list(range(1, 1001))
+        for start in range(0, 1000, 50):
+            block = tags[start : start + 50]
+            for tag in reversed(block):  # the highest first: each above a gap
+                if tag % 7 == 0:
+                    await acker.reject(tag, requeue=True)
+                else:
+                    acker.ack(tag)
+                if tag % 10 == 0:
+                    await asyncio.sleep(0)  # sleep-ok: the next iteration, a flush between
+        await asyncio.wait_for(acker.flush(), 30)
+        # Then RabbitMQ would have seen every tag settled once, none unknown
+        assert channel.errors == []
+        assert not channel.outstanding
+        assert sum(1 for kind, _, _ in channel.frames if kind == "reject") == 142
+    finally:
+        await channel.close()
+
+
+async def test_settles_on_a_closed_channel_are_dropped(channel: Channel) -> None:
+    acker = Acker(channel)  # type: ignore[arg-type]
+    acker.ack(1)
+    await acker.flush()
+    channel.is_closed = True
+    acker.ack(2)
+    await acker.reject(3, requeue=True)
+    with pytest.raises(Exception, match="closed"):
+        await acker.ack_now(4)
+    assert channel.frames == [("ack", 1, True)] and channel.write_queue.empty()
+
+
+async def test_a_flush_on_a_closed_channel_drops_the_acks_without_raising(
+    channel: Channel,
+) -> None:
+    acker = Acker(channel)  # type: ignore[arg-type]
+    acker.ack(1)
+    channel.is_closed = True
+    await acker.flush()  # at shutdown, after the connection was lost: nothing to raise
+    assert channel.frames == []

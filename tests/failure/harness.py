@@ -157,6 +157,9 @@ class Scenario:
     async def _stop_workers(self) -> None:
         self._stopping = True
         for worker in self.workers:
+            # one respawned just now may still be starting: before its signal handlers are
+            # installed, SIGTERM would kill it instead of asking it to finish
+            await worker.wait_ready()
             if worker.proc.poll() is None:
                 worker.proc.send_signal(signal.SIGTERM)
         for worker in self.workers:
