@@ -378,8 +378,16 @@ class RabbitBroker:
         robust = self._channel()
         while True:
             try:
+                # unbounded only while the channel we last published on is open: aio-pika may
+                # still call the connection connected just after that channel closed with it
                 connection = self._connection
-                ready = connection is not None and connection.connected.is_set()
+                publisher = self._publisher
+                ready = (
+                    connection is not None
+                    and connection.connected.is_set()
+                    and publisher is not None
+                    and not publisher.channel.is_closed
+                )
                 underlay = await _by(deadline, robust.get_underlay_channel(), blocks=not ready)
                 channel = cast(aiormq.Channel, underlay)
                 await self._inflight.acquire(deadline)
