@@ -21,9 +21,9 @@ from pamqp import commands as spec
 
 from .admin_status import add_parsers, run_command
 from .app import App
-from .broker import RabbitBroker
 from .cli import app_from_args, run, setup_logging
 from .errors import AioqueueError
+from .rabbit import RabbitBroker
 from .topology import dlq_name
 from .worker.settle import H_DEAD_QUEUE, H_DELIVERIES
 

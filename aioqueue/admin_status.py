@@ -23,8 +23,8 @@ import aio_pika
 from aio_pika.abc import AbstractRobustChannel
 
 from .app import App
-from .broker import RabbitBroker
 from .errors import AioqueueError
+from .rabbit import RabbitBroker
 from .scheduler.lease import leader_queue_name
 from .settings import mask_url
 from .topology import dlq_name

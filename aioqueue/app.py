@@ -12,9 +12,10 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
-from .broker import Broker, RabbitBroker, task_properties
+from .broker import Broker, task_properties
 from .errors import AioqueueError, PublishError
 from .message import Envelope, Outcome, check_json_native
+from .rabbit import RabbitBroker
 from .results import ReplyConsumer, ResultHandle
 from .retry import NO_RETRY, RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler

@@ -34,7 +34,8 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "aioqueue.metrics needs the Prometheus client library: pip install aioqueue[metrics]"
     ) from exc
 
-from .broker import Broker, RabbitBroker
+from .broker import Broker
+from .rabbit import RabbitBroker
 from .topology import dlq_name
 from .worker.events import Outcome
 

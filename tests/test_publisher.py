@@ -19,8 +19,8 @@ from pamqp.header import ContentHeader
 
 from aioqueue._publisher import Deadlines, Slots, publish_frames
 from aioqueue._wire import TaskProperties
-from aioqueue.broker import RabbitBroker
 from aioqueue.errors import PublishError, UnroutableError
+from aioqueue.rabbit import RabbitBroker
 from aioqueue.settings import Settings
 from tests.conftest import wait_until
 from tests.rabbit import RabbitNode

@@ -1,0 +1,358 @@
+"""RabbitMQ through aio-pika, with aiormq on the per-message path.
+
+aio-pika owns the connection, its recovery and the topology (robust channels re-declare queues
+after a reconnect). Per message we go one level down to the aiormq channel under the robust
+channel — fetched afresh for every operation, because it is a new object after each reconnect:
+
+- publishes go through `ChannelPublisher` (aiormq's confirm bookkeeping, without its
+  per-publish lock, timer and writer-queue wait; see `aioqueue._publisher`) and each awaits
+  its own publisher confirm, under a deadline that spans reconnects;
+- consuming is a `aioqueue.subscription.Subscription`, which comes back after reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from pamqp import commands as spec
+
+from ._publisher import ChannelPublisher, Deadlines, Slots
+from ._wire import RobustConnection
+from .broker import FATAL_CHANNEL, TRANSIENT, DeliveryCallback, LostCallback
+from .errors import BrokerConnectionError, PublishError, UnroutableError
+from .settings import Settings, mask_url
+from .subscription import Subscription
+from .topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
+
+__all__ = ["RabbitBroker"]
+
+log = logging.getLogger("aioqueue.broker")
+_T = TypeVar("_T")
+
+
+async def _by(deadline: float, awaitable: Awaitable[_T], *, blocks: bool) -> _T:
+    """``await awaitable``, bounded by ``deadline`` (loop time) only when it may block: a
+    timer per publish is a cost worth saving on the hot path."""
+    if not blocks:
+        return await awaitable
+    async with asyncio.timeout_at(deadline):
+        return await awaitable
+
+
+class RabbitBroker:
+    """One robust connection to RabbitMQ with a confirmed publishing channel."""
+
+    def __init__(self, url: str, settings: Settings, *, connection_name: str) -> None:
+        self._url = url
+        self.settings = settings
+        self._connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._publisher: ChannelPublisher | None = None  # of the current publishing channel
+        self._deadlines = Deadlines()
+        self._inflight = Slots(settings.max_inflight_publishes, self._deadlines)
+        self._declared: dict[str, aio_pika.abc.AbstractRobustQueue] = {}
+        self._declare_lock = asyncio.Lock()
+        self._ladders: set[str] = set()
+        self._delay_routes: set[str] = set()
+        self._deliver: aio_pika.abc.AbstractRobustExchange | None = None
+
+    def __repr__(self) -> str:
+        return f"<RabbitBroker {mask_url(self._url)}>"
+
+    @property
+    def url(self) -> str:
+        """The broker URL with the password masked."""
+        return mask_url(self._url)
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    def now(self) -> float:
+        return time.time()
+
+    async def connect(self) -> None:
+        """Connect, retrying with back-off for ``settings.connect_timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout
+        delay = 0.1
+        options: dict[str, Any] = {}
+        if "heartbeat" not in parse_qs(urlsplit(self._url).query):  # the URL's value wins
+            options["heartbeat"] = self.settings.heartbeat
+        while True:
+            try:
+                self._connection = await aio_pika.connect_robust(
+                    self._url,
+                    reconnect_interval=self.settings.reconnect_interval,
+                    client_properties={"connection_name": self._connection_name},
+                    timeout=max(1.0, min(10.0, deadline - loop.time())),
+                    ssl_context=self.settings.ssl_context,
+                    connection_class=RobustConnection,
+                    **options,
+                )
+                break
+            except (TimeoutError, *TRANSIENT) as exc:
+                if loop.time() + delay > deadline:
+                    raise BrokerConnectionError(
+                        f"cannot reach the broker at {self.url} within "
+                        f"{self.settings.connect_timeout:g}s: {self._scrub(exc)}"
+                    ) from None
+                log.warning("broker %s not reachable (%s); retrying", self.url, self._scrub(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        self._publish_channel = await self.channel(publisher_confirms=True)
+
+    def _scrub(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        return text.replace(self._url, self.url)
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._declared.clear()
+        self._ladders.clear()
+        self._delay_routes.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def channel(self, *, publisher_confirms: bool = False) -> AbstractRobustChannel:
+        """A new robust channel on this connection (re-opened after reconnects)."""
+        connection = self._connection
+        if connection is None:
+            raise BrokerConnectionError("not connected: use `async with app:` first")
+        channel = await self._retrying(
+            "opening a channel",
+            lambda: connection.channel(
+                publisher_confirms=publisher_confirms, on_return_raises=publisher_confirms
+            ),
+        )
+        assert isinstance(channel, AbstractRobustChannel)
+        return channel
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+        """``operation()``, retried through connection trouble while the connection recovers.
+
+        For ``settings.publish_timeout`` at most (a submit's own deadline is the same), then
+        `BrokerConnectionError`; a refusal (access, not found, precondition) is raised at once.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.publish_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await operation()
+            except FATAL_CHANNEL:
+                raise
+            except TRANSIENT as exc:
+                closed = self._connection is None or self._connection.is_closed
+                if closed or loop.time() + delay > deadline:
+                    raise BrokerConnectionError(f"{what} failed: {self._scrub(exc)}") from None
+                log.info("%s interrupted (%s); retrying", what, self._scrub(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _channel(self) -> AbstractRobustChannel:
+        if self._publish_channel is None:
+            raise BrokerConnectionError("not connected: use `async with app:` first")
+        return self._publish_channel
+
+    def is_declared(self, name: str) -> bool:
+        """Whether ``name`` was declared on this connection (so `declare_queue` is a no-op)."""
+        return name in self._declared
+
+    async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare a durable queue once per connection; aio-pika re-declares it after reconnects."""
+        if name in self._declared:
+            return
+        async with self._declare_lock:
+            if name not in self._declared:
+                self._declared[name] = await self._retrying(
+                    f"declaring queue {name!r}",
+                    lambda: self._channel().declare_queue(name, durable=True, arguments=arguments),
+                )
+
+    async def delete_queue(self, name: str) -> None:
+        """Delete a queue of ours (e.g. a finished stream)."""
+        self._declared.pop(name, None)
+        self._delay_routes.discard(name)
+        channel = await self._channel().get_underlay_channel()
+        await channel.queue_delete(name)
+
+    async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
+        """Declare the delay ladder of ``queue_type`` (once) and route its exit to ``queue``.
+
+        ``queue`` must have been declared. See `aioqueue.topology` for the ladder's design.
+        """
+        if queue in self._delay_routes:
+            return
+        async with self._declare_lock:
+            if queue_type not in self._ladders:
+                await self._declare_ladder(queue_type)
+                self._ladders.add(queue_type)
+            if queue not in self._delay_routes:
+                assert self._deliver is not None
+                await self._declared[queue].bind(self._deliver, routing_key=deliver_pattern(queue))
+                self._delay_routes.add(queue)
+
+    async def _declare_ladder(self, queue_type: QueueType) -> None:
+        channel = self._channel()
+        topic = aio_pika.ExchangeType.TOPIC
+        if self._deliver is None:
+            self._deliver = await channel.declare_exchange(DELIVER_EXCHANGE, topic, durable=True)
+        exchanges = {DELIVER_EXCHANGE: self._deliver}
+        ladder = delay_ladder(queue_type)
+        for exchange, *_ in ladder:
+            exchanges[exchange] = await channel.declare_exchange(exchange, topic, durable=True)
+        for exchange, queue, arguments, to_queue, onward in ladder:
+            level = await channel.declare_queue(queue, durable=True, arguments=arguments)
+            await level.bind(exchanges[exchange], routing_key=to_queue)
+            await exchanges[arguments["x-dead-letter-exchange"]].bind(
+                exchanges[exchange], routing_key=onward
+            )
+
+    async def queue_depth(self, name: str) -> tuple[int, int]:
+        """(messages ready, consumers) of an existing queue, from a passive declare."""
+        channel = await self._channel().get_underlay_channel()
+        ok = await channel.queue_declare(name, passive=True)
+        return ok.message_count or 0, ok.consumer_count or 0
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        *,
+        exchange: str = "",
+        timeout: float | None = None,
+    ) -> None:
+        """Publish to the default exchange and return once RabbitMQ confirmed it.
+
+        The message is ``mandatory``: an unroutable message is a `PublishError`, not a silent
+        drop. Connection trouble is retried on the recovered channel until ``timeout``
+        (default ``settings.publish_timeout``); then `PublishError`.
+        """
+        timeout = self.settings.publish_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            await self._publish_until_confirmed(exchange, routing_key, body, properties, deadline)
+        except TimeoutError:
+            raise PublishError(
+                f"no confirm for a publish to {routing_key!r} within {timeout:g}s"
+            ) from None
+
+    async def _publish_until_confirmed(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        deadline: float,
+    ) -> None:
+        """Publish until confirmed, refused, or ``deadline`` (loop time): `TimeoutError`.
+
+        The deadline is handed down instead of wrapping the whole in ``asyncio.timeout``
+        (a timer per publish): `Deadlines` bounds the waits for a slot and for confirms with
+        one timer, and the wait for the channel is bounded only when it would block.
+        """
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        robust = self._channel()
+        while True:
+            try:
+                # unbounded only while the channel we last published on is open: aio-pika may
+                # still call the connection connected just after that channel closed with it
+                connection = self._connection
+                publisher = self._publisher
+                ready = (
+                    connection is not None
+                    and connection.connected.is_set()
+                    and publisher is not None
+                    and not publisher.channel.is_closed
+                )
+                underlay = await _by(deadline, robust.get_underlay_channel(), blocks=not ready)
+                channel = cast(aiormq.Channel, underlay)
+                await self._inflight.acquire(deadline)
+                try:
+                    confirm = await self._publish_once(
+                        channel, exchange, routing_key, body, properties, deadline
+                    )
+                finally:
+                    self._inflight.release()
+            except aiormq.exceptions.PublishError as exc:
+                raise UnroutableError(
+                    f"message to {routing_key!r} was returned unroutable: {exc.reason}"
+                ) from None
+            except aiormq.exceptions.DeliveryError:
+                raise PublishError(
+                    f"RabbitMQ refused (nacked) a message to {routing_key!r}"
+                ) from None
+            except FATAL_CHANNEL as exc:
+                raise PublishError(f"publish to {routing_key!r} refused: {exc}") from None
+            except TRANSIENT as exc:
+                if isinstance(exc, TimeoutError) and loop.time() >= deadline:
+                    raise
+                log.info("publish to %r interrupted (%s); retrying", routing_key, self._scrub(exc))
+                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                delay = min(delay * 2, 1.0)
+                continue
+            if not isinstance(confirm, spec.Basic.Ack):
+                raise PublishError(f"RabbitMQ did not confirm a message to {routing_key!r}")
+            return
+
+    async def _publish_once(
+        self,
+        channel: aiormq.Channel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        deadline: float,
+    ) -> Any:
+        """One publish and its confirm, cancelled at ``deadline``: `TimeoutError`."""
+        publisher = self._publisher
+        if publisher is None or publisher.channel is not channel:
+            publisher = self._publisher = ChannelPublisher(channel)
+        tag, confirm = publisher.publish(exchange, routing_key, body, properties)
+        self._deadlines.add(confirm, deadline)
+        try:
+            return await confirm
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if confirm.cancelled() and task is not None and not task.cancelling():
+                raise TimeoutError from None  # cancelled by its deadline, not our caller
+            raise
+        except Exception as exc:
+            # a channel closed without a reason fails its pending confirms with a bare
+            # Exception: that is connection trouble too, not a refusal
+            if type(exc) is Exception and channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError("closed") from None
+            raise
+        finally:
+            publisher.forget(tag, properties.message_id or "")
+
+    async def subscribe(
+        self,
+        queue: str,
+        callback: DeliveryCallback,
+        *,
+        prefetch: int,
+        on_lost: LostCallback | None = None,
+    ) -> Subscription:
+        """Consume ``queue`` with manual acks and ``prefetch`` unacked messages at most.
+
+        ``on_lost(queue, exc)`` is called when the consuming channel closes under us (its
+        unacked deliveries go back to the queue); the subscription then recovers by itself.
+        """
+        subscription = Subscription(self, queue, callback, prefetch, on_lost)
+        await subscription.start()
+        return subscription

@@ -1,0 +1,135 @@
+"""A RabbitMQ consumer that comes back after reconnects and after a server-side cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, cast
+
+import aiormq
+from aio_pika.abc import AbstractRobustChannel
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from .acks import Acker
+from .broker import FATAL_CHANNEL, TRANSIENT, Delivery, DeliveryCallback, LostCallback
+
+if TYPE_CHECKING:
+    from .rabbit import RabbitBroker
+
+__all__ = ["Subscription"]
+
+log = logging.getLogger("aioqueue.broker")
+
+
+class Subscription:
+    """A consumer that comes back after reconnects and after a server-side cancel."""
+
+    def __init__(
+        self,
+        broker: RabbitBroker,
+        queue: str,
+        callback: DeliveryCallback,
+        prefetch: int,
+        on_lost: LostCallback | None = None,
+    ) -> None:
+        self._broker = broker
+        self._on_lost = on_lost
+        self.queue = queue
+        self._callback = callback
+        self._prefetch = prefetch
+        self._tag = f"aioqueue.{uuid.uuid4().hex}"
+        self._channel: AbstractRobustChannel | None = None
+        self._active = False
+        self._recover_task: asyncio.Task[None] | None = None
+        self._acker: Acker | None = None
+
+    async def start(self) -> None:
+        self._channel = await self._broker.channel()
+        self._active = True
+        self._channel.reopen_callbacks.add(self._on_reopen)
+        try:
+            await self._channel.set_qos(prefetch_count=self._prefetch)
+            await self._consume()
+        except FATAL_CHANNEL:
+            raise
+        except TRANSIENT as exc:
+            # the robust channel re-applies the QoS when it reopens, and _on_reopen consumes
+            log.info("consuming %r interrupted (%s); resumes on reconnect", self.queue, exc)
+
+    def _on_close(self, closing: asyncio.Future[Any]) -> None:
+        if not self._active or self._on_lost is None:
+            return
+        exc = None if closing.cancelled() else closing.exception()
+        self._on_lost(self.queue, exc)
+
+    async def _on_reopen(self, *_: Any) -> None:
+        if self._active:
+            log.info("channel of %r reopened; consuming again", self.queue)
+            await self._consume()
+
+    async def _consume(self) -> None:
+        assert self._channel is not None
+        channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        channel.on_consumer_cancel_callbacks.add(self._on_cancel)
+        channel.closing.add_done_callback(self._on_close)
+        self._acker = Acker(channel)
+        await channel.basic_consume(
+            self.queue, self._on_message, no_ack=False, consumer_tag=self._tag
+        )
+
+    def _on_cancel(self, frame: Any) -> Awaitable[None] | None:
+        if getattr(frame, "consumer_tag", None) != self._tag or not self._active:
+            return None
+        if isinstance(frame, spec.Basic.CancelOk):
+            return None
+        log.warning("consumer of %r cancelled by the server; re-consuming", self.queue)
+        self._recover_task = asyncio.get_running_loop().create_task(self._recover())
+        return None
+
+    async def _recover(self) -> None:
+        delay = 0.2
+        while self._active:
+            try:
+                await self._consume()
+                return
+            except Exception as exc:
+                log.warning("re-consuming %r failed (%s); retrying", self.queue, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        await self._callback(
+            Delivery(
+                body=message.body,
+                properties=message.header.properties,
+                redelivered=bool(delivery.redelivered),
+                queue=self.queue,
+                delivery_tag=delivery.delivery_tag or 0,
+                acker=self._acker or Acker(cast(aiormq.Channel, message.channel)),
+            )
+        )
+
+    async def cancel(self) -> None:
+        """Stop new deliveries; deliveries in hand can still be settled."""
+        self._active = False
+        if self._recover_task is not None:
+            self._recover_task.cancel()
+        if self._channel is None:
+            return
+        with contextlib.suppress(*TRANSIENT, asyncio.TimeoutError):
+            channel = await self._channel.get_underlay_channel()
+            await channel.basic_cancel(self._tag, timeout=5)
+
+    async def close(self) -> None:
+        await self.cancel()
+        if self._acker is not None:
+            await self._acker.flush()
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
