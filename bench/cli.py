@@ -20,12 +20,14 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from . import report
 from .admin import server_version
 from .loop import loop_name
+from .machine import listener_pid
 from .procs import ROOT, BenchError
 from .suite import BUSY_CORES, COMPARED, ONCE, Suite, progress
 from .workloads import Sizes
@@ -73,9 +75,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @contextlib.contextmanager
 def broker(url: str | None) -> Iterator[tuple[str, int | None]]:
     """(URL, pid) of a private RabbitMQ node for the duration (tests/rabbit.py), or the given
-    URL (pid unknown)."""
+    URL with the pid of its broker when it runs on this machine (else None)."""
     if url:
-        yield url, None
+        parts = urlsplit(url)
+        pid = None
+        if parts.hostname in ("localhost", "127.0.0.1", "::1"):
+            pid = listener_pid(parts.port or (5671 if parts.scheme == "amqps" else 5672))
+        if pid is None:
+            progress("the broker's process is not on this machine: its CPU counts as 'other'")
+        else:
+            progress(f"the broker listens as pid {pid}: its CPU counts as the suite's")
+        yield url, pid
         return
     from tests.rabbit import RabbitNode
 

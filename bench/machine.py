@@ -12,7 +12,7 @@ import os
 import time
 from types import TracebackType
 
-__all__ = ["CpuWatch", "wait_until_quiet"]
+__all__ = ["CpuWatch", "listener_pid", "wait_until_quiet"]
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -36,6 +36,34 @@ def _process(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / TICK  # utime stime cutime cstime
 
 
+def listener_pid(port: int) -> int | None:
+    """The pid of the process listening on TCP ``port`` on this machine, if it can be seen.
+
+    A socket's inode comes from ``/proc/net/tcp`` (and ``tcp6``), its owner from the
+    ``socket:[inode]`` links under ``/proc/*/fd`` (other users' only as root).
+    """
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            continue
+        for row in rows:  # sl local_address rem_address st ... inode
+            if row[3] == "0A" and int(row[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{row[9]}]")
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                return int(pid)
+        except OSError:
+            continue
+    return None
+
+
 def _ours(broker_pid: int | None) -> float:
     times = os.times()
     own = times.user + times.system + times.children_user + times.children_system
@@ -45,7 +73,8 @@ def _ours(broker_pid: int | None) -> float:
 class CpuWatch:
     """``with CpuWatch(broker_pid) as watch: ...`` then ``watch.summary()``.
 
-    Without ``broker_pid`` (a broker given by URL) the broker counts as "other".
+    Without ``broker_pid`` (a broker given by URL that is not on this machine, or whose process
+    cannot be seen) the broker counts as "other".
     """
 
     def __init__(self, broker_pid: int | None) -> None:
