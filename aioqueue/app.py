@@ -17,12 +17,12 @@ from .errors import AioqueueError, PublishError
 from .message import Envelope, Outcome, check_json_native
 from .rabbit import RabbitBroker
 from .results import ReplyConsumer, ResultHandle
-from .retry import NO_RETRY, RetryPolicy
+from .retry import RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
 from .scheduler._define import PeriodicDecorator, ScheduleOptions, add_schedule, build_schedule
 from .settings import Settings, mask_url, resolve_broker_url
 from .streams import EventSink, StreamReader
-from .task import Task, TaskOptions
+from .task import Task, TaskDecorator, TaskOptions
 from .topology import (
     QueueType,
     delay_entry_exchange,
@@ -99,7 +99,7 @@ class App:
         ignore_result: bool = False,
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
-    ) -> _TaskDecorator: ...
+    ) -> TaskDecorator: ...
 
     def task(
         self,
@@ -112,12 +112,12 @@ class App:
         ignore_result: bool = False,
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
-    ) -> Task[Any, Any] | _TaskDecorator:
+    ) -> Task[Any, Any] | TaskDecorator:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., ...)``.
 
         ``async def`` functions run on the worker's event loop, plain functions in a thread.
         """
-        decorator = _TaskDecorator(
+        decorator = TaskDecorator(
             self,
             name=name,
             queue=queue,
@@ -421,50 +421,6 @@ class _Receiver:
     async def abandon(self) -> None:
         if self.reader is not None:
             await self.reader.close()
-
-
-class _TaskDecorator:
-    """``@app.task(...)`` with options: applied to the function, returns the `Task`."""
-
-    def __init__(
-        self,
-        app: App,
-        *,
-        name: str | None,
-        queue: str | None,
-        timeout: float | None,
-        ignore_result: bool,
-        retry: RetryPolicy | None,
-        queue_type: QueueType | None,
-    ) -> None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
-        self._app = app
-        self._name = name
-        self._queue = queue
-        self._timeout = timeout
-        self._ignore_result = ignore_result
-        self._retry = retry or NO_RETRY
-        self._queue_type = queue_type
-
-    @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
-    @overload
-    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
-
-    def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:
-        name = self._name or f"{fn.__module__}.{fn.__qualname__}"
-        options = TaskOptions(
-            name=name,
-            queue=self._queue or self._app.default_queue,
-            timeout=self._timeout,
-            ignore_result=self._ignore_result,
-            retry=self._retry,
-            queue_type=self._queue_type or self._app.queue_type,
-        )
-        task: Task[Any, Any] = Task(self._app, fn, options)
-        self._app.register(task)
-        return task
 
 
 def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from .retry import NO_RETRY, RetryPolicy
 from .topology import QueueType
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .app import App
     from .results import ResultHandle
 
-__all__ = ["Task", "TaskOptions"]
+__all__ = ["Task", "TaskDecorator", "TaskOptions"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -134,3 +134,47 @@ class Task(Generic[P, R]):
             queue=queue,
             ignore_result=ignore_result,
         )
+
+
+class TaskDecorator:
+    """``@app.task(...)`` with options: applied to the function, returns the `Task`."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        name: str | None,
+        queue: str | None,
+        timeout: float | None,
+        ignore_result: bool,
+        retry: RetryPolicy | None,
+        queue_type: QueueType | None,
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._app = app
+        self._name = name
+        self._queue = queue
+        self._timeout = timeout
+        self._ignore_result = ignore_result
+        self._retry = retry or NO_RETRY
+        self._queue_type = queue_type
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    def __call__(self, fn: Callable[..., Any], /) -> Task[Any, Any]:
+        name = self._name or f"{fn.__module__}.{fn.__qualname__}"
+        options = TaskOptions(
+            name=name,
+            queue=self._queue or self._app.default_queue,
+            timeout=self._timeout,
+            ignore_result=self._ignore_result,
+            retry=self._retry,
+            queue_type=self._queue_type or self._app.queue_type,
+        )
+        task: Task[Any, Any] = Task(self._app, fn, options)
+        self._app.register(task)
+        return task
