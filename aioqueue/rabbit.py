@@ -181,6 +181,29 @@ class RabbitBroker:
                     lambda: self._channel().declare_queue(name, durable=True, arguments=arguments),
                 )
 
+    async def ensure_queue(self, name: str) -> None:
+        """Make sure ``name`` exists before consuming it again.
+
+        A queue declared here is declared again as it was (a node killed a few seconds after a
+        declare has come back without the queue); any other queue is
+        checked passively on a short-lived channel, since a missing queue closes the channel
+        that asked (`ChannelNotFoundEntity`).
+        """
+        queue = self._declared.get(name)
+        if queue is not None:
+            await queue.declare()
+            return
+        connection = self._connection
+        transport = None if connection is None else connection.transport
+        if transport is None:
+            raise BrokerConnectionError(f"not connected: cannot check queue {name!r}")
+        probe = await transport.connection.channel()  # plain aiormq: nothing to restore
+        try:
+            await probe.queue_declare(name, passive=True)
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+
     async def delete_queue(self, name: str) -> None:
         """Delete a queue of ours (e.g. a finished stream)."""
         self._declared.pop(name, None)

@@ -46,6 +46,7 @@ class Subscription:
         self._active = False
         self._recover_task: asyncio.Task[None] | None = None
         self._acker: Acker | None = None
+        self._consuming_on: aiormq.Channel | None = None
 
     async def start(self) -> None:
         self._channel = await self._broker.channel()
@@ -66,20 +67,23 @@ class Subscription:
         exc = None if closing.cancelled() else closing.exception()
         self._on_lost(self.queue, exc)
 
-    async def _on_reopen(self, *_: Any) -> None:
-        if self._active:
+    async def _on_reopen(self, sender: Any, *_: Any) -> None:
+        if self._active and sender is self._channel:
             log.info("channel of %r reopened; consuming again", self.queue)
-            await self._consume()
+            self._recover_soon()
 
     async def _consume(self) -> None:
         assert self._channel is not None
         channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
+        if channel is self._consuming_on and not channel.is_closed:
+            return  # already consuming on this very channel (a reopen raced a recovery)
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
         channel.closing.add_done_callback(self._on_close)
         self._acker = Acker(channel)
         await channel.basic_consume(
             self.queue, self._on_message, no_ack=False, consumer_tag=self._tag
         )
+        self._consuming_on = channel
 
     def _on_cancel(self, frame: Any) -> Awaitable[None] | None:
         if getattr(frame, "consumer_tag", None) != self._tag or not self._active:
@@ -87,19 +91,33 @@ class Subscription:
         if isinstance(frame, spec.Basic.CancelOk):
             return None
         log.warning("consumer of %r cancelled by the server; re-consuming", self.queue)
-        self._recover_task = asyncio.get_running_loop().create_task(self._recover())
+        self._consuming_on = None
+        self._recover_soon()
         return None
+
+    def _recover_soon(self) -> None:
+        """Consume again in one task of our own, whatever asked (a reopen, a server cancel).
+
+        Not inside aio-pika's reopen callback: aio-pika drops that callback's exception, and a
+        refusal there (the queue is missing after a node restart) would leave the subscription
+        silently dead.
+        """
+        if self._recover_task is None or self._recover_task.done():
+            self._recover_task = asyncio.get_running_loop().create_task(self._recover())
 
     async def _recover(self) -> None:
         delay = 0.2
         while self._active:
             try:
+                await self._broker.ensure_queue(self.queue)
                 await self._consume()
                 return
             except Exception as exc:
-                log.warning("re-consuming %r failed (%s); retrying", self.queue, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                log.warning(
+                    "consuming %r again failed (%s); retrying in %.1fs", self.queue, exc, delay
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         delivery = message.delivery

@@ -1,0 +1,127 @@
+"""Consumers come back when their queue went missing: deleted under them, or lost by the broker.
+
+A RabbitMQ node killed (``kill -9``) a few seconds after a durable queue was declared came back
+without it (seen once, with a client's reply queue), and aio-pika drops the exception of a
+channel's reopen callback: a consumer that re-consumed there stayed silently dead (a flaky
+``test_callers_wait_across_a_broker_outage_and_get_their_results[kill]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import aio_pika
+import pytest
+
+from aioqueue import App, Settings
+from aioqueue.broker import Delivery, settle
+from aioqueue.rabbit import RabbitBroker
+from tests.conftest import running_worker, wait_until
+from tests.proxy import Proxy
+from tests.rabbit import RabbitNode
+from tests.test_reconnect import consumers
+
+
+@pytest.fixture
+async def admin(rabbit: RabbitNode) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    """A channel of a connection of its own, to change the broker behind the client's back."""
+    connection = await aio_pika.connect(rabbit.url)
+    async with connection:
+        yield await connection.channel()
+
+
+def reply_queue(app: App) -> str:
+    replies = app._replies
+    assert replies is not None
+    return replies.queue
+
+
+async def test_a_reply_queue_deleted_under_a_connected_client_is_declared_and_consumed_again(
+    make_app: Callable[..., App], rabbit: RabbitNode, admin: aio_pika.abc.AbstractChannel
+) -> None:
+    # Given a client that received a result, so its reply queue is consumed
+    app = make_app()
+
+    @app.task(name="s.echo")
+    async def echo(x: int) -> int:
+        return x
+
+    async with app, running_worker(app):
+        assert await (await echo.submit(1)).result(timeout=30) == 1
+        queue = reply_queue(app)
+        # When the reply queue is deleted (RabbitMQ cancels its consumer)
+        await admin.queue_delete(queue)
+        # Then the client declares it again and consumes it, and results arrive again
+        await wait_until(lambda: consumers(rabbit, queue), timeout=60, what="re-consuming")
+        assert await (await echo.submit(2)).result(timeout=60) == 2
+
+
+async def test_a_consumer_of_a_missing_queue_keeps_trying_and_resumes_when_it_is_back(
+    rabbit: RabbitNode,
+    queue_name: str,
+    admin: aio_pika.abc.AbstractChannel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a subscription to a queue declared by someone else (its arguments unknown here)
+    await admin.declare_queue(queue_name, durable=True)
+    broker = RabbitBroker(rabbit.url, Settings(), connection_name="subscription")
+    await broker.connect()
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_delivery(delivery: Delivery) -> None:
+        await received.put(delivery.body)
+        await settle(delivery, ack=True)
+
+    caplog.set_level(logging.WARNING, logger="aioqueue.broker")
+    try:
+        subscription = await broker.subscribe(queue_name, on_delivery, prefetch=10)
+        # When the queue is deleted, and only declared again after a failed attempt to consume
+        await admin.queue_delete(queue_name)
+        await wait_until(
+            lambda: any(str(r.msg).startswith("consuming %r again") for r in caplog.records),
+            timeout=60,
+            what="a failed attempt to consume again",
+        )
+        await admin.declare_queue(queue_name, durable=True)
+        await admin.default_exchange.publish(aio_pika.Message(b"back"), routing_key=queue_name)
+        # Then the subscription consumes it again (on the channel it had: a missing queue was
+        # found on a probe channel, not by closing the consuming one)
+        assert await asyncio.wait_for(received.get(), 60) == b"back"
+        await subscription.close()
+    finally:
+        await broker.close()
+        await admin.queue_delete(queue_name)
+
+
+async def test_results_arrive_after_a_reconnect_that_finds_the_reply_queue_gone(
+    make_app: Callable[..., App],
+    rabbit: RabbitNode,
+    admin: aio_pika.abc.AbstractChannel,
+) -> None:
+    # Given a client behind a proxy, and a worker connected directly
+    async with Proxy(rabbit.port) as proxy:
+        client = make_app(broker_url=proxy.url(rabbit.url))
+        worker_app = make_app()
+
+        @worker_app.task(name="s.double")
+        async def double(x: int) -> int:
+            return 2 * x
+
+        async with client, worker_app, running_worker(worker_app):
+            assert await (await client.submit("s.double", 1)).result(timeout=30) == 2
+            queue = reply_queue(client)
+            # When the client's connection drops, and its reply queue is gone when it returns
+            # (what a node killed soon after the declare can do)
+            proxy.blackhole()
+            accepted = proxy.accepted
+            proxy.reset()
+            await wait_until(lambda: proxy.accepted > accepted, timeout=60, what="a reconnect")
+            await admin.queue_delete(queue)
+            proxy.passthrough()
+            # Then its reply queue is consumed again and results arrive. (aio-pika restores
+            # channels in no set order: when the consuming one comes before the one that
+            # declared the queue, consuming meets a missing queue; the other order is fine.)
+            await wait_until(lambda: consumers(rabbit, queue), timeout=60, what="re-consuming")
+            assert await (await client.submit("s.double", 21)).result(timeout=60) == 42
