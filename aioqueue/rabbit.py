@@ -181,18 +181,14 @@ class RabbitBroker:
                     lambda: self._channel().declare_queue(name, durable=True, arguments=arguments),
                 )
 
-    async def ensure_queue(self, name: str) -> None:
-        """Make sure ``name`` exists before consuming it again.
-
-        A queue declared here is declared again as it was (a node killed a few seconds after a
-        declare has come back without the queue); any other queue is
-        checked passively on a short-lived channel, since a missing queue closes the channel
-        that asked (`ChannelNotFoundEntity`).
-        """
+    def declared_arguments(self, name: str) -> dict[str, Any] | None:
+        """The arguments ``name`` was declared with here, or None if it was not declared here."""
         queue = self._declared.get(name)
-        if queue is not None:
-            await queue.declare()
-            return
+        return None if queue is None else dict(queue.arguments or {})
+
+    async def probe_queue(self, name: str) -> None:
+        """Raise `ChannelNotFoundEntity` unless ``name`` exists, checked passively on a
+        short-lived channel: a missing queue closes the channel that asked."""
         connection = self._connection
         transport = None if connection is None else connection.transport
         if transport is None:

@@ -72,11 +72,20 @@ class Subscription:
             log.info("channel of %r reopened; consuming again", self.queue)
             self._recover_soon()
 
-    async def _consume(self) -> None:
+    async def _consume(self, *, again: bool = False) -> None:
         assert self._channel is not None
         channel = cast(aiormq.Channel, await self._channel.get_underlay_channel())
         if channel is self._consuming_on and not channel.is_closed:
             return  # already consuming on this very channel (a reopen raced a recovery)
+        if again:
+            # the queue may be gone (deleted, or lost by a node killed soon after its declare):
+            # one declared here is declared again as it was, on this channel (the one that
+            # declared it may not be restored yet); another one is probed on a channel of its own
+            arguments = self._broker.declared_arguments(self.queue)
+            if arguments is None:
+                await self._broker.probe_queue(self.queue)
+            else:
+                await channel.queue_declare(self.queue, durable=True, arguments=arguments)
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
         channel.closing.add_done_callback(self._on_close)
         self._acker = Acker(channel)
@@ -109,8 +118,7 @@ class Subscription:
         delay = 0.2
         while self._active:
             try:
-                await self._broker.ensure_queue(self.queue)
-                await self._consume()
+                await self._consume(again=True)
                 return
             except Exception as exc:
                 log.warning(

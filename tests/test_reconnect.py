@@ -139,9 +139,14 @@ async def test_a_stale_ack_after_a_connection_loss_never_crashes_the_worker(
     async with client(rabbit, queue_name) as app:
         handle = await app.submit("tests.gated", "stale")
         await wait_until(lambda: lines(tmp_path / "started-stale"), what="task started")
-        # When its connection is closed under it, and only then the task finishes
+        # When its connection is closed under it, and the task finishes only once RabbitMQ
+        # has redelivered it to the same worker (a redelivery after the finish would run it
+        # again, rightly: its ack went with the old channel)
         await asyncio.to_thread(rabbit.close_all_connections)
         await wait_until(lambda: "lost the channel" in worker.output(), what="channel lost")
+        await wait_until(
+            lambda: "is already running here" in worker.output(), timeout=60, what="redelivery"
+        )
         (tmp_path / "release-stale").touch()
         # Then its ack on the dead channel is dropped, the caller gets the one result, and
         # the worker lives on
