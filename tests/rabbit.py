@@ -15,7 +15,8 @@ import secrets
 import signal
 import socket
 import subprocess
-import time
+
+from tests.waiting import poll_until
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 BROKER_SH = REPO_ROOT / "services" / "rabbitmq" / "broker.sh"
@@ -163,11 +164,8 @@ class RabbitNode:
             raise RuntimeError(f"{self!r}: no pid known; is it running?")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while not _pid_gone(pid):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self!r}: pid {pid} survived SIGKILL for 30 s")
-            time.sleep(0.05)
+        if not poll_until(lambda: _pid_gone(pid), timeout=30):
+            raise RuntimeError(f"{self!r}: pid {pid} survived SIGKILL for 30 s")
         self.pid = None
         self.start()
 
@@ -232,15 +230,15 @@ class RabbitNode:
             return None
 
     def _wait_for_port(self, timeout: float = PORT_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def accepting() -> bool:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
+                    return True
             except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"{self!r}: AMQP port {self.port} not accepting connections after "
-                        f"{timeout:.0f}s\n{_tail(self.log_file)}"
-                    ) from None
-                time.sleep(0.1)
+                return False
+
+        if not poll_until(accepting, timeout=timeout, interval=0.1):
+            raise RuntimeError(
+                f"{self!r}: AMQP port {self.port} not accepting connections after "
+                f"{timeout:.0f}s\n{_tail(self.log_file)}"
+            )

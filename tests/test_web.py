@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -100,15 +99,14 @@ async def submit(client: TestClient[Any, Any], name: str, body: Any = None) -> C
 
 async def poll(client: TestClient[Any, Any], task_id: str, *, timeout: float = 30) -> Any:
     """GET the task until it is no longer pending (deadline ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def finished() -> Any:
         response = await client.get(f"/tasks/{task_id}")
         assert response.status == 200, await response.text()
         body = await response.json()
-        if body["status"] != "pending":
-            return body
-        assert time.monotonic() < deadline, f"task {task_id} still pending after {timeout}s"
-        await asyncio.sleep(0.05)
+        return body if body["status"] != "pending" else None
+
+    return await wait_until(finished, timeout=timeout, what=f"task {task_id} to finish")
 
 
 async def read_events(response: ClientResponse, until: str) -> list[tuple[str, Any]]:

@@ -6,13 +6,13 @@ started; the test releases it), so no test needs to sleep for a fixed time.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
 import anyio
 
 from aioqueue import App, task_context
+from tests.waiting import wait_until
 
 app = App(
     "tests",
@@ -39,11 +39,7 @@ async def gated(key: str) -> dict[str, object]:
 
 async def _file_appears(path: Path) -> None:
     """Wait (at most 120 s) for a file the test process creates: another process, no event."""
-    with anyio.fail_after(120):
-        while True:
-            if await anyio.Path(path).exists():
-                return
-            await asyncio.sleep(0.02)  # polling interval of a condition with a deadline
+    await wait_until(path.exists, timeout=120, what=f"{path.name} to appear")
 
 
 @app.task(name="tests.crash")
