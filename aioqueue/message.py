@@ -46,6 +46,10 @@ H_SCHEDULED_AT: Final = "aioqueue-scheduled-at"
 H_STREAM_TO: Final = "aioqueue-stream-to"
 H_EVENT: Final = "aioqueue-event"
 H_SEQ: Final = "aioqueue-seq"
+# Set by the RabbitMQ frame reader on a delivery whose properties or headers could not be read
+# (not UTF-8, a timestamp out of range, ...): a table of property name -> the raw bytes. Such a
+# message is never run; consumers treat it as unreadable (the worker dead-letters it).
+H_UNDECODABLE: Final = "aioqueue-undecodable"
 
 
 def check_json_native(value: Any, where: str = "value", *, max_depth: int = MAX_DEPTH) -> None:
