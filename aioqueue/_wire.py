@@ -24,6 +24,8 @@ from pamqp import commands as spec
 from pamqp import encode
 from yarl import URL
 
+from ._inbound import LenientReader
+
 __all__ = [
     "CoalescingTransportFactory",
     "CoalescingWriter",
@@ -60,7 +62,8 @@ class CoalescingWriter(asyncio.StreamWriter):
 
 
 class CoalescingTransportFactory(TransportFactory):
-    """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter`."""
+    """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter` and a
+    `~aioqueue._inbound.LenientReader`."""
 
     async def create(
         self, url: URL, **kwargs: Any
@@ -68,6 +71,7 @@ class CoalescingTransportFactory(TransportFactory):
         factory = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
         reader, writer = await factory.create(url, **kwargs)
         writer.__class__ = CoalescingWriter  # same object and state, coalescing `write`
+        reader.__class__ = LenientReader  # frames pamqp cannot read are made readable first
         return reader, writer
 
 

@@ -167,11 +167,13 @@ class Envelope:
         max_size: int,
     ) -> Envelope:
         """Read a task message, raising `DecodeError` for anything malformed."""
+        hdrs = headers or {}
+        if H_UNDECODABLE in hdrs:
+            raise DecodeError(unreadable_properties(hdrs[H_UNDECODABLE]))
         if not message_id:
             raise DecodeError("message has no message_id (the task id)")
         if content_type != CONTENT_TYPE:
             raise DecodeError(f"content_type is {content_type!r}, expected {CONTENT_TYPE!r}")
-        hdrs = headers or {}
         protocol = hdrs.get(H_PROTOCOL)
         if type(protocol) is not int or protocol != PROTOCOL_VERSION:  # not True, 1.0, Decimal
             raise DecodeError(f"protocol version {protocol!r} is not {PROTOCOL_VERSION}")
@@ -198,6 +200,19 @@ class Envelope:
             scheduled_at=_optional_time(hdrs, H_SCHEDULED_AT),
             stream_to=_optional_str(hdrs, H_STREAM_TO),
         )
+
+
+def unreadable_properties(undecodable: Any) -> str:
+    """Why a message marked `H_UNDECODABLE` cannot be read: what could not, and its bytes."""
+    if not isinstance(undecodable, Mapping) or not undecodable:
+        return f"header {H_UNDECODABLE!r} marks the message unreadable"
+    parts = [
+        f"{name}={(bytes(raw) if isinstance(raw, bytes | bytearray) else raw)!r:.80}"
+        for name, raw in undecodable.items()
+    ]
+    return "properties or headers that cannot be read (not UTF-8, out of range): " + ", ".join(
+        parts
+    )
 
 
 def _optional_str(headers: Mapping[str, Any], key: str) -> str | None:

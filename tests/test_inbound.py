@@ -1,0 +1,323 @@
+"""Frames pamqp cannot read never cut a consumer off (issue 13).
+
+Messages are written byte by byte below pamqp's encoder (``tests/inbound_frames.py``) and
+relayed by a real RabbitMQ. Without `aioqueue._inbound.LenientReader`, each one closes the
+worker's connection, comes back first after the reconnect, and stalls the queue for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aiormq
+import pamqp.exceptions
+import pamqp.frame
+import pytest
+from aiormq.abc import ChannelFrame
+from aiormq.connection import FrameReceiver
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from aioqueue import App
+from aioqueue._inbound import LenientReader, readable_content_header, readable_method
+from aioqueue.message import H_TASK, H_UNDECODABLE
+from aioqueue.topology import dlq_name
+from aioqueue.worker import Worker
+from tests.conftest import running_worker, wait_until
+from tests.inbound_frames import (
+    Props,
+    broken_cases,
+    entry,
+    frame,
+    header_payload,
+    i_value,
+    publish_frames,
+    s_value,
+    t_value,
+    table,
+    task_body,
+    task_headers,
+)
+from tests.rabbit import RabbitNode
+
+TASK = "inbound.record"
+
+# -- the rewrite, frame by frame (no broker) ---------------------------------------------------
+
+
+def unmarshal(frame_type: int, payload: bytes) -> Any:
+    return pamqp.frame.unmarshal(frame(frame_type, 1, payload))[2]
+
+
+def undecodable_of(payload: bytes) -> tuple[spec.Basic.Properties, dict[str, Any]]:
+    fixed = readable_content_header(payload)
+    assert fixed is not None, "a frame pamqp cannot read was passed on unchanged"
+    header = unmarshal(2, fixed)
+    assert isinstance(header, ContentHeader)
+    headers = header.properties.headers or {}
+    return header.properties, dict(headers[H_UNDECODABLE])
+
+
+@pytest.mark.parametrize("case", list(broken_cases(TASK, "id-1")))
+def test_each_broken_header_is_rewritten_into_one_pamqp_reads_keeping_the_raw_bytes(
+    case: str,
+) -> None:
+    # Given a content header that pamqp refuses (as aiormq would)
+    payload = header_payload(broken_cases(TASK, "id-1")[case], body_size=10)
+    with pytest.raises((pamqp.exceptions.UnmarshalingException, ValueError, OverflowError)):
+        unmarshal(2, payload)
+    # When it is made readable
+    properties, undecodable = undecodable_of(payload)
+    # Then every readable part is kept and each unreadable one is there as its raw bytes
+    assert undecodable, "nothing was marked undecodable"
+    assert all(isinstance(raw, bytes | bytearray) and raw for raw in undecodable.values())
+    assert properties.content_type == "application/json"
+    if "header" in case:
+        assert (properties.headers or {})[H_TASK] == TASK
+    if case == "message_id not UTF-8":
+        assert properties.message_id is None
+        assert bytes(undecodable["message_id"]) == b"id-1\xff\xfe"
+    else:
+        assert properties.message_id == "id-1"
+    if case == "timestamp 10**17":
+        assert bytes(undecodable["timestamp"]) == struct.pack(">Q", 10**17)
+    if case == "header name not UTF-8":
+        assert bytes(undecodable["headers.x-\\xff\\xfe"]) == s_value("v")
+
+
+def test_a_readable_header_passes_untouched_and_the_body_size_is_kept() -> None:
+    payload = header_payload(Props(message_id=b"id", headers=task_headers(TASK)), body_size=7)
+    assert readable_content_header(payload) is None
+    fixed = readable_content_header(
+        header_payload(Props(message_id=b"\xff", headers=task_headers(TASK)), body_size=7)
+    )
+    assert fixed is not None
+    assert unmarshal(2, fixed).body_size == 7
+
+
+def test_a_delivery_with_a_routing_key_that_is_not_utf8_gets_readable_text() -> None:
+    deliver = spec.Basic.Deliver("ctag", 5, False, "ex", "key")
+    good = pamqp.frame.marshal(deliver, 1)[7:-1]
+    assert readable_method(good) is None
+    bad = good.replace(b"\x03key", b"\x03k\xff\xfe")
+    with pytest.raises(pamqp.exceptions.UnmarshalingException):
+        unmarshal(1, bad)
+    fixed = readable_method(bad)
+    assert fixed is not None
+    method = unmarshal(1, fixed)
+    assert (method.delivery_tag, method.exchange, method.routing_key) == (5, "ex", "k\\xff\\xfe")
+
+
+async def test_aiormqs_own_frame_receiver_reads_through_the_lenient_reader() -> None:
+    # Guard of the hook: aiormq reads a frame as readexactly(1), (6), (size + 1). If an
+    # upgrade changes that, this fails here instead of letting bad frames close connections.
+    reader = asyncio.StreamReader()
+    reader.__class__ = LenientReader
+    bad = Props(message_id=b"m\xff", headers=task_headers(TASK, entry(b"t", t_value(10**17))))
+    good = Props(message_id=b"m2", headers=task_headers(TASK))
+    for props in (bad, good):
+        reader.feed_data(publish_frames(1, "q", props, b"{}")[: -len(frame(3, 1, b"{}"))])
+        reader.feed_data(frame(3, 1, b"{}"))
+    reader.feed_data(frame(8, 0, b""))  # a heartbeat
+    reader.feed_eof()
+    receiver = FrameReceiver(reader)  # type: ignore[arg-type]
+    frames = [(await receiver.get_frame())[2] for _ in range(7)]
+    kinds = [type(f).__name__ for f in frames]
+    assert kinds == ["Publish", "ContentHeader", "ContentBody"] * 2 + ["Heartbeat"]
+    first, second = frames[1].properties, frames[4].properties
+    assert set(first.headers[H_UNDECODABLE]) == {"message_id", "headers.t"}
+    assert second.message_id == "m2" and H_UNDECODABLE not in second.headers
+
+
+_value = st.one_of(
+    st.binary(max_size=8).map(lambda raw: b"S" + struct.pack(">I", len(raw)) + raw),
+    st.integers(0, 2**64 - 1).map(t_value),
+    st.integers(-(2**63), 2**63 - 1).map(i_value),
+    st.binary(min_size=1, max_size=12),  # anything at all, type octet included
+)
+_entries = st.lists(st.tuples(st.binary(max_size=6), _value), max_size=4).map(
+    lambda pairs: table(*(entry(k, v) for k, v in pairs))
+)
+_props = st.builds(
+    Props,
+    content_type=st.none() | st.binary(max_size=20),
+    headers=st.none() | _entries,
+    delivery_mode=st.none() | st.integers(0, 255),
+    correlation_id=st.none() | st.binary(max_size=20),
+    reply_to=st.none() | st.binary(max_size=20),
+    message_id=st.none() | st.binary(max_size=20),
+    timestamp=st.none() | st.integers(0, 2**64 - 1),
+)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(props=_props, cut=st.integers(0, 40), flip=st.binary(max_size=3))
+def test_any_header_bytes_come_out_readable_or_untouched(
+    props: Props, cut: int, flip: bytes
+) -> None:
+    # Given header bytes of any shape, also cut short or with bytes changed
+    payload = header_payload(props, body_size=3)
+    if flip:
+        at = 14 + cut % max(1, len(payload) - 14)
+        payload = payload[:at] + flip + payload[at + len(flip) :]
+    # When the reader checks it: either pamqp reads it as it is, or it reads the rewrite
+    fixed = readable_content_header(payload)
+    header = unmarshal(2, payload if fixed is None else fixed)
+    # Then the body size survives, and a rewrite says what could not be read
+    assert header.body_size == 3
+    if fixed is not None:
+        assert H_UNDECODABLE in (header.properties.headers or {})
+
+
+# -- through a real RabbitMQ, to a worker ------------------------------------------------------
+
+
+@dataclass
+class Env:
+    app: App
+    worker: Worker
+    raw: aiormq.Channel
+    queue: str
+    runs: list[str] = field(default_factory=list)
+
+    async def send(self, props: Props, body: bytes) -> None:
+        payload = publish_frames(self.raw.number, self.queue, props, body)
+        await self.raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+
+    def connection_id(self) -> int:
+        connection = self.app.broker._connection  # type: ignore[attr-defined]
+        return id(connection.transport.connection)
+
+
+@pytest.fixture
+async def env(rabbit: RabbitNode) -> AsyncIterator[Env]:
+    queue = f"inbound.{uuid.uuid4().hex[:8]}"
+    app = App("inbound", broker_url=rabbit.url, default_queue=queue)
+    runs: list[str] = []
+
+    @app.task(name=TASK)
+    async def record(key: str) -> str:
+        runs.append(key)
+        return key
+
+    async with await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        async with app, running_worker(app) as worker:
+            yield Env(app, worker, raw, queue, runs)
+        await raw.queue_delete(dlq_name(queue))
+        await raw.queue_delete(queue)
+
+
+async def dead_letters(env: Env) -> list[spec.Basic.Properties]:
+    found = []
+    while True:
+        message = await env.raw.basic_get(dlq_name(env.queue), no_ack=True)
+        if not isinstance(message.delivery, spec.Basic.GetOk):
+            return found
+        found.append(message.header.properties)
+
+
+async def dlq_depth(env: Env) -> int:
+    ok = await env.raw.queue_declare(dlq_name(env.queue), passive=True)
+    return ok.message_count or 0
+
+
+async def test_each_unreadable_message_is_dead_lettered_once_and_the_queue_moves_on(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a worker, and each of issue 13's unreadable messages, each followed by a valid one
+    before = env.connection_id()
+    cases = broken_cases(TASK, "bad")
+    for i, props in enumerate(cases.values()):
+        await env.send(props, task_body(f"bad-{i}"))
+        await env.send(
+            Props(message_id=f"ok-{i}".encode(), headers=task_headers(TASK)), task_body(f"ok-{i}")
+        )
+    # When RabbitMQ delivers them
+    await wait_until(
+        lambda: _settled(env, runs=len(cases), dead=len(cases)),
+        timeout=60,
+        what="every valid message run and every unreadable one dead-lettered",
+    )
+    # Then every valid message ran once, no unreadable one ran, on the same connection
+    assert Counter(env.runs) == Counter(f"ok-{i}" for i in range(len(cases)))
+    assert env.connection_id() == before, "the worker's connection was closed and reopened"
+    assert "InvalidFrameError" not in caplog.text
+    # and each unreadable one is in the dead-letter queue once, with the reason `decode` and
+    # its unreadable parts kept as bytes
+    dead = await dead_letters(env)
+    assert len(dead) == len(cases)
+    for properties in dead:
+        headers = properties.headers or {}
+        assert headers["aioqueue-dead-reason"] == "decode"
+        assert "cannot be read" in headers["aioqueue-dead-error"]
+        assert headers[H_UNDECODABLE]
+    # and the worker still serves an ordinary submit
+    handle = await env.app.submit(TASK, "probe")
+    assert await handle.result(timeout=30) == "probe"
+
+
+async def _settled(env: Env, *, runs: int, dead: int) -> bool:
+    return len(env.runs) >= runs and await dlq_depth(env) >= dead
+
+
+_typed = st.one_of(  # well-formed values: RabbitMQ relays them, pamqp may still refuse them
+    st.binary(max_size=8).map(lambda raw: b"S" + struct.pack(">I", len(raw)) + raw),
+    st.integers(0, 2**64 - 1).map(t_value),
+    st.integers(-(2**63), 2**63 - 1).map(i_value),
+)
+_bad_props = st.builds(
+    Props,
+    content_type=st.just(b"application/json"),
+    headers=st.lists(st.tuples(st.binary(min_size=1, max_size=6), _typed), max_size=3).map(
+        lambda pairs: task_headers(TASK, *(entry(k, v) for k, v in pairs))
+    ),
+    message_id=st.binary(min_size=1, max_size=16),
+    reply_to=st.none() | st.binary(max_size=16),
+    timestamp=st.none() | st.integers(0, 2**64 - 1),
+)
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(_bad_props, min_size=5, max_size=5))
+@pytest.mark.timeout(600)
+async def test_random_property_bytes_never_stall_the_worker(env: Env, batch: list[Props]) -> None:
+    # Given messages whose properties hold random bytes (readable by chance, or not)
+    env.runs.clear()
+    await _drain(env)
+    for props in batch:
+        await env.send(props, task_body("random"))
+    probe = f"probe-{uuid.uuid4().hex[:6]}"
+    await env.send(Props(message_id=probe.encode(), headers=task_headers(TASK)), task_body(probe))
+    # When they are delivered, then the valid message behind them is served
+    await wait_until(lambda: probe in env.runs, timeout=60, what="the message behind them")
+    await wait_until(
+        lambda: _all_settled(env, len(batch) + 1),
+        timeout=60,
+        what="every message run or dead-lettered",
+    )
+    assert env.worker.statistics().in_hand == 0
+
+
+async def _all_settled(env: Env, total: int) -> bool:
+    return len(env.runs) + await dlq_depth(env) >= total
+
+
+async def _drain(env: Env) -> None:
+    await env.raw.queue_purge(dlq_name(env.queue))
