@@ -7,12 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BROKER := services/rabbitmq/broker.sh
 
-.PHONY: help install demo test lint typecheck unit bench broker stop-broker clean
+.PHONY: help install demo test lint typecheck unit bench fuzz broker stop-broker clean
 
 help:
 	@echo "make demo   - start RabbitMQ if needed, run a worker and the demo, shut down"
 	@echo "make test   - ruff, mypy --strict, and the whole test suite (own RabbitMQ node)"
 	@echo "make bench  - the benchmark suite against a raw aio-pika baseline"
+	@echo "make fuzz   - 10,000 foreign and malformed messages at a worker, every one accounted for"
 	@echo "make stop-broker - stop the background RabbitMQ node that 'make demo' started"
 
 $(STAMP): pyproject.toml
@@ -45,6 +46,11 @@ typecheck: install
 test: install lint typecheck
 	$(BROKER) install
 	$(BIN)/python -m pytest
+
+# 10,000 foreign messages (valid, malformed, unreadable at the frame level) at one worker
+fuzz: install
+	$(BROKER) install
+	$(BIN)/python -m tests.flood --messages $${FUZZ_MESSAGES:-10000}
 
 bench: install
 	$(BROKER) install

@@ -33,6 +33,7 @@ from aioqueue.message import H_TASK, H_UNDECODABLE
 from aioqueue.topology import dlq_name
 from aioqueue.worker import Worker
 from tests.conftest import running_worker, wait_until
+from tests.flood import flood
 from tests.inbound_frames import (
     Props,
     broken_cases,
@@ -321,3 +322,18 @@ async def _all_settled(env: Env, total: int) -> bool:
 
 async def _drain(env: Env) -> None:
     await env.raw.queue_purge(dlq_name(env.queue))
+
+
+@pytest.mark.timeout(600)
+async def test_a_sample_flood_of_foreign_messages_is_accounted_for_one_by_one(
+    rabbit: RabbitNode,
+) -> None:
+    # Given 400 messages of `make fuzz`'s kinds, a fifth unreadable at the frame level
+    # When they are thrown at a worker
+    report = await flood(rabbit.url, 400, seed=13, timeout=120)
+    # Then each ran once or was dead-lettered once, with the reason its breakage implies,
+    # and the worker never lost its connection
+    assert report.sent == 400
+    assert report.clean, str(report)
+    assert report.ran == report.expected[""]
+    assert report.dead == Counter({k: v for k, v in report.expected.items() if k})
