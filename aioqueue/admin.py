@@ -23,9 +23,10 @@ from .admin_status import add_parsers, run_command
 from .app import App
 from .cli import app_from_args, run, setup_logging
 from .errors import AioqueueError
+from .message import H_UNDECODABLE
 from .rabbit import RabbitBroker
 from .topology import dlq_name
-from .worker.settle import H_DEAD_QUEUE, H_DELIVERIES
+from .worker.settle import H_DEAD_QUEUE, H_DELIVERIES, _encodable
 
 __all__ = ["main"]
 
@@ -139,12 +140,26 @@ async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) ->
                 for message in chosen:
                     _print_one(DeadLetter.of(message))
                 return 1 if missing else 0
-            for message in chosen:
-                await _replay(broker, message, queue)
-            print(f"replayed {len(chosen)} message(s)")
+            await _replay_all(broker, chosen, queue)
             return 1 if missing else 0
         finally:
             await channel.close()  # what we read and did not replay goes back, unacked
+
+
+async def _replay_all(
+    broker: RabbitBroker, chosen: list[AbstractIncomingMessage], queue: str
+) -> None:
+    replayed = 0
+    for message in chosen:
+        if H_UNDECODABLE in (message.headers or {}):
+            print(
+                f"not replayed: {message.message_id or '(no readable id)'} has properties "
+                "that cannot be read and would be dead-lettered again (see `dlq show`)"
+            )
+            continue
+        await _replay(broker, message, queue)
+        replayed += 1
+    print(f"replayed {replayed} message(s)")
 
 
 async def _purge(dead: aio_pika.abc.AbstractQueue, yes: bool, stdin: TextIO) -> int:
@@ -169,7 +184,7 @@ async def _replay(broker: RabbitBroker, message: AbstractIncomingMessage, queue:
     target = str((message.headers or {}).get(H_DEAD_QUEUE) or queue)
     properties = spec.Basic.Properties(
         content_type=message.content_type,
-        headers=headers,
+        headers=_encodable(headers),
         delivery_mode=2,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,

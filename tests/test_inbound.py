@@ -337,3 +337,48 @@ async def test_a_sample_flood_of_foreign_messages_is_accounted_for_one_by_one(
     assert report.clean, str(report)
     assert report.ran == report.expected[""]
     assert report.dead == Counter({k: v for k, v in report.expected.items() if k})
+
+
+async def test_dlq_commands_read_unreadable_dead_letters_and_replay_only_readable_ones(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given, straight in a dead-letter queue, a message with unreadable properties and one
+    # whose header holds a long string that is not UTF-8 (readable, but not writable by pamqp)
+    from tests.test_admin import admin
+
+    dlq = dlq_name(queue_name)
+    async with await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        await raw.queue_declare(dlq, durable=True)
+        await raw.queue_declare(queue_name, durable=True)
+        odd = entry(b"odd", b"S" + struct.pack(">I", 2) + b"\xff\xfe")
+        unreadable = Props(message_id=b"bad-\xff", headers=task_headers(TASK, odd))
+        readable = Props(message_id=b"ok-1", headers=task_headers(TASK, odd))
+        for props in (unreadable, readable):
+            payload = publish_frames(raw.number, dlq, props, task_body("x"))
+            await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+        await wait_until(
+            lambda: _depth(raw, dlq, 2), timeout=30, what="two messages in the dead-letter queue"
+        )
+        # When they are listed and shown, then both are there
+        code, out = await admin(rabbit, queue_name, "list")
+        assert code == 0, out
+        assert "2 dead letter(s)" in out and "ok-1" in out
+        code, out = await admin(rabbit, queue_name, "show", "ok-1")
+        assert code == 0, out
+        # When every one is replayed, then the readable one goes back to its queue and the
+        # unreadable one stays, with a line saying why
+        code, out = await admin(rabbit, queue_name, "replay", "--all")
+        assert code == 0, out
+        assert "not replayed: (no readable id)" in out and "replayed 1 message(s)" in out
+        assert await _depth(raw, dlq, 1)
+        assert await _depth(raw, queue_name, 1)
+        await raw.queue_delete(dlq)
+        await raw.queue_delete(queue_name)
+
+
+async def _depth(raw: aiormq.Channel, queue: str, count: int) -> bool:
+    ok = await raw.queue_declare(queue, passive=True)
+    return ok.message_count == count
