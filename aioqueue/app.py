@@ -78,6 +78,9 @@ class App:
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
         # fast, non-blocking. Retries and scheduler firings are not submits.
         self.on_submit: list[Callable[[str], None]] = []
+        # Called once per message of this client's reply queue that could not be read (logged
+        # and dropped; the handle keeps waiting): e.g. a metrics counter. Fast, non-blocking.
+        self.on_unreadable_reply: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<App {self.name!r} broker={mask_url(self.broker_url)} tasks={len(self.tasks)}>"
@@ -173,7 +176,9 @@ class App:
             )
         await broker.connect()
         self._broker = broker
-        self._replies = ReplyConsumer(broker, self.client_id)
+        self._replies = ReplyConsumer(
+            broker, self.client_id, on_unreadable=self.on_unreadable_reply
+        )
 
     async def close(self) -> None:
         """Fail pending handles with a clear error, then close the connection."""

@@ -6,6 +6,7 @@ nothing else in aioqueue imports this module, so the core never needs it.
 ```python
 observer = PrometheusObserver(tasks=app.tasks)           # its own CollectorRegistry
 app.on_submit.append(observer.submitted)                  # count this process's submits too
+app.on_unreadable_reply.append(observer.unreadable_reply) # and replies it could not read
 worker = Worker(app, observers=[TaskLog(), observer])
 server = serve_metrics(observer.registry, 9100)           # http://host:9100/metrics
 watch = asyncio.ensure_future(observer.watch_queues(app.broker, worker.queues))
@@ -85,6 +86,11 @@ class PrometheusObserver:
         self.dead_lettered_total = counter(
             "dead_lettered", "Messages sent to a dead-letter queue.", ("task", "queue", "reason")
         )
+        self.unreadable_replies_total = Counter(
+            "aioqueue_replies_unreadable_total",
+            "Messages of this process's reply queue that could not be read (logged, dropped).",
+            registry=self.registry,
+        )
         self.duration = Histogram(
             "aioqueue_task_duration_seconds",
             "Run time of task attempts, whatever their outcome.",
@@ -149,6 +155,13 @@ class PrometheusObserver:
     def submitted(self, task: str) -> None:
         """Count one confirmed submit: ``app.on_submit.append(observer.submitted)``."""
         self.submitted_total.labels(task).inc()
+
+    # -- App.on_unreadable_reply ----------------------------------------------------------
+
+    def unreadable_reply(self) -> None:
+        """Count one unreadable reply of this process's reply queue:
+        ``app.on_unreadable_reply.append(observer.unreadable_reply)``."""
+        self.unreadable_replies_total.inc()
 
     # -- queue gauges ---------------------------------------------------------------------
 

@@ -4,14 +4,17 @@ The reply queue (``aioqueue.reply.<client id>``) is durable and expires only whe
 are persistent and acked after they resolved their future, so a connection blip or a broker
 restart loses none (invariant 5). A reply whose task id has no pending future — a duplicate
 after a redelivery, or a reply to an earlier process — is acked and dropped: one outcome per
-handle (invariant 3).
+handle (invariant 3). A message that cannot be read — a body that is not an outcome, or
+properties the frame reader could not decode (``aioqueue-undecodable``) — is logged, counted
+(``ReplyConsumer.unreadable``, and ``App.on_unreadable_reply`` hooks) and dropped: the handle
+keeps waiting for a readable outcome, so a forged or broken reply cannot take the real one's place.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from .broker import Broker, Consumer, Delivery, settle
@@ -25,7 +28,7 @@ from .errors import (
     TaskNotFoundError,
     TaskTimeoutError,
 )
-from .message import H_EVENT, Outcome
+from .message import H_EVENT, H_UNDECODABLE, Outcome
 from .streams import EventSink, Progress, Result, StreamReader
 from .topology import reply_queue_arguments, reply_queue_name
 
@@ -39,7 +42,14 @@ R = TypeVar("R")
 class ReplyConsumer:
     """Consumes this client's reply queue and resolves the matching futures."""
 
-    def __init__(self, broker: Broker, client_id: str, *, prefetch: int = 1000) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        client_id: str,
+        *,
+        prefetch: int = 1000,
+        on_unreadable: Sequence[Callable[[], None]] = (),
+    ) -> None:
         self._broker = broker
         self.queue = reply_queue_name(client_id)
         self._prefetch = prefetch
@@ -47,7 +57,9 @@ class ReplyConsumer:
         self._sinks: dict[str, EventSink] = {}
         self._subscription: Consumer | None = None
         self._lock = asyncio.Lock()
-        self.dropped = 0
+        self._on_unreadable = on_unreadable
+        self.dropped = 0  # replies to no pending handle (a duplicate, an earlier process's)
+        self.unreadable = 0  # messages that could not be read: logged and dropped
 
     @property
     def pending(self) -> int:
@@ -83,6 +95,17 @@ class ReplyConsumer:
         self._pending.pop(task_id, None)
         self._sinks.pop(task_id, None)
 
+    def _unreadable(self, task_id: str, what: str, reason: str) -> None:
+        """Count and log a message of the reply queue that cannot be read; it is dropped (acked)
+        and the handle, if any, keeps waiting for a readable outcome."""
+        self.unreadable += 1
+        log.warning("dropped an unreadable %s of task %s: %s", what, task_id or "?", reason)
+        for hook in self._on_unreadable:
+            try:
+                hook()
+            except Exception:  # a metrics hook's bug must not stop the reply consumer
+                log.exception("on_unreadable_reply hook %r failed", hook)
+
     def _on_progress(self, task_id: str, delivery: Delivery) -> None:
         sink = self._sinks.get(task_id)
         if sink is None:
@@ -90,32 +113,43 @@ class ReplyConsumer:
         try:
             sink.push(delivery, self._broker.settings.max_message_size)
         except DecodeError as exc:
-            log.warning("dropped an unreadable progress event of task %s: %s", task_id, exc)
+            self._unreadable(task_id, "progress event", exc.message)
 
     async def _on_reply(self, delivery: Delivery) -> None:
         task_id = delivery.properties.correlation_id or ""
-        if (delivery.properties.headers or {}).get(H_EVENT) == "progress":
+        headers = delivery.properties.headers or {}
+        undecodable = headers.get(H_UNDECODABLE)
+        if undecodable is not None:
+            # its properties could not be read (see the frame reader): neither an outcome nor
+            # a progress event of ours can be told from it, whatever its headers claim
+            what = "progress event" if headers.get(H_EVENT) == "progress" else "reply"
+            self._unreadable(task_id, what, f"undecodable properties: {_names(undecodable)}")
+        elif headers.get(H_EVENT) == "progress":
             self._on_progress(task_id, delivery)
-            await settle(delivery, ack=True)
-            return
-        future = self._pending.pop(task_id, None)
-        sink = self._sinks.pop(task_id, None)
-        if sink is not None:
-            sink.notify()
+        else:
+            self._on_outcome(task_id, delivery)
+        await settle(delivery, ack=True)
+
+    def _on_outcome(self, task_id: str, delivery: Delivery) -> None:
+        future = self._pending.get(task_id)
         if future is None:
             self.dropped += 1
             log.debug("dropped a reply for unknown or finished task %r", task_id)
-        elif not future.done():
-            try:
-                max_size = self._broker.settings.max_message_size
-                outcome = Outcome.decode(delivery.body, task_id=task_id, max_size=max_size)
-            except DecodeError as exc:
-                future.set_exception(
-                    DecodeError(f"unreadable reply: {exc.message}", task_id=task_id)
-                )
-            else:
-                future.set_result(outcome)
-        await settle(delivery, ack=True)
+            return
+        # read before the handle is let go: an unreadable reply (forged, or broken on the
+        # way) must not take the place of the real outcome, which may still come
+        try:
+            max_size = self._broker.settings.max_message_size
+            outcome = Outcome.decode(delivery.body, task_id=task_id, max_size=max_size)
+        except DecodeError as exc:
+            self._unreadable(task_id, "reply", exc.message)
+            return
+        del self._pending[task_id]
+        sink = self._sinks.pop(task_id, None)
+        if sink is not None:
+            sink.notify()
+        if not future.done():
+            future.set_result(outcome)
 
     async def close(self, reason: str = "the app was closed before the outcome arrived") -> None:
         """Stop consuming and fail every pending future with a clear error."""
@@ -265,3 +299,10 @@ class ResultHandle(Generic[R]):
         if err.kind == "error":
             raise TaskError(err.type_name, err.message, traceback=err.traceback, **ctx)
         raise AioqueueError(f"{err.type_name}: {err.message}", **ctx)
+
+
+def _names(undecodable: Any) -> str:
+    """What the frame reader could not read, for a log line: the property names it lists."""
+    if isinstance(undecodable, Mapping) and undecodable:
+        return ", ".join(sorted(str(name) for name in undecodable))
+    return repr(undecodable)[:200]

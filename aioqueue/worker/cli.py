@@ -138,6 +138,7 @@ def _start_metrics(app: App, port: int, host: str) -> tuple[PrometheusObserver, 
 
     observer = PrometheusObserver(tasks=app.tasks)
     app.on_submit.append(observer.submitted)  # tasks that submit tasks
+    app.on_unreadable_reply.append(observer.unreadable_reply)  # replies to those submits
     return observer, serve_metrics(observer.registry, port, host)
 
 
