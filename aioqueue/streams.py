@@ -80,13 +80,19 @@ class EventSink:
             self._changed.set()
 
     def push(self, delivery: Delivery, max_size: int) -> None:
+        """Keep one progress event; `DecodeError` if it cannot be read (nothing is kept then).
+
+        The sequence number counts only once the body was read: an unreadable event (say, a
+        forged one numbered 50) must not make the real events before it look like repeats.
+        """
         seq = _seq(delivery)
         if seq <= self.last_seq:
             return  # a redelivered or retried run repeating itself
+        data = loads(delivery.body, max_size=max_size)
         self.last_seq = seq
         if len(self.events) == self.events.maxlen:
             self.dropped += 1
-        self.events.append(Progress(seq, loads(delivery.body, max_size=max_size)))
+        self.events.append(Progress(seq, data))
         self.notify()
 
 

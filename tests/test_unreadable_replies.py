@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from pamqp import commands as spec
 
-from aioqueue import App
+from aioqueue import App, task_context
+from aioqueue.broker import Delivery
+from aioqueue.errors import DecodeError
 from aioqueue.message import CONTENT_TYPE, H_EVENT, H_SEQ, H_UNDECODABLE
 from aioqueue.metrics import PrometheusObserver
 from aioqueue.results import ReplyConsumer
-from aioqueue.streams import Result
+from aioqueue.streams import EventSink, Progress, Result
 from tests.conftest import running_worker, wait_until
 
 PROGRESS = {H_EVENT: "progress", H_SEQ: 1}
@@ -105,3 +107,46 @@ async def test_an_unreadable_reply_is_dropped_and_the_handle_waits_for_the_real_
         assert await handle.result(timeout=30) == "real"
         assert [e async for e in handle.events()] == [Result("real")]  # no forged progress
     assert replies.unreadable == 1
+
+
+async def test_an_unreadable_progress_event_hides_no_real_one(make_any_app: Any) -> None:
+    # Given a task that reports progress 1-4 once released
+    app: App = make_any_app()
+    release = asyncio.Event()
+
+    @app.task(name="r.steps")
+    async def steps() -> str:
+        await release.wait()
+        for i in range(1, 5):
+            await task_context().progress(i)
+        return "done"
+
+    async with app, running_worker(app):
+        handle = await steps.submit()
+        # When a progress event numbered 50 with an unreadable body arrives first (confirmed
+        # in the reply queue before the task sends anything: the queue delivers it first)
+        await forge(app, handle.id, b"{not json", {H_EVENT: "progress", H_SEQ: 50})
+        replies = reply_consumer(app)
+        release.set()
+        # Then the real events 1-4 all reach the reader, and the forged one was counted
+        events = [event async for event in handle.events()]
+    assert events == [*(Progress(i, i) for i in range(1, 5)), Result("done")]
+    assert replies.unreadable == 1
+
+
+def event(seq: int, body: bytes) -> Delivery:
+    properties = spec.Basic.Properties(headers={H_EVENT: "progress", H_SEQ: seq})
+    return Delivery(body, properties, False, "q", seq, acker=None)  # type: ignore[arg-type]
+
+
+def test_event_sink_counts_a_sequence_number_only_once_its_body_was_read() -> None:
+    sink = EventSink(10)
+    with pytest.raises(DecodeError):
+        sink.push(event(50, b"{not json"), max_size=1000)
+    with pytest.raises(DecodeError):
+        sink.push(event(51, b"x" * 2000), max_size=1000)  # over the size limit
+    assert sink.last_seq == 0 and not sink.events
+    for seq in (1, 2, 2, 3):  # 2 repeated, as a redelivered run would
+        sink.push(event(seq, str(seq).encode()), max_size=1000)
+    assert list(sink.events) == [Progress(1, 1), Progress(2, 2), Progress(3, 3)]
+    assert sink.last_seq == 3
