@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -12,7 +13,7 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
-from .broker import Broker, task_properties
+from .broker import FATAL_CHANNEL, TRANSIENT, Broker, task_properties
 from .errors import AioqueueError, PublishError
 from .message import Envelope, Outcome, check_json_native
 from .rabbit import RabbitBroker
@@ -75,6 +76,7 @@ class App:
         self._queue_types: dict[str, QueueType] | None = None
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
+        self._redeclaring: dict[str, asyncio.Future[None]] = {}  # queue -> its declare again
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
         # fast, non-blocking. Retries and scheduler firings are not submits.
         self.on_submit: list[Callable[[str], None]] = []
@@ -325,6 +327,29 @@ class App:
             exchange=delay_entry_exchange(kind),
         )
 
+    async def _declare_again(self, queue: str, arguments: dict[str, Any]) -> None:
+        """Declare ``queue`` again, although this connection declared it: it was deleted since
+        (a publish to it came back unroutable). With the arguments it was declared with here,
+        else ``arguments``. Concurrent callers share one declare. Used for work queues by
+        `_publish` and for dead-letter queues by the worker.
+
+        Raises:
+            PublishError: the declare failed (the queue was made again with other arguments,
+                access refused, the connection is gone).
+        """
+        pending = self._redeclaring.get(queue)
+        if pending is None:
+            pending = asyncio.ensure_future(_declare_again(self.broker, queue, arguments))
+            self._redeclaring[queue] = pending
+            pending.add_done_callback(lambda done: self._declared_again(queue, done))
+        await asyncio.shield(pending)
+
+    def _declared_again(self, queue: str, done: asyncio.Future[None]) -> None:
+        if self._redeclaring.get(queue) is done:
+            del self._redeclaring[queue]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have been cancelled meanwhile
+
     # -- periodic tasks: aioqueue.scheduler, docs/scheduler.md ------------------------------
 
     def periodic(
@@ -426,6 +451,27 @@ class _Receiver:
     async def abandon(self) -> None:
         if self.reader is not None:
             await self.reader.close()
+
+
+async def _declare_again(broker: Broker, queue: str, arguments: dict[str, Any]) -> None:
+    """Declare ``queue`` on ``broker`` again (see `App._declare_again`)."""
+    if not isinstance(broker, RabbitBroker):
+        await broker.declare_queue(queue, arguments)  # the memory broker forgets deleted queues
+        return
+    recorded = broker.declared_arguments(queue)
+    arguments = arguments if recorded is None else recorded
+    try:
+        # on a channel of its own: a refused declare (other arguments) closes the channel
+        # that asked, and that must never be the publishing channel
+        channel = await broker.channel()
+        try:
+            await channel.declare_queue(queue, durable=True, arguments=arguments, robust=False)
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+    except (AioqueueError, *TRANSIENT, *FATAL_CHANNEL) as exc:
+        raise PublishError(f"could not declare queue {queue!r} again: {exc}") from exc
+    log.info("declared queue %r again", queue)
 
 
 def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:

@@ -23,7 +23,7 @@ from ..app import App
 from ..broker import Delivery, settle
 from ..errors import PublishError, UnroutableError
 from ..message import CONTENT_TYPE, Envelope, ErrorInfo, Outcome
-from ..topology import dlq_name
+from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
 __all__ = ["Handoff"]
@@ -38,6 +38,8 @@ H_DEAD_QUEUE = "aioqueue-dead-queue"
 H_DEAD_TRACEBACK = "aioqueue-dead-traceback"
 H_DELIVERIES = "aioqueue-deliveries"
 MAX_HEADER_TRACEBACK = 4096
+DEAD_LETTER_BACKOFF = 0.5  # seconds a message waits before its requeue after a failed hand-off
+DEAD_LETTER_BACKOFF_MAX = 10.0  # ... doubling per failure in a row, up to this
 
 
 class Handoff:
@@ -48,6 +50,7 @@ class Handoff:
         self.broker = app.broker
         self.identity = identity
         self.observers = observers
+        self._failures: dict[str, int] = {}  # queue -> dead letters not handed off in a row
 
     async def retry(self, delivery: Delivery, envelope: Envelope, delay: float) -> bool:
         """Publish the next attempt (through the delay ladder), then ack this one."""
@@ -114,20 +117,34 @@ class Handoff:
             self._reply(reply_to if task_id else None, outcome),
         )
         ok = stored and replied
-        for observer in self.observers:
-            observer.dead_lettered(delivery.queue, task_name, task_id or "", reason)
-        log.warning(
-            "dead-lettered task %s id=%s from %r to %r: %s: %s: %s",
-            task_name or "?",
-            task_id or "?",
-            delivery.queue,
-            dlq_name(delivery.queue),
-            reason,
-            error.type_name,
-            error.message,
-        )
+        if stored:
+            for observer in self.observers:
+                observer.dead_lettered(delivery.queue, task_name, task_id or "", reason)
+            log.warning(
+                "dead-lettered task %s id=%s from %r to %r: %s: %s: %s",
+                task_name or "?",
+                task_id or "?",
+                delivery.queue,
+                dlq_name(delivery.queue),
+                reason,
+                error.type_name,
+                error.message,
+            )
+        if ok:
+            self._failures.pop(delivery.queue, None)
+        else:
+            await self._back_off(delivery.queue)
         await settle(delivery, ack=ok, requeue=not ok)
         return ok
+
+    async def _back_off(self, queue: str) -> None:
+        """Hold a message whose dead letter could not be handed off a while before it goes
+        back to ``queue``: requeued at once, it would come straight back and fail again, an
+        ERROR line each time. The wait doubles with each failure in a row on ``queue``."""
+        failures = self._failures[queue] = self._failures.get(queue, 0) + 1
+        delay = min(DEAD_LETTER_BACKOFF_MAX, DEAD_LETTER_BACKOFF * 2 ** min(failures - 1, 16))
+        log.info("requeueing a message of %r in %.1fs", queue, delay)
+        await asyncio.sleep(delay)
 
     async def _store_dead(self, delivery: Delivery, reason: str, error: ErrorInfo) -> bool:
         headers: dict[str, Any] = {
@@ -140,8 +157,16 @@ class Handoff:
         if error.traceback:
             headers[H_DEAD_TRACEBACK] = error.traceback[-MAX_HEADER_TRACEBACK:]
         copy = _copy_properties(delivery.properties, headers)
+        dlq = dlq_name(delivery.queue)
         try:
-            await self.broker.publish(dlq_name(delivery.queue), delivery.body, copy)
+            try:
+                await self.broker.publish(dlq, delivery.body, copy)
+            except UnroutableError:
+                # Q.dlq was deleted under us: declare it again as at start, publish once more
+                log.warning("dead-letter queue %r was deleted; declaring it again", dlq)
+                kind = self.app.queue_type_of(delivery.queue)
+                await self.app._declare_again(dlq, dlq_arguments(kind))
+                await self.broker.publish(dlq, delivery.body, copy)
         except PublishError as exc:
             log.error("could not dead-letter a message of %r (%s); requeued", delivery.queue, exc)
             return False

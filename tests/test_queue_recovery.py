@@ -1,0 +1,137 @@
+"""Queues deleted under a running system come back; a hand-off that cannot be made never spins.
+
+Issue 13, around the queues: a deleted ``Q.dlq`` is declared again by the worker that dead-letters
+into it, and a dead letter that still cannot be stored is requeued with a back-off. Against the
+tests' RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import aiormq
+import pytest
+
+from aioqueue import App
+from tests.conftest import running_worker, wait_until
+from tests.rabbit import RabbitNode
+from tests.test_core import get_dead_letter, publish_raw
+
+
+@asynccontextmanager
+async def raw_channel(url: str) -> AsyncIterator[aio_pika.abc.AbstractChannel]:
+    async with await aio_pika.connect(url) as connection:
+        yield await connection.channel()
+
+
+async def ready_in(url: str, queue: str) -> int | None:
+    """Messages ready in ``queue``, or None when it does not exist."""
+    async with raw_channel(url) as channel:
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return declared.declaration_result.message_count or 0
+
+
+def lines(caplog: pytest.LogCaptureFixture, fragment: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if fragment in r.getMessage()]
+
+
+def add_ok_task(app: App) -> Any:
+    @app.task(name="q.ok")
+    async def ok(i: int = 0) -> int:
+        return i
+
+    return ok
+
+
+async def test_a_deleted_dead_letter_queue_is_declared_again(
+    make_app: Callable[..., App],
+    rabbit: RabbitNode,
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a running worker whose dead-letter queue was deleted under it
+    app = make_app()
+    ok = add_ok_task(app)
+    dlq = f"{queue_name}.dlq"
+    caplog.set_level(logging.INFO, logger="aioqueue")
+    async with app, running_worker(app):
+        async with raw_channel(rabbit.url) as channel:
+            await channel.queue_delete(dlq)
+        assert await ready_in(rabbit.url, dlq) is None
+        # When a malformed message arrives
+        await publish_raw(rabbit.url, queue_name, b"garbage")
+        # Then the worker declares Q.dlq again and dead-letters the message there, once
+        await wait_until(lambda: ready_in(rabbit.url, dlq), what=f"a message in {dlq}")
+        # and goes on serving valid tasks
+        assert await (await ok.submit(7)).result(timeout=30) == 7
+    assert len(lines(caplog, "was deleted; declaring it again")) == 1
+    assert len(lines(caplog, "dead-lettered task")) == 1
+    assert not lines(caplog, "could not dead-letter")  # not once requeued
+    assert await ready_in(rabbit.url, dlq) == 1
+    dead = await get_dead_letter(rabbit.url, dlq)
+    assert dead.body == b"garbage"
+    assert dead.headers["aioqueue-dead-reason"] == "decode"
+    assert await ready_in(rabbit.url, queue_name) == 0
+
+
+async def test_a_dead_letter_that_cannot_be_stored_is_requeued_with_back_off(
+    make_app: Callable[..., App],
+    rabbit: RabbitNode,
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a worker whose Q.dlq refuses every message (a policy: at most 0, reject-publish)
+    app = make_app()
+    ok = add_ok_task(app)
+    dlq = f"{queue_name}.dlq"
+    policy = f"refuse-{uuid.uuid4().hex[:8]}"
+    refuse = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+    caplog.set_level(logging.INFO, logger="aioqueue")
+    async with app, running_worker(app):
+        rabbit.ctl("set_policy", policy, f"^{dlq}$", refuse, "--apply-to", "queues")
+        try:
+
+            async def refused() -> bool:
+                async with await aio_pika.connect(rabbit.url) as connection:
+                    confirming = await connection.channel(publisher_confirms=True)
+                    try:
+                        await confirming.default_exchange.publish(
+                            aio_pika.Message(b"probe"), routing_key=dlq
+                        )
+                    except aio_pika.exceptions.DeliveryError:
+                        return True
+                    return False
+
+            await wait_until(refused, what=f"the policy refusing messages to {dlq}")
+            # When a malformed message arrives
+            await publish_raw(rabbit.url, queue_name, b"garbage")
+            # Then each failed hand-off holds it longer before the requeue (0.5 s, 1 s, ...):
+            # no tight loop of redeliveries and ERROR lines
+            failed = await wait_until(
+                lambda: (found := lines(caplog, "could not dead-letter"))[2:] and found,
+                what="three failed dead letters",
+            )
+            assert failed[2].created - failed[0].created >= 1.4
+            started = time.monotonic()
+            # and valid tasks are still served meanwhile
+            assert await (await ok.submit(3)).result(timeout=30) == 3
+        finally:
+            rabbit.ctl("clear_policy", policy)
+        # When Q.dlq accepts messages again, the message ends there, once
+        await wait_until(lambda: ready_in(rabbit.url, dlq), what=f"a message in {dlq}")
+        elapsed = time.monotonic() - started
+    failures = len(lines(caplog, "could not dead-letter"))
+    assert failures <= 3 + elapsed / 0.5, failures  # a handful, never thousands
+    assert len(lines(caplog, "dead-lettered task")) == 1
+    assert await ready_in(rabbit.url, dlq) == 1
+    assert await ready_in(rabbit.url, queue_name) == 0
