@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from .broker import FATAL_CHANNEL, TRANSIENT, Broker, task_properties
-from .errors import AioqueueError, PublishError
+from .errors import AioqueueError, PublishError, UnroutableError
 from .message import Envelope, Outcome, check_json_native
 from .rabbit import RabbitBroker
 from .results import ReplyConsumer, ResultHandle
@@ -316,7 +316,24 @@ class App:
         properties = task_properties(envelope)
         body = envelope.encode()
         if delay <= 0:
-            await broker.publish(queue, body, properties, timeout=timeout)
+            try:
+                await broker.publish(queue, body, properties, timeout=timeout)
+            except UnroutableError:
+                if not broker.is_declared(queue):
+                    raise
+                # declared here, so deleted since (RabbitMQ drops no queue of ours by itself):
+                # declare it again as it was, once, and publish once more
+                log.warning("queue %r was deleted; declaring it again", queue)
+                budget = self.settings.publish_timeout if timeout is None else timeout
+                try:
+                    async with asyncio.timeout(budget):
+                        await self._declare_again(queue, work_queue_arguments(kind))
+                        await broker.publish(queue, body, properties, timeout=timeout)
+                except TimeoutError:
+                    raise PublishError(
+                        f"queue {queue!r} was deleted; declaring it again and publishing once "
+                        f"more took over {budget:g}s"
+                    ) from None
             return
         units = delay_units(delay)
         await broker.ensure_delay_route(queue, kind)

@@ -1,12 +1,13 @@
 """Queues deleted under a running system come back; a hand-off that cannot be made never spins.
 
 Issue 13, around the queues: a deleted ``Q.dlq`` is declared again by the worker that dead-letters
-into it, and a dead letter that still cannot be stored is requeued with a back-off. Against the
-tests' RabbitMQ.
+into it, a dead letter that still cannot be stored is requeued with a back-off, and a producer
+declares a work queue of its own again after someone deleted it. Against the tests' RabbitMQ.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -135,3 +136,31 @@ async def test_a_dead_letter_that_cannot_be_stored_is_requeued_with_back_off(
     assert len(lines(caplog, "dead-lettered task")) == 1
     assert await ready_in(rabbit.url, dlq) == 1
     assert await ready_in(rabbit.url, queue_name) == 0
+
+
+async def test_a_deleted_work_queue_is_declared_again_by_its_producer(
+    make_app: Callable[..., App],
+    rabbit: RabbitNode,
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a producer that declared its queue with a submit, no worker consuming it
+    app = make_app()
+    ok = add_ok_task(app)
+    caplog.set_level(logging.WARNING, logger="aioqueue.app")
+    async with app:
+        await ok.submit(0)
+        assert await ready_in(rabbit.url, queue_name) == 1
+        # When someone deletes the queue
+        async with raw_channel(rabbit.url) as channel:
+            await channel.queue_delete(queue_name)
+        assert await ready_in(rabbit.url, queue_name) is None
+        # Then the next submits succeed (concurrent ones share one declare) ...
+        handles = await asyncio.gather(*(ok.submit(i) for i in range(1, 6)))
+        assert await ready_in(rabbit.url, queue_name) == 5
+        assert app.broker.is_declared(queue_name)
+        # ... and a worker started afterwards runs them
+        async with running_worker(app):
+            results = [await handle.result(timeout=30) for handle in handles]
+        assert results == [1, 2, 3, 4, 5]
+    assert 1 <= len(lines(caplog, "was deleted; declaring it again")) <= 5
