@@ -7,6 +7,7 @@ own queue, tasks registered here) and runs the worker inside it (``worker=True``
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -160,6 +161,9 @@ async def test_a_failure_reports_the_error_type_and_message(client: TestClient[A
         ("web.add", {"args": [1, 2], "countdown": -1}, 400, "countdown must not be negative"),
         ("web.add", {"args": [1, 2], "countdown": "soon"}, 400, '"countdown" must be a number'),
         ("web.nope", {}, 404, "no task named 'web.nope'"),
+        # 5,000 nested arrays: json.loads recurses, so RecursionError, not ValueError
+        ("web.add", '{"args": [' + "[" * 5000 + "]" * 5000 + ", 5]}", 400, "nested too deeply"),
+        ("web.add", {"args": [1, json.loads("[" * 100 + "]" * 100)]}, 400, "nested more than"),
     ],
 )
 async def test_bad_requests_publish_nothing(
@@ -178,6 +182,25 @@ async def test_bad_requests_publish_nothing(
     assert response.status == status
     error = (await response.json())["error"]
     assert expected in error["message"], error
+    assert rabbit.queue_stats().get(queue_name, {}).get("messages", 0) == 0
+
+
+async def test_a_body_over_the_size_limit_is_413_in_the_documented_shape(
+    client: TestClient[Any, Any], rabbit: RabbitNode, queue_name: str
+) -> None:
+    # When a body over aiohttp's client_max_size (1 MiB) arrives
+    limit = 1024**2
+    body = json.dumps({"args": ["x" * limit, 1]}).encode()
+    response = await client.post("/tasks/web.add", data=io.BytesIO(body))
+
+    # Then the answer is 413 as JSON {"error": {"type", "message"}}, and nothing was published
+    assert response.status == 413
+    assert response.content_type == "application/json"
+    error = (await response.json())["error"]
+    assert error == {
+        "type": "PayloadTooLarge",
+        "message": f"the body is over the limit of {limit} bytes",
+    }
     assert rabbit.queue_stats().get(queue_name, {}).get("messages", 0) == 0
 
 

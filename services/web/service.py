@@ -2,8 +2,10 @@
 
 - ``POST /tasks/{name}`` with ``{"args": [...], "kwargs": {...}, "countdown": seconds}`` (each
   optional; an empty body is ``{}``) → 202 ``{"id": ..., "task": ...}`` once RabbitMQ confirmed
-  the message; 400 for bad JSON or arguments that do not fit the task, 404 for a task name this
-  service does not know, 503 when RabbitMQ did not confirm in time or too many tasks are pending.
+  the message; 400 for bad JSON (nested too deeply included) or arguments that do not fit the
+  task, 404 for a task name this service does not know, 413 for a body over the server's
+  ``client_max_size`` (1 MiB by default), 503 when RabbitMQ did not confirm in time or too many
+  tasks are pending. Every error answer is JSON: ``{"error": {"type", "message"}}``.
 - ``GET /tasks/{id}`` → ``{"id", "task", "status": "pending" | "succeeded" | "failed"}`` plus
   ``"result"`` or ``"error": {"type", "message"}``; 404 for an id this process does not hold.
 - ``GET /tasks/{id}/events`` → ``text/event-stream``: a ``progress`` event ``{"seq", "data"}``
@@ -93,7 +95,12 @@ async def submit(request: web.Request) -> web.Response:
     if task is None:
         return _error(404, "UnknownTask", f"no task named {name!r}")
     try:
-        args, kwargs, countdown = _parse_body(await request.read())
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # aiohttp's own answer is text/plain
+        limit = request.client_max_size
+        return _error(413, "PayloadTooLarge", f"the body is over the limit of {limit} bytes")
+    try:
+        args, kwargs, countdown = _parse_body(raw)
     except ValueError as exc:
         return _error(400, "BadRequest", str(exc))
     if task.options.ignore_result:  # no outcome will come: nothing to keep
@@ -146,6 +153,8 @@ def _parse_body(raw: bytes) -> tuple[list[Any], dict[str, Any], float | None]:
         body = json.loads(raw) if raw.strip() else {}
     except ValueError as exc:
         raise ValueError(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # json parses nested arrays and objects recursively
+        raise ValueError("the body is nested too deeply") from None
     if not isinstance(body, dict):
         raise ValueError("the body must be a JSON object")
     unknown = set(body) - BODY_KEYS
