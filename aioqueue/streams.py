@@ -23,7 +23,7 @@ from typing import Any
 
 from .broker import Broker, Consumer, Delivery, settle
 from .errors import DecodeError
-from .message import H_SEQ, loads
+from .message import H_SEQ, H_UNDECODABLE, loads, unreadable_properties
 
 __all__ = ["EventSink", "Progress", "Result", "StreamReader"]
 
@@ -128,12 +128,24 @@ class StreamReader:
             delivery = await self._get(outcome)
             if delivery is None:
                 continue
-            seq = _seq(delivery)
+            try:
+                seq, item = self._read(delivery)
+            except DecodeError as exc:  # forged or broken: never taken for a real item
+                log.warning("dropped an unreadable item of stream %r: %s", self.queue, exc)
+                await settle(delivery, ack=True)
+                continue
             await settle(delivery, ack=True)
             if seq <= self.last_seq:
                 continue  # repeated by a redelivered or retried run
             self.last_seq = seq
-            return loads(delivery.body, max_size=self._broker.settings.max_message_size)
+            return item
+
+    def _read(self, delivery: Delivery) -> tuple[int, Any]:
+        headers = delivery.properties.headers or {}
+        if H_UNDECODABLE in headers:
+            raise DecodeError(unreadable_properties(headers[H_UNDECODABLE]))
+        seq = _seq(delivery)
+        return seq, loads(delivery.body, max_size=self._broker.settings.max_message_size)
 
     async def _get(self, outcome: asyncio.Future[Any]) -> Delivery | None:
         if not self._inbox.empty():

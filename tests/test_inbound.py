@@ -382,3 +382,80 @@ async def test_dlq_commands_read_unreadable_dead_letters_and_replay_only_readabl
 async def _depth(raw: aiormq.Channel, queue: str, count: int) -> bool:
     ok = await raw.queue_declare(queue, passive=True)
     return ok.message_count == count
+
+
+# -- through a real RabbitMQ, to a caller ------------------------------------------------------
+
+
+async def test_an_unreadable_reply_never_cuts_the_caller_off_from_its_results(
+    rabbit: RabbitNode, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a caller waiting for a task held until released
+    app = App("inbound-caller", broker_url=rabbit.url, default_queue=queue_name)
+    release = asyncio.Event()
+
+    @app.task(name="inbound.gated")
+    async def gated() -> str:
+        await release.wait()
+        return "real"
+
+    async with await aio_pika.connect(rabbit.url) as conn, app, running_worker(app):
+        channel = await conn.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        handle = await gated.submit()
+        replies = app._replies
+        assert replies is not None
+        connection = app.broker._connection  # type: ignore[attr-defined]
+        before = id(connection.transport.connection)
+        # When a forged success with unreadable properties arrives on its reply queue
+        forged = Props(
+            correlation_id=handle.id.encode(),
+            message_id=b"\xff\xfe",
+            headers=table(entry(b"x-\xff", s_value("v"))),
+        )
+        payload = publish_frames(
+            raw.number, replies.queue, forged, b'{"task": "inbound.gated", "ok": true}'
+        )
+        await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+        await wait_until(lambda: replies.unreadable == 1, timeout=30, what="the forged reply")
+        # Then it is dropped, the connection stays up, and the real outcome resolves the handle
+        assert not handle.done()
+        release.set()
+        assert await handle.result(timeout=30) == "real"
+        assert id(connection.transport.connection) == before
+        assert "InvalidFrameError" not in caplog.text
+
+
+async def test_an_unreadable_stream_item_is_skipped_and_the_real_items_arrive(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given a generator task that streams once released
+    app = App("inbound-stream", broker_url=rabbit.url, default_queue=queue_name)
+    release = asyncio.Event()
+
+    @app.task(name="inbound.items")
+    async def items() -> AsyncIterator[int]:
+        await release.wait()
+        for i in range(3):
+            yield i
+
+    async with await aio_pika.connect(rabbit.url) as conn, app, running_worker(app):
+        channel = await conn.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        handle = await items.submit()
+        # When an unreadable item claiming to be the first lands on its stream queue first
+        headers = table(entry(b"aioqueue-seq", i_value(1)), entry(b"t", t_value(10**17)))
+        stream_queue = f"aioqueue.stream.{handle.id}"
+        payload = publish_frames(raw.number, stream_queue, Props(headers=headers), b'"forged"')
+        await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+        await wait_until(
+            lambda: rabbit.queue_stats().get(stream_queue, {}).get("messages"),
+            timeout=30,
+            what="the forged item in the stream queue",
+        )
+        release.set()
+        # Then the reader skips it and reads the real items, in order
+        assert [item async for item in handle.stream()] == [0, 1, 2]
+        assert await handle.result(timeout=30) == 3
