@@ -308,8 +308,9 @@ class RabbitBroker:
                 finally:
                     self._inflight.release()
             except aiormq.exceptions.PublishError as exc:
+                reply_text = exc.args[0] if exc.args else "NO_ROUTE"  # `reason` is a template
                 raise UnroutableError(
-                    f"message to {routing_key!r} was returned unroutable: {exc.reason}"
+                    f"message to {routing_key!r} was returned unroutable: {reply_text}"
                 ) from None
             except aiormq.exceptions.DeliveryError:
                 raise PublishError(

@@ -131,7 +131,7 @@ async def test_a_burst_far_past_the_writer_queue_is_confirmed_and_delivered_in_o
 
 async def test_an_unroutable_publish_is_returned_as_unroutable(broker: RabbitBroker) -> None:
     props = _props()
-    with pytest.raises(UnroutableError):
+    with pytest.raises(UnroutableError, match=r"returned unroutable: NO_ROUTE$"):
         await broker.publish(f"nowhere.{uuid.uuid4().hex}", b"{}", props)
     publishing = await broker._channel().get_underlay_channel()
     assert props.message_id not in publishing.message_id_delivery_tag
