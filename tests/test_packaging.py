@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+DISTRIBUTION = "aioqueue-rabbit"  # "aioqueue" on PyPI is an unrelated project
 
 
 def project() -> dict[str, Any]:
@@ -59,3 +60,22 @@ def test_every_library_imported_directly_is_declared() -> None:
         declared.extend(requirements)
     for name in sorted(imported):
         requirement(name.replace("_", "-"), declared)
+
+
+def test_the_distribution_name_is_ours_and_the_import_package_is_aioqueue() -> None:
+    # Given "aioqueue" on PyPI belongs to an unrelated project
+    name = project()["name"]
+    assert name == DISTRIBUTION != "aioqueue"
+    # Then it is the one installed here, and it ships the import package `aioqueue`
+    assert importlib.metadata.distribution(DISTRIBUTION).metadata["Name"] == DISTRIBUTION
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    assert wheel["targets"]["wheel"]["packages"] == ["aioqueue"]
+    # and every install hint, in the README, the docs and the code, names the distribution
+    readme = (ROOT / "README.md").read_text()
+    assert f"pip install {DISTRIBUTION}" in readme
+    texts = [readme, *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+    texts += [p.read_text() for p in (ROOT / "aioqueue").rglob("*.py")]
+    for text in texts:
+        assert not re.search(r"pip install ['\"]?aioqueue\[", text), (
+            "a hint installs the wrong project"
+        )

@@ -79,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve Prometheus metrics over HTTP on this port (needs aioqueue[metrics])",
+        help="serve Prometheus metrics over HTTP on this port (needs aioqueue-rabbit[metrics])",
     )
     p.add_argument(
         "--metrics-host",
