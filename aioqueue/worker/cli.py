@@ -1,4 +1,5 @@
-"""``python -m aioqueue.worker module:app [options]``: run a worker until SIGTERM/SIGINT."""
+"""``aioqueue worker module:app [options]`` (or ``python -m aioqueue.worker``): run a worker
+until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m aioqueue.worker",
+        prog=prog,
         description="Run aioqueue tasks from RabbitMQ until SIGTERM or SIGINT.",
     )
     p.add_argument("app", help="the App to serve, as MODULE:ATTRIBUTE (e.g. shop.tasks:app)")
@@ -96,8 +97,9 @@ def _port(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worker") -> int:
+    """Run a worker as the command line ``argv`` says; returns the exit code."""
+    args = parser(prog).parse_args(argv)
     setup_logging(args.log_level)
     app = app_from_args(args)
     if app is None:
