@@ -26,7 +26,7 @@ from .events import TaskLog, TaskObserver
 from .execute import execute
 from .settle import H_DELIVERIES, Handoff
 
-__all__ = ["Worker", "WorkerStatistics"]
+__all__ = ["Worker", "WorkerStatistics", "split_prefetch"]
 
 log = logging.getLogger("aioqueue.worker")
 
@@ -49,8 +49,10 @@ class Worker:
         app: The app whose registered tasks this worker runs (and whose connection it uses).
         queues: Queues to consume; default: the app's default queue plus every task's queue.
         concurrency: Most tasks running at once.
-        prefetch: Most unacked messages held by this worker, in total; default: ``concurrency``.
-            With several queues it is split evenly between them (at least 1 each).
+        prefetch: Most unacked messages held by this worker process, in total; default:
+            ``concurrency``. It is split exactly across the queues (the first ones get the
+            remainder; the shares add up to it). Each queue needs at least 1, so a prefetch
+            below the number of queues is raised to that number, with a warning at start.
         shutdown_timeout: Seconds running tasks get to finish after `stop`; the rest go back
             to their queue.
         threads: Size of the thread pool for plain-function tasks; default
@@ -80,7 +82,8 @@ class Worker:
         self.app = app
         self.queues = list(queues) if queues else app.queues()
         self.concurrency = concurrency
-        self.prefetch = prefetch or concurrency
+        self.requested_prefetch = prefetch or concurrency
+        self.prefetch = max(self.requested_prefetch, len(self.queues))  # the true total
         self.shutdown_timeout = shutdown_timeout
         self.threads = threads or min(concurrency, 40)
         self.max_deliveries = max_deliveries
@@ -103,8 +106,9 @@ class Worker:
         self._processed = 0
 
     @property
-    def prefetch_per_queue(self) -> int:
-        return max(1, self.prefetch // len(self.queues))
+    def prefetch_shares(self) -> list[int]:
+        """The prefetch of each queue, in the order of `queues`; they add up to `prefetch`."""
+        return split_prefetch(self.prefetch, len(self.queues))
 
     def statistics(self) -> WorkerStatistics:
         return WorkerStatistics(
@@ -123,6 +127,14 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until `stop`; connects the app first if it is not connected yet."""
+        if self.prefetch > self.requested_prefetch:
+            log.warning(
+                "prefetch %d is below the number of queues (%d) and each queue needs at least "
+                "one: this worker holds up to %d unacked messages",
+                self.requested_prefetch,
+                len(self.queues),
+                self.prefetch,
+            )
         own_connection = self.app._broker is None
         if own_connection:
             await self.app.connect()
@@ -157,13 +169,10 @@ class Worker:
                 kind = self.app.queue_type_of(queue)
                 await broker.declare_queue(queue, work_queue_arguments(kind))
                 await broker.declare_queue(dlq_name(queue), dlq_arguments(kind))
-            for queue in self.queues:
+            for queue, share in zip(self.queues, self.prefetch_shares, strict=True):
                 subscriptions.append(
                     await broker.subscribe(
-                        queue,
-                        on_delivery,
-                        prefetch=self.prefetch_per_queue,
-                        on_lost=self._channel_lost,
+                        queue, on_delivery, prefetch=share, on_lost=self._channel_lost
                     )
                 )
             self.ready.set()
@@ -427,6 +436,19 @@ class Worker:
                 text or "closed",
                 len(running),
             )
+
+
+def split_prefetch(total: int, queues: int) -> list[int]:
+    """``total`` split across ``queues`` consumers: equal shares, the remainder one each to
+    the first ones; every share at least 1 (ValueError when ``total < queues``).
+
+    >>> split_prefetch(10, 4)
+    [3, 3, 2, 2]
+    """
+    if queues < 1 or total < queues:
+        raise ValueError(f"cannot split a prefetch of {total} across {queues} queue(s)")
+    share, remainder = divmod(total, queues)
+    return [share + 1 if i < remainder else share for i in range(queues)]
 
 
 def _header_int(headers: dict[str, Any], key: str) -> int:

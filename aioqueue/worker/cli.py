@@ -55,7 +55,9 @@ def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
         "--prefetch",
         type=_positive_int,
         default=None,
-        help="most unacked messages this worker holds (default: --concurrency)",
+        help="most unacked messages this worker process holds, in total: split across the "
+        "queues, at least 1 each (so raised to the number of queues if below it, with a "
+        "warning) (default: --concurrency)",
     )
     p.add_argument(
         "--shutdown-timeout",
@@ -199,7 +201,6 @@ def _on_signal(worker: Worker, sig: signal.Signals, scheduler: Scheduler | None 
 
 def banner(worker: Worker, metrics_url: str | None = None) -> str:
     app = worker.app
-    per_queue = worker.prefetch_per_queue
     tasks = "\n".join(f"    {name}  (queue {t.options.queue})" for name, t in app.tasks.items())
     return (
         f"aioqueue worker {worker.identity} ready\n"
@@ -207,7 +208,20 @@ def banner(worker: Worker, metrics_url: str | None = None) -> str:
         f"  broker:       {mask_url(app.broker_url)}\n"
         f"  queues:       {', '.join(worker.queues)}\n"
         f"  concurrency:  {worker.concurrency} (threads for plain functions: {worker.threads})\n"
-        f"  prefetch:     {worker.prefetch} in total ({per_queue} per queue)\n"
+        f"  prefetch:     {_prefetch_line(worker)}\n"
         + (f"  metrics:      {metrics_url}\n" if metrics_url else "")
         + f"  tasks:\n{tasks or '    (none registered)'}"
     )
+
+
+def _prefetch_line(worker: Worker) -> str:
+    shares = worker.prefetch_shares
+    line = f"{worker.prefetch} in total"
+    if len(shares) > 1:
+        line += f" ({' + '.join(map(str, shares))} over the queues above)"
+    if worker.prefetch > worker.requested_prefetch:
+        line += (
+            f", raised from {worker.requested_prefetch}: each of the {len(shares)} queues "
+            "needs at least 1"
+        )
+    return line
