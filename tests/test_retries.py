@@ -122,6 +122,25 @@ async def test_raise_retry_waits_its_delay_and_uses_an_attempt(qapp: App) -> Non
     assert t2 - t1 >= 0.5  # never early
 
 
+async def test_a_retry_without_delay_is_run_not_taken_for_a_redelivery(qapp: App) -> None:
+    # Given a task that asks for its second attempt at once: the retry is published, and may
+    # be delivered, before the first attempt is settled
+    attempts: list[int] = []
+
+    @qapp.task(name="t.at_once", retry=RetryPolicy(max_attempts=2))
+    async def at_once() -> int:
+        attempts.append(task_context().attempt)
+        if task_context().attempt == 1:
+            raise Retry(delay=0)
+        return 2
+
+    async with qapp, running_worker(qapp):
+        # Then the second attempt runs and its result arrives (it was acked unrun as a
+        # "redelivery" of the running first attempt, and the caller waited forever)
+        assert await (await at_once.submit()).result(timeout=60) == 2
+    assert attempts == [1, 2]
+
+
 async def test_retry_on_last_attempt_reports_its_cause(qapp: App) -> None:
     @qapp.task(name="t.cause", retry=RetryPolicy(max_attempts=1))
     async def cause() -> None:

@@ -91,7 +91,9 @@ class Worker:
         self._current: dict[int, tuple[str, str, str]] = {}
         self._consumer_timeouts = 0
         self._recounting: dict[str, asyncio.Event] = {}
-        self._running_ids: dict[str, asyncio.Future[bool]] = {}
+        # runs in hand by (task id, attempt): a retry is the same id with the next attempt,
+        # and may arrive (with no delay) before the attempt that published it is settled
+        self._running_ids: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -263,7 +265,8 @@ class Worker:
         task = self.app.tasks[envelope.task]
         self._current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
         handed_off = asyncio.get_running_loop().create_future()
-        self._running_ids[envelope.id] = handed_off
+        run_key = (envelope.id, envelope.attempt)
+        self._running_ids[run_key] = handed_off
         for observer in self.observers:
             observer.started(envelope.task, envelope.id, envelope.attempt)
         started = time.perf_counter()
@@ -277,8 +280,8 @@ class Worker:
             self._observe_finish(envelope, outcome, exc, duration)
         finally:
             del self._current[id(delivery)]
-            if self._running_ids.get(envelope.id) is handed_off:  # two copies may run here
-                del self._running_ids[envelope.id]
+            if self._running_ids.get(run_key) is handed_off:  # two copies may run here
+                del self._running_ids[run_key]
             if not handed_off.done():
                 handed_off.set_result(False)
 
@@ -329,7 +332,7 @@ class Worker:
     async def _already_running(self, delivery: Delivery, envelope: Envelope) -> bool:
         """A redelivery of a message this worker is still running (its channel was closed, e.g.
         by RabbitMQ's consumer timeout): wait for that run instead of starting a second one."""
-        running = self._running_ids.get(envelope.id)
+        running = self._running_ids.get((envelope.id, envelope.attempt))
         if running is None:
             return False
         log.info(
