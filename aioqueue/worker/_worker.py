@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -320,10 +320,17 @@ class Worker:
         delay = None if exc is None else next_delay(policy, envelope.attempt, exc)
         if delay is not None:
             return await handoff.retry(delivery, envelope, delay)
+        error = outcome.error
+        if isinstance(exc, Retry) and exc.__cause__ is None:  # asked for an attempt not left
+            error = replace(
+                error,
+                message=f"{error.message}, but attempt {envelope.attempt} was the last that "
+                f"the task's retry policy allows (max_attempts={policy.max_attempts})",
+            )
         return await handoff.dead_letter(
             delivery,
-            reason="timeout" if outcome.error.kind == "timeout" else "failed",
-            error=outcome.error,
+            reason="timeout" if error.kind == "timeout" else "failed",
+            error=error,
             task_id=envelope.id,
             task_name=envelope.task,
             reply_to=envelope.reply_to,
