@@ -95,7 +95,8 @@ async def running_worker(app: App, **kwargs: Any) -> AsyncIterator[Worker]:
 class WorkerProcess:
     """A real ``python -m aioqueue.worker`` subprocess with its output captured to a file.
 
-    ``command`` replaces ``python -m <module>`` (e.g. the console script: ``aioqueue worker``).
+    ``command`` replaces ``python -m <module>`` (e.g. the console script: ``aioqueue worker``);
+    it runs in ``cwd``, this repository by default.
     """
 
     module = "aioqueue.worker"
@@ -107,13 +108,14 @@ class WorkerProcess:
         env: dict[str, str],
         log: Path,
         command: Sequence[str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.log_path = log
         self._log = log.open("wb")
         program = list(command) if command else [sys.executable, "-m", self.module]
         self.proc = subprocess.Popen(
             [*program, app_spec, *args],
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
