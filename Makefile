@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv \
 		&& $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
+	@# the distribution was called "aioqueue" before it became "aioqueue-rabbit" (the name
+	@# aioqueue belongs to another project on PyPI): an old .venv loses the old name first
+	@$(BIN)/python -m pip uninstall -q -y aioqueue 2>/dev/null || true
 	$(BIN)/python -m pip install -q -e ".[dev,aiohttp,metrics,fast]"
 	@touch $(STAMP)
 

@@ -1,3 +1,3 @@
-from .admin import main
+from .console import main
 
-raise SystemExit(main())
+raise SystemExit(main(prog="python -m aioqueue"))

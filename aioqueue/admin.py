@@ -1,6 +1,7 @@
-"""``python -m aioqueue dlq list|show|replay|purge module:app --queue Q``: dead letters by hand.
+"""``aioqueue dlq list|show|replay|purge module:app --queue Q``: dead letters by hand.
 
-(``status`` and ``purge`` live in ``admin_status.py``; this module's `main` runs them all.)
+(``status`` and ``purge`` live in ``admin_status.py``; this module's `main` runs them all, for
+the ``aioqueue`` command of `aioqueue.console`.)
 
 Messages are read with ``basic.get`` and left unacked while we look at them; what is not replayed
 goes back to the dead-letter queue when the channel closes. A replay re-publishes the message,
@@ -60,9 +61,15 @@ class DeadLetter:
         )
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m aioqueue", description="aioqueue administration")
+def parser(prog: str = "aioqueue") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="aioqueue: run workers and schedulers, inspect and repair queues"
+    )
     sub = p.add_subparsers(dest="command", required=True)
+    # `aioqueue.console` hands these two to their own programs before this parser sees them;
+    # they are here to be listed in the help
+    for name, text in (("worker", "a worker"), ("scheduler", "the periodic-task scheduler")):
+        sub.add_parser(name, help=f"run {text} (see: {prog} {name} --help)", add_help=False)
     dlq = sub.add_parser("dlq", help="inspect and re-run dead-lettered tasks")
     actions = dlq.add_subparsers(dest="action", required=True)
     for name, text in (
@@ -86,9 +93,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
-    p = parser()
+def main(
+    argv: list[str] | None = None, *, stdin: TextIO | None = None, prog: str = "aioqueue"
+) -> int:
+    """Run ``status``, ``purge`` or ``dlq ...``; returns the exit code."""
+    p = parser(prog)
     args, extra = p.parse_known_args(argv)
+    if args.command in ("worker", "scheduler"):
+        p.error(f"{args.command} is a program of its own: run `{prog} {args.command} ...`")
     # task ids may come after the options: `dlq show shop:app --queue q ID ...`
     if extra and (getattr(args, "ids", None) is None or any(e.startswith("-") for e in extra)):
         p.error(f"unrecognized arguments: {' '.join(extra)}")

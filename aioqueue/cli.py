@@ -60,7 +60,7 @@ def setup_logging(level: str) -> None:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` on uvloop when it is installed (``aioqueue[fast]``), else on asyncio."""
+    """Run ``main`` on uvloop when it is installed (``aioqueue-rabbit[fast]``), else on asyncio."""
     try:
         import uvloop
     except ImportError:

@@ -1,7 +1,7 @@
 """Prometheus metrics of a worker: `PrometheusObserver`, and serving them over HTTP.
 
-Needs the ``metrics`` extra (``pip install aioqueue[metrics]``, the official prometheus-client);
-nothing else in aioqueue imports this module, so the core never needs it.
+Needs the ``metrics`` extra (``pip install aioqueue-rabbit[metrics]``, the official
+prometheus-client); nothing else in aioqueue imports this module, so the core never needs it.
 
 ```python
 observer = PrometheusObserver(tasks=app.tasks)           # its own CollectorRegistry
@@ -32,7 +32,7 @@ try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
-        "aioqueue.metrics needs the Prometheus client library: pip install aioqueue[metrics]"
+        "aioqueue.metrics needs the Prometheus client library: pip install aioqueue-rabbit[metrics]"
     ) from exc
 
 from .broker import Broker

@@ -68,6 +68,9 @@ def backoff(
 class Retry(Exception):
     """Raise inside a task to ask for another attempt (it uses one up).
 
+    Granted whatever ``retry_on`` says, but only while the task's `RetryPolicy` has attempts
+    left: under the default policy (``max_attempts=1``) the task fails at once.
+
     Args:
         delay: Seconds to wait first; None means the task's policy decides.
     """
@@ -82,9 +85,9 @@ def next_delay(
 ) -> float | None:
     """Seconds to wait before retrying after ``attempt`` failed with ``exc``; None: no retry.
 
-    `Retry` always asks for another attempt (its own delay, else the policy's back-off), other
-    exceptions only when they are instances of ``policy.retry_on``; either way only while
-    attempts remain.
+    `Retry` asks for another attempt whatever ``retry_on`` says (its own delay, else the
+    policy's back-off), other exceptions only when they are instances of ``policy.retry_on``;
+    either way only while attempts remain (``attempt < policy.max_attempts``).
     """
     if attempt >= policy.max_attempts:
         return None

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -93,16 +93,29 @@ async def running_worker(app: App, **kwargs: Any) -> AsyncIterator[Worker]:
 
 
 class WorkerProcess:
-    """A real ``python -m aioqueue.worker`` subprocess with its output captured to a file."""
+    """A real ``python -m aioqueue.worker`` subprocess with its output captured to a file.
+
+    ``command`` replaces ``python -m <module>`` (e.g. the console script: ``aioqueue worker``);
+    it runs in ``cwd``, this repository by default.
+    """
 
     module = "aioqueue.worker"
 
-    def __init__(self, app_spec: str, *args: str, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        app_spec: str,
+        *args: str,
+        env: dict[str, str],
+        log: Path,
+        command: Sequence[str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
         self.log_path = log
         self._log = log.open("wb")
+        program = list(command) if command else [sys.executable, "-m", self.module]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, app_spec, *args],
-            cwd=ROOT,
+            [*program, app_spec, *args],
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -138,7 +151,10 @@ def spawn_worker(
     procs: list[WorkerProcess] = []
 
     def spawn(
-        *args: str, app_spec: str = "tests.apps.basic:app", env: dict[str, str] | None = None
+        *args: str,
+        app_spec: str = "tests.apps.basic:app",
+        env: dict[str, str] | None = None,
+        command: Sequence[str] | None = None,
     ) -> WorkerProcess:
         full_env = {
             "AIOQUEUE_BROKER_URL": rabbit.url,
@@ -147,7 +163,11 @@ def spawn_worker(
             **(env or {}),
         }
         proc = WorkerProcess(
-            app_spec, *args, env=full_env, log=tmp_path / f"worker-{len(procs)}.log"
+            app_spec,
+            *args,
+            env=full_env,
+            log=tmp_path / f"worker-{len(procs)}.log",
+            command=command,
         )
         procs.append(proc)
         return proc

@@ -7,11 +7,16 @@
         proxy.blackhole()                 # stop forwarding both ways; sockets stay open
         proxy.delay(0.2)                  # forward again, 200 ms late per chunk
         proxy.passthrough()               # forward at once again
+        n = proxy.linked                  # connections linked to the broker so far
         proxy.reset()                     # RST every connection (SO_LINGER 0), both sides
+        await proxy.wait_linked(after=n)  # until a client is linked to the broker again
 
 Blackholed data is held, not dropped (TCP would retransmit it through a short partition):
 when the proxy passes again it flows on, unless a peer gave up on the connection meanwhile.
-New connections are accepted in every mode and then treated like the old ones.
+New connections are accepted in every mode and then treated like the old ones. ``accepted``
+counts client connections the moment they arrive; ``linked`` counts those whose upstream
+connection to the broker was made (only those can be reset): wait on ``linked``, not
+``accepted``, before a `reset` that must find a connection.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import struct
 from types import TracebackType
 
 from tests.rabbit import free_port
+from tests.waiting import wait_until
 
 __all__ = ["Proxy"]
 
@@ -36,7 +42,8 @@ class Proxy:
         self.target_host = target_host
         self.target_port = target_port
         self.port = free_port(exclude=frozenset({target_port}))
-        self.accepted = 0
+        self.accepted = 0  # client connections accepted (the upstream may not exist yet)
+        self.linked = 0  # of those, linked to the broker: in `connections` until they close
         self._server: asyncio.Server | None = None
         self._passing = asyncio.Event()
         self._passing.set()
@@ -100,6 +107,15 @@ class Proxy:
         self._delay = seconds
         self._passing.set()
 
+    async def wait_linked(self, *, after: int, timeout: float = 30.0) -> None:
+        """Wait until a connection linked after the ``after``-th one is open through the proxy
+        (`AssertionError` after ``timeout`` seconds)."""
+        await wait_until(
+            lambda: any(link.serial > after and not link.closed for link in self._links),
+            timeout=timeout,
+            what=f"a connection linked through {self!r} (linked so far: {after})",
+        )
+
     def reset(self) -> int:
         """Abort every connection with a TCP RST on both sides; returns how many."""
         links = list(self._links)
@@ -116,7 +132,8 @@ class Proxy:
         except OSError:
             _abort(writer)
             return
-        link = _Link(writer, up_writer)
+        self.linked += 1
+        link = _Link(writer, up_writer, self.linked)
         self._links.add(link)
         try:
             await asyncio.gather(
@@ -154,8 +171,11 @@ class Proxy:
 class _Link:
     """A client connection and its upstream connection to the broker."""
 
-    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter, serial: int
+    ) -> None:
         self.client = client
+        self.serial = serial  # the how-manieth link of its proxy
         self.upstream = upstream
         self.closed = False
 

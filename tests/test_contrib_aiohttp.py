@@ -174,4 +174,4 @@ def test_without_aiohttp_the_import_error_names_the_extra() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert proc.returncode != 0
-    assert "pip install aioqueue[aiohttp]" in proc.stderr
+    assert "pip install aioqueue-rabbit[aiohttp]" in proc.stderr

@@ -224,7 +224,7 @@ def test_without_the_extra_the_error_says_what_to_install() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode != 0
-    assert "pip install aioqueue[metrics]" in result.stderr
+    assert "pip install aioqueue-rabbit[metrics]" in result.stderr
 
 
 def _get(url: str) -> str:

@@ -21,7 +21,7 @@ from aioqueue import (
     task_context,
 )
 from aioqueue.testing import reset
-from tests.conftest import running_worker, wait_until
+from tests.conftest import ROOT, running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.test_core import get_dead_letter
 
@@ -120,6 +120,53 @@ async def test_raise_retry_waits_its_delay_and_uses_an_attempt(qapp: App) -> Non
     (a1, t1), (a2, t2) = seen
     assert (a1, a2) == (1, 2)
     assert t2 - t1 >= 0.5  # never early
+
+
+async def test_a_retry_without_delay_is_run_not_taken_for_a_redelivery(qapp: App) -> None:
+    # Given a task that asks for its second attempt at once: the retry is published, and may
+    # be delivered, before the first attempt is settled
+    attempts: list[int] = []
+
+    @qapp.task(name="t.at_once", retry=RetryPolicy(max_attempts=2))
+    async def at_once() -> int:
+        attempts.append(task_context().attempt)
+        if task_context().attempt == 1:
+            raise Retry(delay=0)
+        return 2
+
+    async with qapp, running_worker(qapp):
+        # Then the second attempt runs and its result arrives (it was acked unrun as a
+        # "redelivery" of the running first attempt, and the caller waited forever)
+        assert await (await at_once.submit()).result(timeout=60) == 2
+    assert attempts == [1, 2]
+
+
+async def test_raise_retry_is_bounded_by_the_policy_and_the_last_one_says_so(qapp: App) -> None:
+    # Given a task that always raises Retry, without a policy, and one allowing 3 attempts
+    seen: dict[str, list[int]] = {"t.default": [], "t.three": []}
+
+    async def again() -> None:
+        ctx = task_context()
+        seen[ctx.name].append(ctx.attempt)
+        raise Retry(delay=0)
+
+    qapp.task(name="t.default")(again)
+    qapp.task(name="t.three", retry=RetryPolicy(max_attempts=3, backoff=0.1))(again)
+    async with qapp, running_worker(qapp):
+        for name in seen:
+            with pytest.raises(TaskError) as info:
+                await (await qapp.submit(name)).result(timeout=60)
+            # Then each ran as often as its policy allows (the default: once, no retry)
+            allowed = {"t.default": 1, "t.three": 3}[name]
+            assert seen[name] == list(range(1, allowed + 1))
+            # and the caller learns that the Retry asked for an attempt not left
+            assert info.value.type_name == "Retry"
+            assert f"attempt {allowed} was the last" in info.value.message
+            assert f"(max_attempts={allowed})" in info.value.message
+    # as the README says (it said Retry "always" asks for another attempt)
+    readme = (ROOT / "README.md").read_text()
+    assert "always asks for another attempt" not in readme
+    assert "default policy is no\n  retry (`max_attempts=1`), so there a `Retry` fails" in readme
 
 
 async def test_retry_on_last_attempt_reports_its_cause(qapp: App) -> None:

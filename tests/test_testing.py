@@ -22,7 +22,7 @@ from aioqueue import (
     task_context,
 )
 from aioqueue.testing import VirtualClock, memory_broker, run_until_idle, running_worker
-from tests.conftest import wait_until
+from tests.conftest import ROOT, wait_until
 
 
 async def test_virtual_clock_jumps_a_thirty_day_delay_and_long_retries(
@@ -69,6 +69,18 @@ async def test_advance_moves_time_step_by_step(
         assert not ran.is_set()
         await aioqueue_clock.advance(1.1)
         await asyncio.wait_for(ran.wait(), 5)
+
+
+async def test_advance_takes_seconds_as_the_readme_says(aioqueue_clock: VirtualClock) -> None:
+    # Given the README's schedule example, which advances the clock by 300
+    readme = (ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if "aioqueue_clock.advance(300)" in x)
+    # Then its comment speaks of seconds (it said milliseconds)
+    assert "in seconds" in line and "milli" not in line, line
+    # and 300 moves the clock by five minutes
+    before = aioqueue_clock.now()
+    await aioqueue_clock.advance(300)
+    assert aioqueue_clock.now() - before == timedelta(minutes=5)
 
 
 async def test_failures_land_in_the_memory_dlq(aioqueue_memory_url: str) -> None:

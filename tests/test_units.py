@@ -24,6 +24,7 @@ from aioqueue.topology import (
     delay_units,
     deliver_pattern,
 )
+from aioqueue.worker._worker import split_prefetch
 
 
 def _nested(depth: int) -> list[Any]:
@@ -496,3 +497,27 @@ def test_json_nested_past_the_limit_is_refused_and_only_that(value: Any, deep: b
             loads(body, max_size=10**6)
     else:
         assert loads(body, max_size=10**6) == value
+
+
+@pytest.mark.parametrize(
+    ("total", "queues", "shares"),
+    [
+        (1, 1, [1]),
+        (100, 1, [100]),
+        (4, 4, [1, 1, 1, 1]),
+        (6, 4, [2, 2, 1, 1]),
+        (10, 3, [4, 3, 3]),
+        (100, 3, [34, 33, 33]),
+    ],
+)
+def test_prefetch_is_split_exactly_remainders_first(
+    total: int, queues: int, shares: list[int]
+) -> None:
+    assert split_prefetch(total, queues) == shares
+    assert sum(shares) == total
+
+
+@pytest.mark.parametrize(("total", "queues"), [(1, 4), (3, 4), (5, 0)])
+def test_a_prefetch_that_cannot_give_each_queue_one_is_refused(total: int, queues: int) -> None:
+    with pytest.raises(ValueError, match="cannot split"):
+        split_prefetch(total, queues)

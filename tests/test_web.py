@@ -17,11 +17,11 @@ from typing import Any
 import aio_pika
 import pytest
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
 from aioqueue import App, BrokerConnectionError, PublishError, Settings, TaskError, task_context
 from services.web.handles import HandleStore
-from services.web.service import HANDLES, create_app
+from services.web.service import HANDLES, create_app, health
 from tests.conftest import wait_until
 from tests.rabbit import RabbitNode
 
@@ -458,3 +458,20 @@ async def test_progress_reported_by_a_running_task_reaches_the_event_stream(
         tasks.gate.set()
         await client.close()
         await delete_queues(rabbit.url, queue_name, f"{queue_name}.dlq")
+
+
+async def test_health_answers_200_while_connected(client: TestClient[Any, Any]) -> None:
+    # Given a running service connected to RabbitMQ, its health check answers 200
+    response = await client.get("/health")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_health_answers_503_without_a_connection(tasks: Tasks) -> None:
+    # Given a service whose app is not connected (before start-up, or after its close)
+    web_app = create_app(tasks.app)
+    request = make_mocked_request("GET", "/health", app=web_app)
+    # Then the health check fails, so the compose stack marks it unhealthy
+    response = await health(request)
+    assert response.status == 503
+    assert response.text is not None and json.loads(response.text) == {"status": "unavailable"}

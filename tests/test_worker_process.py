@@ -150,3 +150,21 @@ async def test_second_signal_returns_tasks_at_once(
             lambda: rabbit.queue_stats()[queue_name]["messages_ready"] == 1,
             what="the task back in its queue",
         )
+
+
+async def test_banner_shows_the_prefetch_split_and_a_raised_prefetch(
+    spawn_worker: Any, queue_name: str
+) -> None:
+    # Given --prefetch 1 on three queues
+    queues = ",".join(f"{queue_name}.{i}" for i in range(3))
+    worker: WorkerProcess = spawn_worker("--queues", queues, "--prefetch", "1")
+    await worker.wait_ready()
+    out = worker.output()
+    # Then the worker warns, and its banner says what it holds in total and per queue
+    assert "prefetch 1 is below the number of queues (3)" in out
+    assert (
+        "prefetch:     3 in total (1 + 1 + 1 over the queues above), raised from 1: "
+        "each of the 3 queues needs at least 1"
+    ) in out
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await worker.wait_exit() == 0

@@ -1,1 +1,1 @@
-"""Integrations with other frameworks, each an optional extra (``aioqueue[aiohttp]``)."""
+"""Integrations with other frameworks, each an optional extra (``aioqueue-rabbit[aiohttp]``)."""

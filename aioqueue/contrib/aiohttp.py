@@ -25,7 +25,7 @@ Handles keep their futures in this process's memory: results come back to the pr
 submitted, so a handle is only useful in the web process that created it (see
 ``services/web/README.md`` for deployments with several web processes).
 
-Needs the ``aiohttp`` extra: ``pip install aioqueue[aiohttp]``.
+Needs the ``aiohttp`` extra: ``pip install aioqueue-rabbit[aiohttp]``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ try:
     from aiohttp import web
 except ImportError as exc:  # the extra is not installed
     raise ImportError(
-        "aioqueue.contrib.aiohttp needs aiohttp: pip install aioqueue[aiohttp]"
+        "aioqueue.contrib.aiohttp needs aiohttp: pip install aioqueue-rabbit[aiohttp]"
     ) from exc
 
 from ..app import App

@@ -1,4 +1,5 @@
-"""``python -m aioqueue.scheduler module:app [options]``: fire an app's schedules until SIGTERM."""
+"""``aioqueue scheduler module:app [options]`` (or ``python -m aioqueue.scheduler``): fire an
+app's schedules until SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from .schedule import next_run
 __all__ = ["banner", "main", "parser"]
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m aioqueue.scheduler") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m aioqueue.scheduler",
+        prog=prog,
         description="Fire an app's periodic tasks until SIGTERM or SIGINT. Run as many as you "
         "like: one of them leads and fires, the others take over when it stops.",
     )
@@ -34,8 +35,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.scheduler") -> int:
+    """Run the scheduler as the command line ``argv`` says; returns the exit code."""
+    args = parser(prog).parse_args(argv)
     setup_logging(args.log_level)
     app = app_from_args(args)
     if app is None:

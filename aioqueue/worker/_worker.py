@@ -9,7 +9,7 @@ import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -26,7 +26,7 @@ from .events import TaskLog, TaskObserver
 from .execute import execute
 from .settle import H_DELIVERIES, Handoff
 
-__all__ = ["Worker", "WorkerStatistics"]
+__all__ = ["Worker", "WorkerStatistics", "split_prefetch"]
 
 log = logging.getLogger("aioqueue.worker")
 
@@ -49,8 +49,10 @@ class Worker:
         app: The app whose registered tasks this worker runs (and whose connection it uses).
         queues: Queues to consume; default: the app's default queue plus every task's queue.
         concurrency: Most tasks running at once.
-        prefetch: Most unacked messages held by this worker, in total; default: ``concurrency``.
-            With several queues it is split evenly between them (at least 1 each).
+        prefetch: Most unacked messages held by this worker process, in total; default:
+            ``concurrency``. It is split exactly across the queues (the first ones get the
+            remainder; the shares add up to it). Each queue needs at least 1, so a prefetch
+            below the number of queues is raised to that number, with a warning at start.
         shutdown_timeout: Seconds running tasks get to finish after `stop`; the rest go back
             to their queue.
         threads: Size of the thread pool for plain-function tasks; default
@@ -80,7 +82,8 @@ class Worker:
         self.app = app
         self.queues = list(queues) if queues else app.queues()
         self.concurrency = concurrency
-        self.prefetch = prefetch or concurrency
+        self.requested_prefetch = prefetch or concurrency
+        self.prefetch = max(self.requested_prefetch, len(self.queues))  # the true total
         self.shutdown_timeout = shutdown_timeout
         self.threads = threads or min(concurrency, 40)
         self.max_deliveries = max_deliveries
@@ -88,7 +91,9 @@ class Worker:
         self._current: dict[int, tuple[str, str, str]] = {}
         self._consumer_timeouts = 0
         self._recounting: dict[str, asyncio.Event] = {}
-        self._running_ids: dict[str, asyncio.Future[bool]] = {}
+        # runs in hand by (task id, attempt): a retry is the same id with the next attempt,
+        # and may arrive (with no delay) before the attempt that published it is settled
+        self._running_ids: dict[tuple[str, int], asyncio.Future[bool]] = {}
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -103,8 +108,9 @@ class Worker:
         self._processed = 0
 
     @property
-    def prefetch_per_queue(self) -> int:
-        return max(1, self.prefetch // len(self.queues))
+    def prefetch_shares(self) -> list[int]:
+        """The prefetch of each queue, in the order of `queues`; they add up to `prefetch`."""
+        return split_prefetch(self.prefetch, len(self.queues))
 
     def statistics(self) -> WorkerStatistics:
         return WorkerStatistics(
@@ -123,6 +129,14 @@ class Worker:
 
     async def run(self) -> None:
         """Consume until `stop`; connects the app first if it is not connected yet."""
+        if self.prefetch > self.requested_prefetch:
+            log.warning(
+                "prefetch %d is below the number of queues (%d) and each queue needs at least "
+                "one: this worker holds up to %d unacked messages",
+                self.requested_prefetch,
+                len(self.queues),
+                self.prefetch,
+            )
         own_connection = self.app._broker is None
         if own_connection:
             await self.app.connect()
@@ -157,13 +171,10 @@ class Worker:
                 kind = self.app.queue_type_of(queue)
                 await broker.declare_queue(queue, work_queue_arguments(kind))
                 await broker.declare_queue(dlq_name(queue), dlq_arguments(kind))
-            for queue in self.queues:
+            for queue, share in zip(self.queues, self.prefetch_shares, strict=True):
                 subscriptions.append(
                     await broker.subscribe(
-                        queue,
-                        on_delivery,
-                        prefetch=self.prefetch_per_queue,
-                        on_lost=self._channel_lost,
+                        queue, on_delivery, prefetch=share, on_lost=self._channel_lost
                     )
                 )
             self.ready.set()
@@ -254,7 +265,8 @@ class Worker:
         task = self.app.tasks[envelope.task]
         self._current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
         handed_off = asyncio.get_running_loop().create_future()
-        self._running_ids[envelope.id] = handed_off
+        run_key = (envelope.id, envelope.attempt)
+        self._running_ids[run_key] = handed_off
         for observer in self.observers:
             observer.started(envelope.task, envelope.id, envelope.attempt)
         started = time.perf_counter()
@@ -268,8 +280,8 @@ class Worker:
             self._observe_finish(envelope, outcome, exc, duration)
         finally:
             del self._current[id(delivery)]
-            if self._running_ids.get(envelope.id) is handed_off:  # two copies may run here
-                del self._running_ids[envelope.id]
+            if self._running_ids.get(run_key) is handed_off:  # two copies may run here
+                del self._running_ids[run_key]
             if not handed_off.done():
                 handed_off.set_result(False)
 
@@ -308,10 +320,17 @@ class Worker:
         delay = None if exc is None else next_delay(policy, envelope.attempt, exc)
         if delay is not None:
             return await handoff.retry(delivery, envelope, delay)
+        error = outcome.error
+        if isinstance(exc, Retry) and exc.__cause__ is None:  # asked for an attempt not left
+            error = replace(
+                error,
+                message=f"{error.message}, but attempt {envelope.attempt} was the last that "
+                f"the task's retry policy allows (max_attempts={policy.max_attempts})",
+            )
         return await handoff.dead_letter(
             delivery,
-            reason="timeout" if outcome.error.kind == "timeout" else "failed",
-            error=outcome.error,
+            reason="timeout" if error.kind == "timeout" else "failed",
+            error=error,
             task_id=envelope.id,
             task_name=envelope.task,
             reply_to=envelope.reply_to,
@@ -320,7 +339,7 @@ class Worker:
     async def _already_running(self, delivery: Delivery, envelope: Envelope) -> bool:
         """A redelivery of a message this worker is still running (its channel was closed, e.g.
         by RabbitMQ's consumer timeout): wait for that run instead of starting a second one."""
-        running = self._running_ids.get(envelope.id)
+        running = self._running_ids.get((envelope.id, envelope.attempt))
         if running is None:
             return False
         log.info(
@@ -427,6 +446,19 @@ class Worker:
                 text or "closed",
                 len(running),
             )
+
+
+def split_prefetch(total: int, queues: int) -> list[int]:
+    """``total`` split across ``queues`` consumers: equal shares, the remainder one each to
+    the first ones; every share at least 1 (ValueError when ``total < queues``).
+
+    >>> split_prefetch(10, 4)
+    [3, 3, 2, 2]
+    """
+    if queues < 1 or total < queues:
+        raise ValueError(f"cannot split a prefetch of {total} across {queues} queue(s)")
+    share, remainder = divmod(total, queues)
+    return [share + 1 if i < remainder else share for i in range(queues)]
 
 
 def _header_int(headers: dict[str, Any], key: str) -> int:

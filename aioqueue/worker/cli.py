@@ -1,4 +1,5 @@
-"""``python -m aioqueue.worker module:app [options]``: run a worker until SIGTERM/SIGINT."""
+"""``aioqueue worker module:app [options]`` (or ``python -m aioqueue.worker``): run a worker
+until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -33,9 +34,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m aioqueue.worker",
+        prog=prog,
         description="Run aioqueue tasks from RabbitMQ until SIGTERM or SIGINT.",
     )
     p.add_argument("app", help="the App to serve, as MODULE:ATTRIBUTE (e.g. shop.tasks:app)")
@@ -54,7 +55,9 @@ def parser() -> argparse.ArgumentParser:
         "--prefetch",
         type=_positive_int,
         default=None,
-        help="most unacked messages this worker holds (default: --concurrency)",
+        help="most unacked messages this worker process holds, in total: split across the "
+        "queues, at least 1 each (so raised to the number of queues if below it, with a "
+        "warning) (default: --concurrency)",
     )
     p.add_argument(
         "--shutdown-timeout",
@@ -79,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=_port,
         default=None,
-        help="serve Prometheus metrics over HTTP on this port (needs aioqueue[metrics])",
+        help="serve Prometheus metrics over HTTP on this port (needs aioqueue-rabbit[metrics])",
     )
     p.add_argument(
         "--metrics-host",
@@ -96,8 +99,9 @@ def _port(text: str) -> int:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worker") -> int:
+    """Run a worker as the command line ``argv`` says; returns the exit code."""
+    args = parser(prog).parse_args(argv)
     setup_logging(args.log_level)
     app = app_from_args(args)
     if app is None:
@@ -198,7 +202,6 @@ def _on_signal(worker: Worker, sig: signal.Signals, scheduler: Scheduler | None 
 
 def banner(worker: Worker, metrics_url: str | None = None) -> str:
     app = worker.app
-    per_queue = worker.prefetch_per_queue
     tasks = "\n".join(f"    {name}  (queue {t.options.queue})" for name, t in app.tasks.items())
     return (
         f"aioqueue worker {worker.identity} ready\n"
@@ -206,7 +209,20 @@ def banner(worker: Worker, metrics_url: str | None = None) -> str:
         f"  broker:       {mask_url(app.broker_url)}\n"
         f"  queues:       {', '.join(worker.queues)}\n"
         f"  concurrency:  {worker.concurrency} (threads for plain functions: {worker.threads})\n"
-        f"  prefetch:     {worker.prefetch} in total ({per_queue} per queue)\n"
+        f"  prefetch:     {_prefetch_line(worker)}\n"
         + (f"  metrics:      {metrics_url}\n" if metrics_url else "")
         + f"  tasks:\n{tasks or '    (none registered)'}"
     )
+
+
+def _prefetch_line(worker: Worker) -> str:
+    shares = worker.prefetch_shares
+    line = f"{worker.prefetch} in total"
+    if len(shares) > 1:
+        line += f" ({' + '.join(map(str, shares))} over the queues above)"
+    if worker.prefetch > worker.requested_prefetch:
+        line += (
+            f", raised from {worker.requested_prefetch}: each of the {len(shares)} queues "
+            "needs at least 1"
+        )
+    return line

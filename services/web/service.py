@@ -8,6 +8,8 @@
   tasks are pending. Every error answer is JSON: ``{"error": {"type", "message"}}``.
 - ``GET /tasks/{id}`` → ``{"id", "task", "status": "pending" | "succeeded" | "failed"}`` plus
   ``"result"`` or ``"error": {"type", "message"}``; 404 for an id this process does not hold.
+- ``GET /health`` → 200 ``{"status": "ok"}`` while the service is connected to RabbitMQ, else
+  503 ``{"status": "unavailable"}``: for a container's or a load balancer's health check.
 - ``GET /tasks/{id}/events`` → ``text/event-stream``: a ``progress`` event ``{"seq", "data"}``
   per ``await task_context().progress(data)`` of the task (read from ``handle.events()`` when
   handles have it; else the stream waits on ``handle.result()``), then one ``outcome`` event
@@ -77,6 +79,7 @@ def create_app(
     web_app.router.add_post("/tasks/{name}", submit)
     web_app.router.add_get("/tasks/{id}", status)
     web_app.router.add_get("/tasks/{id}/events", events)
+    web_app.router.add_get("/health", health)
     return web_app
 
 
@@ -116,6 +119,17 @@ async def submit(request: web.Request) -> web.Response:
         raise
     store.add(handle)
     return _accepted(handle)
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: 200 while connected to RabbitMQ, else 503."""
+    try:
+        connected = get_app(request).broker.connected
+    except AioqueueError:  # not connected yet, or closed
+        connected = False
+    if connected:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "unavailable"}, status=503)
 
 
 async def status(request: web.Request) -> web.Response:

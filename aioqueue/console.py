@@ -1,0 +1,32 @@
+"""The ``aioqueue`` command: ``aioqueue worker|scheduler|status|purge|dlq ...``.
+
+One entry for every program, each subcommand handed to the parser that already exists for it:
+``aioqueue worker`` is ``python -m aioqueue.worker``, ``aioqueue scheduler`` is
+``python -m aioqueue.scheduler``, and ``status``, ``purge`` and ``dlq`` are the administration
+commands (`aioqueue.admin`). ``python -m aioqueue`` is this command too.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from . import admin
+from .scheduler import cli as scheduler_cli
+from .worker import cli as worker_cli
+
+__all__ = ["PROGRAMS", "main"]
+
+# Subcommands that are whole programs of their own, with their own options.
+PROGRAMS: dict[str, Callable[..., int]] = {
+    "worker": worker_cli.main,
+    "scheduler": scheduler_cli.main,
+}
+
+
+def main(argv: list[str] | None = None, *, prog: str = "aioqueue") -> int:
+    """Run the subcommand ``argv[0]`` (default: ``sys.argv[1:]``); returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in PROGRAMS:
+        return PROGRAMS[args[0]](args[1:], prog=f"{prog} {args[0]}")
+    return admin.main(args, prog=prog)
