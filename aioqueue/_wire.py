@@ -1,4 +1,4 @@
-"""Socket writes coalesced per event-loop iteration, and task properties encoded fast.
+"""Socket writes coalesced per event-loop iteration, frames read leniently.
 
 aiormq's writer task hands every frame to ``StreamWriter.write`` on its own; on a busy
 connection that is one ``send()`` system call per publish, ack and confirm, and one TCP segment
@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import aio_pika
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
-from pamqp import commands as spec
-from pamqp import encode
 from yarl import URL
 
 from ._inbound import LenientReader
@@ -30,7 +27,6 @@ __all__ = [
     "CoalescingTransportFactory",
     "CoalescingWriter",
     "RobustConnection",
-    "TaskProperties",
 ]
 
 
@@ -100,45 +96,3 @@ class RobustConnection(aio_pika.RobustConnection):
                 type(connection).channel, connection, frame_buffer_size=CHANNEL_FRAME_BUFFER
             )
         await super()._on_connected()
-
-
-def _encode_headers(value: Any) -> bytes:
-    if isinstance(value, dict):
-        try:
-            # the type is part of the key: True == 1 == 1.0, but each encodes differently
-            return _header_table(tuple((k, type(v), v) for k, v in value.items()))
-        except TypeError:  # an unhashable value: not one of ours, encode it as it is
-            pass
-    return encode.field_table(value)
-
-
-@functools.lru_cache(maxsize=1024)
-def _header_table(items: tuple[tuple[str, type, Any], ...]) -> bytes:
-    # most task messages of one task share their headers (name, attempt, protocol)
-    return encode.field_table({key: value for key, _, value in items})
-
-
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "content_type": encode.short_string,
-    "correlation_id": encode.short_string,
-    "message_id": encode.short_string,
-    "reply_to": encode.short_string,
-    "delivery_mode": encode.octet,
-    "timestamp": encode.timestamp,
-    "headers": _encode_headers,
-}
-
-
-class TaskProperties(spec.Basic.Properties):
-    """`Basic.Properties` whose own fields are encoded without pamqp's per-field type lookup.
-
-    The bytes are pamqp's (the same encoders, the same order and flags); only the dispatch is
-    direct, and a header table already seen is not encoded again. pamqp's generic path took
-    19 µs per task message, most of a submit's encoding work.
-    """
-
-    def encode_property(self, name: str, value: Any) -> bytes:
-        encoder = _ENCODERS.get(name)
-        if encoder is None:
-            return super().encode_property(name, value)
-        return encoder(value)

@@ -23,15 +23,26 @@ from .admin_status import add_parsers, run_command
 from .app import App
 from .cli import app_from_args, run, setup_logging
 from .errors import AioqueueError
-from .message import H_UNDECODABLE
+from .message import (
+    DEAD_PREFIX,
+    H_ATTEMPT,
+    H_DEAD_AT,
+    H_DEAD_ERROR,
+    H_DEAD_QUEUE,
+    H_DEAD_REASON,
+    H_DEAD_TRACEBACK,
+    H_DELIVERIES,
+    H_TASK,
+    H_UNDECODABLE,
+    encodable_headers,
+)
 from .rabbit import RabbitBroker
 from .topology import dlq_name
-from .worker.settle import H_DEAD_QUEUE, H_DELIVERIES, _encodable
 
 __all__ = ["main"]
 
-DEAD_HEADERS = (H_DELIVERIES, "aioqueue-attempt")
-DEAD_PREFIXES = ("aioqueue-dead-", "x-death", "x-first-death")
+DEAD_HEADERS = (H_DELIVERIES, H_ATTEMPT)
+DEAD_PREFIXES = (DEAD_PREFIX, "x-death", "x-first-death")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +62,10 @@ class DeadLetter:
         headers = dict(message.headers or {})
         return cls(
             id=message.message_id or "",
-            task=str(headers.get("aioqueue-task", "?")),
-            reason=str(headers.get("aioqueue-dead-reason", "?")),
-            error=str(headers.get("aioqueue-dead-error", "")),
-            at=str(headers.get("aioqueue-dead-at", "")),
+            task=str(headers.get(H_TASK, "?")),
+            reason=str(headers.get(H_DEAD_REASON, "?")),
+            error=str(headers.get(H_DEAD_ERROR, "")),
+            at=str(headers.get(H_DEAD_AT, "")),
             headers=headers,
             body=message.body,
         )
@@ -184,7 +195,7 @@ async def _replay(broker: RabbitBroker, message: AbstractIncomingMessage, queue:
     target = str((message.headers or {}).get(H_DEAD_QUEUE) or queue)
     properties = spec.Basic.Properties(
         content_type=message.content_type,
-        headers=_encodable(headers),
+        headers=encodable_headers(headers),
         delivery_mode=2,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
@@ -216,9 +227,9 @@ def _print_one(letter: DeadLetter) -> None:
     print(f"task id: {letter.id}\ntask:    {letter.task}\nreason:  {letter.reason}")
     print(f"when:    {letter.at}\nerror:   {letter.error}")
     for key, value in sorted(letter.headers.items()):
-        if key != "aioqueue-dead-traceback":
+        if key != H_DEAD_TRACEBACK:
             print(f"  {key}: {value}")
     print(f"body ({len(letter.body)} bytes): {letter.body[:2000]!r}")
-    traceback = letter.headers.get("aioqueue-dead-traceback")
+    traceback = letter.headers.get(H_DEAD_TRACEBACK)
     if traceback:
         print(f"traceback:\n{traceback}")

@@ -13,9 +13,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
-from .broker import FATAL_CHANNEL, TRANSIENT, Broker, task_properties
+from .broker import FATAL_CHANNEL, TRANSIENT, Broker
 from .errors import AioqueueError, PublishError, UnroutableError
-from .message import Envelope, Outcome, check_json_native
+from .message import Envelope, Outcome, check_json_native, task_properties
 from .rabbit import RabbitBroker
 from .results import ReplyConsumer, ResultHandle
 from .retry import RetryPolicy

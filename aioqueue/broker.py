@@ -12,14 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiormq
 from pamqp import commands as spec
 
-from ._wire import TaskProperties
-from .message import CONTENT_TYPE, Envelope
 from .settings import Settings
 from .topology import QueueType
 
@@ -33,7 +30,6 @@ __all__ = [
     "LostCallback",
     "Settler",
     "settle",
-    "task_properties",
 ]
 
 log = logging.getLogger("aioqueue.broker")
@@ -71,21 +67,6 @@ class Consumer(Protocol):
 
     async def cancel(self) -> None: ...
     async def close(self) -> None: ...
-
-
-def task_properties(envelope: Envelope) -> spec.Basic.Properties:
-    """The AMQP properties of a task message: persistent JSON, task id as message and
-    correlation id, the envelope's metadata in headers. Submits, retries and the scheduler
-    all publish with these."""
-    return TaskProperties(
-        content_type=CONTENT_TYPE,
-        delivery_mode=2,
-        message_id=envelope.id,
-        correlation_id=envelope.id,
-        reply_to=envelope.reply_to,
-        headers=envelope.headers(),
-        timestamp=datetime.now(UTC),
-    )
 
 
 @dataclass(slots=True)

@@ -18,8 +18,8 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
 from aioqueue._publisher import Deadlines, Slots, publish_frames
-from aioqueue._wire import TaskProperties
 from aioqueue.errors import PublishError, UnroutableError
+from aioqueue.message import TaskProperties
 from aioqueue.rabbit import RabbitBroker
 from aioqueue.settings import Settings
 from tests.conftest import wait_until
