@@ -33,6 +33,7 @@ from .topology import (
     stream_queue_name,
     work_queue_arguments,
 )
+from .transports import broker_for
 
 __all__ = ["App"]
 
@@ -167,15 +168,8 @@ class App:
         """Connect to the broker (retrying for ``settings.connect_timeout`` seconds)."""
         if self._broker is not None:
             return
-        broker: Broker
-        if self.broker_url.startswith("memory://"):
-            from .testing import memory_broker  # the in-memory broker, for tests
-
-            broker = memory_broker(self.broker_url, self.settings)
-        else:
-            broker = RabbitBroker(
-                self.broker_url, self.settings, connection_name=f"aioqueue {self.name} client"
-            )
+        name = f"aioqueue {self.name} client"
+        broker = broker_for(self.broker_url, self.settings, connection_name=name)
         await broker.connect()
         self._broker = broker
         self._replies = ReplyConsumer(

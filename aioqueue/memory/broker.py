@@ -22,11 +22,11 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from .broker import Consumer, Delivery, DeliveryCallback, LostCallback
-from .clocks import Clock, RealClock, VirtualClock
-from .errors import BrokerConnectionError, UnroutableError
-from .settings import Settings
-from .topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
+from ..broker import Consumer, Delivery, DeliveryCallback, LostCallback
+from ..errors import BrokerConnectionError, UnroutableError
+from ..settings import Settings
+from ..topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
+from .clock import Clock, RealClock, VirtualClock
 
 __all__ = ["MemoryBroker"]
 

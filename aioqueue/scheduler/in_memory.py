@@ -31,9 +31,9 @@ from typing import Any
 from pamqp import commands as spec
 
 from ..errors import DecodeError
+from ..memory import MemoryBroker, VirtualClock, memory_broker
 from ..message import CONTENT_TYPE, Envelope, task_properties
 from ..settings import Settings
-from ..testing import MemoryBroker, VirtualClock, memory_broker
 from .lease import LeaseLost, describe_error, lease_queue_name
 from .state import STATE_QUEUE_ARGS, SlotRecord, done_queue_name, state_queue_name
 
