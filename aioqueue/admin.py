@@ -15,8 +15,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
 from pamqp import commands as spec
 
 from .admin_status import add_parsers, run_command
@@ -37,6 +35,7 @@ from .message import (
     encodable_headers,
 )
 from .rabbit import RabbitBroker
+from .rabbit.admin import HeldMessage, held_messages, purge_queue, queue_depths
 from .topology import dlq_name
 
 __all__ = ["main"]
@@ -58,8 +57,8 @@ class DeadLetter:
     body: bytes
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        headers = dict(message.headers or {})
+    def of(cls, message: HeldMessage) -> DeadLetter:
+        headers = message.headers
         return cls(
             id=message.message_id or "",
             task=str(headers.get(H_TASK, "?")),
@@ -121,23 +120,15 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None) -> int:
 async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) -> int:
     async with app:
         broker = _rabbit(app)
-        channel = await broker.channel()
-        try:
-            dead = await channel.get_queue(dlq_name(queue), ensure=True)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            print(f"{dlq_name(queue)} does not exist: nothing was dead-lettered there")
-            return 0
-        try:
-            if args.action == "purge":
-                return await _purge(dead, args.yes, stdin)
-            messages = []
-            for _ in range(args.limit):
-                message = await dead.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                messages.append(message)
+        dead = dlq_name(queue)
+        if args.action == "purge":
+            return await _purge(broker, dead, args.yes, stdin)
+        async with held_messages(broker, dead, args.limit) as messages:
+            if messages is None:
+                print(f"{dead} does not exist: nothing was dead-lettered there")
+                return 0
             if args.action == "list":
-                _print_table([DeadLetter.of(m) for m in messages], dlq_name(queue))
+                _print_table([DeadLetter.of(m) for m in messages], dead)
                 return 0
             chosen = [
                 m
@@ -146,23 +137,34 @@ async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) ->
             ]
             missing = set(args.ids) - {m.message_id for m in chosen}
             if missing:
-                print(f"not found in {dlq_name(queue)}: {', '.join(sorted(missing))}")
+                print(f"not found in {dead}: {', '.join(sorted(missing))}")
             if args.action == "show":
                 for message in chosen:
                     _print_one(DeadLetter.of(message))
-                return 1 if missing else 0
-            await _replay_all(broker, chosen, queue)
+            else:
+                await _replay_all(broker, chosen, queue)
             return 1 if missing else 0
-        finally:
-            await channel.close()  # what we read and did not replay goes back, unacked
 
 
-async def _replay_all(
-    broker: RabbitBroker, chosen: list[AbstractIncomingMessage], queue: str
-) -> None:
+async def _purge(broker: RabbitBroker, dead: str, yes: bool, stdin: TextIO) -> int:
+    depth = (await queue_depths(broker, [dead]))[dead]
+    if depth is None:
+        print(f"{dead} does not exist: nothing was dead-lettered there")
+        return 0
+    if not yes:
+        print(f"Delete {depth[0]} message(s) from {dead}? Type 'yes' to confirm: ", end="")
+        if stdin.readline().strip() != "yes":
+            print("cancelled; nothing deleted")
+            return 1
+    purged = await purge_queue(broker, dead)
+    print(f"purged {purged or 0} message(s) from {dead}")
+    return 0
+
+
+async def _replay_all(broker: RabbitBroker, chosen: list[HeldMessage], queue: str) -> None:
     replayed = 0
     for message in chosen:
-        if H_UNDECODABLE in (message.headers or {}):
+        if H_UNDECODABLE in message.headers:
             print(
                 f"not replayed: {message.message_id or '(no readable id)'} has properties "
                 "that cannot be read and would be dead-lettered again (see `dlq show`)"
@@ -173,26 +175,13 @@ async def _replay_all(
     print(f"replayed {replayed} message(s)")
 
 
-async def _purge(dead: aio_pika.abc.AbstractQueue, yes: bool, stdin: TextIO) -> int:
-    declared = await dead.declare()
-    count = declared.message_count or 0
-    if not yes:
-        print(f"Delete {count} message(s) from {dead.name}? Type 'yes' to confirm: ", end="")
-        if stdin.readline().strip() != "yes":
-            print("cancelled; nothing deleted")
-            return 1
-    await dead.purge()
-    print(f"purged {count} message(s) from {dead.name}")
-    return 0
-
-
-async def _replay(broker: RabbitBroker, message: AbstractIncomingMessage, queue: str) -> None:
+async def _replay(broker: RabbitBroker, message: HeldMessage, queue: str) -> None:
     headers = {
         k: v
-        for k, v in (message.headers or {}).items()
+        for k, v in message.headers.items()
         if not k.startswith(DEAD_PREFIXES) and k not in DEAD_HEADERS
     }
-    target = str((message.headers or {}).get(H_DEAD_QUEUE) or queue)
+    target = str(message.headers.get(H_DEAD_QUEUE) or queue)
     properties = spec.Basic.Properties(
         content_type=message.content_type,
         headers=encodable_headers(headers),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -13,10 +12,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
-from .broker import FATAL_CHANNEL, TRANSIENT, Broker
+from .broker import Broker
 from .errors import AioqueueError, PublishError, UnroutableError
 from .message import Envelope, Outcome, check_json_native, task_properties
-from .rabbit import RabbitBroker
 from .results import ReplyConsumer, ResultHandle
 from .retry import RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
@@ -350,7 +348,7 @@ class App:
         """
         pending = self._redeclaring.get(queue)
         if pending is None:
-            pending = asyncio.ensure_future(_declare_again(self.broker, queue, arguments))
+            pending = asyncio.ensure_future(self.broker.redeclare_queue(queue, arguments))
             self._redeclaring[queue] = pending
             pending.add_done_callback(lambda done: self._declared_again(queue, done))
         await asyncio.shield(pending)
@@ -462,27 +460,6 @@ class _Receiver:
     async def abandon(self) -> None:
         if self.reader is not None:
             await self.reader.close()
-
-
-async def _declare_again(broker: Broker, queue: str, arguments: dict[str, Any]) -> None:
-    """Declare ``queue`` on ``broker`` again (see `App._declare_again`)."""
-    if not isinstance(broker, RabbitBroker):
-        await broker.declare_queue(queue, arguments)  # the memory broker forgets deleted queues
-        return
-    recorded = broker.declared_arguments(queue)
-    arguments = arguments if recorded is None else recorded
-    try:
-        # on a channel of its own: a refused declare (other arguments) closes the channel
-        # that asked, and that must never be the publishing channel
-        channel = await broker.channel()
-        try:
-            await channel.declare_queue(queue, durable=True, arguments=arguments, robust=False)
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-    except (AioqueueError, *TRANSIENT, *FATAL_CHANNEL) as exc:
-        raise PublishError(f"could not declare queue {queue!r} again: {exc}") from exc
-    log.info("declared queue %r again", queue)
 
 
 def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:

@@ -14,45 +14,34 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import aiormq
 from pamqp import commands as spec
 
 from .settings import Settings
 from .topology import QueueType
 
 __all__ = [
-    "FATAL_CHANNEL",
-    "TRANSIENT",
     "Broker",
     "Consumer",
     "Delivery",
     "DeliveryCallback",
     "LostCallback",
     "Settler",
+    "StaleDelivery",
     "settle",
 ]
 
 log = logging.getLogger("aioqueue.broker")
 
-# Connection-level trouble: wait for the robust connection to come back and try again.
-TRANSIENT = (
-    ConnectionError,
-    OSError,
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    aiormq.exceptions.ChannelClosed,
-    RuntimeError,
-)
-# Channel errors caused by the request itself: retrying cannot help.
-FATAL_CHANNEL = (
-    aiormq.exceptions.ChannelAccessRefused,
-    aiormq.exceptions.ChannelNotFoundEntity,
-    aiormq.exceptions.ChannelPreconditionFailed,
-)
+
+class StaleDelivery(Exception):
+    """A settle that cannot reach the broker: the delivery's channel is gone, and the broker
+    redelivers the message anyway. `settle` drops it; a `Settler` raises it."""
 
 
 class Settler(Protocol):
-    """Settles the deliveries of one channel (`aioqueue.acks.Acker` on RabbitMQ)."""
+    """Settles the deliveries of one channel (`aioqueue.rabbit.acks.Acker` on RabbitMQ).
+
+    A settle on a channel that is gone raises `StaleDelivery`."""
 
     def ack(self, tag: int) -> None: ...
     async def ack_now(self, tag: int) -> None: ...
@@ -103,6 +92,7 @@ class Broker(Protocol):
     async def close(self) -> None: ...
     def is_declared(self, name: str) -> bool: ...
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
+    async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None: ...
     async def delete_queue(self, name: str) -> None: ...
     async def publish(
@@ -129,7 +119,7 @@ async def settle(
 ) -> None:
     """Ack (or reject) a delivery on its own channel; a stale one is dropped, never raised.
 
-    Acks are batched per channel (see `aioqueue.acks`); ``flush`` sends this one on its own
+    Acks are batched per channel (see `aioqueue.rabbit.acks`); ``flush`` sends this one on its own
     and waits until it is written to the socket.
     """
     acker = delivery.acker
@@ -141,7 +131,7 @@ async def settle(
             await acker.ack_now(tag)
         else:
             await acker.reject(tag, requeue=requeue, flush=flush)
-    except (aiormq.exceptions.ChannelInvalidStateError, *TRANSIENT) as exc:
+    except StaleDelivery as exc:
         log.debug(
             "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",
             delivery.delivery_tag,

@@ -109,6 +109,10 @@ class MemoryBroker:
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         self.queues.setdefault(name, _Queue(name))
 
+    async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare a deleted queue again (nothing is cached here: as `declare_queue`)."""
+        await self.declare_queue(name, arguments)
+
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
         return None
 

@@ -18,15 +18,17 @@ import functools
 from typing import Any
 
 import aio_pika
+import aiormq
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
-from ._inbound import LenientReader
+from .inbound import LenientReader
 
 __all__ = [
     "CoalescingTransportFactory",
     "CoalescingWriter",
     "RobustConnection",
+    "plain_connection",
 ]
 
 
@@ -59,7 +61,7 @@ class CoalescingWriter(asyncio.StreamWriter):
 
 class CoalescingTransportFactory(TransportFactory):
     """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter` and a
-    `~aioqueue._inbound.LenientReader`."""
+    `~aioqueue.rabbit.inbound.LenientReader`."""
 
     async def create(
         self, url: URL, **kwargs: Any
@@ -96,3 +98,15 @@ class RobustConnection(aio_pika.RobustConnection):
                 type(connection).channel, connection, frame_buffer_size=CHANNEL_FRAME_BUFFER
             )
         await super()._on_connected()
+
+
+def plain_connection(url: str | URL, *, name: str) -> aiormq.Connection:
+    """An aiormq connection outside aio-pika's recovery (the scheduler's lease holds an
+    exclusive queue on one, which automatic re-declaration could loop on), reading through the
+    `LenientReader` like every connection of ours: the slot records it reads are messages
+    too. Not connected yet: ``await connection.connect()``."""
+    return aiormq.Connection(
+        url,
+        client_properties={"connection_name": name},
+        transport_factory=CoalescingTransportFactory(),
+    )
