@@ -57,7 +57,7 @@ class Handoff:
         """Publish the next attempt (through the delay ladder), then ack this one."""
         try:
             nxt = replace(envelope, attempt=envelope.attempt + 1)
-            await self.app._publish(nxt, delivery.queue, delay=delay)
+            await self.app.producer.publish(nxt, delivery.queue, delay=delay)
         except PublishError as exc:
             log.error(
                 "could not publish the retry of %s id=%s (%s); requeued",
@@ -166,7 +166,7 @@ class Handoff:
                 # Q.dlq was deleted under us: declare it again as at start, publish once more
                 log.warning("dead-letter queue %r was deleted; declaring it again", dlq)
                 kind = self.app.queue_type_of(delivery.queue)
-                await self.app._declare_again(dlq, dlq_arguments(kind))
+                await self.app.producer.redeclare(dlq, dlq_arguments(kind))
                 await self.broker.publish(dlq, delivery.body, copy)
         except PublishError as exc:
             log.error("could not dead-letter a message of %r (%s); requeued", delivery.queue, exc)
