@@ -16,23 +16,33 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-import aio_pika
-from aio_pika.abc import AbstractIncomingMessage
 from pamqp import commands as spec
 
 from .admin_status import add_parsers, run_command
 from .app import App
 from .cli import app_from_args, run, setup_logging
 from .errors import AioqueueError
-from .message import H_UNDECODABLE
+from .message import (
+    DEAD_PREFIX,
+    H_ATTEMPT,
+    H_DEAD_AT,
+    H_DEAD_ERROR,
+    H_DEAD_QUEUE,
+    H_DEAD_REASON,
+    H_DEAD_TRACEBACK,
+    H_DELIVERIES,
+    H_TASK,
+    H_UNDECODABLE,
+    encodable_headers,
+)
 from .rabbit import RabbitBroker
+from .rabbit.admin import HeldMessage, held_messages, purge_queue, queue_depths
 from .topology import dlq_name
-from .worker.settle import H_DEAD_QUEUE, H_DELIVERIES, _encodable
 
 __all__ = ["main"]
 
-DEAD_HEADERS = (H_DELIVERIES, "aioqueue-attempt")
-DEAD_PREFIXES = ("aioqueue-dead-", "x-death", "x-first-death")
+DEAD_HEADERS = (H_DELIVERIES, H_ATTEMPT)
+DEAD_PREFIXES = (DEAD_PREFIX, "x-death", "x-first-death")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +58,14 @@ class DeadLetter:
     body: bytes
 
     @classmethod
-    def of(cls, message: AbstractIncomingMessage) -> DeadLetter:
-        headers = dict(message.headers or {})
+    def of(cls, message: HeldMessage) -> DeadLetter:
+        headers = message.headers
         return cls(
             id=message.message_id or "",
-            task=str(headers.get("aioqueue-task", "?")),
-            reason=str(headers.get("aioqueue-dead-reason", "?")),
-            error=str(headers.get("aioqueue-dead-error", "")),
-            at=str(headers.get("aioqueue-dead-at", "")),
+            task=str(headers.get(H_TASK, "?")),
+            reason=str(headers.get(H_DEAD_REASON, "?")),
+            error=str(headers.get(H_DEAD_ERROR, "")),
+            at=str(headers.get(H_DEAD_AT, "")),
             headers=headers,
             body=message.body,
         )
@@ -122,23 +132,15 @@ def main(
 async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) -> int:
     async with app:
         broker = _rabbit(app)
-        channel = await broker.channel()
-        try:
-            dead = await channel.get_queue(dlq_name(queue), ensure=True)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            print(f"{dlq_name(queue)} does not exist: nothing was dead-lettered there")
-            return 0
-        try:
-            if args.action == "purge":
-                return await _purge(dead, args.yes, stdin)
-            messages = []
-            for _ in range(args.limit):
-                message = await dead.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                messages.append(message)
+        dead = dlq_name(queue)
+        if args.action == "purge":
+            return await _purge(broker, dead, args.yes, stdin)
+        async with held_messages(broker, dead, args.limit) as messages:
+            if messages is None:
+                print(f"{dead} does not exist: nothing was dead-lettered there")
+                return 0
             if args.action == "list":
-                _print_table([DeadLetter.of(m) for m in messages], dlq_name(queue))
+                _print_table([DeadLetter.of(m) for m in messages], dead)
                 return 0
             chosen = [
                 m
@@ -147,23 +149,34 @@ async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) ->
             ]
             missing = set(args.ids) - {m.message_id for m in chosen}
             if missing:
-                print(f"not found in {dlq_name(queue)}: {', '.join(sorted(missing))}")
+                print(f"not found in {dead}: {', '.join(sorted(missing))}")
             if args.action == "show":
                 for message in chosen:
                     _print_one(DeadLetter.of(message))
-                return 1 if missing else 0
-            await _replay_all(broker, chosen, queue)
+            else:
+                await _replay_all(broker, chosen, queue)
             return 1 if missing else 0
-        finally:
-            await channel.close()  # what we read and did not replay goes back, unacked
 
 
-async def _replay_all(
-    broker: RabbitBroker, chosen: list[AbstractIncomingMessage], queue: str
-) -> None:
+async def _purge(broker: RabbitBroker, dead: str, yes: bool, stdin: TextIO) -> int:
+    depth = (await queue_depths(broker, [dead]))[dead]
+    if depth is None:
+        print(f"{dead} does not exist: nothing was dead-lettered there")
+        return 0
+    if not yes:
+        print(f"Delete {depth[0]} message(s) from {dead}? Type 'yes' to confirm: ", end="")
+        if stdin.readline().strip() != "yes":
+            print("cancelled; nothing deleted")
+            return 1
+    purged = await purge_queue(broker, dead)
+    print(f"purged {purged or 0} message(s) from {dead}")
+    return 0
+
+
+async def _replay_all(broker: RabbitBroker, chosen: list[HeldMessage], queue: str) -> None:
     replayed = 0
     for message in chosen:
-        if H_UNDECODABLE in (message.headers or {}):
+        if H_UNDECODABLE in message.headers:
             print(
                 f"not replayed: {message.message_id or '(no readable id)'} has properties "
                 "that cannot be read and would be dead-lettered again (see `dlq show`)"
@@ -174,29 +187,16 @@ async def _replay_all(
     print(f"replayed {replayed} message(s)")
 
 
-async def _purge(dead: aio_pika.abc.AbstractQueue, yes: bool, stdin: TextIO) -> int:
-    declared = await dead.declare()
-    count = declared.message_count or 0
-    if not yes:
-        print(f"Delete {count} message(s) from {dead.name}? Type 'yes' to confirm: ", end="")
-        if stdin.readline().strip() != "yes":
-            print("cancelled; nothing deleted")
-            return 1
-    await dead.purge()
-    print(f"purged {count} message(s) from {dead.name}")
-    return 0
-
-
-async def _replay(broker: RabbitBroker, message: AbstractIncomingMessage, queue: str) -> None:
+async def _replay(broker: RabbitBroker, message: HeldMessage, queue: str) -> None:
     headers = {
         k: v
-        for k, v in (message.headers or {}).items()
+        for k, v in message.headers.items()
         if not k.startswith(DEAD_PREFIXES) and k not in DEAD_HEADERS
     }
-    target = str((message.headers or {}).get(H_DEAD_QUEUE) or queue)
+    target = str(message.headers.get(H_DEAD_QUEUE) or queue)
     properties = spec.Basic.Properties(
         content_type=message.content_type,
-        headers=_encodable(headers),
+        headers=encodable_headers(headers),
         delivery_mode=2,
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
@@ -228,9 +228,9 @@ def _print_one(letter: DeadLetter) -> None:
     print(f"task id: {letter.id}\ntask:    {letter.task}\nreason:  {letter.reason}")
     print(f"when:    {letter.at}\nerror:   {letter.error}")
     for key, value in sorted(letter.headers.items()):
-        if key != "aioqueue-dead-traceback":
+        if key != H_DEAD_TRACEBACK:
             print(f"  {key}: {value}")
     print(f"body ({len(letter.body)} bytes): {letter.body[:2000]!r}")
-    traceback = letter.headers.get("aioqueue-dead-traceback")
+    traceback = letter.headers.get(H_DEAD_TRACEBACK)
     if traceback:
         print(f"traceback:\n{traceback}")

@@ -19,12 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO
 
-import aio_pika
-from aio_pika.abc import AbstractRobustChannel
-
 from .app import App
 from .errors import AioqueueError
 from .rabbit import RabbitBroker
+from .rabbit.admin import purge_queue, queue_depths
 from .scheduler.lease import leader_queue_name
 from .settings import mask_url
 from .topology import dlq_name
@@ -135,30 +133,12 @@ def _health(
 
 
 async def sample(broker: RabbitBroker, names: Iterable[str]) -> dict[str, QueueSample]:
-    """Passive-declare each queue, creating none.
-
-    A missing queue makes RabbitMQ close the channel (404 NOT_FOUND); the next queue gets a
-    new channel.
-    """
-    samples: dict[str, QueueSample] = {}
-    channel: AbstractRobustChannel | None = None
-    try:
-        for name in names:
-            if channel is None:
-                channel = await broker.channel()
-            try:
-                queue = await channel.declare_queue(name, passive=True, robust=False)
-            except aio_pika.exceptions.ChannelNotFoundEntity:
-                samples[name] = QueueSample(name, None, None)
-                await channel.close()
-                channel = None
-                continue
-            ok = queue.declaration_result
-            samples[name] = QueueSample(name, ok.message_count or 0, ok.consumer_count or 0)
-    finally:
-        if channel is not None:
-            await channel.close()
-    return samples
+    """Each queue's ready messages and consumers (None for a missing queue); creates none."""
+    depths = await queue_depths(broker, names)
+    return {
+        name: QueueSample(name, *(depth if depth is not None else (None, None)))
+        for name, depth in depths.items()
+    }
 
 
 def net_rate(before: QueueSample, after: QueueSample | None, interval: float) -> float | None:
@@ -203,26 +183,22 @@ def _scheduler_line(leader: QueueSample) -> str:
 
 
 async def _purge(broker: RabbitBroker, name: str, yes: bool, stdin: TextIO) -> int:
-    channel = await broker.channel()
-    try:
-        try:
-            queue = await channel.declare_queue(name, passive=True, robust=False)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            print(f"{name} does not exist: nothing to purge")
+    depth = (await queue_depths(broker, [name]))[name]
+    if depth is None:
+        print(f"{name} does not exist: nothing to purge")
+        return 1
+    if not yes:
+        print(
+            f"Delete the {depth[0]} ready message(s) of {name}? Type the queue name to confirm: ",
+            end="",
+            flush=True,
+        )
+        if stdin.readline().strip() != name:
+            print("cancelled; nothing deleted")
             return 1
-        count = queue.declaration_result.message_count or 0
-        if not yes:
-            print(
-                f"Delete the {count} ready message(s) of {name}? Type the queue name to confirm: ",
-                end="",
-                flush=True,
-            )
-            if stdin.readline().strip() != name:
-                print("cancelled; nothing deleted")
-                return 1
-        purged = await queue.purge()
-        print(f"purged {purged.message_count or 0} message(s) from {name}")
-        return 0
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    purged = await purge_queue(broker, name)
+    if purged is None:
+        print(f"{name} does not exist: nothing to purge")
+        return 1
+    print(f"purged {purged} message(s) from {name}")
+    return 0

@@ -2,37 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
-from .broker import FATAL_CHANNEL, TRANSIENT, Broker, task_properties
-from .errors import AioqueueError, PublishError, UnroutableError
-from .message import Envelope, Outcome, check_json_native
-from .rabbit import RabbitBroker
+from .broker import Broker
+from .errors import AioqueueError
+from .producer import Producer
 from .results import ReplyConsumer, ResultHandle
 from .retry import RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
 from .scheduler._define import PeriodicDecorator, ScheduleOptions, add_schedule, build_schedule
 from .settings import Settings, mask_url, resolve_broker_url
-from .streams import EventSink, StreamReader
-from .task import Task, TaskDecorator, TaskOptions
+from .task import Task, TaskDecorator
 from .topology import (
     QueueType,
-    delay_entry_exchange,
-    delay_routing_key,
-    delay_units,
-    reply_queue_arguments,
-    stream_queue_name,
-    work_queue_arguments,
 )
+from .transports import broker_for
 
 __all__ = ["App"]
 
@@ -76,7 +65,7 @@ class App:
         self._queue_types: dict[str, QueueType] | None = None
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
-        self._redeclaring: dict[str, asyncio.Future[None]] = {}  # queue -> its declare again
+        self.producer = Producer(self)
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
         # fast, non-blocking. Retries and scheduler firings are not submits.
         self.on_submit: list[Callable[[str], None]] = []
@@ -167,15 +156,8 @@ class App:
         """Connect to the broker (retrying for ``settings.connect_timeout`` seconds)."""
         if self._broker is not None:
             return
-        broker: Broker
-        if self.broker_url.startswith("memory://"):
-            from .testing import memory_broker  # the in-memory broker, for tests
-
-            broker = memory_broker(self.broker_url, self.settings)
-        else:
-            broker = RabbitBroker(
-                self.broker_url, self.settings, connection_name=f"aioqueue {self.name} client"
-            )
+        name = f"aioqueue {self.name} client"
+        broker = broker_for(self.broker_url, self.settings, connection_name=name)
         await broker.connect()
         self._broker = broker
         self._replies = ReplyConsumer(
@@ -223,149 +205,16 @@ class App:
         ignore_result: bool | None = None,
     ) -> ResultHandle[Any]:
         """Submit a task by name with per-call options (see `Task.submit_with_options`)."""
-        kwargs = dict(kwargs or {})
-        task = self.tasks.get(name)
-        if task is not None:
-            task.bind(tuple(args), kwargs)
-        check_json_native(list(args), "args")
-        check_json_native(kwargs, "kwargs")
-        now = self._broker.now() if self._broker is not None else time.time()
-        delay = _delay(now, countdown, eta)
-        options = task.options if task else TaskOptions(name=name, queue=self.default_queue)
-        target = queue or options.queue
-        wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
-        envelope = Envelope(
-            id=uuid.uuid4().hex,
-            task=name,
-            args=tuple(args),
-            kwargs=kwargs,
-            deadline=_deadline(now, expires),
+        return await self.producer.submit(
+            name,
+            args,
+            kwargs,
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            queue=queue,
+            ignore_result=ignore_result,
         )
-        stream = task is not None and task.is_generator
-        return await self._send(
-            envelope, target, wants_reply=wants_reply, delay=delay, stream=stream
-        )
-
-    async def _send(
-        self,
-        envelope: Envelope,
-        queue: str,
-        *,
-        wants_reply: bool,
-        delay: float = 0.0,
-        stream: bool = False,
-    ) -> ResultHandle[Any]:
-        """Publish a new task (registering for its reply first) and return its handle.
-
-        One publish deadline covers the whole submit, declaring queues on first use included:
-        a broker that stays away past it is a `PublishError`, never a hang.
-        """
-        timeout = self.settings.publish_timeout
-        receiver = _Receiver()
-        replies = self._replies
-        warm = (
-            delay <= 0
-            and not stream
-            and self._broker is not None
-            and self._broker.is_declared(queue)
-            and (not wants_reply or (replies is not None and replies.started))
-        )
-        try:
-            if warm:
-                # Nothing to declare or subscribe first: the publish's own deadline is the
-                # submit's, without a timer of ours around it.
-                if wants_reply and replies is not None:
-                    envelope = receiver.expect(replies, envelope)
-                await self._publish(envelope, queue, timeout=timeout)
-            else:
-                async with asyncio.timeout(timeout):
-                    if wants_reply:
-                        envelope = await receiver.prepare(self, envelope, stream=stream)
-                    await self._publish(envelope, queue, delay=delay)
-        except BaseException as exc:
-            if self._replies is not None:
-                self._replies.forget(envelope.id)
-            await receiver.abandon()
-            if isinstance(exc, TimeoutError):
-                raise PublishError(
-                    f"task {envelope.task} was not confirmed within {timeout:g}s",
-                    task_name=envelope.task,
-                    task_id=envelope.id,
-                ) from None
-            if isinstance(exc, PublishError) and exc.task_id is None:
-                exc.task_name, exc.task_id = envelope.task, envelope.id
-            raise
-        for hook in self.on_submit:
-            try:
-                hook(envelope.task)
-            except Exception:  # the task is published: a failing hook must not say otherwise
-                log.exception("on_submit hook %r failed", hook)
-        return ResultHandle(
-            envelope.id, envelope.task, receiver.future, receiver.sink, receiver.reader
-        )
-
-    async def _publish(
-        self, envelope: Envelope, queue: str, *, delay: float = 0.0, timeout: float | None = None
-    ) -> None:
-        """Publish ``envelope`` to ``queue`` — through the delay ladder when ``delay`` > 0 —
-        and return once RabbitMQ confirmed it. Used for submits and for retries."""
-        broker = self.broker
-        kind = self.queue_type_of(queue)
-        if not broker.is_declared(queue):
-            await broker.declare_queue(queue, work_queue_arguments(kind))
-        properties = task_properties(envelope)
-        body = envelope.encode()
-        if delay <= 0:
-            try:
-                await broker.publish(queue, body, properties, timeout=timeout)
-            except UnroutableError:
-                if not broker.is_declared(queue):
-                    raise
-                # declared here, so deleted since (RabbitMQ drops no queue of ours by itself):
-                # declare it again as it was, once, and publish once more
-                log.warning("queue %r was deleted; declaring it again", queue)
-                budget = self.settings.publish_timeout if timeout is None else timeout
-                try:
-                    async with asyncio.timeout(budget):
-                        await self._declare_again(queue, work_queue_arguments(kind))
-                        await broker.publish(queue, body, properties, timeout=timeout)
-                except TimeoutError:
-                    raise PublishError(
-                        f"queue {queue!r} was deleted; declaring it again and publishing once "
-                        f"more took over {budget:g}s"
-                    ) from None
-            return
-        units = delay_units(delay)
-        await broker.ensure_delay_route(queue, kind)
-        await broker.publish(
-            delay_routing_key(queue, units),
-            body,
-            properties,
-            exchange=delay_entry_exchange(kind),
-        )
-
-    async def _declare_again(self, queue: str, arguments: dict[str, Any]) -> None:
-        """Declare ``queue`` again, although this connection declared it: it was deleted since
-        (a publish to it came back unroutable). With the arguments it was declared with here,
-        else ``arguments``. Concurrent callers share one declare. Used for work queues by
-        `_publish` and for dead-letter queues by the worker.
-
-        Raises:
-            PublishError: the declare failed (the queue was made again with other arguments,
-                access refused, the connection is gone).
-        """
-        pending = self._redeclaring.get(queue)
-        if pending is None:
-            pending = asyncio.ensure_future(_declare_again(self.broker, queue, arguments))
-            self._redeclaring[queue] = pending
-            pending.add_done_callback(lambda done: self._declared_again(queue, done))
-        await asyncio.shield(pending)
-
-    def _declared_again(self, queue: str, done: asyncio.Future[None]) -> None:
-        if self._redeclaring.get(queue) is done:
-            del self._redeclaring[queue]
-        if not done.cancelled():
-            done.exception()  # retrieved: every waiter may have been cancelled meanwhile
 
     # -- periodic tasks: aioqueue.scheduler, docs/scheduler.md ------------------------------
 
@@ -437,85 +286,3 @@ class App:
         return Scheduler(
             self, clock=clock, poll_interval=poll_interval, heartbeat=heartbeat, identity=identity
         )
-
-
-class _Receiver:
-    """What a submit that waits for its outcome sets up before publishing."""
-
-    future: asyncio.Future[Outcome] | None = None
-    sink: EventSink | None = None
-    reader: StreamReader | None = None
-
-    async def prepare(self, app: App, envelope: Envelope, *, stream: bool) -> Envelope:
-        replies = app._replies
-        if replies is None:
-            raise AioqueueError(f"{app!r} is not connected: use `async with app:` first")
-        await replies.ensure_started()
-        if stream:
-            queue = stream_queue_name(envelope.id)
-            expires = app.settings.reply_queue_expires
-            await app.broker.declare_queue(queue, reply_queue_arguments(expires))
-            self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
-            await self.reader.start()
-            envelope = replace(envelope, stream_to=queue)
-        return self.expect(replies, envelope)
-
-    def expect(self, replies: ReplyConsumer, envelope: Envelope) -> Envelope:
-        """Register for the outcome of ``envelope``, sent with this client's reply queue."""
-        self.future, self.sink = replies.expect(envelope.id)
-        return replace(envelope, reply_to=replies.queue)
-
-    async def abandon(self) -> None:
-        if self.reader is not None:
-            await self.reader.close()
-
-
-async def _declare_again(broker: Broker, queue: str, arguments: dict[str, Any]) -> None:
-    """Declare ``queue`` on ``broker`` again (see `App._declare_again`)."""
-    if not isinstance(broker, RabbitBroker):
-        await broker.declare_queue(queue, arguments)  # the memory broker forgets deleted queues
-        return
-    recorded = broker.declared_arguments(queue)
-    arguments = arguments if recorded is None else recorded
-    try:
-        # on a channel of its own: a refused declare (other arguments) closes the channel
-        # that asked, and that must never be the publishing channel
-        channel = await broker.channel()
-        try:
-            await channel.declare_queue(queue, durable=True, arguments=arguments, robust=False)
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
-    except (AioqueueError, *TRANSIENT, *FATAL_CHANNEL) as exc:
-        raise PublishError(f"could not declare queue {queue!r} again: {exc}") from exc
-    log.info("declared queue %r again", queue)
-
-
-def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:
-    if countdown is not None and eta is not None:
-        raise ValueError("give countdown or eta, not both")
-    delay = _raw_delay(now, countdown, eta)
-    delay_units(delay)  # raises ValueError beyond the longest delay the ladder holds
-    return delay
-
-
-def _raw_delay(now: float, countdown: float | None, eta: datetime | None) -> float:
-    if eta is not None:
-        if eta.tzinfo is None:
-            raise ValueError("eta must be an aware datetime (with a time zone)")
-        return max(0.0, eta.timestamp() - now)
-    if countdown is not None:
-        if countdown < 0:
-            raise ValueError("countdown must not be negative")
-        return float(countdown)
-    return 0.0
-
-
-def _deadline(now: float, expires: float | datetime | None) -> float | None:
-    if expires is None:
-        return None
-    if isinstance(expires, datetime):
-        if expires.tzinfo is None:
-            raise ValueError("expires must be an aware datetime (with a time zone)")
-        return expires.timestamp()
-    return now + float(expires)

@@ -12,51 +12,36 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import aiormq
 from pamqp import commands as spec
 
-from ._wire import TaskProperties
-from .message import CONTENT_TYPE, Envelope
 from .settings import Settings
 from .topology import QueueType
 
 __all__ = [
-    "FATAL_CHANNEL",
-    "TRANSIENT",
     "Broker",
     "Consumer",
     "Delivery",
     "DeliveryCallback",
     "LostCallback",
     "Settler",
+    "StaleDelivery",
     "settle",
-    "task_properties",
 ]
 
 log = logging.getLogger("aioqueue.broker")
 
-# Connection-level trouble: wait for the robust connection to come back and try again.
-TRANSIENT = (
-    ConnectionError,
-    OSError,
-    aiormq.exceptions.AMQPConnectionError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    aiormq.exceptions.ChannelClosed,
-    RuntimeError,
-)
-# Channel errors caused by the request itself: retrying cannot help.
-FATAL_CHANNEL = (
-    aiormq.exceptions.ChannelAccessRefused,
-    aiormq.exceptions.ChannelNotFoundEntity,
-    aiormq.exceptions.ChannelPreconditionFailed,
-)
+
+class StaleDelivery(Exception):
+    """A settle that cannot reach the broker: the delivery's channel is gone, and the broker
+    redelivers the message anyway. `settle` drops it; a `Settler` raises it."""
 
 
 class Settler(Protocol):
-    """Settles the deliveries of one channel (`aioqueue.acks.Acker` on RabbitMQ)."""
+    """Settles the deliveries of one channel (`aioqueue.rabbit.acks.Acker` on RabbitMQ).
+
+    A settle on a channel that is gone raises `StaleDelivery`."""
 
     def ack(self, tag: int) -> None: ...
     async def ack_now(self, tag: int) -> None: ...
@@ -71,21 +56,6 @@ class Consumer(Protocol):
 
     async def cancel(self) -> None: ...
     async def close(self) -> None: ...
-
-
-def task_properties(envelope: Envelope) -> spec.Basic.Properties:
-    """The AMQP properties of a task message: persistent JSON, task id as message and
-    correlation id, the envelope's metadata in headers. Submits, retries and the scheduler
-    all publish with these."""
-    return TaskProperties(
-        content_type=CONTENT_TYPE,
-        delivery_mode=2,
-        message_id=envelope.id,
-        correlation_id=envelope.id,
-        reply_to=envelope.reply_to,
-        headers=envelope.headers(),
-        timestamp=datetime.now(UTC),
-    )
 
 
 @dataclass(slots=True)
@@ -122,6 +92,7 @@ class Broker(Protocol):
     async def close(self) -> None: ...
     def is_declared(self, name: str) -> bool: ...
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
+    async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None: ...
     async def delete_queue(self, name: str) -> None: ...
     async def publish(
@@ -148,7 +119,7 @@ async def settle(
 ) -> None:
     """Ack (or reject) a delivery on its own channel; a stale one is dropped, never raised.
 
-    Acks are batched per channel (see `aioqueue.acks`); ``flush`` sends this one on its own
+    Acks are batched per channel (see `aioqueue.rabbit.acks`); ``flush`` sends this one on its own
     and waits until it is written to the socket.
     """
     acker = delivery.acker
@@ -160,7 +131,7 @@ async def settle(
             await acker.ack_now(tag)
         else:
             await acker.reject(tag, requeue=requeue, flush=flush)
-    except (aiormq.exceptions.ChannelInvalidStateError, *TRANSIENT) as exc:
+    except StaleDelivery as exc:
         log.debug(
             "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",
             delivery.delivery_tag,

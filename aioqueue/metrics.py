@@ -25,9 +25,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-import aio_pika
-from aio_pika.abc import AbstractRobustChannel
-
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -37,6 +34,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from .broker import Broker
 from .rabbit import RabbitBroker
+from .rabbit.admin import queue_depths
 from .topology import dlq_name
 from .worker.events import Outcome
 
@@ -199,24 +197,13 @@ class PrometheusObserver:
         """
         if not isinstance(broker, RabbitBroker):
             return
-        channel: AbstractRobustChannel | None = None
-        try:
-            for name in [n for queue in queues for n in (queue, dlq_name(queue))]:
-                if channel is None:
-                    channel = await broker.channel()
-                try:
-                    queue = await channel.declare_queue(name, passive=True, robust=False)
-                except aio_pika.exceptions.ChannelNotFoundEntity:
-                    await channel.close()  # closed by the broker; also stops its reopening
-                    channel = None
-                    self._forget(name)
-                    continue
-                ok = queue.declaration_result
-                self.queue_messages.labels(name).set(ok.message_count or 0)
-                self.queue_consumers.labels(name).set(ok.consumer_count or 0)
-        finally:
-            if channel is not None:
-                await channel.close()
+        names = [n for queue in queues for n in (queue, dlq_name(queue))]
+        for name, depth in (await queue_depths(broker, names)).items():
+            if depth is None:
+                self._forget(name)  # the series of a missing queue is removed
+                continue
+            self.queue_messages.labels(name).set(depth[0])
+            self.queue_consumers.labels(name).set(depth[1])
 
     def _forget(self, queue: str) -> None:
         for gauge in (self.queue_messages, self.queue_consumers):

@@ -124,10 +124,10 @@ class Task(Generic[P, R]):
             queue: Another queue than the task's own.
             ignore_result: Override the task's ``ignore_result``.
         """
-        return await self.app.submit_with_options(
+        return await self.app.producer.submit(
             self.name,
-            args=args,
-            kwargs=kwargs,
+            args,
+            kwargs,
             countdown=countdown,
             eta=eta,
             expires=expires,

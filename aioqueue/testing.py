@@ -39,9 +39,16 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from .clocks import Clock, RealClock, VirtualClock, let_run
-from .memory import MemoryBroker
-from .settings import Settings
+from .memory import (
+    Clock,
+    MemoryBroker,
+    RealClock,
+    VirtualClock,
+    let_run,
+    memory_broker,
+    reset,
+    use_clock,
+)
 
 if TYPE_CHECKING:
     from .app import App
@@ -58,33 +65,6 @@ __all__ = [
     "running_worker",
     "use_clock",
 ]
-
-_brokers: dict[str, MemoryBroker] = {}
-_clocks: dict[str, Clock] = {}
-
-
-def memory_broker(url: str, settings: Settings) -> MemoryBroker:
-    """The process's in-memory broker for ``url`` (one per URL, shared by its apps)."""
-    broker = _brokers.get(url)
-    if broker is None:
-        broker = _brokers[url] = MemoryBroker(url, settings, _clocks.get(url))
-    return broker
-
-
-def use_clock(url: str, clock: Clock) -> Clock:
-    """Make the in-memory broker of ``url`` use ``clock`` (call before connecting an app)."""
-    _clocks[url] = clock
-    _brokers.pop(url, None)
-    return clock
-
-
-def reset(url: str | None = None) -> None:
-    """Forget in-memory brokers (all, or one URL's) and their clocks: a fresh start per test."""
-    for table in (_brokers, _clocks):
-        if url is None:
-            table.clear()
-        else:
-            table.pop(url, None)
 
 
 async def run_until_idle(app: App, *, timeout: float = 30.0, advance_time: bool = True) -> None:

@@ -34,7 +34,7 @@ from hypothesis.errors import NonInteractiveExampleWarning
 from pamqp import commands as spec
 
 from aioqueue import App, Settings
-from aioqueue._inbound import readable_content_header
+from aioqueue.rabbit.inbound import readable_content_header
 from aioqueue.topology import dlq_name
 from tests.conftest import running_worker
 from tests.fuzz_messages import KINDS, MAX_SIZE, TASK, build, raw_publish, specs

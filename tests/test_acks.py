@@ -11,8 +11,8 @@ import pamqp.frame
 import pytest
 from pamqp import commands as spec
 
-from aioqueue._frames import ack_frame, reject_frame
-from aioqueue.acks import Acker
+from aioqueue.rabbit.acks import Acker
+from aioqueue.rabbit.frames import ack_frame, reject_frame
 
 
 class Channel:

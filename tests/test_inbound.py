@@ -1,7 +1,7 @@
 """Frames pamqp cannot read never cut a consumer off (issue 13).
 
 Messages are written byte by byte below pamqp's encoder (``tests/inbound_frames.py``) and
-relayed by a real RabbitMQ. Without `aioqueue._inbound.LenientReader`, each one closes the
+relayed by a real RabbitMQ. Without `aioqueue.rabbit.inbound.LenientReader`, each one closes the
 worker's connection, comes back first after the reconnect, and stalls the queue for ever.
 """
 
@@ -28,8 +28,8 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from aioqueue import App
-from aioqueue._inbound import LenientReader, readable_content_header, readable_method
 from aioqueue.message import H_TASK, H_UNDECODABLE
+from aioqueue.rabbit.inbound import LenientReader, readable_content_header, readable_method
 from aioqueue.topology import dlq_name
 from aioqueue.worker import Worker
 from tests.conftest import running_worker, wait_until

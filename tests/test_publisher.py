@@ -1,4 +1,4 @@
-"""`aioqueue._publisher`: the frames it writes, its deadlines, and its publishes on RabbitMQ.
+"""`aioqueue.rabbit.publisher`: the frames it writes, its deadlines, and its publishes on RabbitMQ.
 
 A confirm that never comes (the publish deadline) is tested through a real blackhole in
 `tests/test_proxy.py`.
@@ -17,10 +17,10 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from aioqueue._publisher import Deadlines, Slots, publish_frames
-from aioqueue._wire import TaskProperties
 from aioqueue.errors import PublishError, UnroutableError
+from aioqueue.message import TaskProperties
 from aioqueue.rabbit import RabbitBroker
+from aioqueue.rabbit.publisher import Deadlines, Slots, publish_frames
 from aioqueue.settings import Settings
 from tests.conftest import wait_until
 from tests.rabbit import RabbitNode

@@ -17,7 +17,7 @@ import aio_pika
 import pytest
 
 from aioqueue import App, BrokerConnectionError, PublishError, Settings
-from aioqueue._wire import CHANNEL_FRAME_BUFFER
+from aioqueue.rabbit.connection import CHANNEL_FRAME_BUFFER
 from aioqueue.topology import work_queue_arguments
 from tests.conftest import WorkerProcess, running_worker, wait_until
 from tests.rabbit import RabbitNode

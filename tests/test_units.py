@@ -461,7 +461,7 @@ def test_task_properties_encode_exactly_as_pamqp(headers: dict[str, Any] | None)
 
     from pamqp import commands as spec
 
-    from aioqueue._wire import TaskProperties
+    from aioqueue.message import TaskProperties
 
     fields: dict[str, Any] = {
         "content_type": "application/json",

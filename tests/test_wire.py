@@ -1,11 +1,11 @@
-"""`aioqueue._wire`: coalesced writes, on the event loop alone (no broker)."""
+"""`aioqueue.rabbit.connection`: coalesced writes, on the event loop alone (no broker)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from aioqueue._wire import CoalescingWriter
+from aioqueue.rabbit.connection import CoalescingWriter
 
 
 class _Transport(asyncio.Transport):

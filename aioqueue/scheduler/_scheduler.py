@@ -6,7 +6,7 @@ clock until the next one — until the lease is lost or the scheduler stops. A s
 transaction on the lease connection: its record and its task message, both or neither.
 
 An app on the in-memory broker (``memory://``) keeps its lease and records in that broker instead
-(``memory.py``) and, by default, takes slot time from the broker's `VirtualClock`.
+(``in_memory.py``) and, by default, takes slot time from the broker's `VirtualClock`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..memory import is_memory_url
 from ..message import Envelope
 from ..topology import work_queue_arguments
 from .clock import Clock, SystemClock
+from .in_memory import MemoryBackend
 from .lease import CONNECTION_ERRORS, Lease, LeaseLost
 from .schedule import Misfire, Schedule, due_slots, missed_slots, next_run, slot_id
 from .state import DONE_QUEUE_ARGS, SlotRecord, SlotStore, done_queue_name
 
 if TYPE_CHECKING:
     from ..app import App
-    from .memory import MemoryBackend
 
 __all__ = ["Scheduler", "SchedulerStatistics"]
 
@@ -206,9 +207,7 @@ class Scheduler:
 
     def _start(self) -> None:
         self._active = True
-        if self._memory is None and self.app.broker_url.startswith("memory://"):
-            from .memory import MemoryBackend
-
+        if self._memory is None and is_memory_url(self.app.broker_url):
             self._memory = MemoryBackend(
                 self.app.broker_url, self.app.settings, self.app.name, self._busy
             )

@@ -31,8 +31,8 @@ import aiormq
 import aiormq.abc
 from yarl import URL
 
-from .._wire import CoalescingTransportFactory
 from ..errors import AioqueueError, BrokerConnectionError
+from ..rabbit.connection import plain_connection
 from ..settings import mask_url
 from ..topology import INFRA_PREFIX
 
@@ -229,13 +229,7 @@ class Lease:
     async def _probe_channel(self) -> aiormq.abc.AbstractChannel:
         if self._connection is None or self._connection.is_closed:
             name = f"aioqueue {self._app_name} scheduler lease {self._identity}"
-            self._connection = aiormq.Connection(
-                self._connect_url(),
-                client_properties={"connection_name": name},
-                # the slot records it reads are messages too: frames pamqp cannot read must
-                # not close the lease's connection (see aioqueue._inbound)
-                transport_factory=CoalescingTransportFactory(),
-            )
+            self._connection = plain_connection(self._connect_url(), name=name)
             self._probe = None
             await asyncio.wait_for(self._connection.connect(), self.timeout)
         if self._probe is None or self._probe.is_closed:

@@ -33,9 +33,8 @@ import aiormq.abc
 import orjson
 from pamqp import commands as spec
 
-from ..broker import task_properties
 from ..errors import DecodeError
-from ..message import CONTENT_TYPE, Envelope
+from ..message import CONTENT_TYPE, Envelope, task_properties
 from ..topology import INFRA_PREFIX
 from .lease import Lease
 

@@ -17,14 +17,14 @@ import anyio
 from ..app import App
 from ..broker import Consumer, Delivery, settle
 from ..errors import DecodeError
-from ..message import Envelope, ErrorInfo, Outcome
+from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
 from ..retry import Retry, next_delay
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
 from .emit import Emitter
 from .events import Outcome as TaskOutcome
 from .events import TaskLog, TaskObserver
 from .execute import execute
-from .settle import H_DELIVERIES, Handoff
+from .settle import Handoff
 
 __all__ = ["Worker", "WorkerStatistics", "split_prefetch"]
 
@@ -369,7 +369,7 @@ class Worker:
                 reason="decode",
                 error=ErrorInfo("decode", "DecodeError", exc.message),
                 task_id=props.correlation_id or props.message_id,
-                task_name=_header_str(props.headers, "aioqueue-task"),
+                task_name=_header_str(props.headers, H_TASK),
                 reply_to=props.reply_to,
             )
             return None

@@ -11,11 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pamqp import commands as spec
-
 from ..broker import Broker
 from ..errors import UnroutableError
-from ..message import CONTENT_TYPE, H_EVENT, H_SEQ, PROTOCOL_VERSION, Envelope, check_json_native
+from ..message import Envelope, check_json_native, event_properties
 from ..message import dumps as json_dumps
 
 __all__ = ["Emitter"]
@@ -61,10 +59,5 @@ class Emitter:
             )
 
     async def _send(self, queue: str, kind: str, seq: int, data: Any) -> None:
-        properties = spec.Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=2,
-            correlation_id=self._envelope.id,
-            headers={"aioqueue-protocol": PROTOCOL_VERSION, H_EVENT: kind, H_SEQ: seq},
-        )
+        properties = event_properties(self._envelope.id, kind, seq)
         await self._broker.publish(queue, json_dumps(data), properties)

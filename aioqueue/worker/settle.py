@@ -9,20 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from pamqp import commands as spec
-from pamqp import encode
-
-from .._wire import TaskProperties
 from ..app import App
 from ..broker import Delivery, settle
 from ..errors import PublishError, UnroutableError
-from ..message import CONTENT_TYPE, Envelope, ErrorInfo, Outcome
+from ..message import (
+    H_DEAD_AT,
+    H_DEAD_ERROR,
+    H_DEAD_QUEUE,
+    H_DEAD_REASON,
+    H_DEAD_TRACEBACK,
+    H_DEAD_WORKER,
+    H_DELIVERIES,
+    Envelope,
+    ErrorInfo,
+    Outcome,
+    dead_letter_copy,
+    reply_properties,
+)
 from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
@@ -30,13 +38,6 @@ __all__ = ["Handoff"]
 
 log = logging.getLogger("aioqueue.worker")
 
-H_DEAD_REASON = "aioqueue-dead-reason"
-H_DEAD_ERROR = "aioqueue-dead-error"
-H_DEAD_AT = "aioqueue-dead-at"
-H_DEAD_WORKER = "aioqueue-dead-worker"
-H_DEAD_QUEUE = "aioqueue-dead-queue"
-H_DEAD_TRACEBACK = "aioqueue-dead-traceback"
-H_DELIVERIES = "aioqueue-deliveries"
 MAX_HEADER_TRACEBACK = 4096
 DEAD_LETTER_BACKOFF = 0.5  # seconds a message waits before its requeue after a failed hand-off
 DEAD_LETTER_BACKOFF_MAX = 10.0  # ... doubling per failure in a row, up to this
@@ -56,7 +57,7 @@ class Handoff:
         """Publish the next attempt (through the delay ladder), then ack this one."""
         try:
             nxt = replace(envelope, attempt=envelope.attempt + 1)
-            await self.app._publish(nxt, delivery.queue, delay=delay)
+            await self.app.producer.publish(nxt, delivery.queue, delay=delay)
         except PublishError as exc:
             log.error(
                 "could not publish the retry of %s id=%s (%s); requeued",
@@ -83,7 +84,7 @@ class Handoff:
         confirmed before the redelivered message is acked, so a crash in between duplicates
         the message at worst and never loses it. Returns False if it had to requeue instead.
         """
-        copy = _copy_properties(delivery.properties, {H_DELIVERIES: deliveries})
+        copy = dead_letter_copy(delivery.properties, {H_DELIVERIES: deliveries})
         try:
             await self.broker.publish(delivery.queue, delivery.body, copy)
         except PublishError as exc:
@@ -156,7 +157,7 @@ class Handoff:
         }
         if error.traceback:
             headers[H_DEAD_TRACEBACK] = error.traceback[-MAX_HEADER_TRACEBACK:]
-        copy = _copy_properties(delivery.properties, headers)
+        copy = dead_letter_copy(delivery.properties, headers)
         dlq = dlq_name(delivery.queue)
         try:
             try:
@@ -165,7 +166,7 @@ class Handoff:
                 # Q.dlq was deleted under us: declare it again as at start, publish once more
                 log.warning("dead-letter queue %r was deleted; declaring it again", dlq)
                 kind = self.app.queue_type_of(delivery.queue)
-                await self.app._declare_again(dlq, dlq_arguments(kind))
+                await self.app.producer.redeclare(dlq, dlq_arguments(kind))
                 await self.broker.publish(dlq, delivery.body, copy)
         except PublishError as exc:
             log.error("could not dead-letter a message of %r (%s); requeued", delivery.queue, exc)
@@ -186,14 +187,7 @@ class Handoff:
                 outcome.task_id,
             )
             return True
-        # no headers: a final outcome is told apart from progress events by having none, and
-        # its body says what it is ("ok", "task"); a header table costs a decode per reply
-        properties = TaskProperties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=2,
-            message_id=outcome.task_id,
-            correlation_id=outcome.task_id,
-        )
+        properties = reply_properties(outcome.task_id)
         try:
             await self.broker.publish(reply_to, outcome.encode(), properties)
         except UnroutableError:
@@ -210,57 +204,3 @@ class Handoff:
             )
             return False
         return True
-
-
-def _copy_properties(props: spec.Basic.Properties, extra: dict[str, Any]) -> spec.Basic.Properties:
-    """Persistent copy of ``props`` with ``extra`` headers and without ``x-death``.
-
-    RabbitMQ drops a message dead-lettered into a queue already in its ``x-death`` history
-    (a "cycle"), so a copy re-entering our delay ladder must not carry it; nor a per-message
-    ``expiration``, which would expire it silently.
-    """
-    headers: dict[str, Any] = dict(props.headers or {})
-    headers.pop("x-death", None)
-    headers.pop("x-first-death-exchange", None)
-    headers.pop("x-first-death-queue", None)
-    headers.pop("x-first-death-reason", None)
-    headers.update(extra)
-    return spec.Basic.Properties(
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
-        headers=_encodable(headers),
-        delivery_mode=2,
-        priority=props.priority,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        message_id=props.message_id,
-        timestamp=props.timestamp,
-        message_type=props.message_type,
-        app_id=props.app_id,
-    )
-
-
-def _encodable(headers: dict[str, Any]) -> dict[str, Any]:
-    """``headers``, with any value pamqp cannot write back replaced by its ``repr``.
-
-    pamqp reads a 64-bit float (``d``, as Java and .NET clients send) but writes every float
-    as 32-bit, so a copy of such a header could fail to encode — and a dead letter that can
-    never be published would be requeued forever.
-    """
-    try:
-        encode.field_table(headers)
-    except (TypeError, ValueError, OverflowError, struct.error):
-        return {key: _encodable_value(value) for key, value in headers.items()}
-    return headers
-
-
-def _encodable_value(value: Any) -> Any:
-    if isinstance(value, dict):
-        return _encodable(value)
-    if isinstance(value, list):
-        return [_encodable_value(item) for item in value]
-    try:
-        encode.encode_table_value(value)
-    except (TypeError, ValueError, OverflowError, struct.error):
-        return repr(value)
-    return value

@@ -1,4 +1,4 @@
-"""Socket writes coalesced per event-loop iteration, and task properties encoded fast.
+"""Socket writes coalesced per event-loop iteration, frames read leniently.
 
 aiormq's writer task hands every frame to ``StreamWriter.write`` on its own; on a busy
 connection that is one ``send()`` system call per publish, ack and confirm, and one TCP segment
@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import aio_pika
+import aiormq
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
-from pamqp import commands as spec
-from pamqp import encode
 from yarl import URL
 
-from ._inbound import LenientReader
+from .inbound import LenientReader
 
 __all__ = [
     "CoalescingTransportFactory",
     "CoalescingWriter",
     "RobustConnection",
-    "TaskProperties",
+    "plain_connection",
 ]
 
 
@@ -63,7 +61,7 @@ class CoalescingWriter(asyncio.StreamWriter):
 
 class CoalescingTransportFactory(TransportFactory):
     """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter` and a
-    `~aioqueue._inbound.LenientReader`."""
+    `~aioqueue.rabbit.inbound.LenientReader`."""
 
     async def create(
         self, url: URL, **kwargs: Any
@@ -102,43 +100,13 @@ class RobustConnection(aio_pika.RobustConnection):
         await super()._on_connected()
 
 
-def _encode_headers(value: Any) -> bytes:
-    if isinstance(value, dict):
-        try:
-            # the type is part of the key: True == 1 == 1.0, but each encodes differently
-            return _header_table(tuple((k, type(v), v) for k, v in value.items()))
-        except TypeError:  # an unhashable value: not one of ours, encode it as it is
-            pass
-    return encode.field_table(value)
-
-
-@functools.lru_cache(maxsize=1024)
-def _header_table(items: tuple[tuple[str, type, Any], ...]) -> bytes:
-    # most task messages of one task share their headers (name, attempt, protocol)
-    return encode.field_table({key: value for key, _, value in items})
-
-
-_ENCODERS: dict[str, Callable[[Any], bytes]] = {
-    "content_type": encode.short_string,
-    "correlation_id": encode.short_string,
-    "message_id": encode.short_string,
-    "reply_to": encode.short_string,
-    "delivery_mode": encode.octet,
-    "timestamp": encode.timestamp,
-    "headers": _encode_headers,
-}
-
-
-class TaskProperties(spec.Basic.Properties):
-    """`Basic.Properties` whose own fields are encoded without pamqp's per-field type lookup.
-
-    The bytes are pamqp's (the same encoders, the same order and flags); only the dispatch is
-    direct, and a header table already seen is not encoded again. pamqp's generic path took
-    19 µs per task message, most of a submit's encoding work.
-    """
-
-    def encode_property(self, name: str, value: Any) -> bytes:
-        encoder = _ENCODERS.get(name)
-        if encoder is None:
-            return super().encode_property(name, value)
-        return encoder(value)
+def plain_connection(url: str | URL, *, name: str) -> aiormq.Connection:
+    """An aiormq connection outside aio-pika's recovery (the scheduler's lease holds an
+    exclusive queue on one, which automatic re-declaration could loop on), reading through the
+    `LenientReader` like every connection of ours: the slot records it reads are messages
+    too. Not connected yet: ``await connection.connect()``."""
+    return aiormq.Connection(
+        url,
+        client_properties={"connection_name": name},
+        transport_factory=CoalescingTransportFactory(),
+    )

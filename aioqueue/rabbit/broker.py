@@ -5,9 +5,9 @@ after a reconnect). Per message we go one level down to the aiormq channel under
 channel — fetched afresh for every operation, because it is a new object after each reconnect:
 
 - publishes go through `ChannelPublisher` (aiormq's confirm bookkeeping, without its
-  per-publish lock, timer and writer-queue wait; see `aioqueue._publisher`) and each awaits
+  per-publish lock, timer and writer-queue wait; see `aioqueue.rabbit.publisher`) and each awaits
   its own publisher confirm, under a deadline that spans reconnects;
-- consuming is a `aioqueue.subscription.Subscription`, which comes back after reconnects.
+- consuming is a `aioqueue.rabbit.subscription.Subscription`, which comes back after reconnects.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
-from ._publisher import ChannelPublisher, Deadlines, Slots
-from ._wire import RobustConnection
-from .broker import FATAL_CHANNEL, TRANSIENT, DeliveryCallback, LostCallback
-from .errors import BrokerConnectionError, PublishError, UnroutableError
-from .settings import Settings, mask_url
+from ..broker import DeliveryCallback, LostCallback
+from ..errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
+from ..settings import Settings, mask_url
+from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
+from .connection import RobustConnection
+from .errors import FATAL_CHANNEL, TRANSIENT
+from .publisher import ChannelPublisher, Deadlines, Slots
 from .subscription import Subscription
-from .topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 
 __all__ = ["RabbitBroker"]
 
@@ -180,6 +181,28 @@ class RabbitBroker:
                     f"declaring queue {name!r}",
                     lambda: self._channel().declare_queue(name, durable=True, arguments=arguments),
                 )
+
+    async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare ``name`` again although it was declared here: it was deleted since (a
+        publish to it came back unroutable). With the arguments it was declared with here,
+        else ``arguments``; on a channel of its own, since a refused declare (other arguments)
+        closes the channel that asked, and that must never be the publishing channel.
+
+        Raises:
+            PublishError: the declare failed.
+        """
+        recorded = self.declared_arguments(name)
+        arguments = arguments if recorded is None else recorded
+        try:
+            channel = await self.channel()
+            try:
+                await channel.declare_queue(name, durable=True, arguments=arguments, robust=False)
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+        except (AioqueueError, *TRANSIENT, *FATAL_CHANNEL) as exc:
+            raise PublishError(f"could not declare queue {name!r} again: {exc}") from exc
+        log.info("declared queue %r again", name)
 
     def declared_arguments(self, name: str) -> dict[str, Any] | None:
         """The arguments ``name`` was declared with here, or None if it was not declared here."""

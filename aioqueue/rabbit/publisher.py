@@ -7,7 +7,7 @@ and three done-callbacks on the confirmation future. `ChannelPublisher` keeps ai
 bookkeeping — the channel's delivery tags, its ``confirmations`` (which aiormq resolves from
 RabbitMQ's acks, nacks and returns) and its message-id map for returns — and replaces only the
 way there: the frames of every publish made during one iteration go to the writer queue as one
-frame set at its end (`aioqueue._frames.FrameBatch`), tagged in the order they were written.
+frame set at its end (`aioqueue.rabbit.frames.FrameBatch`), tagged in the order they were written.
 `Deadlines` bounds the confirm waits with one timer for all of them.
 
 Everything published on the channel must come through one `ChannelPublisher` (the delivery tags
@@ -29,7 +29,7 @@ import aiormq
 import pamqp.frame
 from pamqp import commands as spec
 
-from ._frames import FrameBatch
+from .frames import FrameBatch
 
 __all__ = ["ChannelPublisher", "Deadlines", "Slots", "publish_frames"]
 

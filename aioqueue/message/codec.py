@@ -22,7 +22,18 @@ from typing import Any, Final
 
 import orjson
 
-from .errors import DecodeError, EncodeError
+from ..errors import DecodeError, EncodeError
+from .headers import (
+    CONTENT_TYPE,
+    H_ATTEMPT,
+    H_DEADLINE,
+    H_PROTOCOL,
+    H_SCHEDULED_AT,
+    H_STREAM_TO,
+    H_TASK,
+    H_UNDECODABLE,
+    PROTOCOL_VERSION,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -34,22 +45,7 @@ __all__ = [
     "check_json_native",
 ]
 
-PROTOCOL_VERSION: Final = 1
-CONTENT_TYPE: Final = "application/json"
 MAX_DEPTH: Final = 64
-
-H_TASK: Final = "aioqueue-task"
-H_ATTEMPT: Final = "aioqueue-attempt"
-H_PROTOCOL: Final = "aioqueue-protocol"
-H_DEADLINE: Final = "aioqueue-deadline"
-H_SCHEDULED_AT: Final = "aioqueue-scheduled-at"
-H_STREAM_TO: Final = "aioqueue-stream-to"
-H_EVENT: Final = "aioqueue-event"
-H_SEQ: Final = "aioqueue-seq"
-# Set by the RabbitMQ frame reader on a delivery whose properties or headers could not be read
-# (not UTF-8, a timestamp out of range, ...): a table of property name -> the raw bytes. Such a
-# message is never run; consumers treat it as unreadable (the worker dead-letters it).
-H_UNDECODABLE: Final = "aioqueue-undecodable"
 
 
 def check_json_native(value: Any, where: str = "value", *, max_depth: int = MAX_DEPTH) -> None:

@@ -33,7 +33,7 @@ from typing import Final
 
 from pamqp import decode
 
-from .message import H_UNDECODABLE
+from ..message import H_UNDECODABLE
 
 __all__ = ["LenientReader", "readable_content_header", "readable_method"]
 

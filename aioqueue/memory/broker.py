@@ -22,11 +22,11 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from .broker import Consumer, Delivery, DeliveryCallback, LostCallback
-from .clocks import Clock, RealClock, VirtualClock
-from .errors import BrokerConnectionError, UnroutableError
-from .settings import Settings
-from .topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
+from ..broker import Consumer, Delivery, DeliveryCallback, LostCallback
+from ..errors import BrokerConnectionError, UnroutableError
+from ..settings import Settings
+from ..topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
+from .clock import Clock, RealClock, VirtualClock
 
 __all__ = ["MemoryBroker"]
 
@@ -108,6 +108,10 @@ class MemoryBroker:
 
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         self.queues.setdefault(name, _Queue(name))
+
+    async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        """Declare a deleted queue again (nothing is cached here: as `declare_queue`)."""
+        await self.declare_queue(name, arguments)
 
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
         return None

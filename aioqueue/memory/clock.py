@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
-    from .memory import MemoryBroker
+    from .broker import MemoryBroker
 
 __all__ = ["Clock", "RealClock", "VirtualClock", "let_run"]
 

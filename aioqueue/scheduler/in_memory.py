@@ -10,7 +10,7 @@ the process's `aioqueue.testing.MemoryBroker` instead, under the same names:
   ``aioqueue.scheduler.<app>.state.<schedule>``, so it outlives a scheduler (a later one
   continues after it, and missed slots follow the misfire policy) for as long as the broker;
 - a slot fires as its task message, published with the properties of every submit
-  (`aioqueue.broker.task_properties`) to the task's queue, and its record, together: nothing
+  (`aioqueue.message.task_properties`) to the task's queue, and its record, together: nothing
   in between yields to the event loop, so it is both or neither, and only while the lease is
   held (the fence);
 - ``skip_if_running`` runs reply to the memory queue ``aioqueue.scheduler.<app>.done.<schedule>``.
@@ -30,11 +30,10 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from ..broker import task_properties
 from ..errors import DecodeError
-from ..message import CONTENT_TYPE, Envelope
+from ..memory import MemoryBroker, VirtualClock, memory_broker
+from ..message import CONTENT_TYPE, Envelope, task_properties
 from ..settings import Settings
-from ..testing import MemoryBroker, VirtualClock, memory_broker
 from .lease import LeaseLost, describe_error, lease_queue_name
 from .state import STATE_QUEUE_ARGS, SlotRecord, done_queue_name, state_queue_name
 

@@ -14,11 +14,12 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from ..broker import Delivery, DeliveryCallback, LostCallback
 from .acks import Acker
-from .broker import FATAL_CHANNEL, TRANSIENT, Delivery, DeliveryCallback, LostCallback
+from .errors import FATAL_CHANNEL, TRANSIENT
 
 if TYPE_CHECKING:
-    from .rabbit import RabbitBroker
+    from .broker import RabbitBroker
 
 __all__ = ["Subscription"]
 

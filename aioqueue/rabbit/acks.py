@@ -8,7 +8,7 @@ still holds a lower tag) is acked on its own at the flush, so a long task never 
 prefetch window. Rejections are sent at once and only count towards contiguity.
 
 Acks and rejections are written in the order they were made, through one `FrameBatch` per
-channel (see `aioqueue._frames` for why aiormq's awaited writes cannot be relied on for that).
+channel (see `aioqueue.rabbit.frames` for why aiormq's awaited writes cannot be relied on for that).
 
 Only the consumer of a channel settles its deliveries here (one `Acker` per channel, per
 channel generation): a reconnect brings a new channel and a new `Acker`, and acks for the old
@@ -23,7 +23,9 @@ import logging
 
 import aiormq
 
-from ._frames import FrameBatch, ack_frame, reject_frame
+from ..broker import StaleDelivery
+from .errors import STALE
+from .frames import FrameBatch, ack_frame, reject_frame
 
 __all__ = ["Acker"]
 
@@ -70,7 +72,7 @@ class Acker:
             return
         self.settled_elsewhere(tag)
         self._frames.add(ack_frame(self._number, tag, multiple=False))
-        await self._frames.written()
+        await self._written()
 
     async def reject(self, tag: int, *, requeue: bool, flush: bool = False) -> None:
         """Reject ``tag`` (back to its queue when ``requeue``); with ``flush``, wait until the
@@ -80,9 +82,15 @@ class Acker:
         self.settled_elsewhere(tag)
         self._frames.add(reject_frame(self._number, tag, requeue=requeue))
         if flush:
-            await self._frames.written()
+            await self._written()
         else:
             self._frames.send()
+
+    async def _written(self) -> None:
+        try:
+            await self._frames.written()
+        except STALE as exc:
+            raise StaleDelivery(f"{type(exc).__name__}: {exc}") from exc
 
     async def flush(self) -> None:
         """Send what is pending now and wait until it is written (on a channel that closed

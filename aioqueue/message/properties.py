@@ -1,0 +1,162 @@
+"""The AMQP properties of every message aioqueue publishes, built in one place.
+
+Task messages (submits, retries, the scheduler), replies, progress and stream events, and the
+dead-letter copy. `TaskProperties` encodes the fields we set with direct dispatch (pamqp's
+generic path took 19 µs per task message, most of a submit's encoding work).
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pamqp import commands as spec
+from pamqp import encode
+
+from .codec import Envelope
+from .headers import CONTENT_TYPE, H_EVENT, H_PROTOCOL, H_SEQ, PROTOCOL_VERSION
+
+__all__ = [
+    "TaskProperties",
+    "dead_letter_copy",
+    "encodable_headers",
+    "event_properties",
+    "reply_properties",
+    "task_properties",
+]
+
+
+def task_properties(envelope: Envelope) -> spec.Basic.Properties:
+    """The AMQP properties of a task message: persistent JSON, task id as message and
+    correlation id, the envelope's metadata in headers. Submits, retries and the scheduler
+    all publish with these."""
+    return TaskProperties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=envelope.id,
+        correlation_id=envelope.id,
+        reply_to=envelope.reply_to,
+        headers=envelope.headers(),
+        timestamp=datetime.now(UTC),
+    )
+
+
+def reply_properties(task_id: str) -> spec.Basic.Properties:
+    """A final outcome's properties. No headers: an outcome is told apart from progress events
+    by having none, and its body says what it is ("ok", "task"); a header table costs a
+    decode per reply."""
+    return TaskProperties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=task_id,
+        correlation_id=task_id,
+    )
+
+
+def event_properties(task_id: str, kind: str, seq: int) -> spec.Basic.Properties:
+    """A progress event's or a stream item's properties (``kind``: "progress" or "item")."""
+    return spec.Basic.Properties(
+        content_type=CONTENT_TYPE,
+        delivery_mode=2,
+        correlation_id=task_id,
+        headers={H_PROTOCOL: PROTOCOL_VERSION, H_EVENT: kind, H_SEQ: seq},
+    )
+
+
+def dead_letter_copy(props: spec.Basic.Properties, extra: dict[str, Any]) -> spec.Basic.Properties:
+    """Persistent copy of ``props`` with ``extra`` headers and without ``x-death``.
+
+    RabbitMQ drops a message dead-lettered into a queue already in its ``x-death`` history
+    (a "cycle"), so a copy re-entering our delay ladder must not carry it; nor a per-message
+    ``expiration``, which would expire it silently.
+    """
+    headers: dict[str, Any] = dict(props.headers or {})
+    headers.pop("x-death", None)
+    headers.pop("x-first-death-exchange", None)
+    headers.pop("x-first-death-queue", None)
+    headers.pop("x-first-death-reason", None)
+    headers.update(extra)
+    return spec.Basic.Properties(
+        content_type=props.content_type,
+        content_encoding=props.content_encoding,
+        headers=encodable_headers(headers),
+        delivery_mode=2,
+        priority=props.priority,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        message_id=props.message_id,
+        timestamp=props.timestamp,
+        message_type=props.message_type,
+        app_id=props.app_id,
+    )
+
+
+def encodable_headers(headers: dict[str, Any]) -> dict[str, Any]:
+    """``headers``, with any value pamqp cannot write back replaced by its ``repr``.
+
+    pamqp reads a 64-bit float (``d``, as Java and .NET clients send) but writes every float
+    as 32-bit, so a copy of such a header could fail to encode — and a dead letter that can
+    never be published would be requeued forever.
+    """
+    try:
+        encode.field_table(headers)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        return {key: _encodable_value(value) for key, value in headers.items()}
+    return headers
+
+
+def _encodable_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return encodable_headers(value)
+    if isinstance(value, list):
+        return [_encodable_value(item) for item in value]
+    try:
+        encode.encode_table_value(value)
+    except (TypeError, ValueError, OverflowError, struct.error):
+        return repr(value)
+    return value
+
+
+def _encode_headers(value: Any) -> bytes:
+    if isinstance(value, dict):
+        try:
+            # the type is part of the key: True == 1 == 1.0, but each encodes differently
+            return _header_table(tuple((k, type(v), v) for k, v in value.items()))
+        except TypeError:  # an unhashable value: not one of ours, encode it as it is
+            pass
+    return encode.field_table(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_table(items: tuple[tuple[str, type, Any], ...]) -> bytes:
+    # most task messages of one task share their headers (name, attempt, protocol)
+    return encode.field_table({key: value for key, _, value in items})
+
+
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {
+    "content_type": encode.short_string,
+    "correlation_id": encode.short_string,
+    "message_id": encode.short_string,
+    "reply_to": encode.short_string,
+    "delivery_mode": encode.octet,
+    "timestamp": encode.timestamp,
+    "headers": _encode_headers,
+}
+
+
+class TaskProperties(spec.Basic.Properties):
+    """`Basic.Properties` whose own fields are encoded without pamqp's per-field type lookup.
+
+    The bytes are pamqp's (the same encoders, the same order and flags); only the dispatch is
+    direct, and a header table already seen is not encoded again. pamqp's generic path took
+    19 µs per task message, most of a submit's encoding work.
+    """
+
+    def encode_property(self, name: str, value: Any) -> bytes:
+        encoder = _ENCODERS.get(name)
+        if encoder is None:
+            return super().encode_property(name, value)
+        return encoder(value)

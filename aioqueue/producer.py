@@ -1,0 +1,275 @@
+"""The producer: (task, arguments, options) → envelope → confirmed publish.
+
+`Producer.submit` checks the arguments against a registered task's signature and for JSON,
+works out delays and deadlines, registers for the reply, and publishes; `Producer.publish` is
+the one confirmed publish of a task message (to its queue, or through the delay ladder), used
+by submits and by the worker's retries. A queue this connection declared and someone deleted
+since is declared again once (`Producer.redeclare`; dead-letter queues too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .errors import AioqueueError, PublishError, UnroutableError
+from .message import Envelope, Outcome, check_json_native, task_properties
+from .results import ReplyConsumer, ResultHandle
+from .streams import EventSink, StreamReader
+from .task import TaskOptions
+from .topology import (
+    delay_entry_exchange,
+    delay_routing_key,
+    delay_units,
+    reply_queue_arguments,
+    stream_queue_name,
+    work_queue_arguments,
+)
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["Producer"]
+
+log = logging.getLogger("aioqueue.app")
+
+
+class Producer:
+    """Submits and publishes task messages for one `App` (``app.producer``)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._redeclaring: dict[str, asyncio.Future[None]] = {}  # queue -> its declare again
+
+    async def submit(
+        self,
+        name: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        ignore_result: bool | None = None,
+    ) -> ResultHandle[Any]:
+        """Check, build and publish one task; its handle once RabbitMQ confirmed it.
+
+        Raises:
+            TypeError: the arguments do not fit a task registered here (nothing is published).
+            EncodeError: an argument is not JSON-native.
+            ValueError: a bad ``countdown``, ``eta`` or ``expires``.
+            PublishError: not confirmed within the publish deadline.
+        """
+        app = self.app
+        kwargs = dict(kwargs or {})
+        task = app.tasks.get(name)
+        if task is not None:
+            task.bind(tuple(args), kwargs)
+        check_json_native(list(args), "args")
+        check_json_native(kwargs, "kwargs")
+        now = app._broker.now() if app._broker is not None else time.time()
+        delay = _delay(now, countdown, eta)
+        options = task.options if task else TaskOptions(name=name, queue=app.default_queue)
+        target = queue or options.queue
+        wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
+        envelope = Envelope(
+            id=uuid.uuid4().hex,
+            task=name,
+            args=tuple(args),
+            kwargs=kwargs,
+            deadline=_deadline(now, expires),
+        )
+        stream = task is not None and task.is_generator
+        return await self.send(
+            envelope, target, wants_reply=wants_reply, delay=delay, stream=stream
+        )
+
+    async def send(
+        self,
+        envelope: Envelope,
+        queue: str,
+        *,
+        wants_reply: bool,
+        delay: float = 0.0,
+        stream: bool = False,
+    ) -> ResultHandle[Any]:
+        """Publish a new task (registering for its reply first) and return its handle.
+
+        One publish deadline covers the whole submit, declaring queues on first use included:
+        a broker that stays away past it is a `PublishError`, never a hang.
+        """
+        app = self.app
+        timeout = app.settings.publish_timeout
+        receiver = _Receiver()
+        replies = app._replies
+        warm = (
+            delay <= 0
+            and not stream
+            and app._broker is not None
+            and app._broker.is_declared(queue)
+            and (not wants_reply or (replies is not None and replies.started))
+        )
+        try:
+            if warm:
+                # Nothing to declare or subscribe first: the publish's own deadline is the
+                # submit's, without a timer of ours around it.
+                if wants_reply and replies is not None:
+                    envelope = receiver.expect(replies, envelope)
+                await self.publish(envelope, queue, timeout=timeout)
+            else:
+                async with asyncio.timeout(timeout):
+                    if wants_reply:
+                        envelope = await receiver.prepare(app, envelope, stream=stream)
+                    await self.publish(envelope, queue, delay=delay)
+        except BaseException as exc:
+            if app._replies is not None:
+                app._replies.forget(envelope.id)
+            await receiver.abandon()
+            if isinstance(exc, TimeoutError):
+                raise PublishError(
+                    f"task {envelope.task} was not confirmed within {timeout:g}s",
+                    task_name=envelope.task,
+                    task_id=envelope.id,
+                ) from None
+            if isinstance(exc, PublishError) and exc.task_id is None:
+                exc.task_name, exc.task_id = envelope.task, envelope.id
+            raise
+        for hook in app.on_submit:
+            try:
+                hook(envelope.task)
+            except Exception:  # the task is published: a failing hook must not say otherwise
+                log.exception("on_submit hook %r failed", hook)
+        return ResultHandle(
+            envelope.id, envelope.task, receiver.future, receiver.sink, receiver.reader
+        )
+
+    async def publish(
+        self, envelope: Envelope, queue: str, *, delay: float = 0.0, timeout: float | None = None
+    ) -> None:
+        """Publish ``envelope`` to ``queue`` — through the delay ladder when ``delay`` > 0 —
+        and return once RabbitMQ confirmed it. Used for submits and for worker retries."""
+        broker = self.app.broker
+        kind = self.app.queue_type_of(queue)
+        if not broker.is_declared(queue):
+            await broker.declare_queue(queue, work_queue_arguments(kind))
+        properties = task_properties(envelope)
+        body = envelope.encode()
+        if delay <= 0:
+            try:
+                await broker.publish(queue, body, properties, timeout=timeout)
+            except UnroutableError:
+                if not broker.is_declared(queue):
+                    raise
+                # declared here, so deleted since (RabbitMQ drops no queue of ours by itself):
+                # declare it again as it was, once, and publish once more
+                log.warning("queue %r was deleted; declaring it again", queue)
+                budget = self.app.settings.publish_timeout if timeout is None else timeout
+                try:
+                    async with asyncio.timeout(budget):
+                        await self.redeclare(queue, work_queue_arguments(kind))
+                        await broker.publish(queue, body, properties, timeout=timeout)
+                except TimeoutError:
+                    raise PublishError(
+                        f"queue {queue!r} was deleted; declaring it again and publishing once "
+                        f"more took over {budget:g}s"
+                    ) from None
+            return
+        units = delay_units(delay)
+        await broker.ensure_delay_route(queue, kind)
+        await broker.publish(
+            delay_routing_key(queue, units),
+            body,
+            properties,
+            exchange=delay_entry_exchange(kind),
+        )
+
+    async def redeclare(self, queue: str, arguments: dict[str, Any]) -> None:
+        """Declare ``queue`` again, although this connection declared it: it was deleted since
+        (a publish to it came back unroutable). With the arguments it was declared with here,
+        else ``arguments``. Concurrent callers share one declare. Used for work queues by
+        `publish` and for dead-letter queues by the worker.
+
+        Raises:
+            PublishError: the declare failed (the queue was made again with other arguments,
+                access refused, the connection is gone).
+        """
+        pending = self._redeclaring.get(queue)
+        if pending is None:
+            pending = asyncio.ensure_future(self.app.broker.redeclare_queue(queue, arguments))
+            self._redeclaring[queue] = pending
+            pending.add_done_callback(lambda done: self._declared_again(queue, done))
+        await asyncio.shield(pending)
+
+    def _declared_again(self, queue: str, done: asyncio.Future[None]) -> None:
+        if self._redeclaring.get(queue) is done:
+            del self._redeclaring[queue]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have been cancelled meanwhile
+
+
+class _Receiver:
+    """What a submit that waits for its outcome sets up before publishing."""
+
+    future: asyncio.Future[Outcome] | None = None
+    sink: EventSink | None = None
+    reader: StreamReader | None = None
+
+    async def prepare(self, app: App, envelope: Envelope, *, stream: bool) -> Envelope:
+        replies = app._replies
+        if replies is None:
+            raise AioqueueError(f"{app!r} is not connected: use `async with app:` first")
+        await replies.ensure_started()
+        if stream:
+            queue = stream_queue_name(envelope.id)
+            expires = app.settings.reply_queue_expires
+            await app.broker.declare_queue(queue, reply_queue_arguments(expires))
+            self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
+            await self.reader.start()
+            envelope = replace(envelope, stream_to=queue)
+        return self.expect(replies, envelope)
+
+    def expect(self, replies: ReplyConsumer, envelope: Envelope) -> Envelope:
+        """Register for the outcome of ``envelope``, sent with this client's reply queue."""
+        self.future, self.sink = replies.expect(envelope.id)
+        return replace(envelope, reply_to=replies.queue)
+
+    async def abandon(self) -> None:
+        if self.reader is not None:
+            await self.reader.close()
+
+
+def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:
+    if countdown is not None and eta is not None:
+        raise ValueError("give countdown or eta, not both")
+    delay = _raw_delay(now, countdown, eta)
+    delay_units(delay)  # raises ValueError beyond the longest delay the ladder holds
+    return delay
+
+
+def _raw_delay(now: float, countdown: float | None, eta: datetime | None) -> float:
+    if eta is not None:
+        if eta.tzinfo is None:
+            raise ValueError("eta must be an aware datetime (with a time zone)")
+        return max(0.0, eta.timestamp() - now)
+    if countdown is not None:
+        if countdown < 0:
+            raise ValueError("countdown must not be negative")
+        return float(countdown)
+    return 0.0
+
+
+def _deadline(now: float, expires: float | datetime | None) -> float | None:
+    if expires is None:
+        return None
+    if isinstance(expires, datetime):
+        if expires.tzinfo is None:
+            raise ValueError("expires must be an aware datetime (with a time zone)")
+        return expires.timestamp()
+    return now + float(expires)
