@@ -23,7 +23,7 @@ from .app import App
 from .errors import AioqueueError
 from .rabbit import RabbitBroker
 from .rabbit.admin import purge_queue, queue_depths
-from .scheduler.lease import leader_queue_name
+from .scheduler.records import leader_queue_name
 from .settings import mask_url
 from .topology import dlq_name
 

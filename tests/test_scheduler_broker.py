@@ -17,7 +17,7 @@ from pamqp import commands as spec
 from aioqueue import App, task_context
 from aioqueue.message import Envelope
 from aioqueue.scheduler import FakeClock, Scheduler
-from aioqueue.scheduler.state import done_queue_name
+from aioqueue.scheduler.records import done_queue_name
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.schedules import START, missed_slots, slot

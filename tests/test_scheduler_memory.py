@@ -16,7 +16,7 @@ import pytest
 from aioqueue import App, task_context
 from aioqueue.scheduler import Scheduler
 from aioqueue.scheduler.in_memory import MemoryLease
-from aioqueue.scheduler.state import state_queue_name
+from aioqueue.scheduler.records import state_queue_name
 from aioqueue.testing import (
     MemoryBroker,
     VirtualClock,

@@ -7,9 +7,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypedDict, TypeVar, overload
 
-from .lease import leader_queue_name
+from .records import done_queue_name, leader_queue_name, state_queue_name
 from .schedule import DEFAULT_GRACE, Misfire, Schedule
-from .state import done_queue_name, state_queue_name
 
 if TYPE_CHECKING:
     from ..app import App

@@ -1,9 +1,10 @@
 """`Scheduler`: campaign for the lease, then fire the app's schedules while holding it.
 
-One *term* of leadership: acquire the lease (``lease.py``), read each schedule's last slot
-(``state.py``), then loop — fire the due slots (``due_slots`` in ``schedule.py``), sleep on the
-clock until the next one — until the lease is lost or the scheduler stops. A slot fires as one
-transaction on the lease connection: its record and its task message, both or neither.
+One *term* of leadership: acquire the lease (``aioqueue.rabbit.lease``), read each schedule's
+last slot (``aioqueue.rabbit.slots``), then loop — fire the due slots (``due_slots`` in
+``schedule.py``), sleep on the clock until the next one — until the lease is lost or the
+scheduler stops. A slot fires as one transaction on the lease connection: its record and its
+task message, both or neither.
 
 An app on the in-memory broker (``memory://``) keeps its lease and records in that broker instead
 (``in_memory.py``) and, by default, takes slot time from the broker's `VirtualClock`.
@@ -24,12 +25,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..memory import is_memory_url
 from ..message import Envelope
+from ..rabbit.lease import CONNECTION_ERRORS, Lease
+from ..rabbit.slots import SlotStore
 from ..topology import work_queue_arguments
 from .clock import Clock, SystemClock
 from .in_memory import MemoryBackend
-from .lease import CONNECTION_ERRORS, Lease, LeaseLost
+from .records import DONE_QUEUE_ARGS, LeaseLost, SlotRecord, done_queue_name
 from .schedule import Misfire, Schedule, due_slots, missed_slots, next_run, slot_id
-from .state import DONE_QUEUE_ARGS, SlotRecord, SlotStore, done_queue_name
 
 if TYPE_CHECKING:
     from ..app import App

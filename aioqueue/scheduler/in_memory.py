@@ -1,7 +1,8 @@
 """The scheduler on the in-memory broker (``memory://``): lease and slot records in memory.
 
-The same `Scheduler` loop runs; only what ``lease.py`` and ``state.py`` keep in RabbitMQ lives in
-the process's `aioqueue.testing.MemoryBroker` instead, under the same names:
+The same `Scheduler` loop runs; what ``aioqueue.rabbit.lease`` and ``aioqueue.rabbit.slots`` keep
+in RabbitMQ lives in the process's `aioqueue.memory.MemoryBroker` instead, under the same names
+(`aioqueue.scheduler.records`):
 
 - the lease is an exclusive hold on ``aioqueue.scheduler.<app>.lease`` (`MemoryBroker.claim`):
   one scheduler of the app in this process leads, the others wait and take over the moment it
@@ -34,8 +35,15 @@ from ..errors import DecodeError
 from ..memory import MemoryBroker, VirtualClock, memory_broker
 from ..message import CONTENT_TYPE, Envelope, task_properties
 from ..settings import Settings
-from .lease import LeaseLost, describe_error, lease_queue_name
-from .state import STATE_QUEUE_ARGS, SlotRecord, done_queue_name, state_queue_name
+from .records import (
+    STATE_QUEUE_ARGS,
+    LeaseLost,
+    SlotRecord,
+    describe_error,
+    done_queue_name,
+    lease_queue_name,
+    state_queue_name,
+)
 
 __all__ = ["MemoryBackend", "MemoryLease", "MemorySlotStore"]
 

@@ -1,4 +1,4 @@
-"""Leader election in RabbitMQ: an exclusive queue held by a plain (non-robust) connection.
+"""The scheduler's lease in RabbitMQ: an exclusive queue held by a plain (non-robust) connection.
 
 ``aioqueue.scheduler.<app>.lease`` is declared ``exclusive``: RabbitMQ lets exactly one
 connection hold it, refuses it to every other one (``RESOURCE_LOCKED``) and deletes it the moment
@@ -15,7 +15,7 @@ publishes to); followers re-declare that queue every ``poll_interval`` — which
 consumer count without an error — and try for the lease only when the count is zero.
 
 Fencing: the leader fires each slot through this connection, in a transaction (see
-``state.py``); a commit RabbitMQ accepted was made while the connection, and so the lease, was
+``slots.py``); a commit RabbitMQ accepted was made while the connection, and so the lease, was
 alive. A leader that lost the connection cannot fire any more.
 """
 
@@ -31,12 +31,12 @@ import aiormq
 import aiormq.abc
 from yarl import URL
 
-from ..errors import AioqueueError, BrokerConnectionError
-from ..rabbit.connection import plain_connection
+from ..errors import BrokerConnectionError
+from ..scheduler.records import LeaseLost, describe_error, leader_queue_name, lease_queue_name
 from ..settings import mask_url
-from ..topology import INFRA_PREFIX
+from .connection import plain_connection
 
-__all__ = ["Lease", "LeaseLost", "describe_error", "leader_queue_name", "lease_queue_name"]
+__all__ = ["CONNECTION_ERRORS", "Lease"]
 
 log = logging.getLogger("aioqueue.scheduler")
 
@@ -51,20 +51,6 @@ CONNECTION_ERRORS: Final = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
 )
-
-
-class LeaseLost(AioqueueError):
-    """The scheduler's lease connection closed: it must stop firing at once."""
-
-
-def lease_queue_name(app_name: str) -> str:
-    """The exclusive queue whose holder is the leader."""
-    return f"{INFRA_PREFIX}scheduler.{app_name}.lease"
-
-
-def leader_queue_name(app_name: str) -> str:
-    """The queue the leader consumes, so followers can see that there is one."""
-    return f"{INFRA_PREFIX}scheduler.{app_name}.leader"
 
 
 class Lease:
@@ -241,8 +227,3 @@ class Lease:
 
 async def _ignore(message: Any) -> None:
     """The beacon queue never has messages; its consumer only marks the leader."""
-
-
-def describe_error(exc: BaseException) -> str:
-    """``"Type: message"`` for logs (the type alone when the message is empty)."""
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

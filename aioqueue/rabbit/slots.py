@@ -1,4 +1,4 @@
-"""What fired last, kept in RabbitMQ, and firing a slot: one transaction on the lease connection.
+"""The scheduler's slots in RabbitMQ: what fired last, and firing one in a transaction.
 
 ``aioqueue.scheduler.<app>.state.<schedule>`` is a durable classic queue with ``x-max-length=1``
 and ``x-overflow=drop-head``: it holds one persistent message, the schedule's `SlotRecord` (the
@@ -25,77 +25,25 @@ Schedules with ``skip_if_running`` send their runs' outcomes (``reply_to``) to a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Final
+from datetime import datetime
+from typing import Any
 
 import aiormq.abc
-import orjson
 from pamqp import commands as spec
 
 from ..errors import DecodeError
 from ..message import CONTENT_TYPE, Envelope, task_properties
-from ..topology import INFRA_PREFIX
+from ..scheduler.records import (
+    STATE_QUEUE_ARGS,
+    SlotRecord,
+    done_queue_name,
+    state_queue_name,
+)
 from .lease import Lease
 
-__all__ = [
-    "DONE_QUEUE_ARGS",
-    "STATE_QUEUE_ARGS",
-    "SlotRecord",
-    "SlotStore",
-    "done_queue_name",
-    "state_queue_name",
-]
+__all__ = ["SlotStore"]
 
 log = logging.getLogger("aioqueue.scheduler")
-
-STATE_QUEUE_ARGS: Final[dict[str, Any]] = {
-    "x-queue-type": "classic",
-    "x-max-length": 1,
-    "x-overflow": "drop-head",
-}
-DONE_QUEUE_ARGS: Final[dict[str, Any]] = {"x-queue-type": "classic"}
-_MAX_RECORD: Final = 64 * 1024
-
-
-def state_queue_name(app_name: str, schedule_name: str) -> str:
-    """The queue holding one schedule's last-slot record."""
-    return f"{INFRA_PREFIX}scheduler.{app_name}.state.{schedule_name}"
-
-
-def done_queue_name(app_name: str, schedule_name: str) -> str:
-    """The queue receiving the outcomes of a ``skip_if_running`` schedule's runs."""
-    return f"{INFRA_PREFIX}scheduler.{app_name}.done.{schedule_name}"
-
-
-@dataclass(frozen=True, slots=True)
-class SlotRecord:
-    """The last slot a schedule fired.
-
-    Attributes:
-        slot: The slot (aware UTC).
-        by: The scheduler instance that fired it.
-    """
-
-    slot: datetime
-    by: str
-
-    def encode(self) -> bytes:
-        return orjson.dumps({"v": 1, "slot": self.slot.astimezone(UTC).isoformat(), "by": self.by})
-
-    @classmethod
-    def decode(cls, body: bytes) -> SlotRecord:
-        """Read a record; `DecodeError` if it is not one."""
-        try:
-            if len(body) > _MAX_RECORD:
-                raise ValueError("too large")
-            data = orjson.loads(body)
-            slot = datetime.fromisoformat(data["slot"])
-            if slot.utcoffset() is None:
-                raise ValueError("the slot has no time zone")
-            return cls(slot=slot.astimezone(UTC), by=str(data.get("by", "")))
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise DecodeError(f"unreadable scheduler state record: {exc}") from None
 
 
 class SlotStore:

@@ -1,0 +1,96 @@
+"""What the scheduler keeps in its broker, named: lease and state queues and the slot record.
+
+Transport-neutral: the RabbitMQ backend (`aioqueue.rabbit.lease`, `aioqueue.rabbit.slots`) and
+the in-memory one (`aioqueue.scheduler.in_memory`) use the same names and the same record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+
+from ..errors import AioqueueError, DecodeError
+from ..topology import INFRA_PREFIX
+
+__all__ = [
+    "DONE_QUEUE_ARGS",
+    "STATE_QUEUE_ARGS",
+    "LeaseLost",
+    "SlotRecord",
+    "describe_error",
+    "done_queue_name",
+    "leader_queue_name",
+    "lease_queue_name",
+    "state_queue_name",
+]
+
+
+class LeaseLost(AioqueueError):
+    """The scheduler's lease connection closed: it must stop firing at once."""
+
+
+def lease_queue_name(app_name: str) -> str:
+    """The exclusive queue whose holder is the leader."""
+    return f"{INFRA_PREFIX}scheduler.{app_name}.lease"
+
+
+def leader_queue_name(app_name: str) -> str:
+    """The queue the leader consumes, so followers can see that there is one."""
+    return f"{INFRA_PREFIX}scheduler.{app_name}.leader"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"`` for logs (the type alone when the message is empty)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+STATE_QUEUE_ARGS: Final[dict[str, Any]] = {
+    "x-queue-type": "classic",
+    "x-max-length": 1,
+    "x-overflow": "drop-head",
+}
+DONE_QUEUE_ARGS: Final[dict[str, Any]] = {"x-queue-type": "classic"}
+_MAX_RECORD: Final = 64 * 1024
+
+
+def state_queue_name(app_name: str, schedule_name: str) -> str:
+    """The queue holding one schedule's last-slot record."""
+    return f"{INFRA_PREFIX}scheduler.{app_name}.state.{schedule_name}"
+
+
+def done_queue_name(app_name: str, schedule_name: str) -> str:
+    """The queue receiving the outcomes of a ``skip_if_running`` schedule's runs."""
+    return f"{INFRA_PREFIX}scheduler.{app_name}.done.{schedule_name}"
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRecord:
+    """The last slot a schedule fired.
+
+    Attributes:
+        slot: The slot (aware UTC).
+        by: The scheduler instance that fired it.
+    """
+
+    slot: datetime
+    by: str
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"v": 1, "slot": self.slot.astimezone(UTC).isoformat(), "by": self.by})
+
+    @classmethod
+    def decode(cls, body: bytes) -> SlotRecord:
+        """Read a record; `DecodeError` if it is not one."""
+        try:
+            if len(body) > _MAX_RECORD:
+                raise ValueError("too large")
+            data = orjson.loads(body)
+            slot = datetime.fromisoformat(data["slot"])
+            if slot.utcoffset() is None:
+                raise ValueError("the slot has no time zone")
+            return cls(slot=slot.astimezone(UTC), by=str(data.get("by", "")))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise DecodeError(f"unreadable scheduler state record: {exc}") from None
