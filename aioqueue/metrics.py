@@ -36,7 +36,7 @@ from .broker import Broker
 from .rabbit import RabbitBroker
 from .rabbit.admin import queue_depths
 from .topology import dlq_name
-from .worker.events import Outcome
+from .worker.events import RunResult
 
 __all__ = ["DURATION_BUCKETS", "MetricsServer", "PrometheusObserver", "serve_metrics"]
 
@@ -137,7 +137,7 @@ class PrometheusObserver:
         self.in_flight.labels(task).inc()
 
     def finished(
-        self, task: str, task_id: str, attempt: int, outcome: Outcome, duration: float
+        self, task: str, task_id: str, attempt: int, outcome: RunResult, duration: float
     ) -> None:
         self.in_flight.labels(task).dec()
         self.duration.labels(task).observe(duration)

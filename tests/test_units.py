@@ -24,7 +24,8 @@ from aioqueue.topology import (
     delay_units,
     deliver_pattern,
 )
-from aioqueue.worker._worker import split_prefetch
+from aioqueue.worker.lifecycle import split_prefetch
+from aioqueue.worker.pipeline import judge
 
 
 def _nested(depth: int) -> list[Any]:
@@ -521,3 +522,38 @@ def test_prefetch_is_split_exactly_remainders_first(
 def test_a_prefetch_that_cannot_give_each_queue_one_is_refused(total: int, queues: int) -> None:
     with pytest.raises(ValueError, match="cannot split"):
         split_prefetch(total, queues)
+
+
+# -- the verdict on a run: decided once, handed off and reported alike ------------------------
+
+_FAILED = ErrorInfo("error", "ValueError", "boom")
+_TIMED_OUT = ErrorInfo("timeout", "TimeoutError", "too slow")
+
+
+@pytest.mark.parametrize(
+    ("attempt", "error", "exc", "result", "retries"),
+    [
+        (1, None, None, "succeeded", False),
+        (1, _FAILED, ValueError("boom"), "retried", True),
+        (3, _FAILED, ValueError("boom"), "failed", False),  # the last attempt of 3
+        (1, _FAILED, KeyError("no"), "failed", False),  # not in retry_on
+        (1, _TIMED_OUT, None, "timeout", False),
+        (2, _FAILED, Retry(delay=5.0), "retried", True),
+        (3, _FAILED, Retry(delay=5.0), "failed", False),
+    ],
+)
+def test_judge_decides_each_run_once(
+    attempt: int, error: ErrorInfo | None, exc: BaseException | None, result: str, retries: bool
+) -> None:
+    # Given a run of attempt `attempt` under a policy of 3 attempts retrying ValueError
+    policy = RetryPolicy(max_attempts=3, backoff=1.0, jitter=0.0, retry_on=(ValueError,))
+    envelope = Envelope(id="t", task="x.y", attempt=attempt)
+    outcome = Outcome(task_id="t", task_name="x.y", error=error)
+    # When it is judged
+    verdict = judge(envelope, outcome, exc, policy)
+    # Then the one verdict says what happens and what observers hear
+    assert verdict.result == result
+    assert (verdict.retry_delay is not None) == retries
+    assert (verdict.error is not None) == (result in ("failed", "timeout"))
+    if isinstance(exc, Retry) and not retries:
+        assert verdict.error is not None and "max_attempts=3" in verdict.error.message

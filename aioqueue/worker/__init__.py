@@ -1,5 +1,5 @@
 """The worker: ``python -m aioqueue.worker module:app`` or `Worker` from Python."""
 
-from ._worker import Worker, WorkerStatistics
+from .lifecycle import Worker, WorkerStatistics
 
 __all__ = ["Worker", "WorkerStatistics"]

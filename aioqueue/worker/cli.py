@@ -16,8 +16,8 @@ from ..errors import BrokerConnectionError
 from ..scheduler import Scheduler
 from ..scheduler.cli import banner as scheduler_banner
 from ..settings import mask_url
-from ._worker import Worker
 from .events import TaskLog
+from .lifecycle import Worker
 
 if TYPE_CHECKING:  # aioqueue.metrics needs the metrics extra: imported only when asked for
     from ..metrics import MetricsServer, PrometheusObserver

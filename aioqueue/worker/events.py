@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from typing import Literal, Protocol
 
-__all__ = ["Outcome", "TaskLog", "TaskObserver"]
+__all__ = ["RunResult", "TaskLog", "TaskObserver"]
 
-Outcome = Literal["succeeded", "failed", "retried", "timeout"]
+# how one run of a task ended, as observers hear it (the caller's `Outcome` is another thing)
+RunResult = Literal["succeeded", "failed", "retried", "timeout"]
 
 log = logging.getLogger("aioqueue.task")
 
@@ -23,7 +24,7 @@ class TaskObserver(Protocol):
     def started(self, task: str, task_id: str, attempt: int) -> None: ...
 
     def finished(
-        self, task: str, task_id: str, attempt: int, outcome: Outcome, duration: float
+        self, task: str, task_id: str, attempt: int, outcome: RunResult, duration: float
     ) -> None: ...
 
     def dead_lettered(self, queue: str, task: str, task_id: str, reason: str) -> None: ...
@@ -36,7 +37,7 @@ class TaskLog:
         log.debug("task %s id=%s attempt=%d started", task, task_id, attempt)
 
     def finished(
-        self, task: str, task_id: str, attempt: int, outcome: Outcome, duration: float
+        self, task: str, task_id: str, attempt: int, outcome: RunResult, duration: float
     ) -> None:
         level = logging.INFO if outcome in ("succeeded", "retried") else logging.WARNING
         log.log(

@@ -1,0 +1,257 @@
+"""One delivery, start to end: decode → guards → run → hand-off.
+
+`Pipeline.process` is the whole path of a message through a worker, in four readable steps:
+
+1. decode: an unreadable message is dead-lettered (reason ``decode``);
+2. guards: a redelivery of a run still going here waits for it; a redelivered message on a
+   classic queue is re-published with its crash count, and poison is dead-lettered; a task
+   this worker does not have, or one past its deadline, is dead-lettered;
+3. run: the task itself (`aioqueue.worker.execute`);
+4. hand-off: `judge` decides once what became of the run — succeeded, retried (with its
+   delay), failed or timed out — and that one verdict is both handed off (reply, retry or
+   dead letter, then the ack: `aioqueue.worker.handoff`) and told to the observers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..app import App
+from ..broker import Delivery, settle
+from ..errors import DecodeError
+from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
+from ..retry import Retry, RetryPolicy, next_delay
+from .emit import Emitter
+from .events import RunResult, TaskObserver
+from .execute import execute
+from .handoff import Handoff
+
+__all__ = ["Pipeline", "Verdict", "judge"]
+
+log = logging.getLogger("aioqueue.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What became of one run, decided once (`judge`): handed off, then reported."""
+
+    result: RunResult
+    retry_delay: float | None = None  # set when result == "retried"
+    error: ErrorInfo | None = None  # set when result is "failed" or "timeout"
+
+
+def judge(
+    envelope: Envelope, outcome: Outcome, exc: BaseException | None, policy: RetryPolicy
+) -> Verdict:
+    """The verdict on a run of ``envelope`` that ended in ``outcome`` (raising ``exc``)."""
+    if outcome.error is None:
+        return Verdict("succeeded")
+    delay = None if exc is None else next_delay(policy, envelope.attempt, exc)
+    if delay is not None:
+        return Verdict("retried", retry_delay=delay)
+    error = outcome.error
+    if isinstance(exc, Retry) and exc.__cause__ is None:  # asked for an attempt not left
+        error = replace(
+            error,
+            message=f"{error.message}, but attempt {envelope.attempt} was the last that "
+            f"the task's retry policy allows (max_attempts={policy.max_attempts})",
+        )
+    return Verdict("timeout" if error.kind == "timeout" else "failed", error=error)
+
+
+class Pipeline:
+    """Takes each delivery of one worker from its bytes to its ack."""
+
+    def __init__(
+        self,
+        app: App,
+        handoff: Handoff,
+        executor: ThreadPoolExecutor,
+        *,
+        observers: Sequence[TaskObserver],
+        max_deliveries: int,
+        identity: str,
+    ) -> None:
+        self.app = app
+        self.handoff = handoff
+        self.executor = executor
+        self.observers = observers
+        self.max_deliveries = max_deliveries
+        self.identity = identity
+        # (queue, task, task id) of each run in hand, for a lost channel's log line
+        self.current: dict[int, tuple[str, str, str]] = {}
+        self._recounting: dict[str, asyncio.Event] = {}
+        # runs in hand by (task id, attempt): a retry is the same id with the next attempt,
+        # and may arrive (with no delay) before the attempt that published it is settled
+        self._running_ids: dict[tuple[str, int], asyncio.Future[bool]] = {}
+
+    async def process(self, delivery: Delivery) -> None:
+        """Decode → guards → run → hand-off."""
+        envelope = await self._decode(delivery)
+        if envelope is None or await self._already_running(delivery, envelope):
+            return
+        redelivered = await self._count_delivery(delivery, envelope)
+        if redelivered is None:
+            return
+        reason, error = self._refuse(envelope)
+        if error is not None:
+            await self._dead_letter(delivery, envelope, reason, error)
+            return
+        await self._run(delivery, envelope, redelivered)
+
+    async def _run(self, delivery: Delivery, envelope: Envelope, redelivered: bool) -> None:
+        task = self.app.tasks[envelope.task]
+        self.current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
+        handed_off = asyncio.get_running_loop().create_future()
+        run_key = (envelope.id, envelope.attempt)
+        self._running_ids[run_key] = handed_off
+        for observer in self.observers:
+            observer.started(envelope.task, envelope.id, envelope.attempt)
+        started = time.perf_counter()
+        try:
+            emitter = Emitter(self.app.broker, envelope)
+            outcome, exc = await execute(
+                task, envelope, redelivered=redelivered, threads=self.executor, emitter=emitter
+            )
+            duration = time.perf_counter() - started
+            verdict = judge(envelope, outcome, exc, task.options.retry)
+            handed_off.set_result(await self._hand_off(delivery, envelope, outcome, verdict))
+            self._report(envelope, verdict, duration)
+        finally:
+            del self.current[id(delivery)]
+            if self._running_ids.get(run_key) is handed_off:  # two copies may run here
+                del self._running_ids[run_key]
+            if not handed_off.done():
+                handed_off.set_result(False)
+
+    async def _hand_off(
+        self, delivery: Delivery, envelope: Envelope, outcome: Outcome, verdict: Verdict
+    ) -> bool:
+        """Hand the verdict off — reply, retry or dead letter — then settle the delivery."""
+        if verdict.result == "succeeded":
+            return await self.handoff.finish(delivery, envelope.reply_to, outcome)
+        if verdict.retry_delay is not None:
+            return await self.handoff.retry(delivery, envelope, verdict.retry_delay)
+        assert verdict.error is not None
+        return await self._dead_letter(delivery, envelope, verdict.result, verdict.error)
+
+    def _report(self, envelope: Envelope, verdict: Verdict, duration: float) -> None:
+        for observer in self.observers:
+            try:
+                observer.finished(
+                    envelope.task, envelope.id, envelope.attempt, verdict.result, duration
+                )
+            except Exception:  # an observer's bug must not touch the task's outcome
+                log.exception("task observer %r failed", observer)
+
+    async def _dead_letter(
+        self, delivery: Delivery, envelope: Envelope, reason: str, error: ErrorInfo
+    ) -> bool:
+        return await self.handoff.dead_letter(
+            delivery,
+            reason=reason,
+            error=error,
+            task_id=envelope.id,
+            task_name=envelope.task,
+            reply_to=envelope.reply_to,
+        )
+
+    # -- decode and guards --------------------------------------------------------------------
+
+    async def _decode(self, delivery: Delivery) -> Envelope | None:
+        props = delivery.properties
+        try:
+            return Envelope.decode(
+                delivery.body,
+                message_id=props.message_id,
+                headers=props.headers,
+                reply_to=props.reply_to,
+                content_type=props.content_type,
+                max_size=self.app.settings.max_message_size,
+            )
+        except DecodeError as exc:
+            await self.handoff.dead_letter(
+                delivery,
+                reason="decode",
+                error=ErrorInfo("decode", "DecodeError", exc.message),
+                task_id=props.correlation_id or props.message_id,
+                task_name=_header_str(props.headers, H_TASK),
+                reply_to=props.reply_to,
+            )
+            return None
+
+    async def _already_running(self, delivery: Delivery, envelope: Envelope) -> bool:
+        """A redelivery of a message this worker is still running (its channel was closed, e.g.
+        by RabbitMQ's consumer timeout): wait for that run instead of starting a second one."""
+        running = self._running_ids.get((envelope.id, envelope.attempt))
+        if running is None:
+            return False
+        log.info(
+            "task %s id=%s is already running here; its redelivery waits for it",
+            envelope.task,
+            envelope.id,
+        )
+        if await asyncio.shield(running):
+            await settle(delivery, ack=True)
+            return True
+        return False
+
+    async def _count_delivery(self, delivery: Delivery, envelope: Envelope) -> bool | None:
+        """Count deliveries that were never settled; poison goes to the DLQ.
+
+        Returns whether this is a redelivery, or None when the message was handled here
+        (re-published with its count, or dead-lettered as poison).
+        """
+        headers = delivery.properties.headers or {}
+        recounting = self._recounting.get(envelope.id)
+        if recounting is not None:
+            await recounting.wait()  # this may be the copy: let the old one's ack go out first
+        quorum_count = headers.get("x-delivery-count")
+        if isinstance(quorum_count, int) and not isinstance(quorum_count, bool):
+            deaths = quorum_count  # quorum queues count returned deliveries themselves
+        else:
+            deaths = _header_int(headers, H_DELIVERIES) + int(delivery.redelivered)
+            if delivery.redelivered and deaths < self.max_deliveries:
+                self._recounting[envelope.id] = done = asyncio.Event()
+                try:
+                    await self.handoff.recount(delivery, deaths)
+                finally:
+                    if self._recounting.get(envelope.id) is done:  # two copies may recount
+                        del self._recounting[envelope.id]
+                    done.set()
+                return None
+        if deaths >= self.max_deliveries:
+            message = (
+                f"task {envelope.task} was delivered {deaths} times without being settled "
+                "(each time its worker died or lost its connection): treated as poison"
+            )
+            error = ErrorInfo("dead_lettered", "poison", message)
+            await self._dead_letter(delivery, envelope, "poison", error)
+            return None
+        return delivery.redelivered or deaths > 0
+
+    def _refuse(self, envelope: Envelope) -> tuple[str, ErrorInfo | None]:
+        """Why this worker must not run ``envelope``, if it must not."""
+        if envelope.task not in self.app.tasks:
+            message = f"no task named {envelope.task!r} is registered on worker {self.identity}"
+            return "not_found", ErrorInfo("not_found", "TaskNotFoundError", message)
+        if envelope.deadline is not None and self.app.broker.now() > envelope.deadline:
+            message = f"task {envelope.task} expired before it started"
+            return "expired", ErrorInfo("dead_lettered", "expired", message)
+        return "", None
+
+
+def _header_int(headers: dict[str, Any], key: str) -> int:
+    value = headers.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _header_str(headers: dict[str, Any] | None, key: str) -> str:
+    value = (headers or {}).get(key)
+    return value if isinstance(value, str) else ""
