@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from aioqueue.cli import run as aioqueue_run
+from aioqueue.cli.common import run as aioqueue_run
 
 T = TypeVar("T")
 

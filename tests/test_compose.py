@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from aioqueue import App, admin
-from aioqueue.cli import load_app
+from aioqueue.cli.common import load_app
 from services.web.service import create_app
 
 ROOT = Path(__file__).resolve().parent.parent

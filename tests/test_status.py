@@ -14,7 +14,7 @@ import aio_pika
 import pytest
 
 from aioqueue import App
-from aioqueue.admin_status import QueueSample, format_status, net_rate
+from aioqueue.cli.status import QueueSample, format_status, net_rate
 from tests.apps.status import build
 from tests.conftest import ROOT, wait_until
 from tests.rabbit import RabbitNode

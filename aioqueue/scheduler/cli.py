@@ -8,7 +8,7 @@ import asyncio
 import signal
 import sys
 
-from ..cli import app_from_args, run, setup_logging
+from ..cli.common import app_from_args, run, setup_logging
 from ..errors import BrokerConnectionError
 from ..settings import mask_url
 from ._scheduler import Scheduler, log

@@ -11,7 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..app import App
-from ..cli import app_from_args, run, setup_logging
+from ..cli.common import app_from_args, run, setup_logging
 from ..errors import BrokerConnectionError
 from ..scheduler import Scheduler
 from ..scheduler.cli import banner as scheduler_banner

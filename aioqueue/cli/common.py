@@ -11,8 +11,8 @@ from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from .app import App
-from .errors import AioqueueError
+from ..app import App
+from ..errors import AioqueueError
 
 T = TypeVar("T")
 

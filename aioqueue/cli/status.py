@@ -19,13 +19,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TextIO
 
-from .app import App
-from .errors import AioqueueError
-from .rabbit import RabbitBroker
-from .rabbit.admin import purge_queue, queue_depths
-from .scheduler.records import leader_queue_name
-from .settings import mask_url
-from .topology import dlq_name
+from ..app import App
+from ..errors import AioqueueError
+from ..rabbit import RabbitBroker
+from ..rabbit.admin import purge_queue, queue_depths
+from ..scheduler.records import leader_queue_name
+from ..settings import mask_url
+from ..topology import dlq_name
 
 __all__ = ["QueueSample", "add_parsers", "format_status", "net_rate", "run_command", "sample"]
 

@@ -1,7 +1,7 @@
 """``aioqueue dlq list|show|replay|purge module:app --queue Q``: dead letters by hand.
 
-(``status`` and ``purge`` live in ``admin_status.py``; this module's `main` runs them all, for
-the ``aioqueue`` command of `aioqueue.console`.)
+(``status`` and ``purge`` live in ``status.py``; this module's `main` runs them all, for
+the ``aioqueue`` command of `aioqueue.cli.console`.)
 
 Messages are read with ``basic.get`` and left unacked while we look at them; what is not replayed
 goes back to the dead-letter queue when the channel closes. A replay re-publishes the message,
@@ -18,11 +18,9 @@ from typing import Any, TextIO
 
 from pamqp import commands as spec
 
-from .admin_status import add_parsers, run_command
-from .app import App
-from .cli import app_from_args, run, setup_logging
-from .errors import AioqueueError
-from .message import (
+from ..app import App
+from ..errors import AioqueueError
+from ..message import (
     DEAD_PREFIX,
     H_ATTEMPT,
     H_DEAD_AT,
@@ -35,9 +33,11 @@ from .message import (
     H_UNDECODABLE,
     encodable_headers,
 )
-from .rabbit import RabbitBroker
-from .rabbit.admin import HeldMessage, held_messages, purge_queue, queue_depths
-from .topology import dlq_name
+from ..rabbit import RabbitBroker
+from ..rabbit.admin import HeldMessage, held_messages, purge_queue, queue_depths
+from ..topology import dlq_name
+from .common import app_from_args, run, setup_logging
+from .status import add_parsers, run_command
 
 __all__ = ["main"]
 
@@ -76,7 +76,7 @@ def parser(prog: str = "aioqueue") -> argparse.ArgumentParser:
         prog=prog, description="aioqueue: run workers and schedulers, inspect and repair queues"
     )
     sub = p.add_subparsers(dest="command", required=True)
-    # `aioqueue.console` hands these two to their own programs before this parser sees them;
+    # `aioqueue.cli.console` hands these two to their own programs before this parser sees them;
     # they are here to be listed in the help
     for name, text in (("worker", "a worker"), ("scheduler", "the periodic-task scheduler")):
         sub.add_parser(name, help=f"run {text} (see: {prog} {name} --help)", add_help=False)

@@ -3,7 +3,7 @@
 One entry for every program, each subcommand handed to the parser that already exists for it:
 ``aioqueue worker`` is ``python -m aioqueue.worker``, ``aioqueue scheduler`` is
 ``python -m aioqueue.scheduler``, and ``status``, ``purge`` and ``dlq`` are the administration
-commands (`aioqueue.admin`). ``python -m aioqueue`` is this command too.
+commands (`aioqueue.cli.dlq`). ``python -m aioqueue`` is this command too.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from . import admin
-from .scheduler import cli as scheduler_cli
-from .worker import cli as worker_cli
+from ..scheduler import cli as scheduler_cli
+from ..worker import cli as worker_cli
+from . import dlq
 
 __all__ = ["PROGRAMS", "main"]
 
@@ -29,4 +29,4 @@ def main(argv: list[str] | None = None, *, prog: str = "aioqueue") -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in PROGRAMS:
         return PROGRAMS[args[0]](args[1:], prog=f"{prog} {args[0]}")
-    return admin.main(args, prog=prog)
+    return dlq.main(args, prog=prog)
