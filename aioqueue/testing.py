@@ -39,10 +39,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from .clock import BrokerClock, SystemClock
 from .memory import (
-    Clock,
     MemoryBroker,
-    RealClock,
     VirtualClock,
     let_run,
     memory_broker,
@@ -54,10 +53,15 @@ if TYPE_CHECKING:
     from .app import App
     from .worker import Worker
 
+# The in-memory broker's wall clock was called RealClock: the same `SystemClock` as the
+# scheduler's, kept under that name for tests written against it.
+RealClock = SystemClock
+
 __all__ = [
-    "Clock",
+    "BrokerClock",
     "MemoryBroker",
     "RealClock",
+    "SystemClock",
     "VirtualClock",
     "memory_broker",
     "reset",

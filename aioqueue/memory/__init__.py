@@ -7,14 +7,12 @@ reach it through a ``memory://`` URL (`aioqueue.transports.broker_for`); users' 
 """
 
 from .broker import MemoryBroker
-from .clock import Clock, RealClock, VirtualClock, let_run
+from .clock import VirtualClock, let_run
 from .registry import MEMORY_SCHEME, is_memory_url, memory_broker, reset, use_clock
 
 __all__ = [
     "MEMORY_SCHEME",
-    "Clock",
     "MemoryBroker",
-    "RealClock",
     "VirtualClock",
     "is_memory_url",
     "let_run",

@@ -23,10 +23,11 @@ from typing import Any
 from pamqp import commands as spec
 
 from ..broker import Consumer, Delivery, DeliveryCallback, LostCallback
+from ..clock import BrokerClock, SystemClock
 from ..errors import BrokerConnectionError, UnroutableError
 from ..settings import Settings
 from ..topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
-from .clock import Clock, RealClock, VirtualClock
+from .clock import VirtualClock
 
 __all__ = ["MemoryBroker"]
 
@@ -49,10 +50,10 @@ class _Queue:
 class MemoryBroker:
     """A broker in this process's memory, with the semantics aioqueue relies on."""
 
-    def __init__(self, url: str, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(self, url: str, settings: Settings, clock: BrokerClock | None = None) -> None:
         self._url = url
         self.settings = settings
-        self.clock: Clock = clock or RealClock()
+        self.clock: BrokerClock = clock or SystemClock()
         self.queues: dict[str, _Queue] = {}
         self._delayed: list[tuple[float, int, str, _Message]] = []
         self._seq = itertools.count()

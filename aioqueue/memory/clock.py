@@ -1,47 +1,28 @@
-"""The in-memory broker's time: the wall clock, or a virtual one that tests move by hand.
+"""The in-memory broker's virtual time, which tests move by hand (`VirtualClock`).
 
-`VirtualClock` is also a scheduler clock (`aioqueue.scheduler.Clock`): schedules of an app on a
-``memory://`` broker with a virtual clock take their slot time from it. Network timeouts and
-task timeouts stay on wall time.
+A `VirtualClock` is a `aioqueue.clock.BrokerClock` (the broker's delays) and a scheduler
+`aioqueue.clock.Clock`: schedules of an app on a ``memory://`` broker with a virtual clock take
+their slot time from it. Network timeouts and task timeouts stay on wall time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from .broker import MemoryBroker
 
-__all__ = ["Clock", "RealClock", "VirtualClock", "let_run"]
+__all__ = ["VirtualClock", "let_run"]
 
 
 async def let_run(rounds: int = 20) -> None:
     """Give other tasks ``rounds`` turns of the event loop."""
     for _ in range(rounds):
         await asyncio.sleep(0)
-
-
-class Clock(Protocol):
-    """Where the in-memory broker's delays get their time from."""
-
-    def time(self) -> float: ...
-    async def wait(self, seconds: float | None, wakeup: asyncio.Event) -> None: ...
-
-
-class RealClock:
-    """Wall time: delays take as long as they say."""
-
-    def time(self) -> float:
-        return time.time()
-
-    async def wait(self, seconds: float | None, wakeup: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wakeup.wait(), seconds)
 
 
 class VirtualClock:

@@ -6,16 +6,16 @@ a clock for a URL before connecting (`use_clock`) and start afresh with `reset`.
 
 from __future__ import annotations
 
+from ..clock import BrokerClock
 from ..settings import Settings
 from .broker import MemoryBroker
-from .clock import Clock
 
 __all__ = ["MEMORY_SCHEME", "is_memory_url", "memory_broker", "reset", "use_clock"]
 
 MEMORY_SCHEME = "memory://"
 
 _brokers: dict[str, MemoryBroker] = {}
-_clocks: dict[str, Clock] = {}
+_clocks: dict[str, BrokerClock] = {}
 
 
 def is_memory_url(url: str) -> bool:
@@ -31,7 +31,7 @@ def memory_broker(url: str, settings: Settings) -> MemoryBroker:
     return broker
 
 
-def use_clock(url: str, clock: Clock) -> Clock:
+def use_clock(url: str, clock: BrokerClock) -> BrokerClock:
     """Make the in-memory broker of ``url`` use ``clock`` (call before connecting an app)."""
     _clocks[url] = clock
     _brokers.pop(url, None)

@@ -1,4 +1,4 @@
-"""The scheduler's time source: the system clock, or a fake one that tests move by hand.
+"""The scheduler's time: `Clock` and `SystemClock` (`aioqueue.clock`), and `FakeClock` for tests.
 
 Only slot time goes through a `Clock`; network timeouts and the followers' polling for the
 lease use real time whatever the clock.
@@ -8,38 +8,10 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
-from typing import Final, Protocol
+
+from ..clock import Clock, SystemClock
 
 __all__ = ["Clock", "FakeClock", "SystemClock"]
-
-# Sleep at most this long at once, so that a wall-clock step (NTP) is noticed soon.
-_MAX_NAP: Final = 30.0
-
-
-class Clock(Protocol):
-    """What the scheduler needs of time."""
-
-    def now(self) -> datetime:
-        """The current time, an aware UTC datetime."""
-        ...
-
-    async def sleep_until(self, when: datetime) -> None:
-        """Return once `now` has reached ``when`` (at once if it already has)."""
-        ...
-
-
-class SystemClock:
-    """The machine's wall clock (``datetime.now(UTC)``)."""
-
-    def now(self) -> datetime:
-        return datetime.now(UTC)
-
-    async def sleep_until(self, when: datetime) -> None:
-        while True:
-            remaining = (when - self.now()).total_seconds()
-            if remaining <= 0:
-                return
-            await asyncio.sleep(min(remaining, _MAX_NAP))
 
 
 class FakeClock:
