@@ -141,14 +141,17 @@ class Producer:
             if isinstance(exc, PublishError) and exc.task_id is None:
                 exc.task_name, exc.task_id = envelope.task, envelope.id
             raise
-        for hook in app.on_submit:
-            try:
-                hook(envelope.task)
-            except Exception:  # the task is published: a failing hook must not say otherwise
-                log.exception("on_submit hook %r failed", hook)
+        self._submitted(envelope.task)
         return ResultHandle(
             envelope.id, envelope.task, receiver.future, receiver.sink, receiver.reader
         )
+
+    def _submitted(self, task: str) -> None:
+        for hook in self.app.on_submit:
+            try:
+                hook(task)
+            except Exception:  # the task is published: a failing hook must not say otherwise
+                log.exception("on_submit hook %r failed", hook)
 
     async def publish(
         self, envelope: Envelope, queue: str, *, delay: float = 0.0, timeout: float | None = None

@@ -311,16 +311,7 @@ class RabbitBroker:
         robust = self._channel()
         while True:
             try:
-                # unbounded only while the channel we last published on is open: aio-pika may
-                # still call the connection connected just after that channel closed with it
-                connection = self._connection
-                publisher = self._publisher
-                ready = (
-                    connection is not None
-                    and connection.connected.is_set()
-                    and publisher is not None
-                    and not publisher.channel.is_closed
-                )
+                ready = self._publisher_ready()
                 underlay = await _by(deadline, robust.get_underlay_channel(), blocks=not ready)
                 channel = cast(aiormq.Channel, underlay)
                 await self._inflight.acquire(deadline)
@@ -351,6 +342,19 @@ class RabbitBroker:
             if not isinstance(confirm, spec.Basic.Ack):
                 raise PublishError(f"RabbitMQ did not confirm a message to {routing_key!r}")
             return
+
+    def _publisher_ready(self) -> bool:
+        """Whether the channel we last published on is open, so getting the channel cannot
+        block: aio-pika may still call the connection connected just after that channel
+        closed with it."""
+        connection = self._connection
+        publisher = self._publisher
+        return (
+            connection is not None
+            and connection.connected.is_set()
+            and publisher is not None
+            and not publisher.channel.is_closed
+        )
 
     async def _publish_once(
         self,
