@@ -459,3 +459,34 @@ async def test_an_unreadable_stream_item_is_skipped_and_the_real_items_arrive(
         # Then the reader skips it and reads the real items, in order
         assert [item async for item in handle.stream()] == [0, 1, 2]
         assert await handle.result(timeout=30) == 3
+
+
+async def test_an_unreadable_slot_record_is_ignored_and_the_scheduler_fires_on(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given a schedule whose state queue holds a forged record with unreadable properties,
+    # claiming a slot far ahead (a readable one would make the scheduler skip to it)
+    from aioqueue.scheduler import FakeClock
+    from aioqueue.scheduler.records import STATE_QUEUE_ARGS, state_queue_name
+    from tests.schedules import START, slot
+    from tests.test_scheduler_broker import asleep_until, drain, minutes, new_app, step
+
+    app = new_app(rabbit, queue_name, every=60)
+    state = state_queue_name(app.name, "tests.tick")
+    forged = b'{"v": 1, "slot": "2099-01-01T00:00:00+00:00", "by": "forger"}'
+    async with await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        await raw.queue_declare(state, durable=True, arguments=STATE_QUEUE_ARGS)
+        props = Props(message_id=b"\xff", headers=table(entry(b"t", t_value(10**17))))
+        payload = publish_frames(raw.number, state, props, forged)
+        await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+        await wait_until(lambda: _depth(raw, state, 1), timeout=30, what="the forged record")
+    # When the scheduler leads, then it reads past the record and fires each slot
+    clock = FakeClock(START)
+    async with app, app.scheduler(clock=clock) as scheduler:
+        await asleep_until(clock, slot(1))
+        await step(clock, slot(1), slot(2))
+        assert scheduler.statistics().fired == 1
+    assert minutes(await drain(rabbit.url, queue_name)) == [1]
