@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--broker-url", help="default: a private RabbitMQ node of its own")
     args = parser.parse_args(argv)
+    # a SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the private node below is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=logging.ERROR)  # one line per dead letter would drown the report
     if args.broker_url:
         report = asyncio.run(flood(args.broker_url, args.messages, seed=args.seed))
