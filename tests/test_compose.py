@@ -11,7 +11,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from aioqueue import App, admin
+from aioqueue import App
+from aioqueue.cli import dlq as admin
 from aioqueue.cli.common import load_app
 from services.web.service import create_app
 
