@@ -490,3 +490,46 @@ async def test_an_unreadable_slot_record_is_ignored_and_the_scheduler_fires_on(
         await step(clock, slot(1), slot(2))
         assert scheduler.statistics().fired == 1
     assert minutes(await drain(rabbit.url, queue_name)) == [1]
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(batch=st.lists(_bad_props, min_size=3, max_size=3))
+@pytest.mark.timeout(600)
+async def test_random_property_bytes_on_a_reply_queue_never_steal_a_result(
+    rabbit: RabbitNode, queue_name: str, batch: list[Props]
+) -> None:
+    # Given a caller waiting for a task held until released
+    app = App("inbound-fuzz-caller", broker_url=rabbit.url, default_queue=queue_name)
+    release = asyncio.Event()
+
+    @app.task(name="inbound.held")
+    async def held() -> str:
+        await release.wait()
+        return "real"
+
+    async with await aio_pika.connect(rabbit.url) as conn, app, running_worker(app):
+        channel = await conn.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        handle = await held.submit()
+        replies = app._replies
+        assert replies is not None
+        # When forged replies with random property bytes (readable by chance, or not) and
+        # a body that is no outcome arrive with the handle's task id
+        for props in batch:
+            forged = Props(**{**props.__dict__, "correlation_id": handle.id.encode()})
+            body = b'{"task": "inbound.held", "ok": "forged"}'
+            payload = publish_frames(raw.number, replies.queue, forged, body)
+            await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+        await wait_until(
+            lambda: replies.unreadable == len(batch), timeout=30, what="every forged reply"
+        )
+        # Then none resolved the handle, and the real outcome does
+        assert not handle.done()
+        release.set()
+        assert await handle.result(timeout=30) == "real"
