@@ -8,6 +8,7 @@ worker's connection, comes back first after the reconnect, and stalls the queue 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import uuid
 from collections import Counter
@@ -137,6 +138,36 @@ async def test_aiormqs_own_frame_receiver_reads_through_the_lenient_reader() -> 
     first, second = frames[1].properties, frames[4].properties
     assert set(first.headers[H_UNDECODABLE]) == {"message_id", "headers.t"}
     assert second.message_id == "m2" and H_UNDECODABLE not in second.headers
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+async def test_frames_arriving_in_pieces_take_the_slow_path_and_read_the_same(chunk: int) -> None:
+    # Given the same frames as above, arriving a few bytes at a time (a frame is then not all in
+    # the buffer when aiormq asks for its type: the reader reads it ahead instead)
+    reader = asyncio.StreamReader()
+    reader.__class__ = LenientReader
+    bad = Props(message_id=b"m\xff", headers=task_headers(TASK, entry(b"t", t_value(10**17))))
+    good = Props(message_id=b"m2", headers=task_headers(TASK))
+    data = publish_frames(1, "q", bad, b"{}") + publish_frames(1, "q", good, b"{}")
+    deliver = pamqp.frame.marshal(spec.Basic.Deliver("ctag", 1, False, "ex", "key"), 1)
+    data += deliver.replace(b"\x03key", b"\x03k\xff\xfe") + frame(8, 0, b"")
+
+    async def feed() -> None:
+        for i in range(0, len(data), chunk):
+            reader.feed_data(data[i : i + chunk])
+            await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeding = asyncio.ensure_future(feed())
+    receiver = FrameReceiver(reader)  # type: ignore[arg-type]
+    frames = [(await receiver.get_frame())[2] for _ in range(8)]
+    await feeding
+    # Then aiormq reads every frame, the unreadable parts moved aside as before
+    kinds = [type(f).__name__ for f in frames]
+    assert kinds == ["Publish", "ContentHeader", "ContentBody"] * 2 + ["Deliver", "Heartbeat"]
+    assert set(frames[1].properties.headers[H_UNDECODABLE]) == {"message_id", "headers.t"}
+    assert frames[4].properties.message_id == "m2"
+    assert frames[6].routing_key == "k\\xff\\xfe"
 
 
 _value = st.one_of(
@@ -387,15 +418,34 @@ async def _depth(raw: aiormq.Channel, queue: str, count: int) -> bool:
 # -- through a real RabbitMQ, to a caller ------------------------------------------------------
 
 
-async def test_an_unreadable_reply_never_cuts_the_caller_off_from_its_results(
-    rabbit: RabbitNode, queue_name: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Given a caller waiting for a task held until released
-    app = App("inbound-caller", broker_url=rabbit.url, default_queue=queue_name)
+@dataclass
+class Caller:
+    """A connected app waiting on a task held until `release`, and a raw channel to forge with."""
+
+    app: App
+    raw: aiormq.Channel
+    handle: Any
+    release: asyncio.Event
+
+    @property
+    def replies(self) -> Any:
+        assert self.app._replies is not None
+        return self.app._replies
+
+    async def forge(self, props: Props, body: bytes) -> None:
+        """A reply below pamqp's encoder, with this caller's task id, to its reply queue."""
+        forged = Props(**{**props.__dict__, "correlation_id": self.handle.id.encode()})
+        payload = publish_frames(self.raw.number, self.replies.queue, forged, body)
+        await self.raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+
+
+@contextlib.asynccontextmanager
+async def waiting_caller(rabbit: RabbitNode, queue: str) -> AsyncIterator[Caller]:
+    app = App(f"inbound-caller-{uuid.uuid4().hex[:6]}", broker_url=rabbit.url, default_queue=queue)
     release = asyncio.Event()
 
-    @app.task(name="inbound.gated")
-    async def gated() -> str:
+    @app.task(name="inbound.held")
+    async def held() -> str:
         await release.wait()
         return "real"
 
@@ -403,26 +453,26 @@ async def test_an_unreadable_reply_never_cuts_the_caller_off_from_its_results(
         channel = await conn.channel(publisher_confirms=False)
         raw = await channel.get_underlay_channel()
         assert isinstance(raw, aiormq.Channel)
-        handle = await gated.submit()
-        replies = app._replies
-        assert replies is not None
-        connection = app.broker._connection  # type: ignore[attr-defined]
+        yield Caller(app, raw, await held.submit(), release)
+
+
+async def test_an_unreadable_reply_never_cuts_the_caller_off_from_its_results(
+    rabbit: RabbitNode, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a caller waiting for a task held until released
+    async with waiting_caller(rabbit, queue_name) as caller:
+        connection = caller.app.broker._connection  # type: ignore[attr-defined]
         before = id(connection.transport.connection)
         # When a forged success with unreadable properties arrives on its reply queue
-        forged = Props(
-            correlation_id=handle.id.encode(),
-            message_id=b"\xff\xfe",
-            headers=table(entry(b"x-\xff", s_value("v"))),
+        forged = Props(message_id=b"\xff\xfe", headers=table(entry(b"x-\xff", s_value("v"))))
+        await caller.forge(forged, b'{"task": "inbound.held", "ok": true}')
+        await wait_until(
+            lambda: caller.replies.unreadable == 1, timeout=30, what="the forged reply"
         )
-        payload = publish_frames(
-            raw.number, replies.queue, forged, b'{"task": "inbound.gated", "ok": true}'
-        )
-        await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-        await wait_until(lambda: replies.unreadable == 1, timeout=30, what="the forged reply")
         # Then it is dropped, the connection stays up, and the real outcome resolves the handle
-        assert not handle.done()
-        release.set()
-        assert await handle.result(timeout=30) == "real"
+        assert not caller.handle.done()
+        caller.release.set()
+        assert await caller.handle.result(timeout=30) == "real"
         assert id(connection.transport.connection) == before
         assert "InvalidFrameError" not in caplog.text
 
@@ -504,32 +554,15 @@ async def test_random_property_bytes_on_a_reply_queue_never_steal_a_result(
     rabbit: RabbitNode, queue_name: str, batch: list[Props]
 ) -> None:
     # Given a caller waiting for a task held until released
-    app = App("inbound-fuzz-caller", broker_url=rabbit.url, default_queue=queue_name)
-    release = asyncio.Event()
-
-    @app.task(name="inbound.held")
-    async def held() -> str:
-        await release.wait()
-        return "real"
-
-    async with await aio_pika.connect(rabbit.url) as conn, app, running_worker(app):
-        channel = await conn.channel(publisher_confirms=False)
-        raw = await channel.get_underlay_channel()
-        assert isinstance(raw, aiormq.Channel)
-        handle = await held.submit()
-        replies = app._replies
-        assert replies is not None
+    async with waiting_caller(rabbit, queue_name) as caller:
         # When forged replies with random property bytes (readable by chance, or not) and
         # a body that is no outcome arrive with the handle's task id
         for props in batch:
-            forged = Props(**{**props.__dict__, "correlation_id": handle.id.encode()})
-            body = b'{"task": "inbound.held", "ok": "forged"}'
-            payload = publish_frames(raw.number, replies.queue, forged, body)
-            await raw.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+            await caller.forge(props, b'{"task": "inbound.held", "ok": "forged"}')
         await wait_until(
-            lambda: replies.unreadable == len(batch), timeout=30, what="every forged reply"
+            lambda: caller.replies.unreadable == len(batch), timeout=30, what="every forgery"
         )
         # Then none resolved the handle, and the real outcome does
-        assert not handle.done()
-        release.set()
-        assert await handle.result(timeout=30) == "real"
+        assert not caller.handle.done()
+        caller.release.set()
+        assert await caller.handle.result(timeout=30) == "real"

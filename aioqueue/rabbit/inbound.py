@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 
 from pamqp import decode
 
@@ -75,34 +76,74 @@ _VALUE_SIZE: Final[dict[int, int | None]] = {
 
 
 class LenientReader(asyncio.StreamReader):
-    """aiormq's stream reader, handing on method and header frames that pamqp can read."""
+    """aiormq's stream reader, handing on method and header frames that pamqp can read.
 
-    _frame_type = 0
+    Fast path: when aiormq asks for a frame's type octet and the whole frame is already in the
+    buffer (nearly always: a socket read holds many frames), the frame is checked there and,
+    if it must be, rewritten in place; the reads themselves go straight to `StreamReader`,
+    without a coroutine of ours. Slow path, for a frame that is not all in yet: read its rest
+    ahead, check it, and hand it on from memory.
+    """
+
+    _frame_type = 0  # of the frame being read, while it is still to be checked
     _rest: bytes | None = None  # the payload (and frame end) of a frame read ahead
 
-    async def readexactly(self, n: int) -> bytes:
-        rest = self._rest
-        if rest is not None:
-            self._rest = None
-            if len(rest) != n:  # pragma: no cover - guarded by tests/test_inbound.py
-                raise RuntimeError(f"aiormq asked for {n} bytes of a {len(rest)}-byte frame rest")
-            return rest
-        data = await super().readexactly(n)
+    def readexactly(self, n: int) -> Coroutine[Any, Any, bytes]:
+        if self._rest is not None:
+            return self._held(n)
         if n == 1:
-            self._frame_type = data[0]
-        elif n == 6 and self._frame_type in (_METHOD, _HEADER):
-            frame_type, self._frame_type = self._frame_type, 0
-            size = _U32.unpack_from(data, 2)[0]
-            rest = await super().readexactly(size + 1)
-            payload = rest[:-1]
-            check = readable_method if frame_type == _METHOD else readable_content_header
-            fixed = check(payload)
-            if fixed is None:
-                self._rest = rest
-                return data
-            self._rest = fixed + rest[-1:]
-            return data[:2] + _U32.pack(len(fixed))
+            frame_type = self._check_buffered()
+            if frame_type < 0:
+                return self._read_type()
+            self._frame_type = frame_type
+        elif n == 6 and self._frame_type:
+            return self._read_ahead()
+        return super().readexactly(n)
+
+    def _check_buffered(self) -> int:
+        """Check the frame at the head of the buffer if it is all there (0: done, or nothing
+        to check); else its type, for the slow path (-1: not even its start is in)."""
+        buffer: bytearray = self._buffer  # type: ignore[attr-defined]  # asyncio's own
+        # (listed in aioqueue.rabbit.internals)
+        if len(buffer) < 7:
+            return -1
+        frame_type: int = buffer[0]
+        if frame_type not in (_METHOD, _HEADER):
+            return 0
+        end = 7 + int.from_bytes(buffer[3:7], "big")
+        if len(buffer) <= end:
+            return frame_type
+        check = readable_method if frame_type == _METHOD else readable_content_header
+        fixed = check(bytes(buffer[7:end]))
+        if fixed is not None:
+            buffer[7:end] = fixed
+            buffer[3:7] = _U32.pack(len(fixed))
+        return 0
+
+    async def _read_type(self) -> bytes:
+        data = await super().readexactly(1)
+        self._frame_type = data[0] if data[0] in (_METHOD, _HEADER) else 0
         return data
+
+    async def _held(self, n: int) -> bytes:
+        rest, self._rest = self._rest, None
+        assert rest is not None
+        if len(rest) != n:  # pragma: no cover - guarded by tests/test_inbound.py
+            raise RuntimeError(f"aiormq asked for {n} bytes of a {len(rest)}-byte frame rest")
+        return rest
+
+    async def _read_ahead(self) -> bytes:
+        frame_type, self._frame_type = self._frame_type, 0
+        data = await super().readexactly(6)
+        size = _U32.unpack_from(data, 2)[0]
+        rest = await super().readexactly(size + 1)
+        check = readable_method if frame_type == _METHOD else readable_content_header
+        fixed = check(rest[:-1])
+        if fixed is None:
+            self._rest = rest
+            return data
+        self._rest = fixed + rest[-1:]
+        return data[:2] + _U32.pack(len(fixed))
 
 
 # -- content headers -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Every private or undocumented part of aio-pika, aiormq and pamqp that this package relies on.
+"""Every private or undocumented part of asyncio, aio-pika, aiormq and pamqp we rely on.
 
 Each entry names the library object, the attribute, and what of ours needs it. `missing()`
 checks them all against the installed libraries; ``tests/test_internals.py`` fails with its
@@ -8,6 +8,7 @@ dependency pins in pyproject.toml (aio-pika 10.x, aiormq 7.x, pamqp 4.x) are the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 from dataclasses import dataclass
@@ -88,6 +89,8 @@ INTERNALS: Final = (
     Internal(
         aiormq.Connection, "__init__(transport_factory)", "parameter", "connection: our transport"
     ),
+    # asyncio: the reader's buffer, where a frame already in is checked (and rewritten) in place
+    Internal(asyncio.StreamReader, "_buffer", "attribute", "inbound.LenientReader fast path"),
     # aio-pika's robust connection: channel buffers set before its channels are restored
     Internal(aio_pika.RobustConnection, "_on_connected", "method", "connection.RobustConnection"),
     Internal(
