@@ -1,7 +1,7 @@
 """Frames pamqp cannot read never cut a consumer off (issue 13).
 
 Messages are written byte by byte below pamqp's encoder (``tests/inbound_frames.py``) and
-relayed by a real RabbitMQ. Without `aioqueue.rabbit.inbound.LenientReader`, each one closes the
+relayed by a real RabbitMQ. Without `aioqueue.rabbit.inbound.read_leniently`, each one closes the
 worker's connection, comes back first after the reconnect, and stalls the queue for ever.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import struct
 import uuid
 from collections import Counter
@@ -30,7 +31,7 @@ from pamqp.header import ContentHeader
 
 from aioqueue import App
 from aioqueue.message import H_TASK, H_UNDECODABLE
-from aioqueue.rabbit.inbound import LenientReader, readable_content_header, readable_method
+from aioqueue.rabbit.inbound import read_leniently, readable_content_header, readable_method
 from aioqueue.topology import dlq_name
 from aioqueue.worker import Worker
 from tests.conftest import running_worker, wait_until
@@ -119,55 +120,46 @@ def test_a_delivery_with_a_routing_key_that_is_not_utf8_gets_readable_text() -> 
     assert (method.delivery_tag, method.exchange, method.routing_key) == (5, "ex", "k\\xff\\xfe")
 
 
-async def test_aiormqs_own_frame_receiver_reads_through_the_lenient_reader() -> None:
-    # Guard of the hook: aiormq reads a frame as readexactly(1), (6), (size + 1). If an
-    # upgrade changes that, this fails here instead of letting bad frames close connections.
-    reader = asyncio.StreamReader()
-    reader.__class__ = LenientReader
-    bad = Props(message_id=b"m\xff", headers=task_headers(TASK, entry(b"t", t_value(10**17))))
-    good = Props(message_id=b"m2", headers=task_headers(TASK))
-    for props in (bad, good):
-        reader.feed_data(publish_frames(1, "q", props, b"{}")[: -len(frame(3, 1, b"{}"))])
-        reader.feed_data(frame(3, 1, b"{}"))
-    reader.feed_data(frame(8, 0, b""))  # a heartbeat
-    reader.feed_eof()
-    receiver = FrameReceiver(reader)  # type: ignore[arg-type]
-    frames = [(await receiver.get_frame())[2] for _ in range(7)]
-    kinds = [type(f).__name__ for f in frames]
-    assert kinds == ["Publish", "ContentHeader", "ContentBody"] * 2 + ["Heartbeat"]
-    first, second = frames[1].properties, frames[4].properties
-    assert set(first.headers[H_UNDECODABLE]) == {"message_id", "headers.t"}
-    assert second.message_id == "m2" and H_UNDECODABLE not in second.headers
-
-
-@pytest.mark.parametrize("chunk", [1, 5, 64])
-async def test_frames_arriving_in_pieces_take_the_slow_path_and_read_the_same(chunk: int) -> None:
-    # Given the same frames as above, arriving a few bytes at a time (a frame is then not all in
-    # the buffer when aiormq asks for its type: the reader reads it ahead instead)
-    reader = asyncio.StreamReader()
-    reader.__class__ = LenientReader
+def _frames_with_bad_ones() -> bytes:
     bad = Props(message_id=b"m\xff", headers=task_headers(TASK, entry(b"t", t_value(10**17))))
     good = Props(message_id=b"m2", headers=task_headers(TASK))
     data = publish_frames(1, "q", bad, b"{}") + publish_frames(1, "q", good, b"{}")
     deliver = pamqp.frame.marshal(spec.Basic.Deliver("ctag", 1, False, "ex", "key"), 1)
-    data += deliver.replace(b"\x03key", b"\x03k\xff\xfe") + frame(8, 0, b"")
+    return data + deliver.replace(b"\x03key", b"\x03k\xff\xfe") + frame(8, 0, b"")
 
-    async def feed() -> None:
-        for i in range(0, len(data), chunk):
-            reader.feed_data(data[i : i + chunk])
-            await asyncio.sleep(0)
-        reader.feed_eof()
 
-    feeding = asyncio.ensure_future(feed())
+async def _read_frames(data: bytes, count: int) -> list[Any]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
     receiver = FrameReceiver(reader)  # type: ignore[arg-type]
-    frames = [(await receiver.get_frame())[2] for _ in range(8)]
-    await feeding
-    # Then aiormq reads every frame, the unreadable parts moved aside as before
+    return [(await receiver.get_frame())[2] for _ in range(count)]
+
+
+async def test_aiormqs_own_frame_receiver_reads_bad_frames_in_a_lenient_context() -> None:
+    # Guard of the hook: aiormq's reader calls pamqp.frame.unmarshal, which read_leniently
+    # wraps. If an upgrade changes that, this fails here instead of connections closing.
+    # Given a context set to read leniently (as our connections' reader tasks are)
+    read_leniently()
+    # When aiormq's own receiver reads publishes with unreadable properties, a delivery with
+    # a routing key that is not UTF-8 and a heartbeat
+    frames = await _read_frames(_frames_with_bad_ones(), 8)
+    # Then it reads every frame, the unreadable parts moved aside
     kinds = [type(f).__name__ for f in frames]
     assert kinds == ["Publish", "ContentHeader", "ContentBody"] * 2 + ["Deliver", "Heartbeat"]
     assert set(frames[1].properties.headers[H_UNDECODABLE]) == {"message_id", "headers.t"}
     assert frames[4].properties.message_id == "m2"
+    assert H_UNDECODABLE not in frames[4].properties.headers
     assert frames[6].routing_key == "k\\xff\\xfe"
+
+
+def test_outside_a_lenient_context_pamqp_still_refuses_them() -> None:
+    # Given read_leniently called in another context (it installs the wrapper process-wide)
+    contextvars.copy_context().run(read_leniently)
+    # When another aiormq connection of the process reads the same frames, then it gets
+    # pamqp's error as before: only our connections read leniently
+    with pytest.raises(aiormq.exceptions.InvalidFrameError):
+        asyncio.run(_read_frames(_frames_with_bad_ones(), 8))
 
 
 _value = st.one_of(

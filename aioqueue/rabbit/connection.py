@@ -22,7 +22,7 @@ import aiormq
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
-from .inbound import LenientReader
+from .inbound import read_leniently
 
 __all__ = [
     "CoalescingTransportFactory",
@@ -61,7 +61,7 @@ class CoalescingWriter(asyncio.StreamWriter):
 
 class CoalescingTransportFactory(TransportFactory):
     """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter` and a
-    `~aioqueue.rabbit.inbound.LenientReader`."""
+    lenient frame reading (`aioqueue.rabbit.inbound`)."""
 
     async def create(
         self, url: URL, **kwargs: Any
@@ -69,7 +69,7 @@ class CoalescingTransportFactory(TransportFactory):
         factory = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
         reader, writer = await factory.create(url, **kwargs)
         writer.__class__ = CoalescingWriter  # same object and state, coalescing `write`
-        reader.__class__ = LenientReader  # frames pamqp cannot read are made readable first
+        read_leniently()  # frames pamqp cannot read, made readable (in this connection's tasks)
         return reader, writer
 
 
@@ -103,7 +103,7 @@ class RobustConnection(aio_pika.RobustConnection):
 def plain_connection(url: str | URL, *, name: str) -> aiormq.Connection:
     """An aiormq connection outside aio-pika's recovery (the scheduler's lease holds an
     exclusive queue on one, which automatic re-declaration could loop on), reading through the
-    `LenientReader` like every connection of ours: the slot records it reads are messages
+    lenient frame reading like every connection of ours: the slot records it reads are messages
     too. Not connected yet: ``await connection.connect()``."""
     return aiormq.Connection(
         url,

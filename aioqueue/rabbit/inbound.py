@@ -1,4 +1,4 @@
-"""Frames from RabbitMQ made readable before aiormq parses them.
+"""Frames from RabbitMQ that pamqp cannot read, made readable instead of closing the connection.
 
 RabbitMQ relays a message's properties and headers as the publisher wrote them. Some of what it
 accepts cannot be read by pamqp, the frame decoder under aiormq: a header name or a
@@ -6,37 +6,42 @@ accepts cannot be read by pamqp, the frame decoder under aiormq: a header name o
 broken connection and closes it; RabbitMQ then redelivers the same message first, for ever, and
 every message behind it waits. Any client allowed to publish could stall every worker this way.
 
-`LenientReader` sits between the socket and aiormq's frame receiver. It reads each method and
-content-header frame ahead and checks it; one that pamqp could not read is rewritten into one it
-can:
+`read_leniently` (called by our transport factory as each of our connections opens) makes
+pamqp's ``frame.unmarshal`` lenient for that connection: a frame it cannot read is rewritten into
+one it can, and read again:
 
-- a content header keeps every property and header entry that can be read; what cannot is
-  moved, as its raw bytes, into the table header ``aioqueue-undecodable`` (property name, or
-  ``headers.<key>``, -> bytes), so nothing is lost and every consumer can tell the message is
-  unreadable (the worker dead-letters it with the reason ``decode``);
+- a content header keeps every property and header entry that can be read, byte for byte;
+  what cannot is moved, as its raw bytes, into the table header ``aioqueue-undecodable``
+  (property name, or ``headers.<key>``, -> bytes), so nothing is lost and every consumer can
+  tell the message is unreadable (the worker dead-letters it with the reason ``decode``);
 - a delivery's exchange or routing key that is not UTF-8 is replaced by readable text.
 
-Frames that read fine pass untouched; the check costs a few microseconds per content header
-(header tables already seen are remembered).
-
-The hook is the reader object of aiormq's public ``transport_factory``; it relies on aiormq's
-``FrameReceiver`` reading each frame as ``readexactly(1)`` (type), ``readexactly(6)`` (channel
-and size) and ``readexactly(size + 1)`` (payload and frame end). ``tests/test_inbound.py`` runs
-aiormq's own receiver over this reader, so an upgrade that changes that fails there, loudly.
+Frames that read fine cost nothing more than one call: the rewrite runs only after pamqp
+refused a frame. The scope is a context variable set where aiormq opens the connection, which
+its reader task inherits: other aiormq connections of the process keep pamqp's behaviour.
+The hooks (``pamqp.frame.unmarshal``, called by aiormq's ``FrameReceiver.get_frame`` by module
+attribute, in the reader task that ``Connection.connect`` starts) are listed in
+`aioqueue.rabbit.internals`; ``tests/test_inbound.py`` runs aiormq's own receiver over bad
+frames, so an upgrade that changes them fails there, loudly.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
-from collections.abc import Coroutine
-from typing import Any, Final
+from contextvars import ContextVar
+from typing import Final
 
+import pamqp.frame
 from pamqp import decode
 
 from ..message import H_UNDECODABLE
 
-__all__ = ["LenientReader", "readable_content_header", "readable_method"]
+__all__ = [
+    "read_leniently",
+    "readable_content_header",
+    "readable_frame",
+    "readable_method",
+]
 
 _METHOD, _HEADER = 1, 2
 _SHORT, _TABLE, _OCTET, _STAMP = "s", "F", "o", "T"
@@ -75,75 +80,48 @@ _VALUE_SIZE: Final[dict[int, int | None]] = {
 }
 
 
-class LenientReader(asyncio.StreamReader):
-    """aiormq's stream reader, handing on method and header frames that pamqp can read.
+_LENIENT: ContextVar[bool] = ContextVar("aioqueue_lenient_frames", default=False)
 
-    Fast path: when aiormq asks for a frame's type octet and the whole frame is already in the
-    buffer (nearly always: a socket read holds many frames), the frame is checked there and,
-    if it must be, rewritten in place; the reads themselves go straight to `StreamReader`,
-    without a coroutine of ours. Slow path, for a frame that is not all in yet: read its rest
-    ahead, check it, and hand it on from memory.
-    """
 
-    _frame_type = 0  # of the frame being read, while it is still to be checked
-    _rest: bytes | None = None  # the payload (and frame end) of a frame read ahead
+def read_leniently() -> None:
+    """Read frames leniently in this context and every task started from it (call it where
+    aiormq opens a connection: its reader task inherits the context)."""
+    _install()
+    _LENIENT.set(True)
 
-    def readexactly(self, n: int) -> Coroutine[Any, Any, bytes]:
-        if self._rest is not None:
-            return self._held(n)
-        if n == 1:
-            frame_type = self._check_buffered()
-            if frame_type < 0:
-                return self._read_type()
-            self._frame_type = frame_type
-        elif n == 6 and self._frame_type:
-            return self._read_ahead()
-        return super().readexactly(n)
 
-    def _check_buffered(self) -> int:
-        """Check the frame at the head of the buffer if it is all there (0: done, or nothing
-        to check); else its type, for the slow path (-1: not even its start is in)."""
-        buffer: bytearray = self._buffer  # type: ignore[attr-defined]  # asyncio's own
-        # (listed in aioqueue.rabbit.internals)
-        if len(buffer) < 7:
-            return -1
-        frame_type: int = buffer[0]
-        if frame_type not in (_METHOD, _HEADER):
-            return 0
-        end = 7 + int.from_bytes(buffer[3:7], "big")
-        if len(buffer) <= end:
-            return frame_type
-        check = readable_method if frame_type == _METHOD else readable_content_header
-        fixed = check(bytes(buffer[7:end]))
-        if fixed is not None:
-            buffer[7:end] = fixed
-            buffer[3:7] = _U32.pack(len(fixed))
-        return 0
+def _install() -> None:
+    unmarshal = pamqp.frame.unmarshal
+    if getattr(unmarshal, "_aioqueue_lenient", False):
+        return
 
-    async def _read_type(self) -> bytes:
-        data = await super().readexactly(1)
-        self._frame_type = data[0] if data[0] in (_METHOD, _HEADER) else 0
-        return data
+    def lenient_unmarshal(data_in: bytes) -> tuple[int, int, pamqp.frame.FrameTypes]:
+        try:
+            return unmarshal(data_in)
+        except Exception:
+            fixed = readable_frame(data_in) if _LENIENT.get() else None
+            if fixed is None:
+                raise
+            return unmarshal(fixed)
 
-    async def _held(self, n: int) -> bytes:
-        rest, self._rest = self._rest, None
-        assert rest is not None
-        if len(rest) != n:  # pragma: no cover - guarded by tests/test_inbound.py
-            raise RuntimeError(f"aiormq asked for {n} bytes of a {len(rest)}-byte frame rest")
-        return rest
+    lenient_unmarshal._aioqueue_lenient = True  # type: ignore[attr-defined]
+    pamqp.frame.unmarshal = lenient_unmarshal
 
-    async def _read_ahead(self) -> bytes:
-        frame_type, self._frame_type = self._frame_type, 0
-        data = await super().readexactly(6)
-        size = _U32.unpack_from(data, 2)[0]
-        rest = await super().readexactly(size + 1)
-        check = readable_method if frame_type == _METHOD else readable_content_header
-        fixed = check(rest[:-1])
-        if fixed is None:
-            self._rest = rest
-            return data
-        self._rest = fixed + rest[-1:]
-        return data[:2] + _U32.pack(len(fixed))
+
+def readable_frame(frame: bytes) -> bytes | None:
+    """A method or content-header frame (header, payload, frame end) that pamqp can read in
+    place of ``frame``, or None when there is nothing to rewrite."""
+    if len(frame) < 8 or frame[0] not in (_METHOD, _HEADER):
+        return None
+    end = 7 + int.from_bytes(frame[3:7], "big")
+    check = readable_method if frame[0] == _METHOD else readable_content_header
+    try:
+        fixed = check(bytes(frame[7:end]))
+    except Exception:  # pragma: no cover - a frame RabbitMQ would not send: pamqp's error
+        return None
+    if fixed is None:
+        return None
+    return bytes(frame[:3]) + _U32.pack(len(fixed)) + fixed + bytes(frame[end : end + 1])
 
 
 # -- content headers -------------------------------------------------------------------------
@@ -322,24 +300,32 @@ def readable_method(payload: bytes) -> bytes | None:
     layout = _METHOD_LAYOUTS.get((payload[0] << 8 | payload[1], payload[2] << 8 | payload[3]))
     if layout is None:
         return None
-    parts: list[bytes] = [payload[:4]]
-    offset, changed = 4, False
+    spans: list[tuple[int, int]] = []  # (start, end) of each short string, length octet first
+    offset = 4
     try:
         for item in layout:
             if item == "s":
                 end = offset + 1 + payload[offset]
-                raw = payload[offset + 1 : end]
-                try:
-                    raw.decode()
-                    parts.append(payload[offset:end])
-                except UnicodeDecodeError:
-                    text = _short_text(raw)
-                    parts.append(bytes([len(text)]) + text)
-                    changed = True
+                spans.append((offset, end))
                 offset = end
             else:
-                parts.append(payload[offset : offset + int(item)])
                 offset += int(item)
     except IndexError:  # pragma: no cover - RabbitMQ writes these frames itself
         return None
-    return b"".join(parts) + payload[offset:] if changed else None
+    bad = [span for span in spans if not _utf8(payload[span[0] + 1 : span[1]])]
+    if not bad:
+        return None
+    parts, last = [], 0
+    for start, end in bad:
+        text = _short_text(payload[start + 1 : end])
+        parts += [payload[last:start], bytes([len(text)]), text]
+        last = end
+    return b"".join([*parts, payload[last:]])
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,4 +1,4 @@
-"""Every private or undocumented part of asyncio, aio-pika, aiormq and pamqp we rely on.
+"""Every private or undocumented part of aio-pika, aiormq and pamqp that we rely on.
 
 Each entry names the library object, the attribute, and what of ours needs it. `missing()`
 checks them all against the installed libraries; ``tests/test_internals.py`` fails with its
@@ -8,7 +8,6 @@ dependency pins in pyproject.toml (aio-pika 10.x, aiormq 7.x, pamqp 4.x) are the
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import aio_pika
 import aiormq
 import aiormq.abc
 import aiormq.connection
+import pamqp.frame
 from aio_pika.abc import UnderlayConnection
 from pamqp import commands as spec
 from pamqp import decode
@@ -31,7 +31,8 @@ class Internal:
 
     owner: Any  # a class or a module
     name: str
-    kind: str  # "attribute" (set in __init__), "method", "parameter", "field", "function"
+    kind: str  # "attribute" (set in __init__), "method", "parameter", "field", "function",
+    # "source" (the owner's source code says it)
     used_by: str
 
     def present(self) -> bool:
@@ -46,6 +47,8 @@ class Internal:
             return (
                 parameter.rstrip(")") in inspect.signature(getattr(self.owner, method)).parameters
             )
+        if self.kind == "source":
+            return self.name in inspect.getsource(self.owner)
         if self.kind == "field":
             return self.name in {f.name for f in dataclasses.fields(self.owner)}
         raise ValueError(self.kind)
@@ -81,16 +84,15 @@ INTERNALS: Final = (
     ),
     Internal(
         aiormq.connection.FrameReceiver,
-        "get_frame",
-        "method",
-        "inbound.LenientReader: readexactly(1), (6), (size + 1) per frame "
-        "(tests/test_inbound.py runs it)",
+        "pamqp.frame.unmarshal(",
+        "source",
+        "inbound.read_leniently: aiormq's reader calls pamqp.frame.unmarshal by module "
+        "attribute, so the lenient one is used (tests/test_inbound.py runs it)",
     ),
+    Internal(pamqp.frame, "unmarshal", "function", "inbound.read_leniently wraps it"),
     Internal(
         aiormq.Connection, "__init__(transport_factory)", "parameter", "connection: our transport"
     ),
-    # asyncio: the reader's buffer, where a frame already in is checked (and rewritten) in place
-    Internal(asyncio.StreamReader, "_buffer", "attribute", "inbound.LenientReader fast path"),
     # aio-pika's robust connection: channel buffers set before its channels are restored
     Internal(aio_pika.RobustConnection, "_on_connected", "method", "connection.RobustConnection"),
     Internal(
