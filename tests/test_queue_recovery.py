@@ -164,3 +164,63 @@ async def test_a_deleted_work_queue_is_declared_again_by_its_producer(
             results = [await handle.result(timeout=30) for handle in handles]
         assert results == [1, 2, 3, 4, 5]
     assert 1 <= len(lines(caplog, "was deleted; declaring it again")) <= 5
+
+
+async def test_a_queue_declared_again_gets_its_delay_route_back(
+    make_app: Callable[..., App], rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given a producer that sent a delayed task (so its queue is bound to the delay ladder's
+    # exit), no worker consuming it
+    app = make_app()
+    ok = add_ok_task(app)
+    async with app:
+        await ok.submit_with_options(args=(0,), countdown=0.1)
+        await wait_until(
+            lambda: _ready_is(rabbit.url, queue_name, 1), timeout=30, what="the delayed task"
+        )
+        # When someone deletes the queue, and a submit declares it again
+        async with raw_channel(rabbit.url) as channel:
+            await channel.queue_delete(queue_name)
+        now = await ok.submit(1)
+        # Then a delayed task sent afterwards still reaches it (the binding went with the
+        # queue; without it RabbitMQ drops the message at the ladder's exit, silently)
+        later = await ok.submit_with_options(args=(2,), countdown=0.2)
+        await wait_until(
+            lambda: _ready_is(rabbit.url, queue_name, 2), timeout=30, what="both tasks queued"
+        )
+        async with running_worker(app):
+            assert [await h.result(timeout=30) for h in (now, later)] == [1, 2]
+
+
+async def _ready_is(url: str, queue: str, count: int) -> bool:
+    return await ready_in(url, queue) == count
+
+
+async def test_a_queue_a_worker_declares_again_gets_its_delay_route_back(
+    make_app: Callable[..., App], rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given a worker whose queue is bound to the delay ladder's exit (a delayed task ran)
+    app = make_app()
+    ok = add_ok_task(app)
+    async with app, running_worker(app) as worker:
+        first = await ok.submit_with_options(args=(0,), countdown=0.1)
+        assert await first.result(timeout=30) == 0
+        # When someone deletes the queue under it, and its consumer declares it again
+        async with raw_channel(rabbit.url) as channel:
+            await channel.queue_delete(queue_name)
+        await wait_until(
+            lambda: _consumers_are(rabbit.url, queue_name, 1), timeout=30, what="re-consumed"
+        )
+        # Then a delayed task still reaches it and runs
+        later = await ok.submit_with_options(args=(2,), countdown=0.2)
+        assert await later.result(timeout=30) == 2
+        assert not worker._stop.is_set()
+
+
+async def _consumers_are(url: str, queue: str, count: int) -> bool:
+    async with raw_channel(url) as channel:
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return declared.declaration_result.consumer_count == count

@@ -197,12 +197,20 @@ class RabbitBroker:
             channel = await self.channel()
             try:
                 await channel.declare_queue(name, durable=True, arguments=arguments, robust=False)
+                await self.rebind_delay_route(await channel.get_underlay_channel(), name)
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close()
         except (AioqueueError, *TRANSIENT, *FATAL_CHANNEL) as exc:
             raise PublishError(f"could not declare queue {name!r} again: {exc}") from exc
         log.info("declared queue %r again", name)
+
+    async def rebind_delay_route(self, channel: aiormq.abc.AbstractChannel, name: str) -> None:
+        """Bind ``name`` to the delay ladder's exit again if it was bound here: a queue deleted
+        and declared again lost its bindings with it, and a delayed message meeting no binding
+        is dropped by RabbitMQ. (Idempotent when the binding is still there.)"""
+        if name in self._delay_routes:
+            await channel.queue_bind(name, DELIVER_EXCHANGE, routing_key=deliver_pattern(name))
 
     def declared_arguments(self, name: str) -> dict[str, Any] | None:
         """The arguments ``name`` was declared with here, or None if it was not declared here."""

@@ -87,6 +87,7 @@ class Subscription:
                 await self._broker.probe_queue(self.queue)
             else:
                 await channel.queue_declare(self.queue, durable=True, arguments=arguments)
+                await self._broker.rebind_delay_route(channel, self.queue)
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
         channel.closing.add_done_callback(self._on_close)
         self._acker = Acker(channel)
