@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from .broker import Broker, Consumer, Delivery, settle
@@ -28,7 +28,7 @@ from .errors import (
     TaskNotFoundError,
     TaskTimeoutError,
 )
-from .message import H_EVENT, H_UNDECODABLE, Outcome
+from .message import H_EVENT, Outcome, refuse_unreadable
 from .streams import EventSink, Progress, Result, StreamReader
 from .topology import reply_queue_arguments, reply_queue_name
 
@@ -118,16 +118,18 @@ class ReplyConsumer:
     async def _on_reply(self, delivery: Delivery) -> None:
         task_id = delivery.properties.correlation_id or ""
         headers = delivery.properties.headers or {}
-        undecodable = headers.get(H_UNDECODABLE)
-        if undecodable is not None:
-            # its properties could not be read (see the frame reader): neither an outcome nor
-            # a progress event of ours can be told from it, whatever its headers claim
+        try:
+            # properties the frame reader could not read: neither an outcome nor a progress
+            # event of ours can be told from such a message, whatever its headers claim
+            refuse_unreadable(headers)
+        except DecodeError as exc:
             what = "progress event" if headers.get(H_EVENT) == "progress" else "reply"
-            self._unreadable(task_id, what, f"undecodable properties: {_names(undecodable)}")
-        elif headers.get(H_EVENT) == "progress":
-            self._on_progress(task_id, delivery)
+            self._unreadable(task_id, what, exc.message)
         else:
-            self._on_outcome(task_id, delivery)
+            if headers.get(H_EVENT) == "progress":
+                self._on_progress(task_id, delivery)
+            else:
+                self._on_outcome(task_id, delivery)
         await settle(delivery, ack=True)
 
     def _on_outcome(self, task_id: str, delivery: Delivery) -> None:
@@ -299,10 +301,3 @@ class ResultHandle(Generic[R]):
         if err.kind == "error":
             raise TaskError(err.type_name, err.message, traceback=err.traceback, **ctx)
         raise AioqueueError(f"{err.type_name}: {err.message}", **ctx)
-
-
-def _names(undecodable: Any) -> str:
-    """What the frame reader could not read, for a log line: the property names it lists."""
-    if isinstance(undecodable, Mapping) and undecodable:
-        return ", ".join(sorted(str(name) for name in undecodable))
-    return repr(undecodable)[:200]

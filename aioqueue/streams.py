@@ -23,7 +23,7 @@ from typing import Any
 
 from .broker import Broker, Consumer, Delivery, settle
 from .errors import DecodeError
-from .message import H_SEQ, H_UNDECODABLE, loads, unreadable_properties
+from .message import H_SEQ, loads, refuse_unreadable
 
 __all__ = ["EventSink", "Progress", "Result", "StreamReader"]
 
@@ -141,9 +141,7 @@ class StreamReader:
             return item
 
     def _read(self, delivery: Delivery) -> tuple[int, Any]:
-        headers = delivery.properties.headers or {}
-        if H_UNDECODABLE in headers:
-            raise DecodeError(unreadable_properties(headers[H_UNDECODABLE]))
+        refuse_unreadable(delivery.properties.headers)
         seq = _seq(delivery)
         return seq, loads(delivery.body, max_size=self._broker.settings.max_message_size)
 

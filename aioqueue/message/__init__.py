@@ -16,7 +16,7 @@ from .codec import (
     check_json_native,
     dumps,
     loads,
-    unreadable_properties,
+    refuse_unreadable,
 )
 from .headers import (
     CONTENT_TYPE,
@@ -79,7 +79,7 @@ __all__ = [
     "encodable_headers",
     "event_properties",
     "loads",
+    "refuse_unreadable",
     "reply_properties",
     "task_properties",
-    "unreadable_properties",
 ]

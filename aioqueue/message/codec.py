@@ -163,9 +163,8 @@ class Envelope:
         max_size: int,
     ) -> Envelope:
         """Read a task message, raising `DecodeError` for anything malformed."""
+        refuse_unreadable(headers)
         hdrs = headers or {}
-        if H_UNDECODABLE in hdrs:
-            raise DecodeError(unreadable_properties(hdrs[H_UNDECODABLE]))
         if not message_id:
             raise DecodeError("message has no message_id (the task id)")
         if content_type != CONTENT_TYPE:
@@ -198,16 +197,22 @@ class Envelope:
         )
 
 
-def unreadable_properties(undecodable: Any) -> str:
-    """Why a message marked `H_UNDECODABLE` cannot be read: what could not, and its bytes."""
+def refuse_unreadable(headers: Mapping[str, Any] | None) -> None:
+    """Raise `DecodeError` if the frame reader marked this message `H_UNDECODABLE` (its
+    properties or headers could not be read): whatever else it says, no consumer of ours may
+    take it for one of its messages. The error names each unreadable part and its bytes."""
+    if not headers or H_UNDECODABLE not in headers:
+        return
+    undecodable = headers[H_UNDECODABLE]
     if not isinstance(undecodable, Mapping) or not undecodable:
-        return f"header {H_UNDECODABLE!r} marks the message unreadable"
+        raise DecodeError(f"header {H_UNDECODABLE!r} marks the message unreadable")
     parts = [
         f"{name}={(bytes(raw) if isinstance(raw, bytes | bytearray) else raw)!r:.80}"
-        for name, raw in undecodable.items()
+        for name, raw in sorted(undecodable.items())
     ]
-    return "properties or headers that cannot be read (not UTF-8, out of range): " + ", ".join(
-        parts
+    raise DecodeError(
+        f"undecodable properties: {', '.join(parts)} (they cannot be read: not UTF-8, or out "
+        "of range)"
     )
 
 

@@ -32,7 +32,7 @@ import aiormq.abc
 from pamqp import commands as spec
 
 from ..errors import DecodeError
-from ..message import CONTENT_TYPE, H_UNDECODABLE, Envelope, task_properties, unreadable_properties
+from ..message import CONTENT_TYPE, Envelope, refuse_unreadable, task_properties
 from ..scheduler.records import (
     STATE_QUEUE_ARGS,
     SlotRecord,
@@ -141,10 +141,8 @@ class SlotStore:
 
     @staticmethod
     def _decode(queue: str, message: aiormq.abc.DeliveredMessage) -> SlotRecord | None:
-        headers = message.header.properties.headers or {}
         try:
-            if H_UNDECODABLE in headers:  # not written by a scheduler: see rabbit.inbound
-                raise DecodeError(unreadable_properties(headers[H_UNDECODABLE]))
+            refuse_unreadable(message.header.properties.headers)  # not written by a scheduler
             return SlotRecord.decode(message.body)
         except DecodeError as exc:
             log.warning("ignoring a message in %r: %s", queue, exc)
