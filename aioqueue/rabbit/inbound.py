@@ -33,6 +33,7 @@ from typing import Final
 
 import pamqp.frame
 from pamqp import decode
+from pamqp.header import ContentHeader
 
 from ..message import H_UNDECODABLE
 
@@ -63,10 +64,7 @@ _PROPERTIES: Final = (
     (1 << 2, "cluster_id", _SHORT),
 )
 _U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _UNDECODABLE_KEY: Final = H_UNDECODABLE.encode()
-_KNOWN_TABLES: dict[bytes, None] = {}  # header tables seen to decode (most repeat: task headers)
-_KNOWN_TABLES_MAX = 4096
 # bytes a table value of each type takes after its type octet; None: a 4-byte length follows
 _VALUE_SIZE: Final[dict[int, int | None]] = {
     **{ord(c): 1 for c in "tbB"},
@@ -130,40 +128,10 @@ def readable_frame(frame: bytes) -> bytes | None:
 def readable_content_header(payload: bytes) -> bytes | None:
     """None if pamqp can read this content-header payload, else a readable rewrite of it."""
     try:
-        if _reads(payload):
-            return None
+        ContentHeader().unmarshal(payload)  # pamqp's own read: what it reads is readable
+        return None
     except Exception:  # anything at all that stops a read: rebuild below
-        pass
-    return _rebuild_header(payload)
-
-
-def _reads(payload: bytes) -> bool:
-    flags = (payload[12] << 8) | payload[13]
-    if flags & 3:  # a second flag word, or a reserved bit: not Basic's
-        return False
-    offset = 14
-    for bit, _, kind in _PROPERTIES:
-        if not flags & bit:
-            continue
-        if kind is _SHORT:
-            end = offset + 1 + payload[offset]
-            payload[offset + 1 : end].decode()
-            offset = end
-        elif kind is _TABLE:
-            end = offset + 4 + _U32.unpack_from(payload, offset)[0]
-            table = payload[offset:end]
-            if table not in _KNOWN_TABLES:
-                decode.field_table(table)
-                if len(_KNOWN_TABLES) >= _KNOWN_TABLES_MAX:
-                    _KNOWN_TABLES.clear()
-                _KNOWN_TABLES[table] = None
-            offset = end
-        elif kind is _OCTET:
-            offset += 1
-        else:
-            decode.timestamp(payload[offset : offset + 8])
-            offset += 8
-    return offset == len(payload)
+        return _rebuild_header(payload)
 
 
 def _rebuild_header(payload: bytes) -> bytes:
