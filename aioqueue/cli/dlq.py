@@ -16,22 +16,17 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from pamqp import commands as spec
-
 from ..app import App
 from ..errors import AioqueueError
 from ..message import (
-    DEAD_PREFIX,
-    H_ATTEMPT,
     H_DEAD_AT,
     H_DEAD_ERROR,
     H_DEAD_QUEUE,
     H_DEAD_REASON,
     H_DEAD_TRACEBACK,
-    H_DELIVERIES,
     H_TASK,
     H_UNDECODABLE,
-    encodable_headers,
+    replay_copy,
 )
 from ..rabbit import RabbitBroker
 from ..rabbit.admin import HeldMessage, held_messages, purge_queue, queue_depths
@@ -40,9 +35,6 @@ from .common import app_from_args, run, setup_logging
 from .status import add_parsers, run_command
 
 __all__ = ["main"]
-
-DEAD_HEADERS = (H_DELIVERIES, H_ATTEMPT)
-DEAD_PREFIXES = (DEAD_PREFIX, "x-death", "x-first-death")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,22 +180,8 @@ async def _replay_all(broker: RabbitBroker, chosen: list[HeldMessage], queue: st
 
 
 async def _replay(broker: RabbitBroker, message: HeldMessage, queue: str) -> None:
-    headers = {
-        k: v
-        for k, v in message.headers.items()
-        if not k.startswith(DEAD_PREFIXES) and k not in DEAD_HEADERS
-    }
     target = str(message.headers.get(H_DEAD_QUEUE) or queue)
-    properties = spec.Basic.Properties(
-        content_type=message.content_type,
-        headers=encodable_headers(headers),
-        delivery_mode=2,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-    )
-    await broker.publish(target, message.body, properties)
+    await broker.publish(target, message.body, replay_copy(message.properties))
     await message.ack()
 
 

@@ -44,6 +44,7 @@ from .properties import (
     dead_letter_copy,
     encodable_headers,
     event_properties,
+    replay_copy,
     reply_properties,
     task_properties,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "event_properties",
     "loads",
     "refuse_unreadable",
+    "replay_copy",
     "reply_properties",
     "task_properties",
 ]

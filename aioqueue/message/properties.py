@@ -17,13 +17,23 @@ from pamqp import commands as spec
 from pamqp import encode
 
 from .codec import Envelope
-from .headers import CONTENT_TYPE, H_EVENT, H_PROTOCOL, H_SEQ, PROTOCOL_VERSION
+from .headers import (
+    CONTENT_TYPE,
+    DEAD_PREFIX,
+    H_ATTEMPT,
+    H_DELIVERIES,
+    H_EVENT,
+    H_PROTOCOL,
+    H_SEQ,
+    PROTOCOL_VERSION,
+)
 
 __all__ = [
     "TaskProperties",
     "dead_letter_copy",
     "encodable_headers",
     "event_properties",
+    "replay_copy",
     "reply_properties",
     "task_properties",
 ]
@@ -66,19 +76,37 @@ def event_properties(task_id: str, kind: str, seq: int) -> spec.Basic.Properties
     )
 
 
-def dead_letter_copy(props: spec.Basic.Properties, extra: dict[str, Any]) -> spec.Basic.Properties:
-    """Persistent copy of ``props`` with ``extra`` headers and without ``x-death``.
+# RabbitMQ's own record of a message's deaths. It drops a message dead-lettered into a queue
+# already in its ``x-death`` history (a "cycle"), so a copy re-entering our delay ladder must
+# not carry it.
+_RABBIT_DEATH = ("x-death", "x-first-death")
 
-    RabbitMQ drops a message dead-lettered into a queue already in its ``x-death`` history
-    (a "cycle"), so a copy re-entering our delay ladder must not carry it; nor a per-message
-    ``expiration``, which would expire it silently.
-    """
-    headers: dict[str, Any] = dict(props.headers or {})
-    headers.pop("x-death", None)
-    headers.pop("x-first-death-exchange", None)
-    headers.pop("x-first-death-queue", None)
-    headers.pop("x-first-death-reason", None)
+
+def dead_letter_copy(props: spec.Basic.Properties, extra: dict[str, Any]) -> spec.Basic.Properties:
+    """Persistent copy of ``props`` with ``extra`` headers and without ``x-death``."""
+    headers = _without(props.headers, _RABBIT_DEATH)
     headers.update(extra)
+    return _persistent_copy(props, headers)
+
+
+def replay_copy(props: spec.Basic.Properties) -> spec.Basic.Properties:
+    """A dead letter ready to run again: its death headers gone (ours and RabbitMQ's), its
+    attempt and crash counts back to the start."""
+    headers = _without(props.headers, (DEAD_PREFIX, *_RABBIT_DEATH))
+    headers.pop(H_ATTEMPT, None)
+    headers.pop(H_DELIVERIES, None)
+    return _persistent_copy(props, headers)
+
+
+def _without(headers: dict[str, Any] | None, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in (headers or {}).items() if not k.startswith(prefixes)}
+
+
+def _persistent_copy(
+    props: spec.Basic.Properties, headers: dict[str, Any]
+) -> spec.Basic.Properties:
+    """``props`` with ``headers``, persistent, without a per-message ``expiration`` (which
+    would expire the copy silently)."""
     return spec.Basic.Properties(
         content_type=props.content_type,
         content_encoding=props.content_encoding,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
+from pamqp import commands as spec
 
 from .broker import RabbitBroker
 
@@ -68,26 +68,20 @@ class HeldMessage:
     """A message taken from a queue and held unacked: `ack` removes it, else it goes back."""
 
     body: bytes
-    headers: dict[str, Any]
-    message_id: str | None
-    content_type: str | None
-    correlation_id: str | None
-    reply_to: str | None
-    timestamp: datetime | None
+    properties: spec.Basic.Properties
     _message: AbstractIncomingMessage
 
     @classmethod
     def of(cls, message: AbstractIncomingMessage) -> HeldMessage:
-        return cls(
-            body=message.body,
-            headers=dict(message.headers or {}),
-            message_id=message.message_id,
-            content_type=message.content_type,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            timestamp=message.timestamp,
-            _message=message,
-        )
+        return cls(body=message.body, properties=message.properties, _message=message)
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return dict(self.properties.headers or {})
+
+    @property
+    def message_id(self) -> str | None:
+        return self.properties.message_id
 
     async def ack(self) -> None:
         await self._message.ack()
