@@ -60,8 +60,8 @@ class CoalescingWriter(asyncio.StreamWriter):
 
 
 class CoalescingTransportFactory(TransportFactory):
-    """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter` and a
-    lenient frame reading (`aioqueue.rabbit.inbound`)."""
+    """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter`, for a
+    connection that reads frames leniently (`aioqueue.rabbit.inbound`)."""
 
     async def create(
         self, url: URL, **kwargs: Any
@@ -102,9 +102,9 @@ class RobustConnection(aio_pika.RobustConnection):
 
 def plain_connection(url: str | URL, *, name: str) -> aiormq.Connection:
     """An aiormq connection outside aio-pika's recovery (the scheduler's lease holds an
-    exclusive queue on one, which automatic re-declaration could loop on), reading through the
-    lenient frame reading like every connection of ours: the slot records it reads are messages
-    too. Not connected yet: ``await connection.connect()``."""
+    exclusive queue on one, which automatic re-declaration could loop on) that reads frames
+    leniently like every connection of ours: the slot records it reads are messages too. Not
+    connected yet: ``await connection.connect()``."""
     return aiormq.Connection(
         url,
         client_properties={"connection_name": name},
