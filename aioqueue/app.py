@@ -11,12 +11,13 @@ from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from .broker import Broker
 from .errors import AioqueueError
+from .memory import is_memory_url
 from .producer import Producer
 from .results import ReplyConsumer, ResultHandle
 from .retry import RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
 from .scheduler._define import PeriodicDecorator, ScheduleOptions, add_schedule, build_schedule
-from .settings import Settings, mask_url, resolve_broker_url
+from .settings import Settings, broker_nodes, mask_url, resolve_broker_url
 from .task import Task, TaskDecorator
 from .topology import (
     QueueType,
@@ -36,10 +37,15 @@ class App:
 
     Args:
         name: The application's name (shown in connection names and logs).
-        broker_url: ``amqp://`` URL; None means ``$AIOQUEUE_BROKER_URL``, else
+        broker_url: ``amqp://`` URL, or the comma-separated URLs of the nodes of one RabbitMQ
+            cluster (each connection tries them in turn from a random one); ``memory://`` for
+            the in-memory broker. None means ``$AIOQUEUE_BROKER_URL``, else
             ``amqp://guest:guest@localhost/``.
         default_queue: Queue of tasks that name none.
-        queue_type: Default type of the queues this app declares (``"classic"`` or ``"quorum"``).
+        queue_type: Default type of the queues this app declares (``"classic"`` or
+            ``"quorum"``). With ``"quorum"`` every queue that holds work or results is
+            replicated over the cluster: task, dead-letter, delay, reply and stream queues and
+            the scheduler's state (docs/deploying.md).
         settings: Timeouts and limits; see `Settings`.
 
     Use ``async with app:`` to connect; the connection closes cleanly on exit.
@@ -54,8 +60,12 @@ class App:
         queue_type: QueueType = "classic",
         settings: Settings | None = None,
     ) -> None:
+        if queue_type not in ("classic", "quorum"):
+            raise ValueError(f"queue_type must be 'classic' or 'quorum', not {queue_type!r}")
         self.name = name
         self.broker_url = resolve_broker_url(broker_url)
+        if not is_memory_url(self.broker_url):
+            broker_nodes(self.broker_url)  # a malformed URL fails here, not at connect
         self.default_queue = default_queue
         self.queue_type: QueueType = queue_type
         self.settings = settings or Settings()
@@ -161,7 +171,10 @@ class App:
         await broker.connect()
         self._broker = broker
         self._replies = ReplyConsumer(
-            broker, self.client_id, on_unreadable=self.on_unreadable_reply
+            broker,
+            self.client_id,
+            on_unreadable=self.on_unreadable_reply,
+            queue_type=self.queue_type,
         )
 
     async def close(self) -> None:

@@ -232,7 +232,7 @@ class _Receiver:
         if stream:
             queue = stream_queue_name(envelope.id)
             expires = app.settings.reply_queue_expires
-            await app.broker.declare_queue(queue, reply_queue_arguments(expires))
+            await app.broker.declare_queue(queue, reply_queue_arguments(expires, app.queue_type))
             self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
             await self.reader.start()
             envelope = replace(envelope, stream_to=queue)

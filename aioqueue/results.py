@@ -30,7 +30,7 @@ from .errors import (
 )
 from .message import H_EVENT, Outcome, refuse_unreadable
 from .streams import EventSink, Progress, Result, StreamReader
-from .topology import reply_queue_arguments, reply_queue_name
+from .topology import QueueType, reply_queue_arguments, reply_queue_name
 
 __all__ = ["ReplyConsumer", "ResultHandle"]
 
@@ -49,8 +49,10 @@ class ReplyConsumer:
         *,
         prefetch: int = 1000,
         on_unreadable: Sequence[Callable[[], None]] = (),
+        queue_type: QueueType = "classic",
     ) -> None:
         self._broker = broker
+        self._queue_type: QueueType = queue_type
         self.queue = reply_queue_name(client_id)
         self._prefetch = prefetch
         self._pending: dict[str, asyncio.Future[Outcome]] = {}
@@ -78,7 +80,8 @@ class ReplyConsumer:
         async with self._lock:
             if self._subscription is None:
                 expires = self._broker.settings.reply_queue_expires
-                await self._broker.declare_queue(self.queue, reply_queue_arguments(expires))
+                arguments = reply_queue_arguments(expires, self._queue_type)
+                await self._broker.declare_queue(self.queue, arguments)
                 self._subscription = await self._broker.subscribe(
                     self.queue, self._on_reply, prefetch=self._prefetch
                 )

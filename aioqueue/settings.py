@@ -1,5 +1,9 @@
 """Settings, broker URL resolution, and credential masking: the one place the environment is read.
 
+A broker URL is one AMQP URL, or a comma-separated list of the URLs of the nodes of one
+RabbitMQ cluster (``amqp://u:p@rabbit1/,amqp://u:p@rabbit2/``): users, passwords and virtual
+hosts are cluster-wide in RabbitMQ, so the URLs may differ only in host and port.
+
 Environment variables:
     AIOQUEUE_BROKER_URL: the broker URL when ``App(broker_url=None)`` and no ``--broker-url``.
 """
@@ -12,7 +16,15 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["DEFAULT_BROKER_URL", "ENV_BROKER_URL", "Settings", "mask_url", "resolve_broker_url"]
+__all__ = [
+    "DEFAULT_BROKER_URL",
+    "ENV_BROKER_URL",
+    "Settings",
+    "broker_nodes",
+    "mask_url",
+    "resolve_broker_url",
+    "scrub",
+]
 
 ENV_BROKER_URL: Final = "AIOQUEUE_BROKER_URL"
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@localhost/"
@@ -24,7 +36,14 @@ def resolve_broker_url(url: str | None) -> str:
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``****``, safe for logs, errors and reprs."""
+    """The URL (or each URL of a comma-separated list) with its password replaced by ``****``,
+    safe for logs, errors and reprs."""
+    if "," in url:
+        return ",".join(_mask_one(part) for part in url.split(","))
+    return _mask_one(url)
+
+
+def _mask_one(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -36,6 +55,57 @@ def mask_url(url: str) -> str:
         host = f"{host}:{parts.port}"
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (an error message, a log line) with every password of ``url`` masked, in
+    whatever form a library wrote the node's URL: ``user:password@`` becomes ``user:****@``."""
+    for node in url.split(","):
+        node = node.strip()
+        text = text.replace(node, _mask_one(node))
+        try:
+            parts = urlsplit(node)
+        except ValueError:
+            continue
+        if parts.password:
+            at = parts.netloc.rpartition("@")[0]  # user:password as written in the URL
+            for secret in {at.partition(":")[2], parts.password}:
+                if secret:
+                    text = text.replace(f":{secret}@", ":****@")
+    return text
+
+
+def broker_nodes(url: str) -> tuple[str, ...]:
+    """The node URLs of an AMQP broker URL: one, or each of a comma-separated list.
+
+    Raises:
+        ValueError: an entry is empty, not an ``amqp://``/``amqps://`` URL, or differs from
+            the first in anything but host and port (scheme, user, password, virtual host,
+            options): the nodes of one cluster share all of those. The message masks passwords.
+    """
+    nodes = tuple(part.strip() for part in url.split(","))
+    first = None
+    for node in nodes:
+        try:
+            parts = urlsplit(node)
+            parts.port  # noqa: B018 -- a port out of range raises here
+        except ValueError:
+            raise ValueError(f"unparsable broker URL in {mask_url(url)!r}") from None
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError(
+                f"broker URL {mask_url(node)!r} in {mask_url(url)!r}: expected "
+                "amqp://user:password@host:port/vhost (or amqps://), one per cluster node, "
+                "separated by commas"
+            )
+        shared = (parts.scheme, parts.username, parts.password, parts.path, parts.query)
+        if first is None:
+            first = shared
+        elif shared != first:
+            raise ValueError(
+                f"broker URLs {mask_url(url)!r}: the nodes of one cluster share scheme, user, "
+                "password, virtual host and options; only host and port may differ"
+            )
+    return nodes
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,10 @@
 - The dead-letter queue of work queue ``Q`` is ``Q.dlq``.
 - aioqueue's own infrastructure queues all start with ``aioqueue.``; a client's reply queue is
   ``aioqueue.reply.<client id>``: durable, expiring when unused.
+- ``App(queue_type="quorum")`` makes every queue that holds work or results a quorum queue
+  (replicated over a cluster's nodes): work, dead-letter, delay, reply and stream queues and
+  the scheduler's state. Only the scheduler's lease is exclusive, which RabbitMQ cannot
+  replicate: it holds no work, only who leads (docs/deploying.md).
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ def dlq_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
     return {"x-queue-type": queue_type}
 
 
-def reply_queue_arguments(expires: float) -> dict[str, Any]:
-    """A durable reply queue that RabbitMQ deletes after ``expires`` seconds unused."""
-    return {"x-queue-type": "classic", "x-expires": max(1000, int(expires * 1000))}
+def reply_queue_arguments(expires: float, queue_type: QueueType = "classic") -> dict[str, Any]:
+    """A durable reply (or stream) queue that RabbitMQ deletes after ``expires`` seconds unused."""
+    return {"x-queue-type": queue_type, "x-expires": max(1000, int(expires * 1000))}
 
 
 # -- delayed delivery -------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qs, urlsplit
 
 import aio_pika
 import aiormq
@@ -27,9 +26,9 @@ from pamqp import commands as spec
 
 from ..broker import DeliveryCallback, LostCallback
 from ..errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
-from ..settings import Settings, mask_url
+from ..settings import Settings, broker_nodes, mask_url, scrub
 from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
-from .connection import RobustConnection
+from .connection import connect
 from .errors import FATAL_CHANNEL, TRANSIENT
 from .publisher import ChannelPublisher, Deadlines, Slots
 from .subscription import Subscription
@@ -50,10 +49,19 @@ async def _by(deadline: float, awaitable: Awaitable[_T], *, blocks: bool) -> _T:
 
 
 class RabbitBroker:
-    """One robust connection to RabbitMQ with a confirmed publishing channel."""
+    """One robust connection to RabbitMQ with a confirmed publishing channel.
+
+    ``url`` is one AMQP URL or a comma-separated list of the nodes of one cluster: every
+    connection attempt goes to the next of them (`aioqueue.rabbit.connection.NodeRing`).
+
+    Raises:
+        ValueError: ``url`` is not an AMQP URL or a list of them (see
+            `aioqueue.settings.broker_nodes`).
+    """
 
     def __init__(self, url: str, settings: Settings, *, connection_name: str) -> None:
         self._url = url
+        self._nodes = broker_nodes(url)
         self.settings = settings
         self._connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
@@ -84,38 +92,11 @@ class RabbitBroker:
 
     async def connect(self) -> None:
         """Connect, retrying with back-off for ``settings.connect_timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.connect_timeout
-        delay = 0.1
-        options: dict[str, Any] = {}
-        if "heartbeat" not in parse_qs(urlsplit(self._url).query):  # the URL's value wins
-            options["heartbeat"] = self.settings.heartbeat
-        while True:
-            try:
-                self._connection = await aio_pika.connect_robust(
-                    self._url,
-                    reconnect_interval=self.settings.reconnect_interval,
-                    client_properties={"connection_name": self._connection_name},
-                    timeout=max(1.0, min(10.0, deadline - loop.time())),
-                    ssl_context=self.settings.ssl_context,
-                    connection_class=RobustConnection,
-                    **options,
-                )
-                break
-            except (TimeoutError, *TRANSIENT) as exc:
-                if loop.time() + delay > deadline:
-                    raise BrokerConnectionError(
-                        f"cannot reach the broker at {self.url} within "
-                        f"{self.settings.connect_timeout:g}s: {self._scrub(exc)}"
-                    ) from None
-                log.warning("broker %s not reachable (%s); retrying", self.url, self._scrub(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        self._connection = await connect(self._url, self.settings, name=self._connection_name)
         self._publish_channel = await self.channel(publisher_confirms=True)
 
     def _scrub(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}"
-        return text.replace(self._url, self.url)
+        return scrub(f"{type(exc).__name__}: {exc}", self._url)
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None

@@ -9,27 +9,45 @@ aiormq's flow control and its ``wait=True`` operations mean what they did.
 
 It is plugged in through aiormq's public ``transport_factory`` parameter, by the connection
 class `RobustConnection` (aio-pika's, which passes its keyword arguments down to aiormq).
+
+`RobustConnection` also knows every node of a cluster (`NodeRing`): aio-pika and aiormq take
+one URL, so each connection attempt, the first and every reconnect, goes to the next node of a
+ring that starts at a random node (clients spread over the cluster) and goes on through the
+others at once when one refuses, like kombu's failover; aio-pika's interval only separates whole
+rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
+import random
+from collections.abc import Sequence
 from typing import Any
 
 import aio_pika
 import aiormq
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
+from ..errors import BrokerConnectionError
+from ..settings import Settings, broker_nodes, mask_url, scrub
+from .errors import TRANSIENT
 from .inbound import read_leniently
 
 __all__ = [
     "CoalescingTransportFactory",
     "CoalescingWriter",
+    "NodeRing",
     "RobustConnection",
+    "connect",
     "plain_connection",
 ]
+
+log = logging.getLogger("aioqueue.broker")
 
 
 class CoalescingWriter(asyncio.StreamWriter):
@@ -79,13 +97,60 @@ class CoalescingTransportFactory(TransportFactory):
 CHANNEL_FRAME_BUFFER = 512
 
 
-class RobustConnection(aio_pika.RobustConnection):
-    """aio-pika's robust connection, its socket writes coalesced and its channels' frame
-    buffers deeper (reconnects included)."""
+# aio-pika's private (name-mangled) method for one connection attempt; listed in internals.py
+_CONNECT_TRANSPORT = "_RobustConnection__connect_transport"
 
-    def __init__(self, url: URL, loop: asyncio.AbstractEventLoop | None = None, **kwargs: Any):
+
+class NodeRing:
+    """The nodes of one cluster, handed out in turn from a random start."""
+
+    def __init__(self, nodes: Sequence[URL]) -> None:
+        if not nodes:
+            raise ValueError("no broker node")
+        start = random.randrange(len(nodes))
+        self._nodes = [*nodes[start:], *nodes[:start]]
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def next(self) -> URL:
+        """The node to try now; the one after it next time."""
+        node = self._nodes[self._next % len(self._nodes)]
+        self._next += 1
+        return node
+
+
+class RobustConnection(aio_pika.RobustConnection):
+    """aio-pika's robust connection, its socket writes coalesced, its channels' frame
+    buffers deeper (reconnects included), and every attempt made to the next node of
+    ``nodes`` (default: ``url`` alone), trying the others at once if that one fails."""
+
+    def __init__(
+        self,
+        url: URL,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        nodes: Sequence[URL] = (),
+        **kwargs: Any,
+    ):
         super().__init__(url, loop, **kwargs)
         self.kwargs["transport_factory"] = CoalescingTransportFactory()
+        self.nodes = NodeRing(nodes or [URL(url)])
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        # aio-pika's one connection attempt (first connect and every reconnect) connects to
+        # `self.url`: an attempt of ours is a round over the nodes from the next one on
+        attempt = getattr(aio_pika.RobustConnection, _CONNECT_TRANSPORT)
+        for tries_left in reversed(range(len(self.nodes))):
+            self.url = self.nodes.next()
+            try:
+                await attempt(self)
+                return
+            except CONNECTION_EXCEPTIONS as exc:
+                if not tries_left or self.is_closed:
+                    raise
+                log.info("broker node %s not reachable (%s); trying the next", self, exc)
 
     async def _on_connected(self) -> None:
         # aio-pika opens (and after a reconnect restores) every channel through the aiormq
@@ -98,6 +163,45 @@ class RobustConnection(aio_pika.RobustConnection):
                 type(connection).channel, connection, frame_buffer_size=CHANNEL_FRAME_BUFFER
             )
         await super()._on_connected()
+
+
+async def connect(url: str, settings: Settings, *, name: str) -> RobustConnection:
+    """A robust connection to the broker at ``url`` (one node, or a comma-separated list of
+    a cluster's nodes), retrying with back-off for ``settings.connect_timeout`` seconds.
+
+    Raises:
+        BrokerConnectionError: no node could be reached in time (the message masks passwords).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.connect_timeout
+    delay = 0.1
+    nodes = [
+        node if "heartbeat" in node.query else node.update_query(heartbeat=settings.heartbeat)
+        for node in map(URL, broker_nodes(url))  # the URL's own heartbeat wins
+    ]
+    while True:
+        connection = RobustConnection(
+            nodes[0],
+            nodes=nodes,
+            reconnect_interval=settings.reconnect_interval,
+            client_properties={"connection_name": name},
+            ssl_context=settings.ssl_context,
+        )
+        try:
+            await connection.connect(timeout=max(1.0, min(10.0, deadline - loop.time())))
+            return connection
+        except (TimeoutError, *TRANSIENT) as exc:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            reason = scrub(f"{type(exc).__name__}: {exc}", url)
+            if loop.time() + delay > deadline:
+                raise BrokerConnectionError(
+                    f"cannot reach the broker at {mask_url(url)} within "
+                    f"{settings.connect_timeout:g}s: {reason}"
+                ) from None
+            log.warning("broker %s not reachable (%s); retrying", mask_url(url), reason)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def plain_connection(url: str | URL, *, name: str) -> aiormq.Connection:

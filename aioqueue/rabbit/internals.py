@@ -96,6 +96,13 @@ INTERNALS: Final = (
     # aio-pika's robust connection: channel buffers set before its channels are restored
     Internal(aio_pika.RobustConnection, "_on_connected", "method", "connection.RobustConnection"),
     Internal(
+        aio_pika.RobustConnection,
+        "_RobustConnection__connect_transport",
+        "method",
+        "connection.RobustConnection: each attempt goes to the next node of a cluster",
+    ),
+    Internal(aio_pika.Connection, "url", "attribute", "connection: the node of this attempt"),
+    Internal(
         aio_pika.Connection, "kwargs", "attribute", "connection: transport_factory for aiormq"
     ),
     Internal(UnderlayConnection, "connection", "attribute", "broker.probe_queue, connection"),

@@ -3,7 +3,10 @@
 ``aioqueue.scheduler.<app>.lease`` is declared ``exclusive``: RabbitMQ lets exactly one
 connection hold it, refuses it to every other one (``RESOURCE_LOCKED``) and deletes it the moment
 the holder's connection closes — when the process exits or is killed (the kernel closes its
-socket), or, if its machine or network is lost, when the AMQP heartbeat times out.
+socket), or, if its machine or network is lost, when the AMQP heartbeat times out. On a cluster
+the lease lives on the node the leader is connected to (an exclusive queue is not replicated):
+if that node goes, so does the leader's connection, and another instance leads from another
+node. Each new connection goes to the next node of the broker URL's list (`NodeRing`).
 
 The connection is a plain aiormq connection, outside aio-pika's ``connect_robust``, which would
 re-declare the queue after a reconnect and could loop on ``RESOURCE_LOCKED``. Losing it means
@@ -29,19 +32,25 @@ from typing import Any, Final
 
 import aiormq
 import aiormq.abc
+from pamqp import commands as spec
 from yarl import URL
 
 from ..errors import BrokerConnectionError
-from ..scheduler.records import LeaseLost, describe_error, leader_queue_name, lease_queue_name
-from ..settings import mask_url
-from .connection import plain_connection
+from ..scheduler.records import (
+    LeaseLost,
+    describe_error,
+    leader_queue_arguments,
+    leader_queue_name,
+    lease_queue_name,
+)
+from ..settings import broker_nodes, mask_url, scrub
+from ..topology import QueueType
+from .connection import NodeRing, plain_connection
 
 __all__ = ["CONNECTION_ERRORS", "Lease"]
 
 log = logging.getLogger("aioqueue.scheduler")
 
-# Followers' beacon queue: kept while any scheduler of the app polls it, gone an hour after.
-_LEADER_QUEUE_ARGS: Final[dict[str, Any]] = {"x-queue-type": "classic", "x-expires": 3_600_000}
 # Trouble with the connection or a channel: reconnect and campaign again.
 CONNECTION_ERRORS: Final = (
     ConnectionError,
@@ -64,6 +73,7 @@ class Lease:
         heartbeat: AMQP heartbeat of the connection, in seconds: a leader whose machine or
             network vanished loses the lease after about two to three of them.
         timeout: Seconds any single broker operation may take.
+        queue_type: Type of the followers' beacon queue (the app's).
     """
 
     def __init__(
@@ -75,8 +85,11 @@ class Lease:
         poll_interval: float = 0.5,
         heartbeat: int = 5,
         timeout: float = 10.0,
+        queue_type: QueueType = "classic",
     ) -> None:
         self._url = url
+        self._nodes = NodeRing([URL(node) for node in broker_nodes(url)])
+        self._beacon_arguments = leader_queue_arguments(queue_type)
         self._app_name = app_name
         self._identity = identity
         self.poll_interval = poll_interval
@@ -159,13 +172,10 @@ class Lease:
 
     def describe(self, exc: BaseException) -> str:
         """``describe_error(exc)`` with any broker URL in it masked."""
-        text = describe_error(exc)
-        for url in (str(self._connect_url()), self._url):
-            text = text.replace(url, mask_url(url))
-        return text
+        return scrub(describe_error(exc), self._url)
 
     def _connect_url(self) -> URL:
-        url = URL(self._url)
+        url = self._nodes.next()
         if "heartbeat" not in url.query:
             url = url.update_query(heartbeat=str(self.heartbeat))
         return url
@@ -191,11 +201,8 @@ class Lease:
                 await asyncio.wait_for(connection.close(), self.timeout)
 
     async def _try_acquire(self) -> bool:
-        probe = await self._probe_channel()
         leader_queue = leader_queue_name(self._app_name)
-        ok = await probe.queue_declare(
-            leader_queue, durable=True, arguments=_LEADER_QUEUE_ARGS, timeout=self.timeout
-        )
+        ok = await self.declare(leader_queue, self._beacon_arguments)
         if ok.consumer_count:
             return False
         assert self._connection is not None
@@ -211,6 +218,20 @@ class Lease:
         await tx.tx_select(timeout=self.timeout)
         self._channel, self._tx = channel, tx
         return True
+
+    async def declare(self, queue: str, arguments: dict[str, Any]) -> spec.Queue.DeclareOk:
+        """Declare a durable ``queue`` on the probe channel, whose loss costs nothing: one that
+        exists with other arguments (declared by an older version, or classic before the app
+        went quorum) is used as it is, with a warning, rather than failing every term."""
+        try:
+            return await (await self._probe_channel()).queue_declare(
+                queue, durable=True, arguments=arguments, timeout=self.timeout
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            log.warning("scheduler: using %r as it is (%s)", queue, exc)
+        return await (await self._probe_channel()).queue_declare(
+            queue, passive=True, timeout=self.timeout
+        )
 
     async def _probe_channel(self) -> aiormq.abc.AbstractChannel:
         if self._connection is None or self._connection.is_closed:

@@ -1,6 +1,7 @@
 """The scheduler's slots in RabbitMQ: what fired last, and firing one in a transaction.
 
-``aioqueue.scheduler.<app>.state.<schedule>`` is a durable classic queue with ``x-max-length=1``
+``aioqueue.scheduler.<app>.state.<schedule>`` is a durable queue (quorum with a quorum app) with
+``x-max-length=1``
 and ``x-overflow=drop-head``: it holds one persistent message, the schedule's `SlotRecord` (the
 last slot fired); each new record pushes the old one out. A new leader reads it with
 ``basic.get`` and puts it back (reject with requeue; drop-head keeps the newer of the two).
@@ -34,11 +35,12 @@ from pamqp import commands as spec
 from ..errors import DecodeError
 from ..message import CONTENT_TYPE, Envelope, refuse_unreadable, task_properties
 from ..scheduler.records import (
-    STATE_QUEUE_ARGS,
     SlotRecord,
     done_queue_name,
+    state_queue_arguments,
     state_queue_name,
 )
+from ..topology import QueueType
 from .lease import Lease
 
 __all__ = ["SlotStore"]
@@ -53,24 +55,28 @@ class SlotStore:
         lease: The held lease; every operation fails with `LeaseLost` once it is gone.
         app_name: Whose schedules these are (names the queues).
         identity: This instance's name, written into each record.
+        queue_type: Type of the state queues (the app's: quorum replicates them).
     """
 
-    def __init__(self, lease: Lease, app_name: str, *, identity: str) -> None:
+    def __init__(
+        self, lease: Lease, app_name: str, *, identity: str, queue_type: QueueType = "classic"
+    ) -> None:
         self._lease = lease
         self._app_name = app_name
         self._identity = identity
+        self._state_arguments = state_queue_arguments(queue_type)
 
     async def declare(self, queue: str, arguments: dict[str, Any]) -> None:
-        """Declare a durable queue the fires publish to (so they are never unroutable)."""
-        await self._lease.channel.queue_declare(
-            queue, durable=True, arguments=arguments, timeout=self._lease.timeout
-        )
+        """Declare a durable queue the fires publish to (so they are never unroutable); one
+        that exists with other arguments is used as it is (`Lease.declare`)."""
+        self._lease.check()
+        await self._lease.declare(queue, arguments)
 
     async def load(self, schedule_name: str) -> SlotRecord | None:
         """Declare the schedule's state queue and read its record (None if it has none)."""
         channel = self._lease.channel
         queue = state_queue_name(self._app_name, schedule_name)
-        await self.declare(queue, STATE_QUEUE_ARGS)
+        await self.declare(queue, self._state_arguments)
         messages = await self._get_all(channel, queue)
         records = [r for r in (self._decode(queue, m) for m in messages) if r is not None]
         best = max(records, key=lambda r: r.slot, default=None)

@@ -30,7 +30,7 @@ from ..rabbit.slots import SlotStore
 from ..topology import work_queue_arguments
 from .clock import Clock, SystemClock
 from .in_memory import MemoryBackend
-from .records import DONE_QUEUE_ARGS, LeaseLost, SlotRecord, done_queue_name
+from .records import LeaseLost, SlotRecord, done_queue_arguments, done_queue_name
 from .schedule import Misfire, Schedule, due_slots, missed_slots, next_run, slot_id
 
 if TYPE_CHECKING:
@@ -264,8 +264,12 @@ class Scheduler:
             identity=self.identity,
             poll_interval=self.poll_interval,
             heartbeat=self.heartbeat,
+            queue_type=self.app.queue_type,
         )
-        return lease, SlotStore(lease, self.app.name, identity=self.identity)
+        store = SlotStore(
+            lease, self.app.name, identity=self.identity, queue_type=self.app.queue_type
+        )
+        return lease, store
 
     async def _term(self) -> bool:
         """Campaign, then lead until the lease is lost or `stop`; False if it ended in error."""
@@ -325,7 +329,8 @@ class Scheduler:
         queue = self._queue_of(schedule)
         await store.declare(queue, work_queue_arguments(self.app.queue_type_of(queue)))
         if schedule.skip_if_running:
-            await store.declare(done_queue_name(self.app.name, schedule.name), DONE_QUEUE_ARGS)
+            done = done_queue_name(self.app.name, schedule.name)
+            await store.declare(done, done_queue_arguments(self.app.queue_type))
         if record is None:  # never fired: start with the first slot after now
             return _Plan(schedule, queue, cursor=started)
         running = slot_id(schedule.name, record.slot) if schedule.skip_if_running else None

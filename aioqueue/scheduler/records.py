@@ -13,17 +13,19 @@ from typing import Any, Final
 import orjson
 
 from ..errors import AioqueueError, DecodeError
-from ..topology import INFRA_PREFIX
+from ..topology import INFRA_PREFIX, QueueType
 
 __all__ = [
-    "DONE_QUEUE_ARGS",
     "STATE_QUEUE_ARGS",
     "LeaseLost",
     "SlotRecord",
     "describe_error",
+    "done_queue_arguments",
     "done_queue_name",
+    "leader_queue_arguments",
     "leader_queue_name",
     "lease_queue_name",
+    "state_queue_arguments",
     "state_queue_name",
 ]
 
@@ -47,12 +49,25 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-STATE_QUEUE_ARGS: Final[dict[str, Any]] = {
-    "x-queue-type": "classic",
-    "x-max-length": 1,
-    "x-overflow": "drop-head",
-}
-DONE_QUEUE_ARGS: Final[dict[str, Any]] = {"x-queue-type": "classic"}
+def state_queue_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
+    """A state queue holds one record: a newer one pushes the older out (RabbitMQ keeps the
+    limit on quorum queues too, so the state is replicated with the app's work)."""
+    return {"x-queue-type": queue_type, "x-max-length": 1, "x-overflow": "drop-head"}
+
+
+def done_queue_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
+    """The queue of a ``skip_if_running`` schedule's run outcomes."""
+    return {"x-queue-type": queue_type}
+
+
+def leader_queue_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
+    """The followers' beacon: kept while any scheduler of the app polls it, gone an hour
+    after. Quorum with a quorum app, so a cluster that lost its node still has it."""
+    return {"x-queue-type": queue_type, "x-expires": 3_600_000}
+
+
+STATE_QUEUE_ARGS: Final[dict[str, Any]] = state_queue_arguments()
+
 _MAX_RECORD: Final = 64 * 1024
 
 
