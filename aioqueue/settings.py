@@ -46,13 +46,14 @@ def mask_url(url: str) -> str:
 def _mask_one(url: str) -> str:
     try:
         parts = urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<unparsable broker URL>"
     if parts.password is None:
         return url
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:****@{host}"))
 

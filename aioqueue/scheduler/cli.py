@@ -24,7 +24,11 @@ def parser(prog: str = "python -m aioqueue.scheduler") -> argparse.ArgumentParse
         "like: one of them leads and fires, the others take over when it stops.",
     )
     p.add_argument("app", help="the App to schedule, as MODULE:ATTRIBUTE (e.g. shop.tasks:app)")
-    p.add_argument("--broker-url", help="overrides the app's broker URL and $AIOQUEUE_BROKER_URL")
+    p.add_argument(
+        "--broker-url",
+        help="one AMQP URL, or the comma-separated URLs of a cluster's nodes; overrides the "
+        "app's broker URL and $AIOQUEUE_BROKER_URL",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     p.add_argument(
         "--connect-timeout",

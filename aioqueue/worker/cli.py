@@ -65,7 +65,11 @@ def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
         default=30.0,
         help="seconds running tasks get to finish on shutdown (default 30)",
     )
-    p.add_argument("--broker-url", help="overrides the app's broker URL and $AIOQUEUE_BROKER_URL")
+    p.add_argument(
+        "--broker-url",
+        help="one AMQP URL, or the comma-separated URLs of a cluster's nodes; overrides the "
+        "app's broker URL and $AIOQUEUE_BROKER_URL",
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)")
     p.add_argument(
         "--connect-timeout",
