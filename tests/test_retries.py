@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +22,7 @@ from aioqueue import (
     TaskTimeoutError,
     task_context,
 )
+from aioqueue.message import Envelope, task_properties
 from aioqueue.testing import reset
 from tests.conftest import ROOT, running_worker, wait_until
 from tests.rabbit import RabbitNode
@@ -323,3 +326,31 @@ async def test_poison_message_goes_to_dlq_after_five_worker_deaths(
     assert deaths == 5
     dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
     assert dead.headers["aioqueue-dead-reason"] == "poison"
+
+
+async def test_a_delivery_count_set_by_a_publisher_never_makes_a_task_poison(
+    rabbit_qapp: App, queue_type: str
+) -> None:
+    # Given a task message whose publisher wrote RabbitMQ's own delivery-count header
+    app = rabbit_qapp
+    runs: list[int] = []
+
+    @app.task(name="t.counted")
+    async def counted(x: int) -> int:
+        runs.append(x)
+        return x
+
+    async with app, running_worker(app):
+        replies = app._replies
+        assert replies is not None
+        await replies.ensure_started()
+        envelope = Envelope(id=uuid.uuid4().hex, task="t.counted", args=(7,))
+        future, _ = replies.expect(envelope.id)
+        envelope = replace(envelope, reply_to=replies.queue)
+        props = task_properties(envelope)
+        props.headers = {**(props.headers or {}), "x-delivery-count": 99}
+        await app.broker.publish(app.default_queue, envelope.encode(), props)
+        # Then it runs once and its caller gets the value: a quorum queue writes its own
+        # count over it (0), a classic queue's header is a publisher's and counts for nothing
+        outcome = await asyncio.wait_for(future, 60)
+    assert outcome.value == 7 and runs == [7], (queue_type, outcome)

@@ -76,10 +76,11 @@ def event_properties(task_id: str, kind: str, seq: int) -> spec.Basic.Properties
     )
 
 
-# RabbitMQ's own record of a message's deaths. It drops a message dead-lettered into a queue
-# already in its ``x-death`` history (a "cycle"), so a copy re-entering our delay ladder must
-# not carry it.
-_RABBIT_DEATH = ("x-death", "x-first-death")
+# RabbitMQ's own record of a message's deaths and deliveries. It drops a message dead-lettered
+# into a queue already in its ``x-death`` history (a "cycle"), so a copy re-entering our delay
+# ladder must not carry it; a quorum queue's delivery count belongs to the delivered message,
+# not to a copy published anew.
+_RABBIT_DEATH = ("x-death", "x-first-death", "x-last-death", "x-delivery-count")
 
 
 def dead_letter_copy(props: spec.Basic.Properties, extra: dict[str, Any]) -> spec.Basic.Properties:

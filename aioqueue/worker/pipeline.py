@@ -213,8 +213,16 @@ class Pipeline:
         if recounting is not None:
             await recounting.wait()  # this may be the copy: let the old one's ack go out first
         quorum_count = headers.get("x-delivery-count")
-        if isinstance(quorum_count, int) and not isinstance(quorum_count, bool):
-            deaths = quorum_count  # quorum queues count returned deliveries themselves
+        if (
+            isinstance(quorum_count, int)
+            and not isinstance(quorum_count, bool)
+            and self.app.queue_type_of(delivery.queue) == "quorum"
+        ):
+            # a quorum queue counts returned deliveries itself and writes the header when it
+            # redelivers; a first delivery (not redelivered) carries a publisher's value, if
+            # any (3.10 keeps it): it has died 0 times. On a classic queue the header can only
+            # be a publisher's, so it counts for nothing there.
+            deaths = quorum_count if delivery.redelivered else 0
         else:
             deaths = _header_int(headers, H_DELIVERIES) + int(delivery.redelivered)
             if delivery.redelivered and deaths < self.max_deliveries:
