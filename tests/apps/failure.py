@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import timedelta
 from pathlib import Path
 
-from aioqueue import App, task_context
+from aioqueue import App, Retry, RetryPolicy, task_context
 
-app = App("failure", default_queue=os.environ.get("AIOQUEUE_TEST_QUEUE", "failure"))
+app = App(
+    "failure",
+    default_queue=os.environ.get("AIOQUEUE_TEST_QUEUE", "failure"),
+    # the cluster suite runs everything on quorum queues
+    queue_type="quorum" if os.environ.get("AIOQUEUE_TEST_QUEUE_TYPE") == "quorum" else "classic",
+)
 DIR = Path(os.environ.get("AIOQUEUE_TEST_DIR", "."))
 _log: dict[int, int] = {}  # pid -> fd (a forked child must not share its parent's file)
 
@@ -31,9 +37,35 @@ def _record(line: str) -> None:
 @app.task(name="failure.record")
 async def record(i: int) -> int:
     """Record the run (``<i> <redelivered>``), take a moment, return ``i``."""
+    return await _run(i)
+
+
+async def _run(i: int) -> int:
     _record(f"{i} {int(task_context().redelivered)}\n")
     await asyncio.sleep(0.002)  # sleep-ok: a task that takes a moment
     return i
+
+
+@app.task(name="failure.retried", retry=RetryPolicy(max_attempts=3, backoff=0.1, jitter=0.0))
+async def retried(i: int) -> int:
+    """Ask for a second attempt (through the delay queues), then run as ``failure.record``."""
+    if task_context().attempt == 1:
+        raise Retry(delay=0.2)
+    return await _run(i)
+
+
+# Fired by the scheduler processes of the cluster suite only (the others start none).
+@app.periodic(every=timedelta(seconds=1), name="failure.tick")
+async def tick() -> None:
+    """Record the slot (``<iso slot> <redelivered>``) in ``ticks-<pid>.log``."""
+    ctx = task_context()
+    assert ctx.scheduled_at is not None
+    line = f"{ctx.scheduled_at.isoformat()} {int(ctx.redelivered)}\n"
+    fd = os.open(DIR / f"ticks-{os.getpid()}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 @app.task(name="failure.poison")

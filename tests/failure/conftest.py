@@ -22,7 +22,8 @@ def fault_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if FIGURES:
+    lines = [f.line() for f in FIGURES if not f.scenario.startswith("cluster")]
+    if lines:
         terminalreporter.section("aioqueue failure suite")
-        for figures in FIGURES:
-            terminalreporter.write_line(figures.line())
+        for line in lines:
+            terminalreporter.write_line(line)

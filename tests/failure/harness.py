@@ -24,12 +24,20 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from aioqueue import App, DeadLetteredError, PublishError
 from tests.conftest import WorkerProcess, wait_until
 from tests.rabbit import RabbitNode
+
+
+class SchedulerProcess(WorkerProcess):
+    """A real ``python -m aioqueue.scheduler`` subprocess."""
+
+    module = "aioqueue.scheduler"
+
 
 APP_SPEC = "tests.apps.failure:app"
 RESULT_TIMEOUT = 150.0
@@ -64,6 +72,9 @@ class Figures:
     timeline: list[str] = field(default_factory=list)
     submit_bugs: list[str] = field(default_factory=list)
     worker_errors: int = 0  # "unexpected error" tracebacks in the workers' logs
+    ticks: int = 0  # slots of the periodic task that ran (schedulers started only)
+    tick_doubles: int = 0  # slots run twice, the second run not a redelivery: fired twice
+    tick_gaps: list[str] = field(default_factory=list)  # slots missing between first and last
     elapsed: float = 0.0
 
     def line(self) -> str:
@@ -82,6 +93,12 @@ class Figures:
             f"{poison} worker-crashes={self.worker_crashes} "
             f"faults=[{'; '.join(self.faults)}] elapsed={self.elapsed:.1f}s"
             + (f" publish-errors={dict(self.publish_errors)}" if self.publish_errors else "")
+            + (
+                f" scheduler: slots={self.ticks} fired-twice={self.tick_doubles} "
+                f"missed={len(self.tick_gaps)}"
+                if self.ticks
+                else ""
+            )
         )
 
 
@@ -91,7 +108,7 @@ class Scenario:
     def __init__(
         self,
         name: str,
-        node: RabbitNode,
+        node: RabbitNode | None,
         directory: Path,
         *,
         url: str | None = None,
@@ -100,11 +117,19 @@ class Scenario:
         tasks: int = 3000,
         window: int = 300,
         poison: frozenset[int] = frozenset(),
+        queue_type: str = "classic",
+        mix: bool = False,
+        schedulers: int = 0,
     ) -> None:
         self.name = name
         self.node = node
         self.dir = directory
-        self.url = url or node.url
+        url = url or (node.url if node is not None else None)
+        assert url is not None, "a scenario needs a node or a URL"
+        self.url = url
+        self.queue_type = queue_type
+        self.mix = mix  # every tenth task delayed, every tenth retried once
+        self.n_schedulers = schedulers  # processes of the scheduler firing failure.tick
         self.queue = f"failure.{name}.{os.urandom(4).hex()}"
         self.n_workers = workers
         self.concurrency = concurrency
@@ -112,6 +137,7 @@ class Scenario:
         self.poison = poison
         self.figures = Figures(name, poison=len(poison))
         self.workers: list[WorkerProcess] = []
+        self.schedulers: list[WorkerProcess] = []
         self._spawned = 0
         self._window = asyncio.Semaphore(window)
         self._submitted = 0
@@ -127,25 +153,38 @@ class Scenario:
 
     # -- workers --------------------------------------------------------------------------
 
-    def spawn(self) -> WorkerProcess:
-        env = {
+    def _env(self) -> dict[str, str]:
+        return {
             "AIOQUEUE_BROKER_URL": self.url,
             "AIOQUEUE_TEST_QUEUE": self.queue,
             "AIOQUEUE_TEST_DIR": str(self.dir),
+            "AIOQUEUE_TEST_QUEUE_TYPE": self.queue_type,
         }
+
+    def spawn(self) -> WorkerProcess:
         args = ("--concurrency", str(self.concurrency), "--log-level", "WARNING")
         log = self.dir / f"worker-{self._spawned}.log"
         self._spawned += 1
-        return WorkerProcess(APP_SPEC, *args, env=env, log=log)
+        return WorkerProcess(APP_SPEC, *args, env=self._env(), log=log)
+
+    def spawn_scheduler(self) -> WorkerProcess:
+        log = self.dir / f"scheduler-{self._spawned}.log"
+        self._spawned += 1
+        return SchedulerProcess(APP_SPEC, "--log-level", "WARNING", env=self._env(), log=log)
 
     async def _supervise(self) -> None:
-        """Respawn crashed workers, as systemd or Kubernetes would."""
+        """Respawn crashed workers and schedulers, as systemd or Kubernetes would."""
         while not self._stopping:
             for k, worker in enumerate(self.workers):
                 if worker.proc.poll() is not None and not self._stopping:
                     worker.kill()  # closes its log
                     self.figures.worker_crashes += 1
                     self.workers[k] = self.spawn()
+            for k, scheduler in enumerate(self.schedulers):
+                if scheduler.proc.poll() is not None and not self._stopping:
+                    scheduler.kill()
+                    self._event(f"scheduler exited {scheduler.proc.returncode}; respawned")
+                    self.schedulers[k] = self.spawn_scheduler()
             # a supervisor's polling period, not a synchronisation
             await asyncio.sleep(0.1)  # sleep-ok
 
@@ -156,6 +195,12 @@ class Scenario:
 
     async def _stop_workers(self) -> None:
         self._stopping = True
+        for scheduler in self.schedulers:  # first: no slot fires into stopped workers
+            if scheduler.proc.poll() is None:
+                scheduler.proc.send_signal(signal.SIGTERM)
+        for scheduler in self.schedulers:
+            code = await scheduler.wait_exit(timeout=90)
+            assert code == 0, f"scheduler exited {code}:\n{scheduler.output()[-3000:]}"
         for worker in self.workers:
             # one respawned just now may still be starting: before its signal handlers are
             # installed, SIGTERM would kill it instead of asking it to finish
@@ -182,9 +227,14 @@ class Scenario:
     async def _one(self, app: App, i: int) -> None:
         try:
             name = "failure.poison" if i in self.poison else "failure.record"
+            countdown = None
+            if self.mix and i % 10 == 3:
+                countdown = 0.3  # through the delay queues
+            elif self.mix and i % 10 == 7:
+                name = "failure.retried"  # runs twice: a Retry, then the record
             started = time.monotonic()
             try:
-                handle = await app.submit(name, i)
+                handle = await app.submit_with_options(name, (i,), countdown=countdown)
             except PublishError as exc:
                 self._unconfirmed.add(i)
                 text = f"{type(exc).__name__}: {exc}"[:200]
@@ -260,6 +310,9 @@ class Scenario:
         self.workers = [self.spawn() for _ in range(self.n_workers)]
         for worker in self.workers:
             await worker.wait_ready()
+        self.schedulers = [self.spawn_scheduler() for _ in range(self.n_schedulers)]
+        for scheduler in self.schedulers:
+            await scheduler.wait_ready(timeout=120)
         supervisor = asyncio.ensure_future(self._supervise())
         try:
             async with app:
@@ -331,6 +384,29 @@ class Scenario:
             path.read_text(errors="replace").count("unexpected error")
             for path in self.dir.glob("worker-*.log")
         )
+        self._tally_ticks()
+
+    def _tally_ticks(self) -> None:
+        """Slots of ``failure.tick``: fired twice (a second run not marked redelivered), and
+        the ones missing between the first and the last that ran."""
+        runs: Counter[str] = Counter()
+        redelivered: Counter[str] = Counter()
+        for path in self.dir.glob("ticks-*.log"):
+            for line in path.read_text().splitlines():
+                slot, marked = line.split()
+                runs[slot] += 1
+                redelivered[slot] += int(marked)
+        f = self.figures
+        f.ticks = len(runs)
+        f.tick_doubles = sum(1 for s, n in runs.items() if n - redelivered[s] > 1)
+        if runs:
+            slots = sorted(datetime.fromisoformat(s) for s in runs)
+            present = set(slots)
+            moment, last = slots[0], slots[-1]
+            while moment < last:
+                moment += timedelta(seconds=1)
+                if moment not in present:
+                    f.tick_gaps.append(moment.isoformat())
 
     def wrong_outcomes(self, limit: int = 10) -> list[tuple[int, str]]:
         """A few tasks whose outcome was not the expected one (for failure messages)."""
