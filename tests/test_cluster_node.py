@@ -105,3 +105,22 @@ def test_connection_nodes_finds_the_node_of_a_named_connection(cluster: RabbitCl
 
     assert asyncio.run(connected_to_node_1()) == [1]
     assert cluster.connection_nodes(name) == []
+
+
+def test_a_rolling_restart_restarts_every_node_and_keeps_quorum_messages(
+    cluster: RabbitCluster,
+) -> None:
+    queue = f"cluster-selftest.{uuid.uuid4().hex[:8]}"
+    asyncio.run(declare_and_publish(cluster.urls[0], queue))
+    pids = [node.pid for node in cluster.nodes]
+    restarted: list[int] = []
+
+    def on_restarted(i: int) -> None:
+        assert cluster.running() == [0, 1, 2]  # back in the cluster before the next one goes
+        restarted.append(i)
+
+    cluster.rolling_restart(on_restarted)
+
+    assert restarted == [0, 1, 2]
+    assert all(node.pid not in (None, old) for node, old in zip(cluster.nodes, pids, strict=True))
+    assert asyncio.run(get_one(cluster.urls[2], queue)) == BODY
