@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BROKER := services/rabbitmq/broker.sh
 
-.PHONY: help install demo test lint typecheck unit bench fuzz broker stop-broker clean
+.PHONY: help install demo test lint typecheck unit bench fuzz broker stop-broker cluster stop-cluster clean
 
 help:
 	@echo "make demo   - start RabbitMQ if needed, run a worker and the demo, shut down"
@@ -15,6 +15,8 @@ help:
 	@echo "make bench  - the benchmark suite against a raw aio-pika baseline"
 	@echo "make fuzz   - 10,000 foreign and malformed messages at a worker, every one accounted for"
 	@echo "make stop-broker - stop the background RabbitMQ node that 'make demo' started"
+	@echo "make cluster - start a local 3-node RabbitMQ cluster (AMQP ports 5682-5684)"
+	@echo "make stop-cluster - stop the nodes 'make cluster' started"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -35,6 +37,18 @@ broker:
 
 stop-broker:
 	$(BROKER) stop-demo
+
+# A local 3-node cluster (aioqueue-cluster-1..3@localhost, files in .rabbitmq/cluster); running
+# it again restarts the same cluster with its data.
+CLUSTER_DIR := .rabbitmq/cluster
+
+cluster: install
+	@$(BROKER) install
+	@url="$$($(BROKER) start-cluster $(CLUSTER_DIR) | tail -n 1)" && test -n "$$url" && \
+		echo "$$url" && echo "export AIOQUEUE_BROKER_URL=$$url"
+
+stop-cluster:
+	$(BROKER) stop-cluster $(CLUSTER_DIR)
 
 demo: install broker
 	AIOQUEUE_BROKER_URL="$${AIOQUEUE_BROKER_URL:-$$(cat .rabbitmq/demo-url)}" $(BIN)/python -m services.demo

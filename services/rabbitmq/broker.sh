@@ -23,6 +23,21 @@
 #       rabbitmqctl -n NODENAME ARGS... with the Erlang cookie the nodes started here use.
 #   broker.sh stop-node NODENAME
 #       Stop a node started by start-node and make sure its Erlang VM is gone (epmd may stay).
+#   broker.sh diag NODENAME ARGS...
+#       rabbitmq-diagnostics -n NODENAME ARGS..., with the same cookie as `ctl`.
+#   broker.sh join-cluster NODENAME SEED_NODENAME
+#       Make the running node NODENAME a member of SEED_NODENAME's cluster: stop_app,
+#       join_cluster SEED, start_app, then wait until it runs. Idempotent: a node already in
+#       SEED's cluster is only started (start_app) if its application is stopped.
+#   broker.sh start-cluster DIR [BASE_PORT]
+#       Start (or restart, keeping the data) a local 3-node cluster for trying things out
+#       (`make cluster`): nodes aioqueue-cluster-1..3@localhost, files under DIR/node1..3, AMQP
+#       ports BASE_PORT..BASE_PORT+2 (default 5682), distribution port = AMQP port + 20000.
+#       The nodes boot in parallel, then 2 and 3 join 1. Nodes already running are kept. The
+#       node names are recorded in DIR/nodes. The last line on stdout is the broker URL, the
+#       three node URLs joined by commas.
+#   broker.sh stop-cluster DIR
+#       Stop the nodes start-cluster started in DIR (no error if they are down).
 #
 # A node name without "@host" gets "@localhost". Nodes run as the invoking user; as root the
 # Erlang cookie is the system one (/var/lib/rabbitmq/.erlang.cookie), else ~/.erlang.cookie.
@@ -129,6 +144,12 @@ rmq_ctl() { # ARGS... (always called with -n NODE)
     home="$(cookie_home)"
     # An empty env file: ignore /etc/rabbitmq/rabbitmq-env.conf (e.g. USE_LONGNAME there).
     HOME="$home" RABBITMQ_CONF_ENV_FILE=/dev/null "$RMQ_BIN/rabbitmqctl" "$@"
+}
+
+rmq_diag() { # ARGS... (always called with -n NODE)
+    local home
+    home="$(cookie_home)"
+    HOME="$home" RABBITMQ_CONF_ENV_FILE=/dev/null "$RMQ_BIN/rabbitmq-diagnostics" "$@"
 }
 
 # --- finding a node's processes ------------------------------------------------------------
@@ -413,6 +434,105 @@ cmd_stop_node() { # NODENAME
     log "node $node stopped"
 }
 
+# --- clusters ---------------------------------------------------------------------------------
+# The nodes of NODE's cluster as it sees them (its disk nodes), one per line; empty if unknown.
+cluster_members() { # NODE [KEY: disk_nodes | running_nodes]
+    local out
+    out="$(rmq_ctl -n "$1" -q cluster_status --formatter json 2>/dev/null)" || return 0
+    # {"disk_nodes":["a@h","b@h"],...}: the list after the key, one name per line
+    sed -n "s/.*\"${2:-disk_nodes}\":\[\([^]]*\)\].*/\1/p" <<<"$out" | tr ',' '\n' | tr -d '"' |
+        sed '/^$/d'
+}
+
+cmd_join_cluster() { # NODENAME SEED_NODENAME
+    (($# == 2)) || usage
+    require_installed
+    local node seed started=$SECONDS
+    node="$(with_host "$1")"
+    seed="$(with_host "$2")"
+    [[ "$node" != "$seed" ]] || die "join-cluster: $node cannot join itself"
+    if cluster_members "$node" | grep -qxF "$seed"; then
+        if ! cluster_members "$node" running_nodes | grep -qxF "$node"; then
+            rmq_ctl -n "$node" start_app >/dev/null || die "start_app failed on $node"
+        fi
+        rmq_ctl -n "$node" await_startup --timeout "$START_TIMEOUT" >/dev/null ||
+            die "node $node did not start within ${START_TIMEOUT}s"
+        log "node $node is already in the cluster of $seed"
+        return 0
+    fi
+    rmq_ctl -n "$node" stop_app >/dev/null || die "stop_app failed on $node"
+    if ! rmq_ctl -n "$node" join_cluster "$seed" >/dev/null; then
+        rmq_ctl -n "$node" start_app >/dev/null 2>&1 || true
+        die "$node could not join the cluster of $seed"
+    fi
+    rmq_ctl -n "$node" start_app >/dev/null || die "start_app failed on $node"
+    rmq_ctl -n "$node" await_startup --timeout "$START_TIMEOUT" >/dev/null ||
+        die "node $node did not start within ${START_TIMEOUT}s"
+    log "node $node joined the cluster of $seed in $((SECONDS - started))s"
+}
+
+CLUSTER_SIZE=3
+CLUSTER_BASE_PORT=5682
+
+cmd_start_cluster() { # DIR [BASE_PORT]
+    (($# == 1 || $# == 2)) || usage
+    local dir="$1" base="${2:-$CLUSTER_BASE_PORT}" i port started=$SECONDS
+    require_port BASE_PORT "$base"
+    require_port BASE_PORT "$((base + CLUSTER_SIZE - 1 + 20000))"
+    cmd_install
+    mkdir -p "$dir"
+    dir="$(cd "$dir" && pwd)"
+    local -a nodes=() urls=() jobs=()
+    for ((i = 1; i <= CLUSTER_SIZE; i++)); do
+        nodes+=("aioqueue-cluster-$i@localhost")
+        urls+=("amqp://guest:guest@127.0.0.1:$((base + i - 1))/")
+    done
+    printf '%s\n' "${nodes[@]}" >"$dir/nodes"
+
+    # Boot in parallel: a cluster restarted after a full stop needs its peers to finish booting.
+    for ((i = 1; i <= CLUSTER_SIZE; i++)); do
+        port=$((base + i - 1))
+        if [[ -n "$(node_pids "${nodes[i - 1]}")" ]]; then
+            log "node ${nodes[i - 1]} is already running"
+            continue
+        fi
+        (cmd_start_node "$dir/node$i" "${nodes[i - 1]}" "$port" "$((port + 20000))" >/dev/null) &
+        jobs+=($!)
+    done
+    local failed=0 job
+    for job in "${jobs[@]}"; do
+        wait "$job" || failed=1
+    done
+    ((failed == 0)) || die "some cluster nodes did not start (files in $dir); stop them with: $0 stop-cluster $dir"
+
+    for ((i = 2; i <= CLUSTER_SIZE; i++)); do
+        cmd_join_cluster "${nodes[i - 1]}" "${nodes[0]}"
+    done
+    log "cluster of ${nodes[*]} up in $((SECONDS - started))s (files in $dir)"
+    local IFS=,
+    printf '%s\n' "${urls[*]}"
+}
+
+cmd_stop_cluster() { # DIR
+    (($# == 1)) || usage
+    local dir="$1" node failed=0 job
+    local -a jobs=()
+    if [[ ! -r "$dir/nodes" ]]; then
+        log "no cluster recorded in $dir"
+        return 0
+    fi
+    installed || return 0
+    while IFS= read -r node; do
+        [[ -n "$node" ]] || continue
+        cmd_stop_node "$node" &
+        jobs+=($!)
+    done <"$dir/nodes"
+    for job in "${jobs[@]}"; do
+        wait "$job" || failed=1
+    done
+    ((failed == 0)) || die "some cluster nodes could not be stopped"
+}
+
 # --- ensure / stop-demo ----------------------------------------------------------------------
 docker_compose() {
     if docker compose version >/dev/null 2>&1; then
@@ -478,6 +598,17 @@ main() {
         ;;
     start-node) cmd_start_node "$@" ;;
     stop-node) cmd_stop_node "$@" ;;
+    join-cluster) cmd_join_cluster "$@" ;;
+    start-cluster) cmd_start_cluster "$@" ;;
+    stop-cluster) cmd_stop_cluster "$@" ;;
+    diag)
+        (($# >= 1)) || usage
+        require_installed
+        local dnode
+        dnode="$(with_host "$1")"
+        shift
+        rmq_diag -n "$dnode" "$@"
+        ;;
     ctl)
         (($# >= 1)) || usage
         require_installed
