@@ -263,3 +263,34 @@ async def test_every_channel_gets_the_deep_frame_buffer_after_a_reconnect_too(
         # Then its channels, restored or new, have the deep buffer as well
         assert buffers() == {CHANNEL_FRAME_BUFFER}
         assert len(connection_of(app).transport.connection.channels) >= 2
+
+
+async def test_a_nacked_publish_is_sent_again_until_its_deadline_then_raises(
+    rabbit: RabbitNode, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aioqueue.broker")
+    # Given a queue that rejects publishes while full (RabbitMQ nacks them), and full
+    full = f"{queue_name}.full"
+    args = {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "reject-publish"}
+    async with await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(full, durable=True, arguments=args)
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=full)
+        async with client(rabbit, queue_name, publish_timeout=3.0) as app:
+            broker: Any = app.broker
+            await broker.declare_queue(full, args)
+            # When a submit's publish is nacked until its deadline, it raises PublishError then
+            started = time.monotonic()
+            with pytest.raises(PublishError, match="nacked"):
+                await app.submit_with_options("tests.add", (1, 2), queue=full)
+            assert 2.0 < time.monotonic() - started < 10
+            # And one nacked at first goes through once the queue has room, within its deadline
+            caplog.clear()
+            submit = asyncio.ensure_future(
+                app.submit_with_options("tests.add", (1, 2), queue=full, ignore_result=True)
+            )
+            await wait_until(lambda: "publishing again" in caplog.text, what="a nack")
+            await queue.purge()
+            await asyncio.wait_for(submit, 10)
+        assert (await queue.declare()).message_count == 1
+        await queue.delete(if_unused=False, if_empty=False)

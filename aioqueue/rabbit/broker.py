@@ -316,9 +316,19 @@ class RabbitBroker:
                     f"message to {routing_key!r} was returned unroutable: {reply_text}"
                 ) from None
             except aiormq.exceptions.DeliveryError:
-                raise PublishError(
-                    f"RabbitMQ refused (nacked) a message to {routing_key!r}"
-                ) from None
+                # not stored: a quorum queue without a leader (a node just went, an election
+                # runs) or a majority, or a full queue that rejects publishes. Each passes or
+                # not within the deadline: publish again until then.
+                if loop.time() + delay >= deadline:
+                    raise PublishError(
+                        f"RabbitMQ refused (nacked) a message to {routing_key!r} until the "
+                        "publish deadline (a quorum queue without a leader or a majority of "
+                        "its nodes, or a full queue that rejects publishes)"
+                    ) from None
+                log.info("publish to %r nacked by RabbitMQ; publishing again", routing_key)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
             except FATAL_CHANNEL as exc:
                 raise PublishError(f"publish to {routing_key!r} refused: {exc}") from None
             except TRANSIENT as exc:

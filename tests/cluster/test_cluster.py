@@ -21,7 +21,7 @@ from tests.conftest import wait_until
 from tests.failure.harness import Scenario, check
 from tests.rabbit import RabbitCluster
 
-pytestmark = [pytest.mark.failure, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.cluster, pytest.mark.failure, pytest.mark.timeout(420)]
 
 WORKERS = "aioqueue failure client"  # the connection name of the worker processes' app
 CALLER = "aioqueue cluster-producer client"

@@ -75,6 +75,8 @@ class Figures:
     ticks: int = 0  # slots of the periodic task that ran (schedulers started only)
     tick_doubles: int = 0  # slots run twice, the second run not a redelivery: fired twice
     tick_gaps: list[str] = field(default_factory=list)  # slots missing between first and last
+    wrong: list[str] = field(default_factory=list)  # a few tasks whose outcome was not expected
+    outcome_kinds: dict[str, int] = field(default_factory=dict)
     elapsed: float = 0.0
 
     def line(self) -> str:
@@ -385,6 +387,16 @@ class Scenario:
             for path in self.dir.glob("worker-*.log")
         )
         self._tally_ticks()
+        f.wrong = [
+            f"{i}: {outcome} (runs {runs[i]}, submitted at "
+            f"{self._submitted_at.get(i, 0.0) - self._t0:.1f}s)"
+            for i, outcome in self.wrong_outcomes(limit=40)
+        ]
+        kinds = Counter(
+            o.split(":")[0] + ":" + o.split(":")[1] if ":" in o else o
+            for o in self._outcomes.values()
+        )
+        f.outcome_kinds = dict(kinds)
 
     def _tally_ticks(self) -> None:
         """Slots of ``failure.tick``: fired twice (a second run not marked redelivered), and
