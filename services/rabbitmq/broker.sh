@@ -267,7 +267,11 @@ write_node_files() { # DIR AMQP_PORT EXTRA_CONF_FILE
     local dir="$1"
     mkdir -p "$dir/mnesia" "$dir/log" "$dir/conf.d"
     printf '[].\n' >"$dir/enabled_plugins"
-    printf '[].\n' >"$dir/advanced.config"
+    # At-least-once dead-lettering (aioqueue's quorum delay ladder) re-sends a hop whose target
+    # did not confirm after this long: 180 s by default on 3.10, so a hop caught by a node's
+    # death would stall delayed tasks for minutes. Not settable in rabbitmq.conf on 3.10.
+    printf '%s\n' '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 10000}]}].' \
+        >"$dir/advanced.config"
     : >"$dir/rabbitmq-env.conf"
     {
         printf '# Written by services/rabbitmq/broker.sh start-node; rewritten on every start.\n'
