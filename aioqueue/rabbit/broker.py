@@ -228,11 +228,18 @@ class RabbitBroker:
             return
         async with self._declare_lock:
             if queue_type not in self._ladders:
-                await self._declare_ladder(queue_type)
+                # idempotent, so a connection lost midway (a node going) just starts it again
+                await self._retrying(
+                    "declaring the delay queues", lambda: self._declare_ladder(queue_type)
+                )
                 self._ladders.add(queue_type)
             if queue not in self._delay_routes:
-                assert self._deliver is not None
-                await self._declared[queue].bind(self._deliver, routing_key=deliver_pattern(queue))
+                deliver = self._deliver
+                assert deliver is not None
+                await self._retrying(
+                    f"routing delayed messages to {queue!r}",
+                    lambda: self._declared[queue].bind(deliver, routing_key=deliver_pattern(queue)),
+                )
                 self._delay_routes.add(queue)
 
     async def _declare_ladder(self, queue_type: QueueType) -> None:
