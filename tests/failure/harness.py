@@ -132,6 +132,7 @@ class Scenario:
         self.queue_type = queue_type
         self.mix = mix  # every tenth task delayed, every tenth retried once
         self.n_schedulers = schedulers  # processes of the scheduler firing failure.tick
+        self.result_timeout = RESULT_TIMEOUT  # how long a caller waits for its result
         self.queue = f"failure.{name}.{os.urandom(4).hex()}"
         self.n_workers = workers
         self.concurrency = concurrency
@@ -250,7 +251,7 @@ class Scenario:
             self._confirmed.add(i)
             self._submitted_at[i] = time.monotonic()
             try:
-                value = await handle.result(timeout=RESULT_TIMEOUT)
+                value = await handle.result(timeout=self.result_timeout)
             except DeadLetteredError as exc:
                 self._outcomes[i] = f"dead-lettered:{exc.reason}"
             except Exception as exc:
