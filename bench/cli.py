@@ -254,6 +254,9 @@ def run_cluster(
     try:
         with cluster() as (urls, pids):
             info["urls"] = urls
+            info["broker_pids"] = list(pids)
+            if len(pids) < len(urls):
+                progress("not every node's process is visible: its CPU counts as 'other'")
             info["broker"] = server_version(urls[0])
             if single is None:
                 meta = environment(urls[0], args, sizes)
