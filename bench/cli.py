@@ -258,8 +258,11 @@ def run_cluster(
             if len(pids) < len(urls):
                 progress("not every node's process is visible: its CPU counts as 'other'")
             info["broker"] = server_version(urls[0])
-            if single is None:
-                meta = environment(urls[0], args, sizes)
+            if single is None:  # --cluster: no single-node workloads
+                meta = environment(urls[0], args, sizes) | {
+                    "runs": args.cluster_runs,
+                    "workloads": [],
+                }
             suite = Suite(
                 urls[0],
                 sizes,
