@@ -70,7 +70,7 @@ fuzz: install
 	$(BIN)/python -m tests.flood --messages $${FUZZ_MESSAGES:-10000}
 
 # the single-node suite (3 runs), then the cluster run (1 run) in the same invocation, so the
-# cluster table shows ratios to the single-node figures; about 12 minutes on 2 cores
+# cluster table shows ratios to the single-node figures; about 6-7 minutes on 2 cores
 bench: install
 	$(BROKER) install
 	$(BIN)/python -m bench --with-cluster --cluster-runs 1
