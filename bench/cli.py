@@ -2,6 +2,8 @@
 
 Starts a private RabbitMQ node (unless ``--broker-url``), runs the suite, prints the Markdown
 table to stdout (progress goes to stderr) and writes everything to ``bench/results/latest.json``.
+``--cluster`` runs only the cluster run (a private 3-node cluster, quorum queues; results in
+``bench/results/cluster.json``), ``--with-cluster`` the suite and then the cluster run.
 Exits 1 if a measurement could not be taken; missed targets are reported, not an error.
 """
 
@@ -26,10 +28,11 @@ import orjson
 
 from . import report
 from .admin import server_version
+from .cluster import NODES, cluster
 from .loop import loop_name
 from .machine import listener_pid
 from .procs import ROOT, BenchError
-from .suite import BUSY_CORES, COMPARED, ONCE, Suite, progress
+from .suite import BUSY_CORES, CLUSTERED, COMPARED, ONCE, Suite, progress
 from .workloads import Sizes
 
 RESULTS = ROOT / "bench" / "results"
@@ -61,8 +64,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="before each measurement, wait up to this long for other processes to go quiet "
         "(default 0: do not wait)",
     )
-    p.add_argument("--json", type=Path, default=RESULTS / "latest.json", help="result file")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="only the cluster run: rpc and fire on quorum queues of a private 3-node cluster "
+        "with 1, 2, 3 aioqueue workers and one raw worker",
+    )
+    p.add_argument(
+        "--with-cluster",
+        action="store_true",
+        help="the single-node suite, then the cluster run (ratios to the single-node figures)",
+    )
+    p.add_argument(
+        "--cluster-runs",
+        type=int,
+        metavar="N",
+        help="runs of the cluster run (median; default: --runs)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        help="result file (default bench/results/latest.json, with --cluster .../cluster.json)",
+    )
     args = p.parse_args(argv)
+    if args.json is None:
+        args.json = RESULTS / ("cluster.json" if args.cluster else "latest.json")
+    if args.cluster and args.with_cluster:
+        p.error("--cluster runs only the cluster run; --with-cluster adds it to the suite")
+    if args.cluster_runs is None:
+        args.cluster_runs = args.runs
+    if args.cluster_runs < 1:
+        p.error("--cluster-runs must be at least 1")
     args.only = [w.strip() for w in args.only.split(",") if w.strip()]
     unknown = sorted(set(args.only) - set(WORKLOADS))
     if unknown:
@@ -100,7 +132,9 @@ def broker(url: str | None) -> Iterator[tuple[str, int | None]]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def environment(url: str, args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+def environment(url: str | None, args: argparse.Namespace, sizes: Sizes) -> dict[str, Any]:
+    """What ran where; without ``url`` (no broker came up) the broker's version is unknown."""
+
     def version(package: str) -> str | None:
         try:
             return metadata.version(package)
@@ -115,7 +149,7 @@ def environment(url: str, args: argparse.Namespace, sizes: Sizes) -> dict[str, A
         "cpus": os.cpu_count(),
         "loop": loop_name(),
         "packages": {name: version(name) for name in packages},
-        "broker": server_version(url),
+        "broker": server_version(url) if url else dict.fromkeys(("product", "version"), "?"),
         "runs": args.runs,
         "quick": args.quick,
         "quiet_wait": args.quiet_wait,
@@ -124,7 +158,12 @@ def environment(url: str, args: argparse.Namespace, sizes: Sizes) -> dict[str, A
     }
 
 
-def render(suite: Suite, profile: dict[str, Any] | None, meta: dict[str, Any]) -> str:
+def render(
+    suite: Suite | None,
+    profile: dict[str, Any] | None,
+    meta: dict[str, Any],
+    clustered: dict[str, Any] | None = None,
+) -> str:
     broker_info = meta["broker"]
     parts = [
         f"## aioqueue benchmark ({'quick, ' if meta['quick'] else ''}{meta['runs']} run(s))",
@@ -132,17 +171,39 @@ def render(suite: Suite, profile: dict[str, Any] | None, meta: dict[str, Any]) -
         f"{meta['cpus']} CPUs, Python {meta['python']} on {meta['loop']}, "
         f"{broker_info['product']} {broker_info['version']}, "
         f"aio-pika {meta['packages']['aio-pika']}, aiormq {meta['packages']['aiormq']}",
-        "",
-        report.markdown(report.rows(suite.measured, suite.sizes)),
     ]
-    runs = report.per_run(suite.measured, BUSY_CORES)
-    if runs:
-        parts += ["", f"Per run (* = other processes used > {BUSY_CORES} cores meanwhile):", runs]
+    anomalies: list[str] = []
+    if suite is not None:
+        parts += ["", report.markdown(report.rows(suite.measured, suite.sizes))]
+        runs = report.per_run(suite.measured, BUSY_CORES)
+        if runs:
+            parts += ["", f"Per run (* = other processes used > {BUSY_CORES} cores meanwhile):"]
+            parts += [runs]
+        anomalies += suite.anomalies
     if profile:
         parts += ["", _profile_table(profile)]
-    if suite.anomalies:
-        parts += ["", "Anomalies:", *(f"- {a}" for a in suite.anomalies)]
+    if clustered is not None:
+        parts += ["", _cluster_section(clustered, meta)]
+        anomalies += clustered["anomalies"]
+    if anomalies:
+        parts += ["", "Anomalies:", *(f"- {a}" for a in anomalies)]
     parts += ["", f"Total wall time: {meta['wall_seconds'] / 60:.1f} min"]
+    return "\n".join(parts)
+
+
+def _cluster_section(clustered: dict[str, Any], meta: dict[str, Any]) -> str:
+    info = clustered["meta"]
+    sizes = Sizes(**meta["sizes"])
+    table = [report.ClusterRow(**row) for row in clustered["table"]]
+    parts = [report.cluster_markdown(table, sizes, meta["cpus"])]
+    if clustered["measurements"]:
+        parts += [
+            "",
+            f"Cluster per run ({info['runs']} run(s), * = other processes used > {BUSY_CORES} "
+            "cores meanwhile):",
+            report.per_run(clustered["measurements"], BUSY_CORES),
+        ]
+    parts += ["", f"Cluster run wall time: {info['wall_seconds'] / 60:.1f} min"]
     return "\n".join(parts)
 
 
@@ -174,35 +235,104 @@ def _hot_table(process: str, profile: dict[str, Any]) -> list[str]:
     return lines
 
 
+def run_cluster(
+    args: argparse.Namespace, sizes: Sizes, logs: Path, single: Suite | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The cluster run: (its part of the result document, the environment if it was the first
+    to learn the broker's version). A cluster that does not start is an anomaly, not a crash."""
+    started = time.monotonic()
+    info: dict[str, Any] = {
+        "nodes": NODES,
+        "queue_type": "quorum",
+        "runs": args.cluster_runs,
+        "workloads": list(CLUSTERED),
+        "producer_node": 1,
+    }
+    meta: dict[str, Any] | None = None
+    suite: Suite | None = None
+    anomalies: list[str] = []
+    try:
+        with cluster() as (urls, pids):
+            info["urls"] = urls
+            info["broker_pids"] = list(pids)
+            if len(pids) < len(urls):
+                progress("not every node's process is visible: its CPU counts as 'other'")
+            info["broker"] = server_version(urls[0])
+            if single is None:  # --cluster: no single-node workloads
+                meta = environment(urls[0], args, sizes) | {
+                    "runs": args.cluster_runs,
+                    "workloads": [],
+                }
+            suite = Suite(
+                urls[0],
+                sizes,
+                logs,
+                broker_pid=pids or None,
+                quiet_wait=args.quiet_wait,
+                queue_type="quorum",
+                prefix="cluster-",
+            )
+            suite.run_cluster(urls, args.cluster_runs)
+    except BenchError as exc:
+        anomalies.append(f"cluster: {exc}")
+    measured = suite.measured if suite is not None else {}
+    table = report.cluster_rows(measured, single.measured if single else None, NODES)
+    info["wall_seconds"] = time.monotonic() - started
+    return {
+        "meta": info,
+        "table": [asdict(row) for row in table],
+        "measurements": measured,
+        "anomalies": [*(suite.anomalies if suite else []), *anomalies],
+    }, meta
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     sizes = Sizes.quick() if args.quick else Sizes()
     logs = RESULTS / "logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    logs.mkdir(parents=True)
+    cluster_logs = logs / "cluster"
+    shutil.rmtree(cluster_logs if args.cluster else logs, ignore_errors=True)
+    cluster_logs.mkdir(parents=True)
     profile: dict[str, Any] | None = None
-    with broker(args.broker_url) as (url, broker_pid):
-        meta = environment(url, args, sizes)
-        suite = Suite(url, sizes, logs, broker_pid=broker_pid, quiet_wait=args.quiet_wait)
-        suite.run(args.only, args.runs)
-        if args.profile:
-            try:
-                profile = suite.profile(RESULTS / "profile-rpc-aioqueue.txt")
-            except BenchError as exc:
-                suite.anomalies.append(f"profile: {exc}")
+    suite: Suite | None = None
+    meta: dict[str, Any] | None = None
+    if not args.cluster:
+        with broker(args.broker_url) as (url, broker_pid):
+            meta = environment(url, args, sizes)
+            suite = Suite(url, sizes, logs, broker_pid=broker_pid, quiet_wait=args.quiet_wait)
+            suite.run(args.only, args.runs)
+            if args.profile:
+                try:
+                    profile = suite.profile(RESULTS / "profile-rpc-aioqueue.txt")
+                except BenchError as exc:
+                    suite.anomalies.append(f"profile: {exc}")
+    clustered: dict[str, Any] | None = None
+    if args.cluster or args.with_cluster:
+        clustered, cluster_meta = run_cluster(args, sizes, cluster_logs, suite)
+        meta = meta or cluster_meta
+    if meta is None:  # --cluster, and the cluster never came up
+        meta = environment(None, args, sizes)
     meta["wall_seconds"] = time.monotonic() - started
-    print(render(suite, profile, meta), flush=True)
-    table = [asdict(row) for row in report.rows(suite.measured, sizes)]
-    document = {
-        "meta": meta,
-        "table": table,
-        "measurements": suite.measured,
-        "profile": profile,
-        "anomalies": suite.anomalies,
-    }
+    print(render(suite, profile, meta, clustered), flush=True)
+    document: dict[str, Any] = {"meta": meta}
+    if suite is not None:
+        document |= {
+            "table": [asdict(row) for row in report.rows(suite.measured, sizes)],
+            "measurements": suite.measured,
+            "profile": profile,
+            "anomalies": suite.anomalies,
+        }
+    if clustered is not None:
+        document["cluster"] = clustered
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
     progress(f"results written to {args.json}")
-    errors = any("error" in r for s in suite.measured.values() for rs in s.values() for r in rs)
-    return 1 if errors else 0
+    measured = [suite.measured] if suite else []
+    if clustered is not None:
+        measured.append(clustered["measurements"])
+    errors = any(
+        "error" in r for m in measured for s in m.values() for rs in s.values() for r in rs
+    )
+    cluster_failed = clustered is not None and not clustered["measurements"]
+    return 1 if errors or cluster_failed else 0

@@ -12,7 +12,7 @@ import os
 import time
 from types import TracebackType
 
-__all__ = ["CpuWatch", "listener_pid", "wait_until_quiet"]
+__all__ = ["BrokerPids", "CpuWatch", "listener_pid", "wait_until_quiet"]
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -64,10 +64,14 @@ def listener_pid(port: int) -> int | None:
     return None
 
 
-def _ours(broker_pid: int | None) -> float:
+BrokerPids = int | tuple[int, ...] | None  # a node, the nodes of a cluster, or unknown
+
+
+def _ours(broker_pid: BrokerPids) -> float:
     times = os.times()
     own = times.user + times.system + times.children_user + times.children_system
-    return own + (_process(broker_pid) if broker_pid else 0.0)
+    pids = (broker_pid,) if isinstance(broker_pid, int) else broker_pid or ()
+    return own + sum(_process(pid) for pid in pids)
 
 
 class CpuWatch:
@@ -77,7 +81,7 @@ class CpuWatch:
     cannot be seen) the broker counts as "other".
     """
 
-    def __init__(self, broker_pid: int | None) -> None:
+    def __init__(self, broker_pid: BrokerPids) -> None:
         self._broker_pid = broker_pid
         self._start = self._end = (0.0, 0.0, 0.0, 0.0, 0.0)
 
@@ -109,7 +113,7 @@ class CpuWatch:
 
 
 def wait_until_quiet(
-    broker_pid: int | None, *, limit: float, threshold: float, probe: float = 1.0
+    broker_pid: BrokerPids, *, limit: float, threshold: float, probe: float = 1.0
 ) -> float:
     """Wait up to ``limit`` seconds until other processes use under ``threshold`` cores for a
     ``probe``-second sample; returns the seconds waited (``limit`` or more if never quiet)."""

@@ -1,7 +1,8 @@
 """The benchmark's OS processes: workers, producers, and an optional py-spy profiler.
 
 Every process runs from the repository root with the bench environment: the broker URL in
-``$AIOQUEUE_BROKER_URL`` and the measurement's queue in ``$AIOQUEUE_BENCH_QUEUE``. This module
+``$AIOQUEUE_BROKER_URL``, the measurement's queue in ``$AIOQUEUE_BENCH_QUEUE`` and its type
+(``classic`` or ``quorum``, for both systems) in ``$AIOQUEUE_BENCH_QUEUE_TYPE``. This module
 does not import aioqueue: the orchestrating process keeps working while aioqueue is mid-edit.
 """
 
@@ -22,6 +23,7 @@ import orjson
 
 __all__ = [
     "QUEUE_ENV",
+    "QUEUE_TYPE_ENV",
     "BenchError",
     "System",
     "Worker",
@@ -32,6 +34,7 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
+QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum", both systems
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
@@ -42,8 +45,8 @@ class BenchError(RuntimeError):
     """A measurement could not be taken (a process failed, hung, or answered nonsense)."""
 
 
-def bench_env(url: str, queue: str) -> dict[str, str]:
-    return {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue}
+def bench_env(url: str, queue: str, queue_type: str = "classic") -> dict[str, str]:
+    return {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -56,7 +59,9 @@ def tail(path: Path, lines: int = 30) -> str:
 class Worker:
     """A worker process of either system, its output in ``log``."""
 
-    def __init__(self, system: System, url: str, queue: str, log: Path) -> None:
+    def __init__(
+        self, system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+    ) -> None:
         if system == "aioqueue":
             command = [
                 *("-m", "aioqueue.worker", "bench.tasks:app"),
@@ -70,7 +75,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, *command],
                 cwd=ROOT,
-                env=bench_env(url, queue),
+                env=bench_env(url, queue, queue_type),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -121,9 +126,11 @@ class Worker:
 
 
 @contextlib.contextmanager
-def start_worker(system: System, url: str, queue: str, log: Path) -> Iterator[Worker]:
+def start_worker(
+    system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+) -> Iterator[Worker]:
     """A ready worker for the block; stopped (SIGTERM) when it ends."""
-    worker = Worker(system, url, queue, log)
+    worker = Worker(system, url, queue, log, queue_type)
     try:
         worker.wait_ready()
         yield worker
@@ -145,7 +152,7 @@ def run_producer(
         done = subprocess.run(
             command,
             cwd=ROOT,
-            env=bench_env(spec["url"], spec["queue"]),
+            env=bench_env(spec["url"], spec["queue"], spec.get("queue_type", "classic")),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,

@@ -8,6 +8,7 @@ stdout. The aioqueue side reads its queue and URL from the environment, as `benc
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -20,12 +21,20 @@ from .workloads import Client, Sizes
 
 
 class AioqueueBench:
-    """`Client` on aioqueue's public API: ``submit`` then ``result``."""
+    """`Client` on aioqueue's public API: ``submit`` then ``result``.
 
-    def __init__(self) -> None:
-        from . import tasks  # reads $AIOQUEUE_BENCH_QUEUE and $AIOQUEUE_BROKER_URL
+    With ``workers`` worker processes on the queue, ``executed`` asks that many times at once
+    and adds up the latest count each worker reported: a lower bound of what all of them ran
+    (each count only grows), which reaches the total once every worker answered after its last
+    task (the broker hands the queries out round-robin, so repeated polls reach every worker).
+    """
+
+    def __init__(self, workers: int = 1) -> None:
+        from . import tasks  # reads $AIOQUEUE_BENCH_QUEUE(_TYPE) and $AIOQUEUE_BROKER_URL
 
         self.tasks = tasks
+        self.workers = workers
+        self._counts: dict[int, int] = {}
 
     async def call(self, i: int) -> int:
         handle = await self.tasks.noop.submit(i)
@@ -35,8 +44,14 @@ class AioqueueBench:
         await self.tasks.fire.submit()
 
     async def executed(self) -> int:
+        for pid, count in await asyncio.gather(*(self._ask() for _ in range(self.workers))):
+            self._counts[pid] = max(count, self._counts.get(pid, 0))
+        return sum(self._counts.values())
+
+    async def _ask(self) -> list[int]:
         handle = await self.tasks.executed.submit()
-        return await handle.result()
+        answer: list[int] = await handle.result()
+        return answer
 
 
 class RawBench:
@@ -87,7 +102,9 @@ async def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
     """Connect the system's producer, measure, and name the queues it created (for cleanup)."""
     if spec["system"] == "raw":
-        raw = await RawClient.connect(spec["url"], spec["queue"])
+        raw = await RawClient.connect(
+            spec["url"], spec["queue"], quorum=spec.get("queue_type") == "quorum"
+        )
         try:
             result = await measure(RawBench(raw), spec)
         finally:
@@ -95,7 +112,7 @@ async def main(spec: dict[str, Any]) -> dict[str, Any]:
         return {**result, "queues": [spec["queue"]]}
     from aioqueue.topology import reply_queue_name
 
-    bench = AioqueueBench()
+    bench = AioqueueBench(spec.get("workers", 1))
     app = bench.tasks.app
     async with app:
         result = await measure(bench, spec)

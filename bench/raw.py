@@ -8,12 +8,14 @@ encode JSON with orjson and run on uvloop. The wire protocol is the benchmark's 
 ``{"task": name, "args": [...]}`` in, ``{"value": ...}`` back.
 
 Worker: ``python -m bench.raw AMQP_URL QUEUE`` (prints ``raw worker ready`` on stderr; SIGTERM
-stops it).
+stops it). With ``$AIOQUEUE_BENCH_QUEUE_TYPE=quorum`` (the cluster run) both sides declare the
+task queue with ``x-queue-type: quorum``; the reply queue stays exclusive (hence classic).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import uuid
@@ -30,9 +32,11 @@ from aio_pika.abc import (
 )
 
 from .loop import run
+from .procs import QUEUE_TYPE_ENV
 
 PREFETCH = 100
 JSON = "application/json"
+QUORUM = {"x-queue-type": "quorum"}
 
 
 class RawClient:
@@ -52,10 +56,10 @@ class RawClient:
         self._futures: dict[str, asyncio.Future[Any]] = {}
 
     @classmethod
-    async def connect(cls, url: str, queue: str) -> RawClient:
+    async def connect(cls, url: str, queue: str, *, quorum: bool = False) -> RawClient:
         connection = await aio_pika.connect_robust(url)
         channel = await connection.channel()  # publisher confirms on
-        await channel.declare_queue(queue, durable=True)
+        await channel.declare_queue(queue, durable=True, arguments=QUORUM if quorum else None)
         reply_queue = await channel.declare_queue(exclusive=True)
         client = cls(connection, channel.default_exchange, queue, reply_queue)
         await reply_queue.consume(client._on_reply, no_ack=True)
@@ -133,7 +137,7 @@ class RawWorker:
         await message.ack()
 
 
-async def serve(url: str, queue_name: str) -> None:
+async def serve(url: str, queue_name: str, *, quorum: bool = False) -> None:
     """Consume ``queue_name`` until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -143,7 +147,8 @@ async def serve(url: str, queue_name: str) -> None:
     async with connection:
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=PREFETCH)
-        queue = await channel.declare_queue(queue_name, durable=True)
+        arguments = QUORUM if quorum else None
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
         worker = RawWorker(channel)
         await queue.consume(worker.on_message)
         print(f"raw worker ready (queue {queue_name})", file=sys.stderr, flush=True)
@@ -153,4 +158,5 @@ async def serve(url: str, queue_name: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: python -m bench.raw AMQP_URL QUEUE")
-    run(serve(sys.argv[1], sys.argv[2]))
+    quorum = os.environ.get(QUEUE_TYPE_ENV) == "quorum"
+    run(serve(sys.argv[1], sys.argv[2], quorum=quorum))

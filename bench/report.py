@@ -9,7 +9,7 @@ from typing import Any
 
 from .workloads import Sizes
 
-__all__ = ["Row", "markdown", "per_run", "rows"]
+__all__ = ["ClusterRow", "Row", "cluster_markdown", "cluster_rows", "markdown", "per_run", "rows"]
 
 # Targets of issue 6 ("Performance").
 RPC_RATIO = 1.3  # aioqueue rpc ≥ 1.3 x raw
@@ -171,3 +171,89 @@ def _run_figure(run: dict[str, Any], key: str, digits: int, busy: float) -> str:
         return "error"
     other = run.get("machine", {}).get("other_cores", 0.0)
     return _number(run.get(key), digits) + ("*" if other > busy else "")
+
+
+CLUSTER_NOTE = (
+    "On this {cpus}-core machine the three nodes, the workers and the producer share {cpus} "
+    "cores, so these figures show the cost of replication, not growth with more workers."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterRow:
+    """One line of the cluster table: a system with some workers, its medians and the ratio of
+    each to the single-node aioqueue (classic queue) median when that was measured."""
+
+    label: str
+    system: str
+    workers: int
+    rpc: float | None
+    fire: float | None
+    rpc_vs_single: float | None
+    fire_vs_single: float | None
+
+
+def cluster_rows(
+    cluster: Measurements, single: Measurements | None, nodes: int = 3
+) -> list[ClusterRow]:
+    """aioqueue with 1..``nodes`` workers, then raw with one worker (systems named by
+    `bench.suite.cluster_key`); ratios to ``single``'s aioqueue medians when given."""
+    base = {
+        w: _median((single or {}).get(w, {}).get("aioqueue", []), "rate") for w in ("rpc", "fire")
+    }
+    out = []
+    setups = [("aioqueue", n) for n in range(1, nodes + 1)] + [("raw", 1)]
+    for system, n in setups:
+        key = f"{system}-{n}"
+        rpc = _median(cluster.get("rpc", {}).get(key, []), "rate")
+        fire = _median(cluster.get("fire", {}).get(key, []), "rate")
+        if rpc is None and fire is None:
+            continue
+        where = "worker k on node k" if n > 1 else "on node 1"
+        label = f"{system}, {n} worker{'s' if n > 1 else ''} ({where})"
+        out.append(
+            ClusterRow(
+                label, system, n, rpc, fire, _ratio(rpc, base["rpc"]), _ratio(fire, base["fire"])
+            )
+        )
+    return out
+
+
+def cluster_markdown(table: list[ClusterRow], sizes: Sizes, cpus: int | None) -> str:
+    """The "Cluster (3 nodes, quorum queues)" table; ratio columns only with single-node
+    figures to compare with."""
+    ratios = any(r.rpc_vs_single is not None or r.fire_vs_single is not None for r in table)
+    head = [
+        "setup (producer on node 1)",
+        f"rpc tasks/s ({sizes.rpc:,})",
+        f"fire tasks/s ({sizes.fire:,})",
+    ]
+    if ratios:
+        head += ["rpc vs single-node aioqueue", "fire vs single-node aioqueue"]
+    lines = [
+        "### Cluster (3 nodes, quorum queues)",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
+    for row in table:
+        cells = [row.label, _number(row.rpc, 0), _number(row.fire, 0)]
+        if ratios:
+            cells += [
+                "—" if r is None else f"{r:.2f}x" for r in (row.rpc_vs_single, row.fire_vs_single)
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if ratios:
+        lines.append(
+            "Ratios: cluster figure / single-node aioqueue figure (classic queue, one worker, "
+            "same invocation); medians over the runs. raw declares its task queue as a quorum "
+            "queue too (its reply queue is exclusive, hence classic)."
+        )
+    else:
+        lines.append(
+            "Medians over the runs. raw declares its task queue as a quorum queue too (its reply "
+            "queue is exclusive, hence classic)."
+        )
+    lines.append(CLUSTER_NOTE.format(cpus=cpus or "?"))
+    return "\n".join(lines)

@@ -4,10 +4,15 @@ One measurement = a fresh queue, a fresh worker process (none for ``backlog``), 
 process that connects, warms up and measures, then the worker is stopped (SIGTERM) and the
 queues are deleted. rpc, fire and latency run both systems in every run, alternating which goes
 first; soak and backlog run aioqueue once.
+
+The cluster run (`Suite.run_cluster`) measures rpc and fire on quorum queues of a 3-node cluster
+with 1, 2 and 3 aioqueue workers (worker k on node k, the producer on node 1), and the raw
+baseline once per run with one worker on node 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import sys
 from dataclasses import asdict
@@ -15,15 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from .admin import delete_queues
-from .machine import CpuWatch, wait_until_quiet
+from .machine import BrokerPids, CpuWatch, wait_until_quiet
 from .procs import BenchError, System, profiled, run_producer, start_worker
 from .profile import Hot, hot_functions
 from .report import Measurements
 from .workloads import Sizes
 
-__all__ = ["COMPARED", "ONCE", "Suite"]
+__all__ = ["CLUSTERED", "COMPARED", "ONCE", "Suite", "cluster_key"]
 
 COMPARED = ("rpc", "fire", "latency")  # both systems, median of the runs
+CLUSTERED = ("rpc", "fire")  # the cluster run's workloads
 ONCE = ("soak", "backlog")  # aioqueue alone, once
 PRODUCER_TIMEOUT = {"rpc": 300, "fire": 300, "latency": 300, "soak": 1200, "backlog": 1200}
 BUSY_CORES = 0.25  # other processes using more CPU than this meanwhile: an anomaly
@@ -32,6 +38,11 @@ PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def cluster_key(system: System, workers: int) -> str:
+    """The cluster run's name for a system with that many workers: ``aioqueue-2``, ``raw-1``."""
+    return f"{system}-{workers}"
 
 
 def headline(workload: str, result: dict[str, Any]) -> str:
@@ -54,10 +65,14 @@ class Suite:
         sizes: Sizes,
         logs: Path,
         *,
-        broker_pid: int | None,
+        broker_pid: BrokerPids,
         quiet_wait: float = 0.0,
+        queue_type: str = "classic",
+        prefix: str = "",
     ) -> None:
         self.url = url
+        self.queue_type = queue_type
+        self.prefix = prefix  # of measurement names (log files, anomalies)
         self.broker_pid = broker_pid
         self.quiet_wait = quiet_wait
         self.sizes = sizes
@@ -77,25 +92,58 @@ class Suite:
             if workload in workloads:
                 self.record(workload, "aioqueue", 0, 1)
 
-    def record(self, workload: str, system: System, run: int, runs: int) -> None:
-        result = self.measure(workload, system, run)
-        self.measured.setdefault(workload, {}).setdefault(system, []).append(result)
-        progress(f"[{workload} {run + 1}/{runs}] {system:>8}: {headline(workload, result)}")
+    def run_cluster(self, worker_urls: list[str], runs: int) -> None:
+        """rpc and fire on the cluster, run by run: aioqueue with 1..n workers (worker k on
+        ``worker_urls[k - 1]``), raw with one worker on the first node; the order alternates."""
+        setups: list[tuple[System, int]] = [("raw", 1)]
+        setups += [("aioqueue", n) for n in range(1, len(worker_urls) + 1)]
+        for run in range(runs):
+            for workload in CLUSTERED:
+                for system, n in setups if run % 2 == 0 else setups[::-1]:
+                    self.record(workload, system, run, runs, workers=worker_urls[:n])
 
-    def _spec(self, workload: str, system: System, name: str, sizes: Sizes) -> dict[str, Any]:
+    def record(
+        self,
+        workload: str,
+        system: System,
+        run: int,
+        runs: int,
+        *,
+        workers: list[str] | None = None,
+    ) -> None:
+        """One measurement, kept under the system's name (with ``workers``: the worker URLs,
+        under `cluster_key`)."""
+        key = system if workers is None else cluster_key(system, len(workers))
+        result = self.measure(workload, system, run, workers=workers)
+        self.measured.setdefault(workload, {}).setdefault(key, []).append(result)
+        tag = f"{self.prefix}{workload} {run + 1}/{runs}"
+        progress(f"[{tag}] {key:>10}: {headline(workload, result)}")
+
+    def _spec(
+        self, workload: str, system: System, name: str, sizes: Sizes, workers: int = 1
+    ) -> dict[str, Any]:
         """What `bench.producer` is to do, on a queue of its own."""
         return {
             "system": system,
             "workload": workload,
             "url": self.url,
             "queue": f"bench.{name}.{secrets.token_hex(3)}",
+            "queue_type": self.queue_type,
+            "workers": workers,
             "sizes": asdict(sizes),
         }
 
-    def measure(self, workload: str, system: System, run: int) -> dict[str, Any]:
-        """One measurement in fresh processes on a fresh queue; errors become a result."""
-        name = f"{workload}-{system}-{run}"
-        spec = self._spec(workload, system, name, self.sizes)
+    def measure(
+        self, workload: str, system: System, run: int, *, workers: list[str] | None = None
+    ) -> dict[str, Any]:
+        """One measurement in fresh processes on a fresh queue; errors become a result.
+
+        ``workers``: one worker process per URL (default: one on the suite's URL).
+        """
+        urls = workers or [self.url]
+        key = system if workers is None else cluster_key(system, len(urls))
+        name = f"{self.prefix}{workload}-{key}-{run}"
+        spec = self._spec(workload, system, name, self.sizes, len(urls))
         queue = spec["queue"]
         queues = [queue, f"{queue}.dlq"]
         if self.quiet_wait > 0:
@@ -104,7 +152,7 @@ class Suite:
                 progress(f"[{name}] the machine stayed busy for {waited:.0f} s; measuring anyway")
         try:
             with CpuWatch(self.broker_pid) as watch:
-                result = self._take(spec, name)
+                result = self._take(spec, name, urls)
             queues += result.pop("queues", [])
             result["machine"] = machine = watch.summary()
             if machine["other_cores"] > BUSY_CORES:
@@ -122,14 +170,29 @@ class Suite:
         self._check_left(name, left, expected)
         return result
 
-    def _take(self, spec: dict[str, Any], name: str) -> dict[str, Any]:
-        """Run the producer (with a ready worker unless the workload is backlog)."""
+    def _take(self, spec: dict[str, Any], name: str, urls: list[str]) -> dict[str, Any]:
+        """Run the producer (with a ready worker per URL unless the workload is backlog)."""
         timeout = PRODUCER_TIMEOUT[spec["workload"]]
         if spec["workload"] == "backlog":  # no worker on purpose
             return run_producer(spec, timeout=timeout)
-        with start_worker(spec["system"], self.url, spec["queue"], self.logs / f"{name}.log") as w:
-            result = run_producer({**spec, "worker_pid": w.pid}, timeout=timeout)
-        self._check_worker(name, w.proc.returncode, w.complaints())
+        system, queue = spec["system"], spec["queue"]
+        with contextlib.ExitStack() as stack:
+            started = [
+                stack.enter_context(
+                    start_worker(
+                        system,
+                        url,
+                        queue,
+                        self.logs / (f"{name}.log" if len(urls) == 1 else f"{name}-w{k}.log"),
+                        self.queue_type,
+                    )
+                )
+                for k, url in enumerate(urls, 1)
+            ]
+            result = run_producer({**spec, "worker_pid": started[0].pid}, timeout=timeout)
+        for k, w in enumerate(started, 1):
+            who = name if len(started) == 1 else f"{name} worker {k}"
+            self._check_worker(who, w.proc.returncode, w.complaints())
         return result
 
     def profile(self, out: Path, top: int = 15) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The aioqueue tasks the benchmark's worker runs: ``python -m aioqueue.worker bench.tasks:app``.
 
-The queue comes from ``$AIOQUEUE_BENCH_QUEUE`` (each measurement uses a fresh queue) and the
-broker URL from ``$AIOQUEUE_BROKER_URL`` or the worker's ``--broker-url``.
+The queue comes from ``$AIOQUEUE_BENCH_QUEUE`` (each measurement uses a fresh queue), its type
+from ``$AIOQUEUE_BENCH_QUEUE_TYPE`` (``classic``, the default, or ``quorum`` for the cluster run)
+and the broker URL from ``$AIOQUEUE_BROKER_URL`` or the worker's ``--broker-url``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,16 @@ import os
 
 from aioqueue import App
 
-from .procs import QUEUE_ENV
+from .procs import QUEUE_ENV, QUEUE_TYPE_ENV
 
-app = App("bench", default_queue=os.environ.get(QUEUE_ENV, "bench"))
+_queue_type = os.environ.get(QUEUE_TYPE_ENV) or "classic"
+if _queue_type not in ("classic", "quorum"):
+    raise SystemExit(f"${QUEUE_TYPE_ENV} must be 'classic' or 'quorum', not {_queue_type!r}")
+app = App(
+    "bench",
+    default_queue=os.environ.get(QUEUE_ENV, "bench"),
+    queue_type="quorum" if _queue_type == "quorum" else "classic",
+)
 
 _executed = 0  # fire tasks run by this worker process
 
@@ -31,6 +39,7 @@ async def fire() -> None:
 
 
 @app.task(name="bench.executed")
-async def executed() -> int:
-    """How many ``bench.fire`` tasks this worker process has run so far."""
-    return _executed
+async def executed() -> list[int]:
+    """``[pid, count]``: this worker process and how many ``bench.fire`` tasks it has run so
+    far (with several workers on one queue the producer adds up the latest count of each)."""
+    return [os.getpid(), _executed]
