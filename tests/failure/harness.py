@@ -331,7 +331,11 @@ class Scenario:
         finally:
             self._stopping = True
             await asyncio.gather(supervisor, return_exceptions=True)
-            await self._stop_workers()
+            try:
+                await self._stop_workers()
+            finally:  # whatever failed, no process of the scenario outlives it
+                for process in (*self.workers, *self.schedulers):
+                    process.kill()
         self.figures.elapsed = time.monotonic() - started
         self._tally()
         FIGURES.append(self.figures)
