@@ -7,9 +7,10 @@ confirmed submits, nothing unexpected, every caller gets its result; the schedul
 slot twice and misses none.
 Recovery after each fault is reported, not asserted.
 
-Delayed and retried tasks (the quorum delay ladder) have a test of their own, expected to fail
-on RabbitMQ 3.10.8: after a node kill, delayed messages stood still for about 2.5 minutes in
-two of three runs here (nothing lost: they ran afterwards). See
+Delayed and retried tasks (the quorum delay ladder) have a test of their own, marked as an
+expected failure (not strict) on RabbitMQ 3.10.8: with them in the scenario above, delayed
+messages stood still for about 2.5 minutes after a node kill in two of three runs here (nothing
+lost: they ran afterwards); alone, it did not stall in its one run. See
 docs/deploying.md, "Delays on a cluster".
 """
 
@@ -154,7 +155,7 @@ async def test_delayed_tasks_move_on_when_a_delay_queue_leader_is_killed(
     cluster: RabbitCluster, tmp_path: Path
 ) -> None:
     scenario = Scenario(
-        "cluster: kill -9 of a delay queue's leader",
+        "cluster: kill -9 of a delay queue leader",
         None,
         tmp_path,
         url=cluster.url,
