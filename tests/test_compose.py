@@ -165,11 +165,17 @@ def test_the_nodes_share_a_cookie_without_the_deprecated_variable() -> None:
 def test_the_nodes_join_by_classic_peer_discovery_from_a_mounted_config() -> None:
     services = compose(CLUSTER_FILE)["services"]
     for name in CLUSTER_NODES:
-        mounts = [v.split(":") for v in services[name]["volumes"] if v.startswith("./")]
-        ((source, target, *_),) = mounts
+        mounts = dict(v.split(":")[:2] for v in services[name]["volumes"] if v.startswith("./"))
+        source = "./services/rabbitmq/cluster/rabbitmq.conf"
+        target = mounts[source]
         assert target.startswith("/etc/rabbitmq/conf.d/") and target.endswith(".conf"), name
         config = (ROOT / source).read_text()
-        assert source == "./services/rabbitmq/cluster/rabbitmq.conf"
+        # and the dead-letter re-send timeout of docs/deploying.md, "Delays on a cluster"
+        advanced = "./services/rabbitmq/cluster/advanced.config"
+        assert mounts[advanced] == "/etc/rabbitmq/advanced.config", name
+        assert (
+            "{dead_letter_worker_publisher_confirm_timeout, 10000}" in (ROOT / advanced).read_text()
+        )
     settings = dict(
         (key.strip(), value.strip())
         for key, _, value in (line.partition("=") for line in config.splitlines())
