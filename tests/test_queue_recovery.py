@@ -20,7 +20,7 @@ import aio_pika
 import aiormq
 import pytest
 
-from aioqueue import App
+from aioqueue import App, Settings
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.test_core import get_dead_letter, publish_raw
@@ -91,8 +91,9 @@ async def test_a_dead_letter_that_cannot_be_stored_is_requeued_with_back_off(
     queue_name: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Given a worker whose Q.dlq refuses every message (a policy: at most 0, reject-publish)
-    app = make_app()
+    # Given a worker whose Q.dlq refuses every message (a policy: at most 0, reject-publish);
+    # a refused publish is sent again until its deadline, here 1 s, then the hand-off failed
+    app = make_app(settings=Settings(publish_timeout=1.0))
     ok = add_ok_task(app)
     dlq = f"{queue_name}.dlq"
     policy = f"refuse-{uuid.uuid4().hex[:8]}"
