@@ -10,7 +10,7 @@ Recovery after each fault is reported, not asserted.
 Delayed and retried tasks (the quorum delay ladder) have a test of their own, marked as an
 expected failure (not strict) on RabbitMQ 3.10.8: with them in the scenario above, delayed
 messages stood still for about 2.5 minutes after a node kill in two of three runs here (nothing
-lost: they ran afterwards); alone, it did not stall in its two runs. See
+lost: they ran afterwards); alone, it did not stall in its three runs. See
 docs/deploying.md, "Delays on a cluster".
 """
 
