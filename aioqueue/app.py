@@ -21,6 +21,7 @@ from .settings import Settings, broker_nodes, mask_url, resolve_broker_url
 from .task import Task, TaskDecorator
 from .topology import (
     QueueType,
+    check_queue_name,
 )
 from .transports import broker_for
 
@@ -66,7 +67,7 @@ class App:
         self.broker_url = resolve_broker_url(broker_url)
         if not is_memory_url(self.broker_url):
             broker_nodes(self.broker_url)  # a malformed URL fails here, not at connect
-        self.default_queue = default_queue
+        self.default_queue = check_queue_name(default_queue)
         self.queue_type: QueueType = queue_type
         self.settings = settings or Settings()
         self.client_id = uuid.uuid4().hex

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from .retry import NO_RETRY, RetryPolicy
-from .topology import QueueType
+from .topology import QueueType, check_queue_name
 
 if TYPE_CHECKING:
     from .app import App
@@ -154,7 +154,7 @@ class TaskDecorator:
             raise ValueError("timeout must be positive")
         self._app = app
         self._name = name
-        self._queue = queue
+        self._queue = None if queue is None else check_queue_name(queue)
         self._timeout = timeout
         self._ignore_result = ignore_result
         self._retry = retry or NO_RETRY

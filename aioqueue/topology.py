@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final, Literal
 
 __all__ = [
     "INFRA_PREFIX",
     "QueueType",
+    "check_queue_name",
     "dlq_arguments",
     "dlq_name",
     "reply_queue_arguments",
@@ -27,6 +29,25 @@ __all__ = [
 
 INFRA_PREFIX: Final = "aioqueue."
 QueueType = Literal["classic", "quorum"]
+
+
+# AMQP 0-9-1's queue-name domain as RabbitMQ clients enforce it (pamqp refuses any other name
+# when the queue is declared), at most 255 bytes: a work queue leaves room for ".dlq".
+_QUEUE_NAME = re.compile(r"[a-zA-Z0-9\-_.:@#,/+ ]+")
+_MAX_WORK_QUEUE = 255 - len(".dlq")
+
+
+def check_queue_name(queue: str) -> str:
+    """``queue`` if it can name a work queue (and its ``.dlq``), else a `ValueError` saying why
+    — when the app or task is defined, not when a worker first declares it."""
+    if not isinstance(queue, str) or not _QUEUE_NAME.fullmatch(queue):
+        raise ValueError(
+            f"queue name {queue!r}: use letters, digits, spaces and - _ . : @ # , / + only "
+            "(the AMQP queue-name rule)"
+        )
+    if len(queue.encode()) > _MAX_WORK_QUEUE:
+        raise ValueError(f"queue name {queue[:40]!r}...: longer than {_MAX_WORK_QUEUE} bytes")
+    return queue
 
 
 def dlq_name(queue: str) -> str:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aioqueue
-from aioqueue import DecodeError, EncodeError, Retry, RetryPolicy
+from aioqueue import App, DecodeError, EncodeError, Retry, RetryPolicy
 from aioqueue.message import MAX_DEPTH, Envelope, ErrorInfo, Outcome, check_json_native, loads
 from aioqueue.retry import backoff, next_delay
 from aioqueue.settings import mask_url, resolve_broker_url
@@ -557,3 +557,22 @@ def test_judge_decides_each_run_once(
     assert (verdict.error is not None) == (result in ("failed", "timeout"))
     if isinstance(exc, Retry) and not retries:
         assert verdict.error is not None and "max_attempts=3" in verdict.error.message
+
+
+@pytest.mark.parametrize("queue", ["reports", "a.b-c_d:e@f#g,h/i+j k", "x" * 251])
+def test_a_queue_name_amqp_allows_is_taken(queue: str) -> None:
+    app = App("names", broker_url="memory://names", default_queue=queue)
+
+    @app.task(queue=queue)
+    async def work() -> None: ...
+
+    assert app.default_queue == queue and work.options.queue == queue
+
+
+@pytest.mark.parametrize("queue", ["", "the boss's queue", "q*", "caf\u00e9", "x" * 252])
+def test_a_queue_name_amqp_refuses_is_a_clear_error_when_defined(queue: str) -> None:
+    with pytest.raises(ValueError, match="queue name"):
+        App("names", broker_url="memory://names", default_queue=queue)
+    app = App("names", broker_url="memory://names")
+    with pytest.raises(ValueError, match="queue name"):
+        app.task(queue=queue)
