@@ -11,19 +11,18 @@ from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from .broker import Broker
 from .errors import AioqueueError
-from .memory import is_memory_url
 from .producer import Producer
 from .results import ReplyConsumer, ResultHandle
 from .retry import RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
 from .scheduler._define import PeriodicDecorator, ScheduleOptions, add_schedule, build_schedule
-from .settings import Settings, broker_nodes, mask_url, resolve_broker_url
+from .settings import Settings, mask_url, resolve_broker_url
 from .task import Task, TaskDecorator
 from .topology import (
     QueueType,
     check_queue_name,
 )
-from .transports import broker_for
+from .transports import broker_for, check_broker_url
 
 __all__ = ["App"]
 
@@ -64,9 +63,8 @@ class App:
         if queue_type not in ("classic", "quorum"):
             raise ValueError(f"queue_type must be 'classic' or 'quorum', not {queue_type!r}")
         self.name = name
-        self.broker_url = resolve_broker_url(broker_url)
-        if not is_memory_url(self.broker_url):
-            broker_nodes(self.broker_url)  # a malformed URL fails here, not at connect
+        # a malformed URL fails here, not at connect
+        self.broker_url = check_broker_url(resolve_broker_url(broker_url))
         self.default_queue = check_queue_name(default_queue)
         self.queue_type: QueueType = queue_type
         self.settings = settings or Settings()

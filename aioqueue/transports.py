@@ -5,9 +5,17 @@ from __future__ import annotations
 from .broker import Broker
 from .memory import is_memory_url, memory_broker
 from .rabbit import RabbitBroker
-from .settings import Settings
+from .settings import Settings, broker_nodes
 
-__all__ = ["broker_for"]
+__all__ = ["broker_for", "check_broker_url"]
+
+
+def check_broker_url(url: str) -> str:
+    """``url`` if it names a broker: ``memory://...``, one AMQP URL or a list of a cluster's
+    nodes; else the `ValueError` of `aioqueue.settings.broker_nodes` (passwords masked)."""
+    if not is_memory_url(url):
+        broker_nodes(url)
+    return url
 
 
 def broker_for(url: str, settings: Settings, *, connection_name: str) -> Broker:

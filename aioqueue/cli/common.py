@@ -13,8 +13,7 @@ from typing import Any, TypeVar
 
 from ..app import App
 from ..errors import AioqueueError
-from ..memory import is_memory_url
-from ..settings import broker_nodes
+from ..transports import check_broker_url
 
 T = TypeVar("T")
 
@@ -47,13 +46,11 @@ def app_from_args(args: argparse.Namespace) -> App | None:
         print(f"error: cannot load {args.app}: {exc}", file=sys.stderr)
         return None
     if getattr(args, "broker_url", None):
-        if not is_memory_url(args.broker_url):
-            try:
-                broker_nodes(args.broker_url)
-            except ValueError as exc:
-                print(f"error: --broker-url: {exc}", file=sys.stderr)
-                return None
-        app.broker_url = args.broker_url
+        try:
+            app.broker_url = check_broker_url(args.broker_url)
+        except ValueError as exc:
+            print(f"error: --broker-url: {exc}", file=sys.stderr)
+            return None
     if getattr(args, "connect_timeout", None) is not None:
         app.settings = replace(app.settings, connect_timeout=args.connect_timeout)
     return app

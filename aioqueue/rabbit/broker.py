@@ -60,8 +60,8 @@ class RabbitBroker:
     """
 
     def __init__(self, url: str, settings: Settings, *, connection_name: str) -> None:
+        broker_nodes(url)  # raises for a malformed URL
         self._url = url
-        self._nodes = broker_nodes(url)
         self.settings = settings
         self._connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
