@@ -605,21 +605,13 @@ main() {
     join-cluster) cmd_join_cluster "$@" ;;
     start-cluster) cmd_start_cluster "$@" ;;
     stop-cluster) cmd_stop_cluster "$@" ;;
-    diag)
-        (($# >= 1)) || usage
-        require_installed
-        local dnode
-        dnode="$(with_host "$1")"
-        shift
-        rmq_diag -n "$dnode" "$@"
-        ;;
-    ctl)
+    ctl | diag) # rabbitmqctl or rabbitmq-diagnostics, on one node
         (($# >= 1)) || usage
         require_installed
         local node
         node="$(with_host "$1")"
         shift
-        rmq_ctl -n "$node" "$@"
+        "rmq_$cmd" -n "$node" "$@"
         ;;
     -h | --help | help) usage ;;
     *) usage ;;

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 
 import aio_pika
 import pytest
@@ -18,20 +17,10 @@ import pytest
 from tests.rabbit import RabbitCluster
 from tests.waiting import poll_until
 
-# the module's cluster boots (~15 s here) inside the first test's timeout
+# the package's cluster (tests/cluster/conftest.py) may boot (~15 s here) inside a test's timeout
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]
 
 BODY = b"confirmed before the leader died"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
-    nodes = RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster"))
-    try:
-        nodes.start()
-        yield nodes
-    finally:
-        nodes.stop()
 
 
 async def declare_and_publish(url: str, queue: str) -> None:
