@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AioqueueError, PublishError, UnroutableError
 from .message import Envelope, Outcome, check_json_native, task_properties
+from .message.celery import encode_task
 from .results import ReplyConsumer, ResultHandle
 from .streams import EventSink, StreamReader
 from .task import TaskOptions
@@ -162,8 +163,11 @@ class Producer:
         kind = self.app.queue_type_of(queue)
         if not broker.is_declared(queue):
             await broker.declare_queue(queue, work_queue_arguments(kind))
-        properties = task_properties(envelope)
-        body = envelope.encode()
+        if envelope.celery is not None:  # Celery's format, read from or sent to Celery
+            body, properties = encode_task(envelope, expiration=delay <= 0)
+        else:
+            properties = task_properties(envelope)
+            body = envelope.encode()
         if delay <= 0:
             try:
                 await broker.publish(queue, body, properties, timeout=timeout)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -34,6 +34,9 @@ from .headers import (
     H_UNDECODABLE,
     PROTOCOL_VERSION,
 )
+
+if TYPE_CHECKING:
+    from .celery import CeleryFields
 
 __all__ = [
     "CONTENT_TYPE",
@@ -131,6 +134,9 @@ class Envelope:
     deadline: float | None = None
     scheduled_at: float | None = None
     stream_to: str | None = None
+    # set on a message in Celery's format (read from Celery, or sent to a Celery worker):
+    # it is written back in that format, and its outcome goes out as an rpc:// reply
+    celery: CeleryFields | None = None
 
     def encode(self) -> bytes:
         """The message body: the arguments as JSON."""
@@ -246,6 +252,7 @@ class ErrorInfo:
     type_name: str
     message: str
     traceback: str = ""
+    module: str = ""  # the exception type's module, for a Celery caller (not on our wire)
 
 
 @dataclass(frozen=True, slots=True)

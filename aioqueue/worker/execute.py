@@ -127,5 +127,11 @@ def _error_outcome(envelope: Envelope, kind: str, exc: BaseException) -> Outcome
     return Outcome(
         task_id=envelope.id,
         task_name=envelope.task,
-        error=ErrorInfo(kind=kind, type_name=type_name, message=str(exc), traceback=tb),
+        error=ErrorInfo(
+            kind=kind,
+            type_name=type_name,
+            message=str(exc),
+            traceback=tb,
+            module=type(exc).__module__,
+        ),
     )
