@@ -37,8 +37,8 @@ class Emitter:
 
     async def progress(self, data: Any) -> None:
         check_json_native(data, "progress data")
-        if not self._envelope.reply_to:
-            return
+        if not self._envelope.reply_to or self._envelope.celery is not None:
+            return  # a Celery caller's rpc:// queue takes outcomes only
         self._progress_seq += 1
         await self._send(self._envelope.reply_to, "progress", self._progress_seq, data)
 

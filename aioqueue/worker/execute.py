@@ -64,6 +64,8 @@ async def _run(
     task: Task[Any, Any], envelope: Envelope, threads: ThreadPoolExecutor, emitter: Emitter
 ) -> tuple[Outcome, BaseException | None]:
     timeout = task.options.timeout
+    if envelope.celery is not None and envelope.celery.time_limit is not None:
+        timeout = envelope.celery.time_limit  # the message's own time limit, as in Celery
     try:
         if timeout is None:
             value = await _call(task, envelope, threads, emitter)

@@ -31,6 +31,7 @@ from ..message import (
     dead_letter_copy,
     reply_properties,
 )
+from ..message.celery import CeleryFields, encode_reply
 from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
@@ -55,17 +56,10 @@ class Handoff:
 
     async def retry(self, delivery: Delivery, envelope: Envelope, delay: float) -> bool:
         """Publish the next attempt (through the delay ladder), then ack this one."""
-        try:
-            nxt = replace(envelope, attempt=envelope.attempt + 1)
-            await self.app.producer.publish(nxt, delivery.queue, delay=delay)
-        except PublishError as exc:
-            log.error(
-                "could not publish the retry of %s id=%s (%s); requeued",
-                envelope.task,
-                envelope.id,
-                exc,
-            )
-            await settle(delivery, ack=False, requeue=True)
+        nxt = replace(envelope, attempt=envelope.attempt + 1)
+        if nxt.celery is not None:  # a Celery worker reading it would wait as long
+            nxt = replace(nxt, celery=replace(nxt.celery, eta=self.broker.now() + delay))
+        if not await self._republish(delivery, nxt, delay, "retry"):
             return False
         log.info(
             "retrying task %s id=%s: attempt %d in %.1fs",
@@ -74,6 +68,33 @@ class Handoff:
             envelope.attempt + 1,
             delay,
         )
+        return True
+
+    async def postpone(self, delivery: Delivery, envelope: Envelope, delay: float) -> bool:
+        """A message that must not run before its ETA (Celery's ``eta``/``countdown``): it
+        waits ``delay`` seconds in the delay ladder — in RabbitMQ, never in this worker."""
+        if not await self._republish(delivery, envelope, delay, "wait for its ETA"):
+            return False
+        log.info("task %s id=%s waits %.1fs for its ETA", envelope.task, envelope.id, delay)
+        return True
+
+    async def _republish(
+        self, delivery: Delivery, envelope: Envelope, delay: float, what: str
+    ) -> bool:
+        """Publish ``envelope`` to the delivery's queue after ``delay``, then ack the delivery;
+        requeue it instead if the publish is not confirmed."""
+        try:
+            await self.app.producer.publish(envelope, delivery.queue, delay=delay)
+        except PublishError as exc:
+            log.error(
+                "could not publish the %s of %s id=%s (%s); requeued",
+                what,
+                envelope.task,
+                envelope.id,
+                exc,
+            )
+            await settle(delivery, ack=False, requeue=True)
+            return False
         await settle(delivery, ack=True)
         return True
 
@@ -95,9 +116,16 @@ class Handoff:
         await settle(delivery, ack=True, flush=True)
         return True
 
-    async def finish(self, delivery: Delivery, reply_to: str | None, outcome: Outcome) -> bool:
+    async def finish(
+        self,
+        delivery: Delivery,
+        reply_to: str | None,
+        outcome: Outcome,
+        *,
+        celery: CeleryFields | None = None,
+    ) -> bool:
         """Send the outcome to the caller (if it waits for one), then ack."""
-        ok = await self._reply(reply_to, outcome)
+        ok = await self._reply(reply_to, outcome, celery)
         await settle(delivery, ack=ok, requeue=not ok)
         return ok
 
@@ -110,12 +138,14 @@ class Handoff:
         task_id: str | None,
         task_name: str,
         reply_to: str | None,
+        celery: CeleryFields | None = None,
     ) -> bool:
-        """Copy the message to ``Q.dlq`` with why/when/who headers, tell the caller, then ack."""
+        """Copy the message to ``Q.dlq`` with why/when/who headers, tell the caller (in
+        Celery's rpc:// format when ``celery`` is set), then ack."""
         outcome = Outcome(task_id=task_id or "", task_name=task_name, error=error)
         stored, replied = await asyncio.gather(
             self._store_dead(delivery, reason, error),
-            self._reply(reply_to if task_id else None, outcome),
+            self._reply(reply_to if task_id else None, outcome, celery),
         )
         ok = stored and replied
         if stored:
@@ -173,8 +203,11 @@ class Handoff:
             return False
         return True
 
-    async def _reply(self, reply_to: str | None, outcome: Outcome) -> bool:
-        """Publish the outcome to ``reply_to``; False means "requeue, try again later"."""
+    async def _reply(
+        self, reply_to: str | None, outcome: Outcome, celery: CeleryFields | None = None
+    ) -> bool:
+        """Publish the outcome to ``reply_to`` (as Celery's rpc:// backend would, for a
+        Celery caller); False means "requeue, try again later"."""
         if not reply_to:
             return True
         if reply_to.startswith("amq."):
@@ -187,9 +220,12 @@ class Handoff:
                 outcome.task_id,
             )
             return True
-        properties = reply_properties(outcome.task_id)
+        if celery is not None:
+            body, properties = encode_reply(outcome, parent_id=celery.parent_id)
+        else:
+            body, properties = outcome.encode(), reply_properties(outcome.task_id)
         try:
-            await self.broker.publish(reply_to, outcome.encode(), properties)
+            await self.broker.publish(reply_to, body, properties)
         except UnroutableError:
             # The caller's reply queue expired: nobody can receive this outcome any more.
             log.warning(

@@ -26,6 +26,7 @@ from ..app import App
 from ..broker import Delivery, settle
 from ..errors import DecodeError
 from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
+from ..message.celery import CeleryFields, RefusedMessage, conform_arguments, decode_task, is_celery
 from ..retry import Retry, RetryPolicy, next_delay
 from .emit import Emitter
 from .events import RunResult, TaskObserver
@@ -103,7 +104,30 @@ class Pipeline:
         if error is not None:
             await self._dead_letter(delivery, envelope, reason, error)
             return
+        if envelope.celery is not None:
+            envelope = await self._celery_guards(delivery, envelope)
+            if envelope is None:
+                return
         await self._run(delivery, envelope, redelivered)
+
+    async def _celery_guards(self, delivery: Delivery, envelope: Envelope) -> Envelope | None:
+        """A Celery message: wait for its ETA in the delay ladder, and fit kombu-typed
+        arguments to the task's annotations. None when it was handed off here."""
+        assert envelope.celery is not None
+        eta = envelope.celery.eta
+        now = self.app.broker.now()
+        if eta is not None and eta > now:
+            await self.handoff.postpone(delivery, envelope, eta - now)
+            return None
+        try:
+            args, kwargs = conform_arguments(
+                self.app.tasks[envelope.task].fn, envelope.args, envelope.kwargs
+            )
+        except DecodeError as exc:
+            error = ErrorInfo("decode", "DecodeError", exc.message)
+            await self._dead_letter(delivery, envelope, "decode", error)
+            return None
+        return replace(envelope, args=args, kwargs=kwargs)
 
     async def _run(self, delivery: Delivery, envelope: Envelope, redelivered: bool) -> None:
         task = self.app.tasks[envelope.task]
@@ -135,7 +159,9 @@ class Pipeline:
     ) -> bool:
         """Hand the verdict off — reply, retry or dead letter — then settle the delivery."""
         if verdict.result == "succeeded":
-            return await self.handoff.finish(delivery, envelope.reply_to, outcome)
+            return await self.handoff.finish(
+                delivery, envelope.reply_to, outcome, celery=envelope.celery
+            )
         if verdict.retry_delay is not None:
             return await self.handoff.retry(delivery, envelope, verdict.retry_delay)
         assert verdict.error is not None
@@ -160,29 +186,45 @@ class Pipeline:
             task_id=envelope.id,
             task_name=envelope.task,
             reply_to=envelope.reply_to,
+            celery=envelope.celery,
         )
 
     # -- decode and guards --------------------------------------------------------------------
 
     async def _decode(self, delivery: Delivery) -> Envelope | None:
+        """The delivery's envelope — an aioqueue message, or a Celery protocol-2 message (told
+        by its ``task`` header) — or None when it could not be read and was dead-lettered."""
         props = delivery.properties
+        max_size = self.app.settings.max_message_size
+        celery = is_celery(props.headers)
         try:
+            if celery:
+                return decode_task(delivery.body, props, max_size=max_size)
             return Envelope.decode(
                 delivery.body,
                 message_id=props.message_id,
                 headers=props.headers,
                 reply_to=props.reply_to,
                 content_type=props.content_type,
-                max_size=self.app.settings.max_message_size,
+                max_size=max_size,
             )
         except DecodeError as exc:
+            reason, error = _unreadable(exc)
+            headers = props.headers or {}
+            if celery:  # tell a Celery caller, unless it asked for no result
+                task_id, name = _header_str(headers, "id"), _header_str(headers, "task")
+                reply_to = None if headers.get("ignore_result") is True else props.reply_to
+            else:
+                task_id = props.correlation_id or props.message_id or ""
+                name, reply_to = _header_str(headers, H_TASK), props.reply_to
             await self.handoff.dead_letter(
                 delivery,
-                reason="decode",
-                error=ErrorInfo("decode", "DecodeError", exc.message),
-                task_id=props.correlation_id or props.message_id,
-                task_name=_header_str(props.headers, H_TASK),
-                reply_to=props.reply_to,
+                reason=reason,
+                error=error,
+                task_id=task_id,
+                task_name=name,
+                reply_to=reply_to,
+                celery=CeleryFields() if celery else None,
             )
             return None
 
@@ -253,6 +295,17 @@ class Pipeline:
             message = f"task {envelope.task} expired before it started"
             return "expired", ErrorInfo("dead_lettered", "expired", message)
         return "", None
+
+
+def _unreadable(exc: DecodeError) -> tuple[str, ErrorInfo]:
+    """The dead-letter reason and the caller's error for a message that cannot run as sent."""
+    if not isinstance(exc, RefusedMessage):
+        return "decode", ErrorInfo("decode", "DecodeError", exc.message)
+    if exc.reason == "serializer":  # what a Celery caller knows from kombu
+        return exc.reason, ErrorInfo(
+            "decode", "ContentDisallowed", exc.message, module="kombu.exceptions"
+        )
+    return exc.reason, ErrorInfo("decode", "NotImplementedError", exc.message, module="builtins")
 
 
 def _header_int(headers: dict[str, Any], key: str) -> int:
