@@ -8,10 +8,13 @@ sending and waiting in the same thread (the rpc backend's reply queue is per thr
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from typing import Any
 
 import aio_pika
@@ -286,3 +289,148 @@ async def test_unregistered_name_is_dead_lettered_and_get_raises_not_registered(
         dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
     assert isinstance(exc, NotRegistered) and "tasks.nope" in str(exc)
     assert dead.headers["aioqueue-dead-reason"] == "not_found"
+
+
+def _send_raw(celery: Celery, queue: str, body: bytes, content_type: str, **options: Any) -> Any:
+    """A Celery task message as Celery builds it, with a body in another serializer."""
+    task_id = str(uuid.uuid4())
+    message = celery.amqp.as_task_v2(task_id, "tasks.add", args=(2, 3), reply_to=celery.thread_oid)
+    with celery.producer_or_acquire() as producer:
+        celery.backend.on_task_call(producer, task_id)  # its reply queue, as apply_async does
+        producer.publish(
+            body,
+            routing_key=queue,
+            headers=message.headers,
+            correlation_id=task_id,
+            reply_to=celery.thread_oid,
+            content_type=content_type,
+            content_encoding="binary",
+            **options,
+        )
+    return celery.AsyncResult(task_id)
+
+
+REFUSED: dict[str, Callable[[Celery, str], Any]] = {
+    "pickle": lambda c, q: c.tasks["tasks.add"].apply_async((2, 3), serializer="pickle"),
+    "yaml": lambda c, q: c.tasks["tasks.add"].apply_async((2, 3), serializer="yaml"),
+    "msgpack": lambda c, q: _send_raw(c, q, b"\x93\x92\x02\x03\x80\x80", "application/x-msgpack"),
+    "link": lambda c, q: c.tasks["tasks.add"].apply_async(
+        (2, 3), link=c.signature("tasks.add", (1,))
+    ),
+    "link_error": lambda c, q: c.tasks["tasks.add"].apply_async(
+        (2, 3), link_error=c.signature("tasks.add", (1,))
+    ),
+    "chain": lambda c, q: (
+        (c.signature("tasks.add", (2, 3)) | c.signature("tasks.add", (4,))).apply_async().parent
+    ),
+    "chord": lambda c, q: c.send_task("tasks.add", (2, 3), chord=c.signature("tasks.add", (1,))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+async def test_a_serializer_or_canvas_part_aioqueue_does_not_run_is_dead_lettered_first(
+    case: str, app: App, celery: Celery, queue_name: str, rabbit: RabbitNode
+) -> None:
+    runs: list[tuple[int, int]] = []
+
+    @app.task(name="tasks.add", queue=queue_name)
+    async def add(x: int, y: int = 0) -> int:
+        runs.append((x, y))
+        return x + y
+
+    def call() -> BaseException:
+        result = REFUSED[case](celery, queue_name)
+        try:
+            result.get(timeout=30)
+        except Exception as exc:
+            return exc
+        raise AssertionError("get() returned")
+
+    async with app, running_worker(app):
+        exc = await in_thread(call)
+        dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
+    reason = case if case in ("link", "link_error", "chain", "chord") else "serializer"
+    assert dead.headers["aioqueue-dead-reason"] == reason
+    assert not runs  # refused before anything ran: nothing unpickled, no part dropped
+    if reason == "serializer":
+        assert type(exc).__name__ == "ContentDisallowed", exc
+        assert "only Celery's JSON serializer" in str(exc)
+    else:
+        assert isinstance(exc, NotImplementedError), exc
+        assert f"Celery {reason}" in str(exc)
+
+
+async def test_kombu_typed_arguments_become_what_the_annotations_ask_for(
+    app: App, celery: Celery, queue_name: str, rabbit: RabbitNode
+) -> None:
+    seen: list[Any] = []
+
+    @app.task(name="tasks.typed", queue=queue_name)
+    async def typed(when: dt.datetime, price: float, ref: str, day: dt.date) -> str:
+        seen.extend([when, price, ref, day])
+        return f"{price:.2f}"
+
+    @app.task(name="tasks.untyped", queue=queue_name)
+    async def untyped(price):  # type: ignore[no-untyped-def]
+        seen.append(price)
+
+    when = dt.datetime(2026, 12, 5, 6, 0, tzinfo=dt.UTC)
+    ref = uuid.uuid4()
+
+    def call() -> tuple[Any, BaseException]:
+        value = celery.send_task(
+            "tasks.typed", (when, Decimal("9.50"), ref, dt.date(2026, 12, 24))
+        ).get(timeout=30)
+        try:
+            celery.send_task("tasks.untyped", (Decimal("1.5"),)).get(timeout=30)
+        except Exception as exc:
+            return value, exc
+        raise AssertionError("get() returned")
+
+    async with app, running_worker(app):
+        value, exc = await in_thread(call)
+        dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
+    assert value == "9.50"
+    assert seen == [when, 9.5, str(ref), dt.date(2026, 12, 24)]
+    assert seen[0].tzinfo is not None
+    # a Decimal for a parameter with no annotation is refused, not passed on as a Decimal
+    assert "DecodeError" in type(exc).__name__ and "'price' is a Decimal" in str(exc)
+    assert dead.headers["aioqueue-dead-reason"] == "decode"
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+@pytest.mark.parametrize("first", ["celery", "aioqueue"])
+async def test_celery_and_aioqueue_declare_the_same_queue_in_either_order(
+    first: str, queue_type: str, rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Celery declares its queue (and exchange, binding) with its own arguments on every send;
+    # the worker declares it with aioqueue's: neither declare may fail, whoever comes first
+    conf = {"task_default_queue_type": queue_type} if queue_type == "quorum" else {}
+    capp = celery_app(rabbit.url, queue_name, **conf)
+    app = App("interop", broker_url=rabbit.url, default_queue=queue_name, queue_type=queue_type)  # type: ignore[arg-type]
+
+    @app.task(name="tasks.add", queue=queue_name)
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    def send_and_get() -> list[int]:
+        early = capp.tasks["tasks.add"].delay(1, 2)
+        later = capp.tasks["tasks.add"].apply_async((3, 4), countdown=0.3)  # through the ladder
+        return [early.get(timeout=30), later.get(timeout=30)]
+
+    try:
+        async with app:
+            if first == "celery":
+                sent = capp.tasks["tasks.add"].delay(5, 6)  # declares; nobody consumes yet
+                async with running_worker(app):
+                    values = await in_thread(send_and_get)
+                    values.append(await in_thread(lambda: sent.get(timeout=30)))
+            else:
+                async with running_worker(app):
+                    values = await in_thread(send_and_get)
+                    values.append(11)
+    finally:
+        close_celery(capp)
+    assert values == [3, 7, 11]
+    stats = await asyncio.to_thread(rabbit.queue_stats)
+    assert stats[queue_name]["messages"] == 0
