@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BROKER := services/rabbitmq/broker.sh
 
-.PHONY: help install demo test lint typecheck unit bench fuzz broker stop-broker cluster stop-cluster clean
+.PHONY: help install demo celery-demo test lint typecheck unit bench fuzz broker stop-broker cluster stop-cluster clean
 
 help:
 	@echo "make demo   - start RabbitMQ if needed, run a worker and the demo, shut down"
+	@echo "make celery-demo - an unchanged Celery producer, its tasks run by an aioqueue worker"
 	@echo "make test   - ruff, mypy --strict, and the whole test suite (own RabbitMQ node)"
 	@echo "make bench  - the benchmark suite against a raw aio-pika baseline, then on a 3-node cluster"
 	@echo "make fuzz   - 10,000 foreign and malformed messages at a worker, every one accounted for"
@@ -52,6 +53,9 @@ stop-cluster:
 
 demo: install broker
 	AIOQUEUE_BROKER_URL="$${AIOQUEUE_BROKER_URL:-$$(cat .rabbitmq/demo-url)}" $(BIN)/python -m services.demo
+
+celery-demo: install broker
+	AIOQUEUE_BROKER_URL="$${AIOQUEUE_BROKER_URL:-$$(cat .rabbitmq/demo-url)}" $(BIN)/python -m services.celery_demo
 
 lint: install
 	$(BIN)/ruff check .
