@@ -434,3 +434,38 @@ async def test_celery_and_aioqueue_declare_the_same_queue_in_either_order(
     assert values == [3, 7, 11]
     stats = await asyncio.to_thread(rabbit.queue_stats)
     assert stats[queue_name]["messages"] == 0
+
+
+async def test_dlq_commands_list_and_replay_a_dead_celery_message_by_its_celery_id(
+    app: App, celery: Celery, queue_name: str, rabbit: RabbitNode
+) -> None:
+    from tests.test_admin import admin
+
+    runs: list[tuple[int, int]] = []
+
+    @app.task(name="tasks.add", queue=queue_name)
+    async def add(x: int, y: int) -> int:
+        runs.append((x, y))
+        return x + y
+
+    async with app:
+        # a Celery message for a task this worker does not have yet is dead-lettered
+        result = await in_thread(lambda: celery.send_task("tasks.later", (1, 2)))
+        async with running_worker(app):
+            await wait_until(
+                lambda: rabbit.queue_stats().get(f"{queue_name}.dlq", {}).get("messages") == 1,
+                what="the dead letter",
+            )
+        code, out = await admin(rabbit, queue_name, "list")
+        assert code == 0 and result.id in out and "tasks.later" in out and "not_found" in out
+
+        # once the worker has the task, `dlq replay <Celery task id>` runs it after all
+        @app.task(name="tasks.later", queue=queue_name)
+        async def later(x: int, y: int) -> int:
+            runs.append((x, y))
+            return x - y
+
+        code, out = await admin(rabbit, queue_name, "replay", result.id)
+        assert code == 0 and "replayed 1" in out, out
+        async with running_worker(app):
+            await wait_until(lambda: runs == [(1, 2)], what="the replayed run")

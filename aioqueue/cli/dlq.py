@@ -53,14 +53,23 @@ class DeadLetter:
     def of(cls, message: HeldMessage) -> DeadLetter:
         headers = message.headers
         return cls(
-            id=message.message_id or "",
-            task=str(headers.get(H_TASK, "?")),
+            id=_task_id(message),
+            task=str(headers.get(H_TASK) or headers.get("task") or "?"),  # ours, or Celery's
             reason=str(headers.get(H_DEAD_REASON, "?")),
             error=str(headers.get(H_DEAD_ERROR, "")),
             at=str(headers.get(H_DEAD_AT, "")),
             headers=headers,
             body=message.body,
         )
+
+
+def _task_id(message: HeldMessage) -> str:
+    """The task id: the ``id`` header of a Celery message, the message id of ours."""
+    headers = message.headers
+    celery_id = headers.get("id")
+    if "task" in headers and isinstance(celery_id, str):
+        return celery_id
+    return message.message_id or ""
 
 
 def parser(prog: str = "aioqueue") -> argparse.ArgumentParser:
@@ -137,9 +146,9 @@ async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) ->
             chosen = [
                 m
                 for m in messages
-                if (args.action == "replay" and args.all) or m.message_id in args.ids
+                if (args.action == "replay" and args.all) or _task_id(m) in args.ids
             ]
-            missing = set(args.ids) - {m.message_id for m in chosen}
+            missing = set(args.ids) - {_task_id(m) for m in chosen}
             if missing:
                 print(f"not found in {dead}: {', '.join(sorted(missing))}")
             if args.action == "show":

@@ -378,6 +378,7 @@ def encode_task(
         delivery_mode=2,
         priority=0,
         correlation_id=envelope.id,
+        message_id=envelope.id,
         reply_to=envelope.reply_to or "",
         expiration=ttl,
     )
