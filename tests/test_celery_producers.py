@@ -469,3 +469,26 @@ async def test_dlq_commands_list_and_replay_a_dead_celery_message_by_its_celery_
         assert code == 0 and "replayed 1" in out, out
         async with running_worker(app):
             await wait_until(lambda: runs == [(1, 2)], what="the replayed run")
+
+
+async def test_a_policy_dead_letters_what_rabbitmq_expires_itself_without_queue_arguments(
+    app: App, celery: Celery, queue_name: str, rabbit: RabbitNode
+) -> None:
+    # kombu also sets the AMQP expiration of a message with `expires`: RabbitMQ drops it
+    # unseen if nobody takes it in time. The documented policy (docs/from-celery.md) sends it
+    # to Q.dlq instead, with no queue argument Celery's own declaration would disagree with.
+    policy = f"dlx-{queue_name}"
+    definition = f'{{"dead-letter-exchange": "", "dead-letter-routing-key": "{queue_name}.dlq"}}'
+    pattern = "^" + queue_name.replace(".", r"\.") + "$"
+    await asyncio.to_thread(
+        rabbit.ctl, "set_policy", policy, pattern, definition, "--apply-to", "queues"
+    )
+    try:
+        async with app:
+            await app.broker.declare_queue(f"{queue_name}.dlq", {"x-queue-type": "classic"})
+            await in_thread(lambda: celery.tasks["tasks.add"].apply_async((2, 3), expires=0.2))
+            dead = await get_dead_letter(rabbit.url, f"{queue_name}.dlq")
+    finally:
+        await asyncio.to_thread(rabbit.ctl, "clear_policy", policy)
+    assert dead.headers["x-first-death-reason"] == "expired"
+    assert dead.headers["task"] == "tasks.add"

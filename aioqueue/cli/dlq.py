@@ -55,7 +55,9 @@ class DeadLetter:
         return cls(
             id=_task_id(message),
             task=str(headers.get(H_TASK) or headers.get("task") or "?"),  # ours, or Celery's
-            reason=str(headers.get(H_DEAD_REASON, "?")),
+            # a message RabbitMQ dead-lettered itself (a policy's dead-letter-exchange) says why
+            # in its own header
+            reason=str(headers.get(H_DEAD_REASON) or headers.get("x-first-death-reason") or "?"),
             error=str(headers.get(H_DEAD_ERROR, "")),
             at=str(headers.get(H_DEAD_AT, "")),
             headers=headers,
