@@ -492,3 +492,28 @@ async def test_a_policy_dead_letters_what_rabbitmq_expires_itself_without_queue_
         await asyncio.to_thread(rabbit.ctl, "clear_policy", policy)
     assert dead.headers["x-first-death-reason"] == "expired"
     assert dead.headers["task"] == "tasks.add"
+
+
+async def test_a_worker_uses_a_queue_celery_declared_with_arguments_of_its_own(
+    rabbit: RabbitNode, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Celery declared the queue first with x-max-priority (task_queue_max_priority): the
+    # worker's own declaration differs, so it uses the queue as it is instead of failing
+    capp = celery_app(rabbit.url, queue_name, task_queue_max_priority=10)
+    app = App("interop", broker_url=rabbit.url, default_queue=queue_name)
+
+    @app.task(name="tasks.add", queue=queue_name)
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    try:
+        sent = await in_thread(lambda: capp.tasks["tasks.add"].apply_async((2, 3), priority=5))
+        async with app, running_worker(app):
+            assert await in_thread(lambda: sent.get(timeout=30)) == 5
+            # and later sends, declaring it again with Celery's arguments, still work
+            again = await in_thread(lambda: capp.tasks["tasks.add"].delay(4, 5).get(timeout=30))
+    finally:
+        close_celery(capp)
+    assert again == 9
+    assert f"queue '{queue_name}' exists with other arguments" in caplog.text
+    assert "x-max-priority" in caplog.text

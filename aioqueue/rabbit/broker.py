@@ -29,6 +29,7 @@ from ..errors import AioqueueError, BrokerConnectionError, PublishError, Unrouta
 from ..settings import Settings, broker_nodes, mask_url, scrub
 from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 from .connection import connect
+from .declare import declare, probe
 from .errors import FATAL_CHANNEL, TRANSIENT
 from .publisher import ChannelPublisher, Deadlines, Slots
 from .subscription import Subscription
@@ -160,7 +161,7 @@ class RabbitBroker:
             if name not in self._declared:
                 self._declared[name] = await self._retrying(
                     f"declaring queue {name!r}",
-                    lambda: self._channel().declare_queue(name, durable=True, arguments=arguments),
+                    lambda: declare(self._channel(), self._transport(name), name, arguments),
                 )
 
     async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
@@ -199,18 +200,15 @@ class RabbitBroker:
         return None if queue is None else dict(queue.arguments or {})
 
     async def probe_queue(self, name: str) -> None:
-        """Raise `ChannelNotFoundEntity` unless ``name`` exists, checked passively on a
-        short-lived channel: a missing queue closes the channel that asked."""
+        """Raise `ChannelNotFoundEntity` unless ``name`` exists (asked on a channel of its own)."""
+        await probe(self._transport(name), name)
+
+    def _transport(self, name: str) -> aiormq.abc.AbstractConnection:
         connection = self._connection
         transport = None if connection is None else connection.transport
         if transport is None:
             raise BrokerConnectionError(f"not connected: cannot check queue {name!r}")
-        probe = await transport.connection.channel()  # plain aiormq: nothing to restore
-        try:
-            await probe.queue_declare(name, passive=True)
-        finally:
-            if not probe.is_closed:
-                await probe.close()
+        return transport.connection
 
     async def delete_queue(self, name: str) -> None:
         """Delete a queue of ours (e.g. a finished stream)."""

@@ -105,7 +105,12 @@ INTERNALS: Final = (
     Internal(
         aio_pika.Connection, "kwargs", "attribute", "connection: transport_factory for aiormq"
     ),
-    Internal(UnderlayConnection, "connection", "attribute", "broker.probe_queue, connection"),
+    Internal(
+        UnderlayConnection,
+        "connection",
+        "attribute",
+        "broker._transport (declare.probe, declare.refusal), connection",
+    ),
     # pamqp: task properties encoded with direct dispatch, frames read leniently
     Internal(spec.Basic.Properties, "encode_property", "method", "message.TaskProperties"),
     Internal(decode, "field_table", "function", "inbound: header tables checked"),
