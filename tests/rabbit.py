@@ -435,6 +435,27 @@ class RabbitCluster:
             raise RuntimeError(f"quorum queue {queue!r} in {vhost!r} has no leader on {self!r}")
         return leader[0]
 
+    def move_leader(self, queue: str, i: int, vhost: str = "/") -> None:
+        """Make node ``i`` the leader of quorum queue ``queue`` (Ra's leadership transfer) and
+        wait until the cluster reports it so."""
+        target = self.nodes[i].name
+
+        def moved() -> bool:
+            if self.leader_of(queue, vhost) == i:
+                return True
+            # the queue record names the Ra cluster and (its view of) the leader's node
+            self.ctl(
+                "eval",
+                f'{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<"{vhost}">>, queue, '
+                f'<<"{queue}">>)), {{Name, _}} = amqqueue:get_pid(Q), '
+                f"{{ok, _, Leader}} = ra:members({{Name, '{target}'}}), "
+                f"ra:transfer_leadership(Leader, {{Name, '{target}'}}).",
+            )
+            return False
+
+        if not poll_until(moved, timeout=PORT_TIMEOUT, interval=0.5):
+            raise RuntimeError(f"quorum queue {queue!r}: leadership did not move to {target}")
+
     def queue_stats(self, vhost: str = "/") -> dict[str, dict[str, int]]:
         """Like `RabbitNode.queue_stats`, asked on a running node."""
         out = self.ctl(

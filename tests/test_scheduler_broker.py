@@ -12,12 +12,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import aiormq
+import pytest
 from pamqp import commands as spec
 
 from aioqueue import App, task_context
 from aioqueue.message import Envelope
 from aioqueue.scheduler import FakeClock, Scheduler
-from aioqueue.scheduler.records import done_queue_name
+from aioqueue.scheduler.records import done_queue_name, state_queue_name
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.schedules import START, missed_slots, slot
@@ -220,6 +221,49 @@ async def test_one_of_two_schedulers_fires_and_the_other_takes_over(
     assert minutes(await drain(rabbit.url, queue_name)) == [1, 2, 3, 4, 5, 6]
     fired = one.statistics().fired + two.statistics().fired
     assert fired == 6
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_task_refused_at_the_fire_is_submitted_again_once(
+    rabbit: RabbitNode, queue_name: str, queue_type: str
+) -> None:
+    """RabbitMQ refuses the slot's task (here a full ``reject-publish`` queue; on a 3.10
+    cluster, a quorum queue whose recorded leader's node is down) and takes its record. In a
+    transaction, a classic queue's refusal failed the commit (``partial tx completion``) and a
+    quorum queue's was dropped under a ``commit-ok`` (rabbitmq-server #8966): either way the slot
+    was recorded and never ran. With confirms, the refused task is published again: it runs,
+    once."""
+    async with aiormq.connect(rabbit.url) as connection:
+        channel = await connection.channel()  # with confirms
+        full = {"x-queue-type": queue_type, "x-max-length": 1, "x-overflow": "reject-publish"}
+        await channel.queue_declare(queue_name, durable=True, arguments=full)
+        for _ in range(5):  # fill it until RabbitMQ refuses a message
+            try:
+                await channel.basic_publish(b"in the way", routing_key=queue_name)
+            except aiormq.exceptions.DeliveryError:
+                break
+        else:
+            raise AssertionError("the queue never refused a message")
+    app = new_app(rabbit, queue_name, every=60)
+    state = state_queue_name(app.name, "tests.tick")
+    clock = FakeClock(START)
+    async with app, app.scheduler(clock=clock):
+        await asleep_until(clock, slot(1))
+        clock.set(slot(1))
+
+        async def recorded() -> bool:
+            return await ready(app, state) == 1
+
+        # When the record of slot 1 is kept and its task refused, then room is made
+        await wait_until(recorded, what="the record of slot 1")
+        async with aiormq.connect(rabbit.url) as connection:
+            channel = await connection.channel()
+            await channel.queue_purge(queue_name)  # the task of slot 1 was refused: not in it
+        # Then slot 1 is submitted (once), and the next slot fires as usual
+        await asleep_until(clock, slot(2))
+        assert minutes(await drain(rabbit.url, queue_name)) == [1]
+        await step(clock, slot(2), slot(3))
+    assert minutes(await drain(rabbit.url, queue_name)) == [2]
 
 
 async def test_skip_if_running_waits_for_the_previous_run(

@@ -17,9 +17,9 @@ lease itself. The leader also consumes ``aioqueue.scheduler.<app>.leader`` (a du
 publishes to); followers re-declare that queue every ``poll_interval`` — which returns its
 consumer count without an error — and try for the lease only when the count is zero.
 
-Fencing: the leader fires each slot through this connection, in a transaction (see
-``slots.py``); a commit RabbitMQ accepted was made while the connection, and so the lease, was
-alive. A leader that lost the connection cannot fire any more.
+Fencing: the leader fires each slot through this connection, on a channel with publisher
+confirms (see ``slots.py``); a publish RabbitMQ confirmed was taken while the connection, and so
+the lease, was alive. A leader that lost the connection cannot fire any more.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class Lease:
         self._connection: aiormq.abc.AbstractConnection | None = None
         self._probe: aiormq.abc.AbstractChannel | None = None
         self._channel: aiormq.abc.AbstractChannel | None = None
-        self._tx: aiormq.abc.AbstractChannel | None = None
+        self._publisher: aiormq.abc.AbstractChannel | None = None
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
@@ -107,7 +107,7 @@ class Lease:
     @property
     def held(self) -> bool:
         """Whether this lease's connection holds the lease and is still open."""
-        parts = (self._connection, self._channel, self._tx)
+        parts = (self._connection, self._channel, self._publisher)
         return all(part is not None and not part.is_closed for part in parts)
 
     @property
@@ -118,11 +118,12 @@ class Lease:
         return self._channel
 
     @property
-    def tx(self) -> aiormq.abc.AbstractChannel:
-        """The leader's transactional channel (fires); `LeaseLost` once the lease is gone."""
+    def publisher(self) -> aiormq.abc.AbstractChannel:
+        """The leader's channel with publisher confirms (fires); `LeaseLost` once the lease is
+        gone."""
         self.check()
-        assert self._tx is not None
-        return self._tx
+        assert self._publisher is not None
+        return self._publisher
 
     def check(self) -> None:
         """Raise `LeaseLost` unless the lease is held right now."""
@@ -184,7 +185,7 @@ class Lease:
         """Return when the lease connection or its channel closes."""
         if not self.held:
             return
-        parts = (self._connection, self._channel, self._tx)
+        parts = (self._connection, self._channel, self._publisher)
         observers = [part.closing for part in parts if part is not None]
         try:
             await asyncio.wait(observers, return_when=asyncio.FIRST_COMPLETED)
@@ -195,7 +196,7 @@ class Lease:
     async def release(self) -> None:
         """Close the connection: the lease, if held, is free for another instance at once."""
         connection, self._connection = self._connection, None
-        self._probe = self._channel = self._tx = None
+        self._probe = self._channel = self._publisher = None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), self.timeout)
@@ -214,9 +215,10 @@ class Lease:
         except aiormq.exceptions.ChannelLockedResource:
             return False  # another instance was quicker
         await channel.basic_consume(leader_queue, _ignore, no_ack=True, timeout=self.timeout)
-        tx = await self._connection.channel(publisher_confirms=False, timeout=self.timeout)
-        await tx.tx_select(timeout=self.timeout)
-        self._channel, self._tx = channel, tx
+        publisher = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True, timeout=self.timeout
+        )
+        self._channel, self._publisher = channel, publisher
         return True
 
     async def declare(self, queue: str, arguments: dict[str, Any]) -> spec.Queue.DeclareOk:

@@ -3,8 +3,8 @@
 One *term* of leadership: acquire the lease (``aioqueue.rabbit.lease``), read each schedule's
 last slot (``aioqueue.rabbit.slots``), then loop — fire the due slots (``due_slots`` in
 ``schedule.py``), sleep on the clock until the next one — until the lease is lost or the
-scheduler stops. A slot fires as one transaction on the lease connection: its record and its
-task message, both or neither.
+scheduler stops. A slot fires on the lease connection, with publisher confirms: its record and
+its task message, each published again until RabbitMQ takes it (``rabbit/slots.py``).
 
 An app on the in-memory broker (``memory://``) keeps its lease and records in that broker instead
 (``in_memory.py``) and, by default, takes slot time from the broker's `VirtualClock`.
@@ -362,7 +362,7 @@ class Scheduler:
         plan.cursor = max(plan.cursor, now)
 
     async def _fire(self, plan: _Plan, slot: datetime, store: _Store) -> None:
-        """Record the slot and submit its task, in one transaction on the lease connection."""
+        """Record the slot and submit its task, confirmed, on the lease connection."""
         schedule = plan.schedule
         if plan.running is not None:
             if not await store.finished(schedule.name, plan.running):

@@ -45,6 +45,8 @@
 # Environment knobs:
 #   BROKER_RABBITMQ_BIN   directory of the RabbitMQ scripts (default /usr/lib/rabbitmq/bin)
 #   BROKER_START_TIMEOUT  seconds to wait for a node to boot (default 120)
+#   BROKER_DLX_CONFIRM_TIMEOUT  milliseconds before at-least-once dead-lettering re-sends a hop
+#                         (advanced.config; default 10000; "default": RabbitMQ's own, 180 s on 3.10)
 #   BROKER_ALL_PLUGINS=1  give the node the full plugin directory (slower boot; only needed
 #                         when EXTRA_CONF_FILE configures a plugin, which must be enabled too)
 set -euo pipefail
@@ -270,8 +272,13 @@ write_node_files() { # DIR AMQP_PORT EXTRA_CONF_FILE
     # At-least-once dead-lettering (aioqueue's quorum delay ladder) re-sends a hop whose target
     # did not confirm after this long: 180 s by default on 3.10, so a hop caught by a node's
     # death would stall delayed tasks for minutes. Not settable in rabbitmq.conf on 3.10.
-    printf '%s\n' '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 10000}]}].' \
-        >"$dir/advanced.config"
+    # BROKER_DLX_CONFIRM_TIMEOUT=default leaves RabbitMQ's own (to show the difference).
+    if [[ "${BROKER_DLX_CONFIRM_TIMEOUT:-10000}" == default ]]; then
+        printf '[].\n' >"$dir/advanced.config"
+    else
+        printf '[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, %s}]}].\n' \
+            "${BROKER_DLX_CONFIRM_TIMEOUT:-10000}" >"$dir/advanced.config"
+    fi
     : >"$dir/rabbitmq-env.conf"
     {
         printf '# Written by services/rabbitmq/broker.sh start-node; rewritten on every start.\n'

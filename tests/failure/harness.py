@@ -173,7 +173,7 @@ class Scenario:
     def spawn_scheduler(self) -> WorkerProcess:
         log = self.dir / f"scheduler-{self._spawned}.log"
         self._spawned += 1
-        return SchedulerProcess(APP_SPEC, "--log-level", "WARNING", env=self._env(), log=log)
+        return SchedulerProcess(APP_SPEC, "--log-level", "INFO", env=self._env(), log=log)
 
     async def _supervise(self) -> None:
         """Respawn crashed workers and schedulers, as systemd or Kubernetes would."""
