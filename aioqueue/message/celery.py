@@ -9,7 +9,8 @@ builds the message, ``celery/backends/rpc.py`` and ``base.py`` (``_get_result_me
   ISO-8601 headers, ``retries`` counts earlier attempts, ``timelimit`` is ``[hard, soft]``.
 - kombu's JSON wraps datetime, date, time, Decimal, UUID and bytes as
   ``{"__type__": ..., "__value__": ...}``: they are read back as those Python objects
-  (`conform_arguments` then fits them to the task's annotations, or refuses them).
+  (`conform_arguments` then fits them to the task's annotations, or refuses them); that part
+  lives in `aioqueue.message.kombu_json`.
 - A reply goes to ``reply_to`` on the default exchange, ``correlation_id`` = the task id, with
   ``{"task_id", "status", "result", "traceback", "children", "date_done"}``; a failure's
   ``result`` is ``{"exc_type", "exc_message", "exc_module"}``.
@@ -21,20 +22,17 @@ the reason ``serializer``, and a canvas part aioqueue does not run (``chord``, `
 
 from __future__ import annotations
 
-import base64
-import inspect
 import math
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time
-from decimal import Decimal, InvalidOperation
-from typing import Any, Final, get_type_hints
+from datetime import UTC, datetime
+from typing import Any, Final
 
 from pamqp import commands as spec
 
 from ..errors import DecodeError
 from .codec import Envelope, ErrorInfo, Outcome, dumps, loads
+from .kombu_json import aware, conform_arguments, typed
 
 __all__ = [
     "CELERY_CONTENT_TYPE",
@@ -124,8 +122,8 @@ def decode_task(body: bytes, properties: spec.Basic.Properties, *, max_size: int
     return Envelope(
         id=task_id,
         task=name,
-        args=tuple(_typed(a, f"args[{i}]") for i, a in enumerate(args)),
-        kwargs={k: _typed(v, f"kwargs[{k!r}]") for k, v in kwargs.items()},
+        args=tuple(typed(a, f"args[{i}]") for i, a in enumerate(args)),
+        kwargs={k: typed(v, f"kwargs[{k!r}]") for k, v in kwargs.items()},
         reply_to=None if ignore_result else reply_to,
         attempt=retries + 1,
         deadline=_iso_time(headers, "expires"),
@@ -178,12 +176,7 @@ def _iso_time(headers: Mapping[str, Any], key: str) -> float | None:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise DecodeError(f"Celery header {key!r} is {value!r}, not an ISO-8601 time") from None
-    return _aware(moment).timestamp()
-
-
-def _aware(moment: datetime) -> datetime:
-    """Celery writes aware times (``enable_utc``); a naive one is read as UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return aware(moment).timestamp()
 
 
 def _time_limit(value: Any) -> float | None:
@@ -214,116 +207,6 @@ def _optional_id(headers: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-# kombu/utils/json.py's typed values, read back as the objects kombu wrote
-def _typed(value: Any, where: str) -> Any:
-    if isinstance(value, list):
-        return [_typed(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, dict):
-        return value
-    if value.keys() == {"__type__", "__value__"}:
-        return _kombu_value(value["__type__"], value["__value__"], where)
-    return {k: _typed(v, f"{where}[{k!r}]") for k, v in value.items()}
-
-
-def _kombu_value(kind: Any, raw: Any, where: str) -> Any:
-    try:
-        if kind == "datetime" and isinstance(raw, str):
-            return _aware(datetime.fromisoformat(raw))
-        if kind == "date" and isinstance(raw, str):
-            return datetime.fromisoformat(raw).date()
-        if kind == "time" and isinstance(raw, str):
-            return time.fromisoformat(raw)
-        if kind == "decimal" and isinstance(raw, str):
-            return Decimal(raw)
-        if kind == "uuid" and isinstance(raw, dict) and isinstance(raw.get("hex"), str):
-            return uuid.UUID(hex=raw["hex"])
-        if kind == "bytes" and isinstance(raw, str):
-            return raw.encode()
-        if kind == "base64" and isinstance(raw, str):
-            return base64.b64decode(raw.encode(), validate=True)
-    except (ValueError, InvalidOperation, TypeError) as exc:
-        message = f"{where}: kombu {kind!r} value {raw!r:.80} cannot be read: {exc}"
-        raise DecodeError(message) from None
-    raise DecodeError(
-        f"{where}: kombu type {kind!r} with value {raw!r:.80} is not one aioqueue reads"
-    )
-
-
-def conform_arguments(
-    fn: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Fit kombu-typed arguments to the task's annotations.
-
-    A datetime stays an aware datetime (or becomes its ISO string for a ``str`` parameter).
-    A date, time, Decimal, UUID or bytes value becomes what its parameter's annotation asks
-    for: that type itself, ``str``, or (Decimal) ``float``/``int``. With no annotation, or
-    another one, it is refused with a `DecodeError` naming the argument — never passed on as
-    something the task did not declare. Plain JSON values are left as they are.
-    """
-    if not _has_typed(args) and not _has_typed(kwargs):
-        return tuple(args), dict(kwargs)
-    signature = inspect.signature(fn)
-    try:
-        hints = get_type_hints(fn)
-    except Exception:  # unresolvable annotations: as if there were none
-        hints = {}
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise DecodeError(f"the arguments do not fit the task: {exc}") from None
-    params = signature.parameters
-    for name, value in list(bound.arguments.items()):
-        kind = params[name].kind
-        hint = hints.get(name)
-        if kind is inspect.Parameter.VAR_POSITIONAL:
-            bound.arguments[name] = tuple(_fit(v, hint, f"*{name}") for v in value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            bound.arguments[name] = {k: _fit(v, hint, f"{k}") for k, v in value.items()}
-        else:
-            bound.arguments[name] = _fit(value, hint, name)
-    return bound.args, bound.kwargs
-
-
-_KOMBU_TYPES: Final = (datetime, date, time, Decimal, uuid.UUID, bytes)
-
-
-def _has_typed(value: Any) -> bool:
-    if isinstance(value, _KOMBU_TYPES):
-        return True
-    if isinstance(value, list | tuple):
-        return any(_has_typed(v) for v in value)
-    if isinstance(value, Mapping):
-        return any(_has_typed(v) for v in value.values())
-    return False
-
-
-def _fit(value: Any, hint: Any, name: str) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat() if hint is str else value
-    if not isinstance(value, _KOMBU_TYPES):
-        if _has_typed(value):
-            raise DecodeError(
-                f"argument {name!r} holds a kombu-typed value (date, time, Decimal, UUID or "
-                "bytes) inside a list or object: only a whole argument can be converted"
-            )
-        return value
-    if hint is not None and isinstance(hint, type) and isinstance(value, hint):
-        return value
-    if hint is str:
-        if isinstance(value, bytes):
-            return value.decode("utf-8", errors="strict")
-        return value.isoformat() if isinstance(value, date | time) else str(value)
-    if isinstance(value, Decimal) and hint is float:
-        return float(value)
-    if isinstance(value, Decimal) and hint is int and value == value.to_integral_value():
-        return int(value)
-    wanted = "no annotation" if hint is None else f"annotation {hint!r}"
-    raise DecodeError(
-        f"argument {name!r} is a {type(value).__name__} (kombu-typed JSON) and the task's "
-        f"parameter has {wanted}: annotate it as {type(value).__name__} or str"
-    )
-
-
 # -- aioqueue → Celery: writing a task message ------------------------------------------------
 
 
@@ -351,6 +234,8 @@ def encode_task(
             kwargsrepr=repr(dict(envelope.kwargs))[:1024],
             origin=origin,
             replaced_task_nesting=0,
+            stamped_headers=None,  # Celery 5.3+ writes both (task stamping); older ones ignore
+            stamps={},
         )
     headers.update(
         task=envelope.task,
@@ -459,7 +344,7 @@ def decode_reply(
     status = meta["status"]
     if status not in READY_STATES:
         return None
-    result = _typed(meta.get("result"), "result")
+    result = typed(meta.get("result"), "result")
     if status == "SUCCESS":
         return Outcome(task_id=task_id, task_name=task_name, value=result)
     if not isinstance(result, dict) or not isinstance(result.get("exc_type"), str):
