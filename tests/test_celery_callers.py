@@ -11,6 +11,7 @@ limits only in the prefork pool (the solo pool lists no timeouts), and one test 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -21,7 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aio_pika
 import orjson
@@ -42,7 +43,9 @@ RESULT_TIMEOUT = 60.0
 class CeleryWorker:
     """A real Celery worker subprocess with its output in a file."""
 
-    def __init__(self, broker_url: str, queue: str, log: Path) -> None:
+    def __init__(
+        self, broker_url: str, queue: str, log: Path, *, queue_type: str = "classic"
+    ) -> None:
         self.queue = queue
         self.log_path = log
         self._log = log.open("wb")
@@ -67,7 +70,12 @@ class CeleryWorker:
             "--loglevel",
             "INFO",
         ]
-        env = {**os.environ, "AIOQUEUE_BROKER_URL": broker_url, "AIOQUEUE_CELERY_QUEUE": queue}
+        env = {
+            **os.environ,
+            "AIOQUEUE_BROKER_URL": broker_url,
+            "AIOQUEUE_CELERY_QUEUE": queue,
+            "AIOQUEUE_CELERY_QUEUE_TYPE": queue_type,
+        }
         self.proc = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -261,6 +269,28 @@ async def test_keyword_arguments_reach_the_celery_task(
     assert await (await add.submit(x=2, y=40)).result(timeout=RESULT_TIMEOUT) == 42
     handle = await add.submit_with_options(args=(1,), kwargs={"y": 9})
     assert await handle.result(timeout=RESULT_TIMEOUT) == 10
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_submit_before_the_celery_worker_started(
+    rabbit: RabbitNode, queue_name: str, tmp_path: Path, queue_type: Literal["classic", "quorum"]
+) -> None:
+    # Given an aioqueue caller that declares the Celery queue first (a quorum one with
+    # App(queue_type="quorum"), as Celery's task_default_queue_type="quorum" declares it)
+    async with App("tests", broker_url=rabbit.url, queue_type=queue_type) as app:
+        add = app.celery_task("tasks.add", queue=queue_name)
+        handle = await add.submit(20, 22)
+        later = await add.submit_with_options(args=(1, 2), countdown=0.5)
+        # When the Celery worker starts afterwards and declares the same queue its own way
+        worker = CeleryWorker(rabbit.url, queue_name, tmp_path / "w.log", queue_type=queue_type)
+        try:
+            await asyncio.to_thread(worker.wait_ready)
+            # Then its declaration is compatible, and it runs what waited there
+            assert await handle.result(timeout=RESULT_TIMEOUT) == 42
+            assert await later.result(timeout=RESULT_TIMEOUT) == 3
+        finally:
+            await asyncio.to_thread(worker.kill)
+    assert "PRECONDITION_FAILED" not in worker.output()
 
 
 # -- without a Celery worker: the caller's own side -------------------------------------------

@@ -2,8 +2,8 @@
 
 Nothing of aioqueue is imported: this is the unchanged Celery side that an aioqueue caller
 submits to (``app.celery_task("tasks.add", queue=...)``). The broker is
-``$AIOQUEUE_BROKER_URL`` (the tests' own node), the queue ``$AIOQUEUE_CELERY_QUEUE``, so each
-test module isolates itself.
+``$AIOQUEUE_BROKER_URL`` (the tests' own node), the queue ``$AIOQUEUE_CELERY_QUEUE`` (so each
+test isolates itself) and its type ``$AIOQUEUE_CELERY_QUEUE_TYPE`` (classic by default).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ app.conf.update(
     result_accept_content=["json"],
     result_persistent=True,
     task_default_queue=os.environ.get("AIOQUEUE_CELERY_QUEUE", "celery"),
+    # "quorum" to check that both sides declare a quorum queue alike (Celery 5.5+)
+    task_default_queue_type=os.environ.get("AIOQUEUE_CELERY_QUEUE_TYPE", "classic"),
     broker_connection_retry_on_startup=True,
     enable_utc=True,
 )
