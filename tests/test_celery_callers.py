@@ -30,7 +30,14 @@ import pytest
 from pamqp import commands as spec
 
 import aioqueue.testing as aioqueue_testing
-from aioqueue import App, ResultUnavailableError, TaskError, TaskTimeoutError
+from aioqueue import (
+    App,
+    PublishError,
+    ResultUnavailableError,
+    Settings,
+    TaskError,
+    TaskTimeoutError,
+)
 from aioqueue.errors import AioqueueError
 from tests.conftest import ROOT
 from tests.rabbit import RabbitNode
@@ -359,6 +366,26 @@ async def _get_one(app: App, queue: str) -> dict[str, Any]:
             "expiration": got.properties.expiration,
             "body": orjson.loads(got.body),
         }
+
+
+async def test_a_nacked_publish_is_a_publish_error(rabbit: RabbitNode, queue_name: str) -> None:
+    # Given a Celery queue that refuses every message (a policy: length 0, reject-publish)
+    definition = '{"max-length": 0, "overflow": "reject-publish"}'
+    policy = f"nack-{queue_name}"
+    rabbit.ctl("set_policy", policy, f"^{queue_name}$", definition, "--apply-to", "queues")
+    # (nacks are published again until the publish deadline: a short one keeps the test short)
+    settings = Settings(publish_timeout=3.0)
+    try:
+        async with App("tests", broker_url=rabbit.url, settings=settings) as app:
+            add = app.celery_task("tasks.add", queue=queue_name)
+            # When a Celery task is submitted to it, Then RabbitMQ's nack is a PublishError
+            with pytest.raises(PublishError, match="nacked") as caught:
+                await add.submit(2, 3)
+            assert caught.value.task_name == "tasks.add" and caught.value.task_id
+            replies = app._replies
+            assert replies is not None and replies.pending == 0  # nothing left waiting
+    finally:
+        rabbit.ctl("clear_policy", policy)
 
 
 async def test_options_are_checked_before_publishing(app: App, queue_name: str) -> None:
