@@ -74,8 +74,7 @@ class Producer:
         task = app.tasks.get(name)
         if task is not None:
             task.bind(tuple(args), kwargs)
-        check_json_native(list(args), "args")
-        check_json_native(kwargs, "kwargs")
+        _check_arguments(args, kwargs)
         now = app._broker.now() if app._broker is not None else time.time()
         delay = _delay(now, countdown, eta)
         options = task.options if task else TaskOptions(name=name, queue=app.default_queue)
@@ -117,8 +116,7 @@ class Producer:
             PublishError: not confirmed within the publish deadline.
         """
         kwargs = dict(kwargs or {})
-        check_json_native(list(args), "args")
-        check_json_native(kwargs, "kwargs")
+        _check_arguments(args, kwargs)
         now = self.app.broker.now()
         delay = _delay(now, countdown, eta, ladder=False)
         fields = CeleryFields(eta=now + delay if delay > 0 else None, ignore_result=ignore_result)
@@ -291,6 +289,12 @@ class _Receiver:
     async def abandon(self) -> None:
         if self.reader is not None:
             await self.reader.close()
+
+
+def _check_arguments(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> None:
+    """`EncodeError` unless every argument is JSON-native (before anything is published)."""
+    check_json_native(list(args), "args")
+    check_json_native(kwargs, "kwargs")
 
 
 def _delay(
