@@ -16,6 +16,7 @@ async with app:
 """
 
 from .app import App
+from .celery_task import CeleryTask
 from .context import TaskContext, task_context
 from .errors import (
     AioqueueError,
@@ -43,6 +44,7 @@ __all__ = [
     "AioqueueError",
     "App",
     "BrokerConnectionError",
+    "CeleryTask",
     "DeadLetteredError",
     "DecodeError",
     "EncodeError",

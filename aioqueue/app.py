@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from .broker import Broker
+from .celery_task import CeleryTask
 from .errors import AioqueueError
 from .producer import Producer
 from .results import ReplyConsumer, ResultHandle
@@ -227,6 +228,17 @@ class App:
             queue=queue,
             ignore_result=ignore_result,
         )
+
+    def celery_task(
+        self, name: str, /, *, queue: str = "celery", ignore_result: bool = False
+    ) -> CeleryTask:
+        """A task that an unchanged Celery worker runs: ``app.celery_task("tasks.add")``.
+
+        Its ``submit``/``submit_with_options`` send Celery's own message to ``queue`` and
+        return an ordinary `ResultHandle` (the Celery app's result backend must be
+        ``rpc://`` with the JSON serializer). RabbitMQ only: see `aioqueue.celery_task`.
+        """
+        return CeleryTask(self, name, queue=queue, ignore_result=ignore_result)
 
     # -- periodic tasks: aioqueue.scheduler, docs/scheduler.md ------------------------------
 

@@ -1,7 +1,8 @@
 """The producer: (task, arguments, options) → envelope → confirmed publish.
 
 `Producer.submit` checks the arguments against a registered task's signature and for JSON,
-works out delays and deadlines, registers for the reply, and publishes; `Producer.publish` is
+works out delays and deadlines, registers for the reply, and publishes (`submit_celery` the same
+for a task a Celery worker runs, in Celery's format); `Producer.publish` is
 the one confirmed publish of a task message (to its queue, or through the delay ladder), used
 by submits and by the worker's retries. A queue this connection declared and someone deleted
 since is declared again once (`Producer.redeclare`; dead-letter queues too).
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AioqueueError, PublishError, UnroutableError
 from .message import Envelope, Outcome, check_json_native, task_properties
-from .message.celery import encode_task
+from .message.celery import CeleryFields, encode_task
 from .results import ReplyConsumer, ResultHandle
 from .streams import EventSink, StreamReader
 from .task import TaskOptions
@@ -73,8 +74,7 @@ class Producer:
         task = app.tasks.get(name)
         if task is not None:
             task.bind(tuple(args), kwargs)
-        check_json_native(list(args), "args")
-        check_json_native(kwargs, "kwargs")
+        _check_arguments(args, kwargs)
         now = app._broker.now() if app._broker is not None else time.time()
         delay = _delay(now, countdown, eta)
         options = task.options if task else TaskOptions(name=name, queue=app.default_queue)
@@ -91,6 +91,44 @@ class Producer:
         return await self.send(
             envelope, target, wants_reply=wants_reply, delay=delay, stream=stream
         )
+
+    async def submit_celery(
+        self,
+        name: str,
+        queue: str,
+        args: tuple[Any, ...] | list[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        ignore_result: bool = False,
+    ) -> ResultHandle[Any]:
+        """`submit` for a task that a Celery worker runs (`aioqueue.celery_task`).
+
+        The message is Celery's protocol 2 and goes straight to ``queue``: a ``countdown`` or
+        ``eta`` is its ``eta`` header, which the Celery worker honours itself (not aioqueue's
+        delay ladder). The reply is read in Celery's ``rpc://`` format.
+
+        Raises:
+            EncodeError: an argument is not JSON-native.
+            ValueError: a bad ``countdown``, ``eta`` or ``expires``.
+            PublishError: not confirmed within the publish deadline.
+        """
+        kwargs = dict(kwargs or {})
+        _check_arguments(args, kwargs)
+        now = self.app.broker.now()
+        delay = _delay(now, countdown, eta, ladder=False)
+        fields = CeleryFields(eta=now + delay if delay > 0 else None, ignore_result=ignore_result)
+        envelope = Envelope(
+            id=uuid.uuid4().hex,
+            task=name,
+            args=tuple(args),
+            kwargs=kwargs,
+            deadline=_deadline(now, expires),
+            celery=fields,
+        )
+        return await self.send(envelope, queue, wants_reply=not ignore_result)
 
     async def send(
         self,
@@ -244,7 +282,8 @@ class _Receiver:
 
     def expect(self, replies: ReplyConsumer, envelope: Envelope) -> Envelope:
         """Register for the outcome of ``envelope``, sent with this client's reply queue."""
-        self.future, self.sink = replies.expect(envelope.id)
+        celery_task = envelope.task if envelope.celery is not None else None
+        self.future, self.sink = replies.expect(envelope.id, celery_task=celery_task)
         return replace(envelope, reply_to=replies.queue)
 
     async def abandon(self) -> None:
@@ -252,11 +291,22 @@ class _Receiver:
             await self.reader.close()
 
 
-def _delay(now: float, countdown: float | None, eta: datetime | None) -> float:
+def _check_arguments(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> None:
+    """`EncodeError` unless every argument is JSON-native (before anything is published)."""
+    check_json_native(list(args), "args")
+    check_json_native(kwargs, "kwargs")
+
+
+def _delay(
+    now: float, countdown: float | None, eta: datetime | None, *, ladder: bool = True
+) -> float:
+    """Seconds from ``now`` until the task may run; `ValueError` for a bad option, or (with
+    ``ladder``) one beyond the longest delay aioqueue's delay ladder holds."""
     if countdown is not None and eta is not None:
         raise ValueError("give countdown or eta, not both")
     delay = _raw_delay(now, countdown, eta)
-    delay_units(delay)  # raises ValueError beyond the longest delay the ladder holds
+    if ladder:
+        delay_units(delay)  # raises ValueError beyond the longest delay the ladder holds
     return delay
 
 

@@ -8,6 +8,10 @@ handle (invariant 3). A message that cannot be read — a body that is not an ou
 properties the frame reader could not decode (``aioqueue-undecodable``) — is logged, counted
 (``ReplyConsumer.unreadable``, and ``App.on_unreadable_reply`` hooks) and dropped: the handle
 keeps waiting for a readable outcome, so a forged or broken reply cannot take the real one's place.
+
+A task sent to a Celery worker (`aioqueue.celery_task`) is answered in the ``rpc://`` result
+backend's format: its reply is read with `aioqueue.message.celery.decode_reply`, and a state
+that is not an outcome yet (RETRY, STARTED) is acked and ignored.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .errors import (
     TaskTimeoutError,
 )
 from .message import H_EVENT, Outcome, refuse_unreadable
+from .message.celery import decode_reply
 from .streams import EventSink, Progress, Result, StreamReader
 from .topology import QueueType, reply_queue_arguments, reply_queue_name
 
@@ -57,6 +62,7 @@ class ReplyConsumer:
         self._prefetch = prefetch
         self._pending: dict[str, asyncio.Future[Outcome]] = {}
         self._sinks: dict[str, EventSink] = {}
+        self._celery: dict[str, str] = {}  # task id -> name, of tasks sent to Celery workers
         self._subscription: Consumer | None = None
         self._lock = asyncio.Lock()
         self._on_unreadable = on_unreadable
@@ -86,10 +92,18 @@ class ReplyConsumer:
                     self.queue, self._on_reply, prefetch=self._prefetch
                 )
 
-    def expect(self, task_id: str) -> tuple[asyncio.Future[Outcome], EventSink]:
-        """Register interest in ``task_id``'s outcome (and progress) before it is published."""
+    def expect(
+        self, task_id: str, *, celery_task: str | None = None
+    ) -> tuple[asyncio.Future[Outcome], EventSink]:
+        """Register interest in ``task_id``'s outcome (and progress) before it is published.
+
+        ``celery_task``: the task's name when a Celery worker runs it; its reply is then read
+        in Celery's ``rpc://`` format.
+        """
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._pending[task_id] = future
+        if celery_task is not None:
+            self._celery[task_id] = celery_task
         sink = self._sinks[task_id] = EventSink(self._broker.settings.event_buffer)
         return future, sink
 
@@ -97,6 +111,7 @@ class ReplyConsumer:
         """Drop interest (the publish failed, so no outcome will come)."""
         self._pending.pop(task_id, None)
         self._sinks.pop(task_id, None)
+        self._celery.pop(task_id, None)
 
     def _unreadable(self, task_id: str, what: str, reason: str) -> None:
         """Count and log a message of the reply queue that cannot be read; it is dropped (acked)
@@ -143,13 +158,29 @@ class ReplyConsumer:
             return
         # read before the handle is let go: an unreadable reply (forged, or broken on the
         # way) must not take the place of the real outcome, which may still come
+        celery_task = self._celery.get(task_id)
+        max_size = self._broker.settings.max_message_size
         try:
-            max_size = self._broker.settings.max_message_size
-            outcome = Outcome.decode(delivery.body, task_id=task_id, max_size=max_size)
+            if celery_task is None:
+                outcome = Outcome.decode(delivery.body, task_id=task_id, max_size=max_size)
+            else:
+                decoded = decode_reply(
+                    delivery.body,
+                    task_id=task_id,
+                    task_name=celery_task,
+                    content_type=delivery.properties.content_type,
+                    max_size=max_size,
+                )
+                if decoded is None:  # a state on the way (RETRY, STARTED): not the outcome
+                    log.debug("Celery task %s is not done yet: a progress state ignored", task_id)
+                    return
+                outcome = decoded
         except DecodeError as exc:
-            self._unreadable(task_id, "reply", exc.message)
+            what = "reply" if celery_task is None else "Celery reply"
+            self._unreadable(task_id, what, exc.message)
             return
         del self._pending[task_id]
+        self._celery.pop(task_id, None)
         sink = self._sinks.pop(task_id, None)
         if sink is not None:
             sink.notify()
@@ -162,6 +193,7 @@ class ReplyConsumer:
             await self._subscription.close()
             self._subscription = None
         pending, self._pending = self._pending, {}
+        self._celery.clear()
         for task_id, future in pending.items():
             if not future.done():
                 future.set_exception(BrokerConnectionError(reason, task_id=task_id))

@@ -9,7 +9,8 @@ builds the message, ``celery/backends/rpc.py`` and ``base.py`` (``_get_result_me
   ISO-8601 headers, ``retries`` counts earlier attempts, ``timelimit`` is ``[hard, soft]``.
 - kombu's JSON wraps datetime, date, time, Decimal, UUID and bytes as
   ``{"__type__": ..., "__value__": ...}``: they are read back as those Python objects
-  (`conform_arguments` then fits them to the task's annotations, or refuses them).
+  (`conform_arguments` then fits them to the task's annotations, or refuses them); that part
+  lives in `aioqueue.message.kombu_json`.
 - A reply goes to ``reply_to`` on the default exchange, ``correlation_id`` = the task id, with
   ``{"task_id", "status", "result", "traceback", "children", "date_done"}``; a failure's
   ``result`` is ``{"exc_type", "exc_message", "exc_module"}``.
@@ -31,7 +32,7 @@ from pamqp import commands as spec
 
 from ..errors import DecodeError
 from .codec import Envelope, ErrorInfo, Outcome, dumps, loads
-from .kombu import aware, conform_arguments, typed
+from .kombu_json import aware, conform_arguments, typed
 
 __all__ = [
     "CELERY_CONTENT_TYPE",
@@ -233,6 +234,8 @@ def encode_task(
             kwargsrepr=repr(dict(envelope.kwargs))[:1024],
             origin=origin,
             replaced_task_nesting=0,
+            stamped_headers=None,  # Celery 5.3+ writes both (task stamping); older ones ignore
+            stamps={},
         )
     headers.update(
         task=envelope.task,

@@ -1,8 +1,9 @@
-"""kombu's typed JSON values (``kombu/utils/json.py``), read back and fitted to a task.
+"""kombu's typed JSON values (``kombu/utils/json.py``), read back as the objects kombu wrote.
 
 kombu's JSON serializer wraps datetime, date, time, Decimal, UUID and bytes as
-``{"__type__": ..., "__value__": ...}``. `typed` reads them back as those Python objects;
-`conform_arguments` then fits them to the task's annotations, or refuses them.
+``{"__type__": ..., "__value__": ...}``. `typed` reads such a value (anywhere in a body) back as
+that object; `conform_arguments` then fits a task's arguments to its annotations, or refuses
+them. A part of Celery's wire format (`aioqueue.message.celery`), kept apart for its size.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def conform_arguments(
     another one, it is refused with a `DecodeError` naming the argument — never passed on as
     something the task did not declare. Plain JSON values are left as they are.
     """
-    if not _hastyped(args) and not _hastyped(kwargs):
+    if not _has_typed(args) and not _has_typed(kwargs):
         return tuple(args), dict(kwargs)
     signature = inspect.signature(fn)
     try:
@@ -98,13 +99,13 @@ def conform_arguments(
 _KOMBU_TYPES: Final = (datetime, date, time, Decimal, uuid.UUID, bytes)
 
 
-def _hastyped(value: Any) -> bool:
+def _has_typed(value: Any) -> bool:
     if isinstance(value, _KOMBU_TYPES):
         return True
     if isinstance(value, list | tuple):
-        return any(_hastyped(v) for v in value)
+        return any(_has_typed(v) for v in value)
     if isinstance(value, Mapping):
-        return any(_hastyped(v) for v in value.values())
+        return any(_has_typed(v) for v in value.values())
     return False
 
 
@@ -112,7 +113,7 @@ def _fit(value: Any, hint: Any, name: str) -> Any:
     if isinstance(value, datetime):
         return value.isoformat() if hint is str else value
     if not isinstance(value, _KOMBU_TYPES):
-        if _hastyped(value):
+        if _has_typed(value):
             raise DecodeError(
                 f"argument {name!r} holds a kombu-typed value (date, time, Decimal, UUID or "
                 "bytes) inside a list or object: only a whole argument can be converted"
