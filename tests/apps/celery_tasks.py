@@ -56,7 +56,7 @@ def retry_once(self: Task, value: str) -> dict[str, Any]:
 @app.task(name="tasks.slow", time_limit=1.5)
 def slow() -> str:
     """Outlives its hard time limit: the pool kills it (TimeLimitExceeded)."""
-    time.sleep(120)
+    time.sleep(120)  # sleep-ok: the behaviour under test (killed by its time limit)
     return "never"
 
 
