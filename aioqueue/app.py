@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from .broker import Broker
+from .cancel import publish_cancellations
 from .errors import AioqueueError
 from .producer import Producer
 from .results import ReplyConsumer, ResultHandle
@@ -227,6 +228,17 @@ class App:
             queue=queue,
             ignore_result=ignore_result,
         )
+
+    async def cancel(self, task_id: str, /, *more: str) -> None:
+        """Cancel tasks by id: returns once the cancellation is published (confirmed).
+
+        A queued or delayed task never runs (dead-lettered, reason ``cancelled``); a running
+        ``async def`` task has its coroutine cancelled; a running plain function sees
+        ``task_context().cancelled``. Its caller gets `TaskCancelledError`; it is not retried.
+        An unknown or finished id changes nothing. See `aioqueue.cancel`.
+        """
+        await self.connect()
+        await publish_cancellations(self.broker, (task_id, *more))
 
     # -- periodic tasks: aioqueue.scheduler, docs/scheduler.md ------------------------------
 

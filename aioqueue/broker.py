@@ -111,6 +111,7 @@ class Broker(Protocol):
         *,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: dict[str, Any] | None = None,
     ) -> Consumer: ...
 
 

@@ -141,12 +141,17 @@ class PrometheusObserver:
     ) -> None:
         self.in_flight.labels(task).dec()
         self.duration.labels(task).observe(duration)
-        self._outcomes[outcome].labels(task).inc()
+        counter = self._outcomes.get(outcome)  # a cancelled run counts as its dead letter
+        if counter is not None:
+            counter.labels(task).inc()
 
     def dead_lettered(self, queue: str, task: str, task_id: str, reason: str) -> None:
         if reason in UNTRUSTED_NAME_REASONS or not task:
             task = UNKNOWN_TASK
         self.dead_lettered_total.labels(task, queue, reason).inc()
+
+    def cancelled(self, task: str, task_id: str, attempt: int) -> None:
+        return None  # counted as a dead letter with reason "cancelled"
 
     # -- App.on_submit --------------------------------------------------------------------
 

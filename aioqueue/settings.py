@@ -127,6 +127,8 @@ class Settings:
             (0 disables it). A silent peer is declared dead by RabbitMQ after 2 missed
             heartbeats and by the client after ``3 * (heartbeat + 1)`` seconds without a
             frame (about 50 s at the default), then the connection is re-established.
+        cancellations_max_age: Seconds a cancellation stays known (the ``x-max-age`` of the
+            ``aioqueue.cancellations`` stream, and how far back a starting worker reads it).
         ssl_context: TLS settings for ``amqps://`` URLs; None means the URL's ``cafile``,
             ``certfile``, ``keyfile`` (and ``no_verify_ssl=1`` to turn verification off),
             else the system's CA store with verification on. See ``docs/guarantees.md``.
@@ -140,4 +142,5 @@ class Settings:
     event_buffer: int = 100
     reconnect_interval: float = 1.0
     heartbeat: int = 15
+    cancellations_max_age: float = 3600.0
     ssl_context: ssl.SSLContext | None = None

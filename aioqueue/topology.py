@@ -16,8 +16,10 @@ import re
 from typing import Any, Final, Literal
 
 __all__ = [
+    "CANCELLATIONS_STREAM",
     "INFRA_PREFIX",
     "QueueType",
+    "cancellations_stream_arguments",
     "check_queue_name",
     "dlq_arguments",
     "dlq_name",
@@ -29,6 +31,8 @@ __all__ = [
 
 INFRA_PREFIX: Final = "aioqueue."
 QueueType = Literal["classic", "quorum"]
+# the broadcast of cancelled task ids: a stream every worker reads (aioqueue.cancel)
+CANCELLATIONS_STREAM: Final = f"{INFRA_PREFIX}cancellations"
 
 
 # AMQP 0-9-1's queue-name domain as RabbitMQ clients enforce it (pamqp refuses any other name
@@ -174,3 +178,13 @@ def delay_ladder(queue_type: QueueType) -> list[tuple[str, str, dict[str, Any], 
 def deliver_pattern(queue: str) -> str:
     """Binding of the deliver exchange to ``queue``: every bit word, then exactly the name."""
     return "*." * DELAY_LEVELS + queue
+
+
+def cancellations_stream_arguments(max_age: float) -> dict[str, Any]:
+    """The ``aioqueue.cancellations`` stream: kept ``max_age`` seconds (and at most 64 MiB)."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": f"{max(1, int(max_age))}s",
+        "x-max-length-bytes": 64 * 1024 * 1024,
+        "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+    }

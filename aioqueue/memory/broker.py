@@ -28,6 +28,7 @@ from ..errors import BrokerConnectionError, UnroutableError
 from ..settings import Settings
 from ..topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
 from .clock import VirtualClock
+from .stream import MemoryStream
 
 __all__ = ["MemoryBroker"]
 
@@ -55,6 +56,7 @@ class MemoryBroker:
         self.settings = settings
         self.clock: BrokerClock = clock or SystemClock()
         self.queues: dict[str, _Queue] = {}
+        self.streams: dict[str, MemoryStream] = {}
         self._delayed: list[tuple[float, int, str, _Message]] = []
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -105,9 +107,13 @@ class MemoryBroker:
             self.clock._detach(self)
 
     def is_declared(self, name: str) -> bool:
-        return name in self.queues
+        return name in self.queues or name in self.streams
 
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        if arguments.get("x-queue-type") == "stream":
+            if name not in self.streams:
+                self.streams[name] = MemoryStream(name, arguments, self.now, self._spawn)
+            return
         self.queues.setdefault(name, _Queue(name))
 
     async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
@@ -118,6 +124,7 @@ class MemoryBroker:
         return None
 
     async def delete_queue(self, name: str) -> None:
+        self.streams.pop(name, None)
         queue = self.queues.pop(name, None)
         if queue is not None:
             for consumer in list(queue.consumers):
@@ -206,6 +213,9 @@ class MemoryBroker:
     ) -> None:
         if not self.connected:
             raise BrokerConnectionError("the in-memory broker is closed")
+        if not exchange and routing_key in self.streams:
+            self.streams[routing_key].append(body, properties)
+            return
         message = _Message(body, properties)
         if exchange.startswith(f"{INFRA_PREFIX}delay."):
             words = routing_key.split(".")
@@ -259,6 +269,13 @@ class MemoryBroker:
             queue.turn += 1
             consumer.deliver(queue.messages.popleft())
 
+    def _spawn(self, callback: DeliveryCallback, delivery: Delivery) -> None:
+        """Run ``callback(delivery)`` in a task of its own, tracked until done."""
+        self.progress += 1
+        task = asyncio.ensure_future(callback(delivery))
+        self.pending_callbacks.add(task)
+        task.add_done_callback(self.pending_callbacks.discard)
+
     async def subscribe(
         self,
         queue: str,
@@ -266,7 +283,10 @@ class MemoryBroker:
         *,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: dict[str, Any] | None = None,
     ) -> Consumer:
+        if queue in self.streams:
+            return self.streams[queue].subscribe(callback, arguments)
         if queue not in self.queues:
             raise BrokerConnectionError(f"NOT_FOUND - no queue {queue!r} in the memory broker")
         subscription = _Subscription(self, self.queues[queue], callback, prefetch)
@@ -316,9 +336,7 @@ class _Subscription:
             delivery_tag=tag,
             acker=self,
         )
-        task = asyncio.ensure_future(self._callback(delivery))
-        self._broker.pending_callbacks.add(task)
-        task.add_done_callback(self._broker.pending_callbacks.discard)
+        self._broker._spawn(self._callback, delivery)
 
     def ack(self, tag: int) -> None:
         if self.unacked.pop(tag, None) is not None:

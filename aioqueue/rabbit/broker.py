@@ -398,12 +398,14 @@ class RabbitBroker:
         *,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: dict[str, Any] | None = None,
     ) -> Subscription:
-        """Consume ``queue`` with manual acks and ``prefetch`` unacked messages at most.
+        """Consume ``queue`` with manual acks and ``prefetch`` unacked messages at most
+        (``arguments``: the consume's, e.g. a stream's ``x-stream-offset``).
 
         ``on_lost(queue, exc)`` is called when the consuming channel closes under us (its
         unacked deliveries go back to the queue); the subscription then recovers by itself.
         """
-        subscription = Subscription(self, queue, callback, prefetch, on_lost)
+        subscription = Subscription(self, queue, callback, prefetch, on_lost, arguments)
         await subscription.start()
         return subscription

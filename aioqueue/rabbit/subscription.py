@@ -36,8 +36,10 @@ class Subscription:
         callback: DeliveryCallback,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: dict[str, Any] | None = None,
     ) -> None:
         self._broker = broker
+        self._arguments = arguments
         self._on_lost = on_lost
         self.queue = queue
         self._callback = callback
@@ -92,7 +94,11 @@ class Subscription:
         channel.closing.add_done_callback(self._on_close)
         self._acker = Acker(channel)
         await channel.basic_consume(
-            self.queue, self._on_message, no_ack=False, consumer_tag=self._tag
+            self.queue,
+            self._on_message,
+            no_ack=False,
+            consumer_tag=self._tag,
+            arguments=self._arguments,
         )
         self._consuming_on = channel
 

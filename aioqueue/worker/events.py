@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 __all__ = ["RunResult", "TaskLog", "TaskObserver"]
 
 # how one run of a task ended, as observers hear it (the caller's `Outcome` is another thing)
-RunResult = Literal["succeeded", "failed", "retried", "timeout"]
+RunResult = Literal["succeeded", "failed", "retried", "timeout", "cancelled"]
 
 log = logging.getLogger("aioqueue.task")
 
@@ -28,6 +28,8 @@ class TaskObserver(Protocol):
     ) -> None: ...
 
     def dead_lettered(self, queue: str, task: str, task_id: str, reason: str) -> None: ...
+
+    def cancelled(self, task: str, task_id: str, attempt: int) -> None: ...
 
 
 class TaskLog:
@@ -59,3 +61,12 @@ class TaskLog:
 
     def dead_lettered(self, queue: str, task: str, task_id: str, reason: str) -> None:
         return None  # the worker already logs every dead letter with its reason
+
+    def cancelled(self, task: str, task_id: str, attempt: int) -> None:
+        log.warning(
+            "task %s id=%s attempt=%d cancelled",
+            task,
+            task_id,
+            attempt,
+            extra={"task_name": task, "task_id": task_id, "attempt": attempt},
+        )

@@ -20,6 +20,7 @@ import anyio
 
 from ..app import App
 from ..broker import Consumer, Delivery, settle
+from ..cancel import CancelListener
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
 from .events import TaskLog, TaskObserver
 from .handoff import Handoff
@@ -170,7 +171,10 @@ class Worker:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+        listener = CancelListener(broker, pipeline.cancel)
         try:
+            await listener.start()  # every cancellation published before now is known
+            pipeline.cancelled_ids = listener.ids
             for queue in self.queues:
                 kind = self.app.queue_type_of(queue)
                 await broker.declare_queue(queue, work_queue_arguments(kind))
@@ -192,6 +196,7 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             for subscription in subscriptions:
                 await subscription.close()
+            await listener.close()
 
     async def _drain(self, subscriptions: list[Consumer]) -> None:
         self._stopping = True
