@@ -76,7 +76,8 @@ async def test_a_running_async_task_is_cancelled_and_not_retried(
     saw_cancel = asyncio.Event()
     never = asyncio.Event()
 
-    @app.task(name="t.long", retry=RetryPolicy(max_attempts=3, backoff=0.1, jitter=0.0))
+    # (under a timeout too: the cancel is not taken for the timeout's own)
+    @app.task(name="t.long", timeout=60, retry=RetryPolicy(max_attempts=3, backoff=0.1, jitter=0.0))
     async def long() -> None:
         attempts.append(task_context().attempt)
         try:
