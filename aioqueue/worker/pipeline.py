@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ..app import App
@@ -29,22 +29,13 @@ from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
 from ..message.celery import CeleryFields, RefusedMessage, conform_arguments, decode_task, is_celery
 from ..retry import Retry, RetryPolicy, next_delay
 from .emit import Emitter
-from .events import RunResult, TaskObserver
+from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
 log = logging.getLogger("aioqueue.worker")
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What became of one run, decided once (`judge`): handed off, then reported."""
-
-    result: RunResult
-    retry_delay: float | None = None  # set when result == "retried"
-    error: ErrorInfo | None = None  # set when result is "failed" or "timeout"
 
 
 def judge(
@@ -95,7 +86,19 @@ class Pipeline:
     async def process(self, delivery: Delivery) -> None:
         """Decode → guards → run → hand-off."""
         envelope = await self._decode(delivery)
-        if envelope is None or await self._already_running(delivery, envelope):
+        if envelope is None:
+            return
+        notify(
+            self.observers,
+            "received",
+            envelope.task,
+            envelope.id,
+            envelope.attempt,
+            delivery.queue,
+            envelope.args,
+            envelope.kwargs,
+        )
+        if await self._already_running(delivery, envelope):
             return
         redelivered = await self._count_delivery(delivery, envelope)
         if redelivered is None:
@@ -139,14 +142,14 @@ class Pipeline:
             observer.started(envelope.task, envelope.id, envelope.attempt)
         started = time.perf_counter()
         try:
-            emitter = Emitter(self.app.broker, envelope)
+            emitter = Emitter(self.app.broker, envelope, observers=self.observers)
             outcome, exc = await execute(
                 task, envelope, redelivered=redelivered, threads=self.executor, emitter=emitter
             )
             duration = time.perf_counter() - started
             verdict = judge(envelope, outcome, exc, task.options.retry)
             handed_off.set_result(await self._hand_off(delivery, envelope, outcome, verdict))
-            self._report(envelope, verdict, duration)
+            self._report(envelope, verdict, duration, outcome.value)
         finally:
             del self.current[id(delivery)]
             if self._running_ids.get(run_key) is handed_off:  # two copies may run here
@@ -167,7 +170,11 @@ class Pipeline:
         assert verdict.error is not None
         return await self._dead_letter(delivery, envelope, verdict.result, verdict.error)
 
-    def _report(self, envelope: Envelope, verdict: Verdict, duration: float) -> None:
+    def _report(self, envelope: Envelope, verdict: Verdict, duration: float, value: Any) -> None:
+        notify(
+            self.observers, "outcome", envelope.task, envelope.id, envelope.attempt, verdict,
+            duration, value,
+        )  # fmt: skip
         for observer in self.observers:
             try:
                 observer.finished(
