@@ -96,7 +96,9 @@ class EventPublisher:
         """Declare the stream (a failure is logged: events are dropped until it exists) and
         start sending."""
         await self._declare()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="aioqueue event publisher")
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="aioqueue event publisher"
+        )
 
     async def _declare(self) -> None:
         self._last_declare = time.monotonic()
