@@ -9,8 +9,8 @@ them, so observers written before them keep working:
 
 - ``received(task, task_id, attempt, queue, args, kwargs)``: a message was decoded;
 - ``progress(task, task_id, attempt, value)``: the task reported progress;
-- ``outcome(task, task_id, attempt, verdict, duration, value)``: as ``finished``, with the
-  `Verdict` (its error, its retry delay) and the return value.
+- ``outcome(task, task_id, attempt, verdict, duration, outcome)``: as ``finished``, with the
+  `Verdict` (the final error, the retry delay) and the run's `Outcome` (value or error).
 
 ``cancelled`` is in the protocol, but call it through `notify` too.
 """

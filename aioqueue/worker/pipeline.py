@@ -149,7 +149,7 @@ class Pipeline:
             duration = time.perf_counter() - started
             verdict = judge(envelope, outcome, exc, task.options.retry)
             handed_off.set_result(await self._hand_off(delivery, envelope, outcome, verdict))
-            self._report(envelope, verdict, duration, outcome.value)
+            self._report(envelope, verdict, duration, outcome)
         finally:
             del self.current[id(delivery)]
             if self._running_ids.get(run_key) is handed_off:  # two copies may run here
@@ -170,10 +170,12 @@ class Pipeline:
         assert verdict.error is not None
         return await self._dead_letter(delivery, envelope, verdict.result, verdict.error)
 
-    def _report(self, envelope: Envelope, verdict: Verdict, duration: float, value: Any) -> None:
+    def _report(
+        self, envelope: Envelope, verdict: Verdict, duration: float, outcome: Outcome
+    ) -> None:
         notify(
             self.observers, "outcome", envelope.task, envelope.id, envelope.attempt, verdict,
-            duration, value,
+            duration, outcome,
         )  # fmt: skip
         for observer in self.observers:
             try:

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Final
 
+from ..message import Outcome
 from ..message.events import (
     MAX_ERROR,
     MAX_TRACEBACK,
@@ -100,7 +101,13 @@ class TaskEvents:
         self.emit("task-progress", **fields)
 
     def outcome(
-        self, task: str, task_id: str, attempt: int, verdict: Verdict, duration: float, value: Any
+        self,
+        task: str,
+        task_id: str,
+        attempt: int,
+        verdict: Verdict,
+        duration: float,
+        outcome: Outcome,
     ) -> None:
         fields: dict[str, Any] = {
             "id": task_id,
@@ -109,11 +116,11 @@ class TaskEvents:
             "duration": round(duration, 6),
         }
         if verdict.result == "succeeded" and not self._sensitive(task):
-            fields["result"] = bounded_repr(value)
+            fields["result"] = bounded_repr(outcome.value)
         if verdict.retry_delay is not None:
             fields["retry_in"] = verdict.retry_delay
-        if verdict.error is not None:
-            error = verdict.error
+        error = verdict.error or outcome.error
+        if error is not None:
             fields["error"] = bounded(f"{error.type_name}: {error.message}", MAX_ERROR)
             if error.traceback:
                 tb = error.traceback
