@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None, *, prog: str = "aioqueue inspect") -> in
     try:
         now = time.time()
         window = max(args.window, MISSED_BEATS * interval)
-        events = run(_read(app, since=now - window))
+        events = run(_read(app, since=now - window, until=now))
     except AioqueueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None, *, prog: str = "aioqueue inspect") -> in
     return 0
 
 
-async def _read(app: App, since: float) -> list[Event]:
+async def _read(app: App, since: float, until: float) -> list[Event]:
+    """The events from ``since`` up to ``until`` (the first one after it, which comes within
+    a heartbeat interval while a worker lives), or until the stream is quiet."""
     async with app, EventReader(app, since=since) as reader:
-        return await reader.drain(READ_IDLE)
+        return await reader.drain(READ_IDLE, until=until)

@@ -147,11 +147,21 @@ class EventReader:
                 return None
         return self._events.popleft()
 
-    async def drain(self, idle: float = 1.0) -> list[Event]:
-        """Every event until none arrives for ``idle`` seconds (e.g. history up to now)."""
-        events = []
-        while (event := await self.get(idle)) is not None:
+    async def drain(
+        self, idle: float = 1.0, *, until: float | None = None, limit: float = 30.0
+    ) -> list[Event]:
+        """The events up to now: until none arrives for ``idle`` seconds, or one is stamped
+        at or after ``until`` (Unix time; it is included), or ``limit`` seconds passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        events: list[Event] = []
+        while (left := deadline - loop.time()) > 0:
+            event = await self.get(min(idle, left))
+            if event is None:
+                break
             events.append(event)
+            if until is not None and event.time >= until:
+                break
         return events
 
     async def _next_batch(self, timeout: float | None) -> bool:
