@@ -6,11 +6,9 @@ a vhost of its own.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import pytest
 
@@ -293,10 +291,6 @@ async def test_memory_transport_has_the_same_reader() -> None:
         testing.reset(url)
 
 
-def event_types_of(events: list[dict[str, Any]]) -> list[str]:
-    return [e["type"] for e in events]
-
-
 async def test_events_off_publish_nothing(make_app: Callable[..., App]) -> None:
     app = make_app()
 
@@ -312,4 +306,3 @@ async def test_events_off_publish_nothing(make_app: Callable[..., App]) -> None:
         async with EventReader(app, since=since) as reader:
             seen = await reader.drain(idle=0.5)
         assert all(e.get("id") != handle.id for e in seen)
-    await asyncio.sleep(0)
