@@ -6,6 +6,7 @@ a vhost of its own.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -306,3 +307,39 @@ async def test_events_off_publish_nothing(make_app: Callable[..., App]) -> None:
         async with EventReader(app, since=since) as reader:
             seen = await reader.drain(idle=0.5)
         assert all(e.get("id") != handle.id for e in seen)
+
+
+async def test_a_reader_resumes_after_a_broker_restart_without_repeats(
+    rabbit: RabbitNode, make_app: Callable[..., App]
+) -> None:
+    # Given a reader that has read a task's events
+    app = make_app()
+    reader_app = make_app()
+
+    @app.task(name="ev.twice")
+    async def twice(x: int) -> int:
+        return 2 * x
+
+    async with app, reader_app, running_worker(app):
+        since = time.time()
+        first = await twice.submit(1)
+        await first.result(timeout=30)
+        async with EventReader(reader_app, since=since) as reader:
+            seen: list[Event] = []
+
+            async def read_until(task_id: str) -> None:
+                while not any(e.type == "task-succeeded" and e.get("id") == task_id for e in seen):
+                    event = await reader.get(timeout=60)
+                    assert event is not None, f"no events of {task_id}"
+                    seen.append(event)
+
+            await read_until(first.id)
+            # When the broker restarts, and another task runs
+            await asyncio.to_thread(rabbit.restart)
+            second = await twice.submit(2)
+            assert await second.result(timeout=60) == 4
+            # Then the reader goes on with the new events, and repeats none of the old
+            await read_until(second.id)
+    mine = [(e.type, e.get("id"), e.get("attempt")) for e in seen if e.get("id")]
+    assert len(mine) == len(set(mine)), mine
+    assert types(seen, second.id) == ["task-received", "task-started", "task-succeeded"]

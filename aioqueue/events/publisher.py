@@ -121,8 +121,9 @@ class EventPublisher:
         if len(self._buffer) > self._limit:
             self._buffer.popleft()
             self._drop(1, f"the buffer of {self._limit} events is full")
-        self._waiting.set()
-        if len(self._buffer) >= self.batch_size:
+        if not self._waiting.is_set():
+            self._waiting.set()
+        if len(self._buffer) >= self.batch_size and not self._full.is_set():
             self._full.set()
 
     async def close(self, timeout: float = 5.0) -> None:

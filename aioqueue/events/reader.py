@@ -60,6 +60,7 @@ class EventReader:
         self.prefetch = prefetch
         self.skipped = 0
         self.last_offset: int | None = None
+        self._queued_offset: int | None = None  # of the last batch queued here
         self._batches: deque[tuple[list[Event], Delivery]] = deque()
         self._events: deque[Event] = deque()
         self._arrived = asyncio.Event()
@@ -101,8 +102,8 @@ class EventReader:
     def _arguments(self) -> dict[str, Any]:
         """Where to (re)start: after the last batch seen, else where ``since`` says."""
         where: Any
-        if self.last_offset is not None:
-            where = self.last_offset + 1
+        if self._queued_offset is not None:  # what is queued here is not asked for again
+            where = self._queued_offset + 1
         elif isinstance(self.since, int | float):
             where = datetime.fromtimestamp(int(self.since), UTC)
         else:
@@ -114,6 +115,12 @@ class EventReader:
         headers = delivery.properties.headers or {}
         offset = headers.get("x-stream-offset")
         offset = offset if isinstance(offset, int) and not isinstance(offset, bool) else None
+        if offset is not None and self._queued_offset is not None and offset <= self._queued_offset:
+            self._batches.append(([], delivery))  # a repeat after a reconnect: only acked
+            self._arrived.set()
+            return
+        if offset is not None:
+            self._queued_offset = offset
         try:
             events = decode_batch(delivery.body, self.app.settings.max_message_size)
         except DecodeError as exc:

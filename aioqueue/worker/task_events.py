@@ -48,6 +48,8 @@ class TaskEvents:
     def __init__(self, app: App, publisher: EventPublisher, identity: str) -> None:
         self.app = app
         self.publisher = publisher
+        # the broker's time: wall time on RabbitMQ, a test's VirtualClock on memory://
+        self._now = app.broker.now if app._broker is not None else time.time
         self.identity = identity
         # (id, attempt) -> {"id", "name", "attempt", "started"}: what a heartbeat lists
         self.running: dict[tuple[str, int], dict[str, Any]] = {}
@@ -56,8 +58,7 @@ class TaskEvents:
         self._dead: dict[str, dict[str, Any]] = {}  # task id -> its dead letter, until reported
 
     def emit(self, kind: str, **fields: Any) -> None:
-        now = self.app.broker.now() if self.app._broker is not None else time.time()
-        self.publisher.emit(Event(kind, now, self.identity, fields))
+        self.publisher.emit(Event(kind, self._now(), self.identity, fields))
 
     def _sensitive(self, task: str) -> bool:
         registered = self.app.tasks.get(task)
