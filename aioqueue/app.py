@@ -103,6 +103,7 @@ class App:
         ignore_result: bool = False,
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
+        sensitive: bool = False,
     ) -> TaskDecorator: ...
 
     def task(
@@ -116,10 +117,12 @@ class App:
         ignore_result: bool = False,
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
+        sensitive: bool = False,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., ...)``.
 
         ``async def`` functions run on the worker's event loop, plain functions in a thread.
+        ``sensitive=True`` keeps its arguments, results and progress out of task events.
         """
         decorator = TaskDecorator(
             self,
@@ -129,6 +132,7 @@ class App:
             ignore_result=ignore_result,
             retry=retry,
             queue_type=queue_type,
+            sensitive=sensitive,
         )
         return decorator if fn is None else decorator(fn)
 

@@ -13,16 +13,21 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = [
     "CANCELLATIONS_STREAM",
+    "EVENTS_STREAM",
     "INFRA_PREFIX",
     "QueueType",
     "cancellations_stream_arguments",
     "check_queue_name",
     "dlq_arguments",
     "dlq_name",
+    "events_stream_arguments",
     "reply_queue_arguments",
     "reply_queue_name",
     "stream_queue_name",
@@ -82,6 +87,23 @@ def dlq_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
 def reply_queue_arguments(expires: float, queue_type: QueueType = "classic") -> dict[str, Any]:
     """A durable reply (or stream) queue that RabbitMQ deletes after ``expires`` seconds unused."""
     return {"x-queue-type": queue_type, "x-expires": max(1000, int(expires * 1000))}
+
+
+# -- task events -------------------------------------------------------------------------------
+
+EVENTS_STREAM: Final = f"{INFRA_PREFIX}events"
+EVENTS_SEGMENT_BYTES: Final = 8 * 1024 * 1024
+
+
+def events_stream_arguments(settings: Settings) -> dict[str, Any]:
+    """Arguments of the event stream ``aioqueue.events``: a RabbitMQ stream kept by size and
+    age; workers and readers declare it identically."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": settings.events_max_bytes,
+        "x-max-age": settings.events_max_age,
+        "x-stream-max-segment-size-bytes": EVENTS_SEGMENT_BYTES,
+    }
 
 
 # -- delayed delivery -------------------------------------------------------------------------

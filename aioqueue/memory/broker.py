@@ -22,13 +22,13 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from ..broker import Consumer, Delivery, DeliveryCallback, LostCallback
+from ..broker import ConsumeArguments, Consumer, Delivery, DeliveryCallback, LostCallback
 from ..clock import BrokerClock, SystemClock
 from ..errors import BrokerConnectionError, UnroutableError
 from ..settings import Settings
 from ..topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
 from .clock import VirtualClock
-from .stream import MemoryStream
+from .stream import MemoryStream, StreamConsumer
 
 __all__ = ["MemoryBroker"]
 
@@ -56,7 +56,7 @@ class MemoryBroker:
         self.settings = settings
         self.clock: BrokerClock = clock or SystemClock()
         self.queues: dict[str, _Queue] = {}
-        self.streams: dict[str, MemoryStream] = {}
+        self.streams: dict[str, MemoryStream] = {}  # queues declared x-queue-type=stream
         self._delayed: list[tuple[float, int, str, _Message]] = []
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -112,7 +112,7 @@ class MemoryBroker:
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         if arguments.get("x-queue-type") == "stream":
             if name not in self.streams:
-                self.streams[name] = MemoryStream(name, arguments, self.now, self._spawn)
+                self.streams[name] = MemoryStream(name, arguments.get("x-max-length-bytes"))
             return
         self.queues.setdefault(name, _Queue(name))
 
@@ -124,7 +124,9 @@ class MemoryBroker:
         return None
 
     async def delete_queue(self, name: str) -> None:
-        self.streams.pop(name, None)
+        stream = self.streams.pop(name, None)
+        for reader in list(stream.consumers if stream else []):
+            await reader.cancel()
         queue = self.queues.pop(name, None)
         if queue is not None:
             for consumer in list(queue.consumers):
@@ -213,14 +215,16 @@ class MemoryBroker:
     ) -> None:
         if not self.connected:
             raise BrokerConnectionError("the in-memory broker is closed")
-        if not exchange and routing_key in self.streams:
-            self.streams[routing_key].append(body, properties)
-            return
         message = _Message(body, properties)
         if exchange.startswith(f"{INFRA_PREFIX}delay."):
             words = routing_key.split(".")
             units = int("".join(words[:DELAY_LEVELS]), 2)
             self._delay(".".join(words[DELAY_LEVELS:]), units * DELAY_UNIT, message)
+            return
+        stream = None if exchange else self.streams.get(routing_key)
+        if stream is not None:
+            self.progress += 1
+            stream.append(body, properties, self.clock.time())
             return
         if exchange or routing_key not in self.queues:
             raise UnroutableError(f"message to {routing_key!r} was returned unroutable: NO_ROUTE")
@@ -269,13 +273,6 @@ class MemoryBroker:
             queue.turn += 1
             consumer.deliver(queue.messages.popleft())
 
-    def _spawn(self, callback: DeliveryCallback, delivery: Delivery) -> None:
-        """Run ``callback(delivery)`` in a task of its own, tracked until done."""
-        self.progress += 1
-        task = asyncio.ensure_future(callback(delivery))
-        self.pending_callbacks.add(task)
-        task.add_done_callback(self.pending_callbacks.discard)
-
     async def subscribe(
         self,
         queue: str,
@@ -283,16 +280,26 @@ class MemoryBroker:
         *,
         prefetch: int,
         on_lost: LostCallback | None = None,
-        arguments: dict[str, Any] | None = None,
+        arguments: ConsumeArguments | None = None,
     ) -> Consumer:
-        if queue in self.streams:
-            return self.streams[queue].subscribe(callback, arguments)
+        stream = self.streams.get(queue)
+        if stream is not None:
+            given = arguments() if callable(arguments) else arguments or {}
+            offset = stream.start_offset(given.get("x-stream-offset", "next"))
+            reader = StreamConsumer(stream, callback, prefetch, offset, self._track)
+            stream.consumers.append(reader)
+            reader.pump()
+            return reader
         if queue not in self.queues:
             raise BrokerConnectionError(f"NOT_FOUND - no queue {queue!r} in the memory broker")
         subscription = _Subscription(self, self.queues[queue], callback, prefetch)
         self.queues[queue].consumers.append(subscription)
         self._dispatch(self.queues[queue])
         return subscription
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.pending_callbacks.add(task)
+        task.add_done_callback(self.pending_callbacks.discard)
 
     def idle(self) -> bool:
         """No delivery in flight, nothing waiting in a queue that has a consumer, and no
@@ -336,7 +343,9 @@ class _Subscription:
             delivery_tag=tag,
             acker=self,
         )
-        self._broker._spawn(self._callback, delivery)
+        task = asyncio.ensure_future(self._callback(delivery))
+        self._broker.pending_callbacks.add(task)
+        task.add_done_callback(self._broker.pending_callbacks.discard)
 
     def ack(self, tag: int) -> None:
         if self.unacked.pop(tag, None) is not None:

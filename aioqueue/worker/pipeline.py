@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ..app import App
@@ -31,22 +31,13 @@ from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
 from ..message.celery import CeleryFields, RefusedMessage, conform_arguments, decode_task, is_celery
 from ..retry import Retry, RetryPolicy, next_delay
 from .emit import Emitter
-from .events import RunResult, TaskObserver
+from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
 log = logging.getLogger("aioqueue.worker")
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What became of one run, decided once (`judge`): handed off, then reported."""
-
-    result: RunResult
-    retry_delay: float | None = None  # set when result == "retried"
-    error: ErrorInfo | None = None  # set when result is "failed", "timeout" or "cancelled"
 
 
 def judge(
@@ -100,7 +91,19 @@ class Pipeline:
     async def process(self, delivery: Delivery) -> None:
         """Decode → guards → run → hand-off."""
         envelope = await self._decode(delivery)
-        if envelope is None or await self._already_running(delivery, envelope):
+        if envelope is None:
+            return
+        notify(
+            self.observers,
+            "received",
+            envelope.task,
+            envelope.id,
+            envelope.attempt,
+            delivery.queue,
+            envelope.args,
+            envelope.kwargs,
+        )
+        if await self._already_running(delivery, envelope):
             return
         if self._is_cancelled(envelope.id):  # queued, or out of the delay ladder
             await self._refuse_cancelled(delivery, envelope)
@@ -148,7 +151,7 @@ class Pipeline:
         started = time.perf_counter()
         cancelled = threading.Event()
         try:
-            emitter = Emitter(self.app.broker, envelope)
+            emitter = Emitter(self.app.broker, envelope, observers=self.observers)
             run = asyncio.ensure_future(
                 execute(
                     task,
@@ -177,7 +180,7 @@ class Pipeline:
             else:
                 verdict = judge(envelope, outcome, exc, task.options.retry)
             handed_off.set_result(await self._hand_off(delivery, envelope, outcome, verdict))
-            self._report(envelope, verdict, duration)
+            self._report(envelope, verdict, duration, outcome)
         finally:
             del self.current[id(delivery)]
             if self._running_ids.get(run_key) is handed_off:  # two copies may run here
@@ -207,13 +210,7 @@ class Pipeline:
             self._tell_cancelled(envelope)
 
     def _tell_cancelled(self, envelope: Envelope) -> None:
-        for observer in self.observers:
-            hook = getattr(observer, "cancelled", None)
-            try:
-                if hook is not None:
-                    hook(envelope.task, envelope.id, envelope.attempt)
-            except Exception:  # an observer's bug must not touch the task's outcome
-                log.exception("task observer %r failed", observer)
+        notify(self.observers, "cancelled", envelope.task, envelope.id, envelope.attempt)
 
     async def _hand_off(
         self, delivery: Delivery, envelope: Envelope, outcome: Outcome, verdict: Verdict
@@ -230,7 +227,13 @@ class Pipeline:
             self._tell_cancelled(envelope)
         return await self._dead_letter(delivery, envelope, verdict.result, verdict.error)
 
-    def _report(self, envelope: Envelope, verdict: Verdict, duration: float) -> None:
+    def _report(
+        self, envelope: Envelope, verdict: Verdict, duration: float, outcome: Outcome
+    ) -> None:
+        notify(
+            self.observers, "outcome", envelope.task, envelope.id, envelope.attempt, verdict,
+            duration, outcome,
+        )  # fmt: skip
         for observer in self.observers:
             try:
                 observer.finished(
