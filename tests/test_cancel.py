@@ -200,3 +200,39 @@ async def test_the_cancel_command_cancels_a_task_running_in_a_worker_process(
         with pytest.raises(TaskCancelledError):
             await handle.result(timeout=30)
     assert "cancelled" in worker.output()
+
+
+async def test_a_cancel_is_one_task_cancelled_event_then_its_dead_letter(
+    make_any_app: Any,
+) -> None:
+    from tests.test_events import events_of, has_end, types
+
+    app: App = make_any_app()
+    started = asyncio.Event()
+
+    @app.task(name="t.ev")
+    async def ev() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with app:
+        since = app.broker.now() - 1
+        queued = await ev.submit()
+        await queued.cancel()
+        async with running_worker(app):
+            with pytest.raises(TaskCancelledError):
+                await queued.result(timeout=30)
+            running = await ev.submit()
+            await wait_until(started.is_set, what="the task to start")
+            await running.cancel()
+            with pytest.raises(TaskCancelledError):
+                await running.result(timeout=30)
+        ids = [queued.id, running.id]
+        events = await events_of(app, set(ids), since=since, until=has_end(ids))
+    assert types(events, queued.id) == ["task-received", "task-cancelled", "task-dead-lettered"]
+    assert types(events, running.id) == [
+        "task-received",
+        "task-started",
+        "task-cancelled",
+        "task-dead-lettered",
+    ]

@@ -205,9 +205,10 @@ class Pipeline:
         return self.cancelled_ids is not None and task_id in self.cancelled_ids
 
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
-        error = _cancelled_error(envelope, running=False)
-        if await self._dead_letter(delivery, envelope, "cancelled", error):
-            self._tell_cancelled(envelope)
+        self._tell_cancelled(envelope)  # before its dead letter, as for a running task
+        await self._dead_letter(
+            delivery, envelope, "cancelled", _cancelled_error(envelope, running=False)
+        )
 
     def _tell_cancelled(self, envelope: Envelope) -> None:
         notify(self.observers, "cancelled", envelope.task, envelope.id, envelope.attempt)
