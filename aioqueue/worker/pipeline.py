@@ -202,9 +202,9 @@ class Pipeline:
         return self.cancelled_ids is not None and task_id in self.cancelled_ids
 
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
+        self._tell_cancelled(envelope)  # before its dead letter, as for a running task
         error = _cancelled_error(envelope, running=False)
-        if await self._dead_letter(delivery, envelope, "cancelled", error):
-            self._tell_cancelled(envelope)
+        await self._dead_letter(delivery, envelope, "cancelled", error)
 
     def _tell_cancelled(self, envelope: Envelope) -> None:
         for observer in self.observers:
