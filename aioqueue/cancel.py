@@ -101,26 +101,57 @@ class CancelListener:
         self._consumer: Consumer | None = None
         self._marker = f"marker.{uuid.uuid4().hex}"
         self._caught_up = asyncio.Event()
+        self._retry: asyncio.Future[None] | None = None
 
     async def start(self, *, catch_up_timeout: float = 10.0) -> None:
         """Consume the stream from now - max-age, and wait (at most ``catch_up_timeout``
-        seconds) until the cancellations published before this call were read."""
+        seconds) until the cancellations published before this call were read.
+
+        A consume the broker refuses (on RabbitMQ 3.10 a node without a replica of the stream
+        refuses its consumers: a node that was down when the stream was declared) never stops
+        the worker: it runs without cancellations, warned, and tries again in the background.
+        """
         await declare_stream(self.broker)
+        if await self._subscribe():
+            await self._catch_up(catch_up_timeout)
+        else:
+            self._retry = asyncio.ensure_future(self._subscribe_later())
+
+    async def _subscribe(self) -> bool:
         since = time.time() - self.broker.settings.cancellations_max_age
-        self._consumer = await self.broker.subscribe(
-            CANCELLATIONS_STREAM,
-            self._on_message,
-            prefetch=100,
-            arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)},
-        )
+        try:
+            self._consumer = await self.broker.subscribe(
+                CANCELLATIONS_STREAM,
+                self._on_message,
+                prefetch=100,
+                arguments={"x-stream-offset": datetime.fromtimestamp(since, UTC)},
+            )
+        except Exception as exc:
+            log.warning(
+                "cannot read %s (%s): this worker does not know of cancellations until it can",
+                CANCELLATIONS_STREAM,
+                exc,
+            )
+            return False
+        return True
+
+    async def _subscribe_later(self) -> None:
+        delay = 1.0
+        while True:
+            await asyncio.sleep(delay)
+            if await self._subscribe():
+                log.info("reading %s again: cancellations are known again", CANCELLATIONS_STREAM)
+                return
+            delay = min(delay * 2, 30.0)
+
+    async def _catch_up(self, timeout: float) -> None:
         body = json.dumps({"ids": [], "marker": self._marker, "time": time.time()}).encode()
         await self.broker.publish(CANCELLATIONS_STREAM, body, _properties())
         try:
-            await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout)
+            await asyncio.wait_for(self._caught_up.wait(), timeout)
         except TimeoutError:
             log.warning(
-                "the cancellations stream was not read up to now within %gs: going on",
-                catch_up_timeout,
+                "the cancellations stream was not read up to now within %gs: going on", timeout
             )
 
     async def _on_message(self, delivery: Delivery) -> None:
@@ -149,6 +180,8 @@ class CancelListener:
                 self._on_cancel(task_id)
 
     async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.close()

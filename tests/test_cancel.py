@@ -17,9 +17,17 @@ from typing import Any
 
 import pytest
 
-from aioqueue import App, RetryPolicy, TaskCancelledError, TaskError, task_context
+from aioqueue import (
+    App,
+    BrokerConnectionError,
+    RetryPolicy,
+    TaskCancelledError,
+    TaskError,
+    task_context,
+)
 from aioqueue.message import ErrorInfo, Outcome
 from aioqueue.message.celery import encode_reply
+from aioqueue.testing import reset
 from aioqueue.worker.events import TaskLog
 from tests.conftest import ROOT, WorkerProcess, running_worker, wait_until
 from tests.rabbit import RabbitNode
@@ -236,3 +244,30 @@ async def test_a_cancel_is_one_task_cancelled_event_then_its_dead_letter(
         "task-cancelled",
         "task-dead-lettered",
     ]
+
+
+async def test_a_worker_that_cannot_read_the_stream_still_runs_tasks(
+    monkeypatch: pytest.MonkeyPatch, queue_name: str
+) -> None:
+    # (RabbitMQ 3.10 refuses a stream's consumer on a node without a replica of it)
+    url = f"memory://{queue_name}"
+    app = App("tests", broker_url=url, default_queue=queue_name)
+
+    @app.task(name="t.ok")
+    async def ok() -> int:
+        return 1
+
+    try:
+        async with app:
+            subscribe = app.broker.subscribe
+
+            async def refusing(queue: str, *args: Any, **kwargs: Any) -> Any:
+                if queue == "aioqueue.cancellations":
+                    raise BrokerConnectionError("refused")
+                return await subscribe(queue, *args, **kwargs)
+
+            monkeypatch.setattr(app.broker, "subscribe", refusing)
+            async with running_worker(app):
+                assert await (await ok.submit()).result(timeout=30) == 1
+    finally:
+        reset(url)

@@ -206,9 +206,8 @@ class Pipeline:
 
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
         self._tell_cancelled(envelope)  # before its dead letter, as for a running task
-        await self._dead_letter(
-            delivery, envelope, "cancelled", _cancelled_error(envelope, running=False)
-        )
+        error = _cancelled_error(envelope, running=False)
+        await self._dead_letter(delivery, envelope, "cancelled", error)
 
     def _tell_cancelled(self, envelope: Envelope) -> None:
         notify(self.observers, "cancelled", envelope.task, envelope.id, envelope.attempt)
