@@ -11,6 +11,7 @@ from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from .broker import Broker
 from .celery_task import CeleryTask
+from .cancel import publish_cancellations
 from .errors import AioqueueError
 from .producer import Producer
 from .results import ReplyConsumer, ResultHandle
@@ -103,6 +104,7 @@ class App:
         ignore_result: bool = False,
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
+        sensitive: bool = False,
     ) -> TaskDecorator: ...
 
     def task(
@@ -116,10 +118,12 @@ class App:
         ignore_result: bool = False,
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
+        sensitive: bool = False,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., ...)``.
 
         ``async def`` functions run on the worker's event loop, plain functions in a thread.
+        ``sensitive=True`` keeps its arguments, results and progress out of task events.
         """
         decorator = TaskDecorator(
             self,
@@ -129,6 +133,7 @@ class App:
             ignore_result=ignore_result,
             retry=retry,
             queue_type=queue_type,
+            sensitive=sensitive,
         )
         return decorator if fn is None else decorator(fn)
 
@@ -239,6 +244,17 @@ class App:
         ``rpc://`` with the JSON serializer). RabbitMQ only: see `aioqueue.celery_task`.
         """
         return CeleryTask(self, name, queue=queue, ignore_result=ignore_result)
+
+    async def cancel(self, task_id: str, /, *more: str) -> None:
+        """Cancel tasks by id: returns once the cancellation is published (confirmed).
+
+        A queued or delayed task never runs (dead-lettered, reason ``cancelled``); a running
+        ``async def`` task has its coroutine cancelled; a running plain function sees
+        ``task_context().cancelled``. Its caller gets `TaskCancelledError`; it is not retried.
+        An unknown or finished id changes nothing. See `aioqueue.cancel`.
+        """
+        await self.connect()
+        await publish_cancellations(self.broker, (task_id, *more))
 
     # -- periodic tasks: aioqueue.scheduler, docs/scheduler.md ------------------------------
 

@@ -21,6 +21,7 @@ from .topology import QueueType
 
 __all__ = [
     "Broker",
+    "ConsumeArguments",
     "Consumer",
     "Delivery",
     "DeliveryCallback",
@@ -72,6 +73,10 @@ class Delivery:
 
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
 LostCallback = Callable[[str, BaseException | None], None]
+# ``basic.consume`` arguments (e.g. ``x-stream-offset`` on a stream), or a function giving them
+# afresh each time the consumer starts (again after a reconnect: a stream reader resumes after
+# the last offset it saw)
+ConsumeArguments = dict[str, Any] | Callable[[], dict[str, Any]]
 
 
 class Broker(Protocol):
@@ -111,6 +116,7 @@ class Broker(Protocol):
         *,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: ConsumeArguments | None = None,
     ) -> Consumer: ...
 
 

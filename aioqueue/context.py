@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ class TaskContext:
         attempt: 1 on the first run, counting up with each retry.
         redelivered: True when RabbitMQ delivered this message before (e.g. a worker died).
         scheduled_at: The slot of a periodic run (aware UTC), else None.
+        cancelled: True once the task was cancelled while it runs (``handle.cancel()``). A
+            plain-function task cannot be killed: it may check this and return early; an
+            ``async def`` task has its coroutine cancelled instead.
     """
 
     id: str
@@ -35,6 +39,12 @@ class TaskContext:
         default=None, repr=False, compare=False
     )
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
+    _cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the task was cancelled while it runs (safe to read from a thread)."""
+        return self._cancelled is not None and self._cancelled.is_set()
 
     async def progress(self, data: Any) -> None:
         """Tell the caller how far the task got; it receives it from ``handle.events()``.

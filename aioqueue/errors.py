@@ -8,7 +8,8 @@ AioqueueError
 │   └── UnroutableError    returned by RabbitMQ: no queue to route it to
 ├── BrokerConnectionError  the broker cannot be reached (or was lost for good)
 ├── TaskError              the task ran and raised; after the last retry, the last attempt's error
-│   └── TaskTimeoutError   the task exceeded its own timeout
+│   ├── TaskTimeoutError   the task exceeded its own timeout
+│   └── TaskCancelledError cancelled (``await handle.cancel()``) before or while it ran
 ├── TaskNotFoundError      no worker registered that name
 ├── DeadLetteredError      dead-lettered without running to an error: expired, or poison
 └── ResultUnavailableError the handle can never get an outcome (e.g. an ``ignore_result`` task)
@@ -27,6 +28,7 @@ __all__ = [
     "EncodeError",
     "PublishError",
     "ResultUnavailableError",
+    "TaskCancelledError",
     "TaskError",
     "TaskNotFoundError",
     "TaskTimeoutError",
@@ -90,6 +92,11 @@ class TaskError(AioqueueError):
 
 class TaskTimeoutError(TaskError):
     """The task exceeded its own ``timeout``."""
+
+
+class TaskCancelledError(TaskError):
+    """The task was cancelled (``await handle.cancel()``, ``aioqueue cancel``): it never ran,
+    or its coroutine was cancelled while it ran; a cancelled task is not retried."""
 
 
 class TaskNotFoundError(AioqueueError):

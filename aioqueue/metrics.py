@@ -84,6 +84,11 @@ class PrometheusObserver:
         self.dead_lettered_total = counter(
             "dead_lettered", "Messages sent to a dead-letter queue.", ("task", "queue", "reason")
         )
+        self.events_dropped_total = Counter(
+            "aioqueue_events_dropped_total",
+            "Task events dropped (the event stream missing or refusing, or a full buffer).",
+            registry=self.registry,
+        )
         self.unreadable_replies_total = Counter(
             "aioqueue_replies_unreadable_total",
             "Messages of this process's reply queue that could not be read (logged, dropped).",
@@ -141,12 +146,24 @@ class PrometheusObserver:
     ) -> None:
         self.in_flight.labels(task).dec()
         self.duration.labels(task).observe(duration)
-        self._outcomes[outcome].labels(task).inc()
+        counter = self._outcomes.get(outcome)  # a cancelled run counts as its dead letter
+        if counter is not None:
+            counter.labels(task).inc()
 
     def dead_lettered(self, queue: str, task: str, task_id: str, reason: str) -> None:
         if reason in UNTRUSTED_NAME_REASONS or not task:
             task = UNKNOWN_TASK
         self.dead_lettered_total.labels(task, queue, reason).inc()
+
+    def cancelled(self, task: str, task_id: str, attempt: int) -> None:
+        return None  # counted where it is handed off (a dead letter, reason cancelled)
+
+    # -- EventPublisher.on_dropped --------------------------------------------------------
+
+    def events_dropped(self, count: int) -> None:
+        """Count task events dropped by the worker's event publisher:
+        ``publisher.on_dropped.append(observer.events_dropped)``."""
+        self.events_dropped_total.inc(count)
 
     # -- App.on_submit --------------------------------------------------------------------
 

@@ -182,7 +182,12 @@ class Producer:
             raise
         self._submitted(envelope.task)
         return ResultHandle(
-            envelope.id, envelope.task, receiver.future, receiver.sink, receiver.reader
+            envelope.id,
+            envelope.task,
+            receiver.future,
+            receiver.sink,
+            receiver.reader,
+            canceller=self.app.cancel,
         )
 
     def _submitted(self, task: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from .broker import Broker, Consumer, Delivery, settle
@@ -28,6 +28,7 @@ from .errors import (
     DeadLetteredError,
     DecodeError,
     ResultUnavailableError,
+    TaskCancelledError,
     TaskError,
     TaskNotFoundError,
     TaskTimeoutError,
@@ -208,7 +209,7 @@ class ResultHandle(Generic[R]):
         task_name: The task's registered name.
     """
 
-    __slots__ = ("_future", "_sink", "_stream", "id", "task_name")
+    __slots__ = ("_canceller", "_future", "_sink", "_stream", "id", "task_name")
 
     def __init__(
         self,
@@ -217,7 +218,10 @@ class ResultHandle(Generic[R]):
         future: asyncio.Future[Outcome] | None,
         sink: EventSink | None = None,
         stream: StreamReader | None = None,
+        *,
+        canceller: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
+        self._canceller = canceller
         self.id = task_id
         self.task_name = task_name
         self._future = future
@@ -238,6 +242,7 @@ class ResultHandle(Generic[R]):
         Raises:
             TaskError: the task raised (after its last attempt).
             TaskTimeoutError: the task exceeded its own timeout.
+            TaskCancelledError: the task was cancelled (``cancel``).
             TaskNotFoundError: no worker registered the task's name.
             DeadLetteredError: the message was dead-lettered without running (expired, poison).
             DecodeError: the worker could not read the message.
@@ -255,6 +260,19 @@ class ResultHandle(Generic[R]):
         else:
             outcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
         return self._unwrap(outcome)  # type: ignore[no-any-return]
+
+    async def cancel(self) -> None:
+        """Cancel this task; returns once the cancellation is published (confirmed), without
+        waiting for a worker. `result` then raises `TaskCancelledError` — unless the task
+        had already finished (cancelling a finished task changes nothing). See `App.cancel`.
+        """
+        if self._canceller is None:
+            raise AioqueueError(
+                "this handle cannot cancel its task: use app.cancel(task_id)",
+                task_name=self.task_name,
+                task_id=self.id,
+            )
+        await self._canceller(self.id)
 
     async def events(self) -> AsyncIterator[Progress | Result]:
         """Progress updates as they come, then the `Result` — or the task's error, raised.
@@ -327,6 +345,8 @@ class ResultHandle(Generic[R]):
         ctx = {"task_name": self.task_name, "task_id": self.id}
         if err.kind == "timeout":
             raise TaskTimeoutError(err.type_name, err.message, traceback=err.traceback, **ctx)
+        if err.kind == "cancelled":
+            raise TaskCancelledError(err.type_name, err.message, traceback=err.traceback, **ctx)
         if err.kind == "not_found":
             raise TaskNotFoundError(err.message, **ctx)
         if err.kind == "decode":

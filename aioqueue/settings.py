@@ -127,9 +127,17 @@ class Settings:
             (0 disables it). A silent peer is declared dead by RabbitMQ after 2 missed
             heartbeats and by the client after ``3 * (heartbeat + 1)`` seconds without a
             frame (about 50 s at the default), then the connection is re-established.
+        cancellations_max_age: Seconds a cancellation stays known (the ``x-max-age`` of the
+            ``aioqueue.cancellations`` stream, and how far back a starting worker reads it).
         ssl_context: TLS settings for ``amqps://`` URLs; None means the URL's ``cafile``,
             ``certfile``, ``keyfile`` (and ``no_verify_ssl=1`` to turn verification off),
             else the system's CA store with verification on. See ``docs/guarantees.md``.
+        events: Workers publish task events and heartbeats to the stream ``aioqueue.events``
+            (docs/observability.md); False turns them off.
+        events_max_bytes: Retention of the event stream by size (``x-max-length-bytes``).
+        events_max_age: Retention of the event stream by age (``x-max-age``: a number and
+            a unit, Y M D h m s, e.g. ``"7D"``).
+        heartbeat_interval: Seconds between a worker's ``worker-heartbeat`` events.
     """
 
     publish_timeout: float = 30.0
@@ -140,4 +148,9 @@ class Settings:
     event_buffer: int = 100
     reconnect_interval: float = 1.0
     heartbeat: int = 15
+    cancellations_max_age: float = 3600.0
     ssl_context: ssl.SSLContext | None = None
+    events: bool = True
+    events_max_bytes: int = 256 * 1024 * 1024
+    events_max_age: str = "7D"
+    heartbeat_interval: float = 5.0

@@ -32,6 +32,7 @@ class TaskOptions:
         ignore_result: Send no reply; the handle's ``result()`` raises at once.
         retry: The retry policy (default: no retries).
         queue_type: ``"classic"`` or ``"quorum"`` for this task's queue.
+        sensitive: Task events leave its arguments, results and progress out (secrets).
     """
 
     name: str
@@ -40,6 +41,7 @@ class TaskOptions:
     ignore_result: bool = False
     retry: RetryPolicy = NO_RETRY
     queue_type: QueueType = "classic"
+    sensitive: bool = False
 
 
 _MAX_SHAPES = 64
@@ -149,6 +151,7 @@ class TaskDecorator:
         ignore_result: bool,
         retry: RetryPolicy | None,
         queue_type: QueueType | None,
+        sensitive: bool = False,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -159,6 +162,7 @@ class TaskDecorator:
         self._ignore_result = ignore_result
         self._retry = retry or NO_RETRY
         self._queue_type = queue_type
+        self._sensitive = sensitive
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
@@ -174,6 +178,7 @@ class TaskDecorator:
             ignore_result=self._ignore_result,
             retry=self._retry,
             queue_type=self._queue_type or self._app.queue_type,
+            sensitive=self._sensitive,
         )
         task: Task[Any, Any] = Task(self._app, fn, options)
         self._app.register(task)

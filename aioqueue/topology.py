@@ -13,14 +13,21 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = [
+    "CANCELLATIONS_STREAM",
+    "EVENTS_STREAM",
     "INFRA_PREFIX",
     "QueueType",
+    "cancellations_stream_arguments",
     "check_queue_name",
     "dlq_arguments",
     "dlq_name",
+    "events_stream_arguments",
     "reply_queue_arguments",
     "reply_queue_name",
     "stream_queue_name",
@@ -29,6 +36,8 @@ __all__ = [
 
 INFRA_PREFIX: Final = "aioqueue."
 QueueType = Literal["classic", "quorum"]
+# the broadcast of cancelled task ids: a stream every worker reads (aioqueue.cancel)
+CANCELLATIONS_STREAM: Final = f"{INFRA_PREFIX}cancellations"
 
 
 # AMQP 0-9-1's queue-name domain as RabbitMQ clients enforce it (pamqp refuses any other name
@@ -78,6 +87,23 @@ def dlq_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
 def reply_queue_arguments(expires: float, queue_type: QueueType = "classic") -> dict[str, Any]:
     """A durable reply (or stream) queue that RabbitMQ deletes after ``expires`` seconds unused."""
     return {"x-queue-type": queue_type, "x-expires": max(1000, int(expires * 1000))}
+
+
+# -- task events -------------------------------------------------------------------------------
+
+EVENTS_STREAM: Final = f"{INFRA_PREFIX}events"
+EVENTS_SEGMENT_BYTES: Final = 8 * 1024 * 1024
+
+
+def events_stream_arguments(settings: Settings) -> dict[str, Any]:
+    """Arguments of the event stream ``aioqueue.events``: a RabbitMQ stream kept by size and
+    age; workers and readers declare it identically."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-length-bytes": settings.events_max_bytes,
+        "x-max-age": settings.events_max_age,
+        "x-stream-max-segment-size-bytes": EVENTS_SEGMENT_BYTES,
+    }
 
 
 # -- delayed delivery -------------------------------------------------------------------------
@@ -174,3 +200,13 @@ def delay_ladder(queue_type: QueueType) -> list[tuple[str, str, dict[str, Any], 
 def deliver_pattern(queue: str) -> str:
     """Binding of the deliver exchange to ``queue``: every bit word, then exactly the name."""
     return "*." * DELAY_LEVELS + queue
+
+
+def cancellations_stream_arguments(max_age: float) -> dict[str, Any]:
+    """The ``aioqueue.cancellations`` stream: kept ``max_age`` seconds (and at most 64 MiB)."""
+    return {
+        "x-queue-type": "stream",
+        "x-max-age": f"{max(1, int(max_age))}s",
+        "x-max-length-bytes": 64 * 1024 * 1024,
+        "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
+    }

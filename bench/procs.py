@@ -38,7 +38,8 @@ QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum",
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
-System = Literal["raw", "aioqueue"]
+# "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events)
+System = Literal["raw", "aioqueue", "aioqueue-no-events"]
 
 
 class BenchError(RuntimeError):
@@ -62,10 +63,11 @@ class Worker:
     def __init__(
         self, system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
     ) -> None:
-        if system == "aioqueue":
+        if system != "raw":
             command = [
                 *("-m", "aioqueue.worker", "bench.tasks:app"),
                 *("--concurrency", "100", "--log-level", "WARNING", "--broker-url", url),
+                *(["--no-events"] if system == "aioqueue-no-events" else []),
             ]
         else:
             command = ["-m", "bench.raw", url, queue]

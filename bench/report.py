@@ -9,7 +9,16 @@ from typing import Any
 
 from .workloads import Sizes
 
-__all__ = ["ClusterRow", "Row", "cluster_markdown", "cluster_rows", "markdown", "per_run", "rows"]
+__all__ = [
+    "ClusterRow",
+    "Row",
+    "cluster_markdown",
+    "cluster_rows",
+    "events_markdown",
+    "markdown",
+    "per_run",
+    "rows",
+]
 
 # Targets of issue 6 ("Performance").
 RPC_RATIO = 1.3  # aioqueue rpc ≥ 1.3 x raw
@@ -76,6 +85,37 @@ def rows(measured: Measurements, sizes: Sizes) -> list[Row]:
     out += _soak_rows(measured.get("soak", {}).get("aioqueue", []), sizes)
     out += _backlog_rows(measured.get("backlog", {}).get("aioqueue", []), sizes)
     return out
+
+
+def events_markdown(measured: Measurements) -> str:
+    """The cost of task events: aioqueue (events on, the default) against its worker with
+    ``--no-events``, medians of the same runs; empty unless ``--events`` measured it."""
+    lines = []
+    for workload, key, unit in (
+        ("rpc", "rate", "tasks/s"),
+        ("fire", "rate", "tasks/s"),
+        ("latency", "p50_ms", "p50 ms"),
+        ("latency", "p99_ms", "p99 ms"),
+    ):
+        systems = measured.get(workload, {})
+        on = _median(systems.get("aioqueue", []), key)
+        off = _median(systems.get("aioqueue-no-events", []), key)
+        if on is None or off is None:
+            continue
+        digits = 3 if unit.endswith("ms") else 0
+        change = (on - off) / off * 100 if off else 0.0
+        lines.append(
+            f"| {workload} {unit} | {on:,.{digits}f} | {off:,.{digits}f} | {change:+.1f} % |"
+        )
+    if not lines:
+        return ""
+    head = [
+        "Task events (worker with events on, the default, vs `--no-events`; medians):",
+        "",
+        "| figure | events on | events off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return "\n".join(head + lines)
 
 
 def _span(mark: int, end: int) -> str:

@@ -80,11 +80,17 @@ class Suite:
         self.measured: Measurements = {}
         self.anomalies: list[str] = []
 
-    def run(self, workloads: list[str], runs: int) -> None:
-        """The compared workloads interleaved run by run, then the once-only ones."""
+    def run(self, workloads: list[str], runs: int, *, events: bool = False) -> None:
+        """The compared workloads interleaved run by run, then the once-only ones.
+
+        ``events``: also the aioqueue worker with task events off (``aioqueue-no-events``),
+        interleaved with the others, for the cost of task events.
+        """
         compared = [w for w in COMPARED if w in workloads]
+        systems: list[System] = ["raw", "aioqueue"]
+        if events:
+            systems.append("aioqueue-no-events")
         for run in range(runs):
-            systems: tuple[System, System] = ("raw", "aioqueue")
             for workload in compared:
                 for system in systems if run % 2 == 0 else systems[::-1]:
                     self.record(workload, system, run, runs)

@@ -1,9 +1,11 @@
-"""The ``aioqueue`` command: ``aioqueue worker|scheduler|status|purge|dlq ...``.
+"""The ``aioqueue`` command: ``aioqueue worker|scheduler|cancel|status|purge|dlq|inspect ...``.
 
 One entry for every program, each subcommand handed to the parser that already exists for it:
 ``aioqueue worker`` is ``python -m aioqueue.worker``, ``aioqueue scheduler`` is
-``python -m aioqueue.scheduler``, and ``status``, ``purge`` and ``dlq`` are the administration
-commands (`aioqueue.cli.dlq`). ``python -m aioqueue`` is this command too.
+``python -m aioqueue.scheduler``, ``aioqueue cancel`` cancels tasks by id (`aioqueue.cli.cancel`),
+``aioqueue inspect`` is `aioqueue.cli.inspect`, and ``status``, ``purge`` and ``dlq`` are the
+administration commands (`aioqueue.cli.dlq`).
+``python -m aioqueue`` is this command too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 
 from ..scheduler import cli as scheduler_cli
 from ..worker import cli as worker_cli
-from . import dlq
+from . import cancel, dlq, inspect
 
 __all__ = ["PROGRAMS", "main"]
 
@@ -21,6 +23,8 @@ __all__ = ["PROGRAMS", "main"]
 PROGRAMS: dict[str, Callable[..., int]] = {
     "worker": worker_cli.main,
     "scheduler": scheduler_cli.main,
+    "cancel": cancel.main,
+    "inspect": inspect.main,
 }
 
 

@@ -83,6 +83,11 @@ def parser(prog: str = "aioqueue") -> argparse.ArgumentParser:
     # they are here to be listed in the help
     for name, text in (("worker", "a worker"), ("scheduler", "the periodic-task scheduler")):
         sub.add_parser(name, help=f"run {text} (see: {prog} {name} --help)", add_help=False)
+    sub.add_parser(
+        "inspect",
+        help=f"workers online and their running tasks (see: {prog} inspect --help)",
+        add_help=False,
+    )
     dlq = sub.add_parser("dlq", help="inspect and re-run dead-lettered tasks")
     actions = dlq.add_subparsers(dest="action", required=True)
     for name, text in (
@@ -112,7 +117,7 @@ def main(
     """Run ``status``, ``purge`` or ``dlq ...``; returns the exit code."""
     p = parser(prog)
     args, extra = p.parse_known_args(argv)
-    if args.command in ("worker", "scheduler"):
+    if args.command in ("worker", "scheduler", "inspect"):
         p.error(f"{args.command} is a program of its own: run `{prog} {args.command} ...`")
     # task ids may come after the options: `dlq show shop:app --queue q ID ...`
     if extra and (getattr(args, "ids", None) is None or any(e.startswith("-") for e in extra)):

@@ -22,12 +22,13 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from ..broker import Consumer, Delivery, DeliveryCallback, LostCallback
+from ..broker import ConsumeArguments, Consumer, Delivery, DeliveryCallback, LostCallback
 from ..clock import BrokerClock, SystemClock
 from ..errors import BrokerConnectionError, UnroutableError
 from ..settings import Settings
 from ..topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
 from .clock import VirtualClock
+from .stream import MemoryStream, StreamConsumer
 
 __all__ = ["MemoryBroker"]
 
@@ -55,6 +56,7 @@ class MemoryBroker:
         self.settings = settings
         self.clock: BrokerClock = clock or SystemClock()
         self.queues: dict[str, _Queue] = {}
+        self.streams: dict[str, MemoryStream] = {}  # queues declared x-queue-type=stream
         self._delayed: list[tuple[float, int, str, _Message]] = []
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -105,9 +107,13 @@ class MemoryBroker:
             self.clock._detach(self)
 
     def is_declared(self, name: str) -> bool:
-        return name in self.queues
+        return name in self.queues or name in self.streams
 
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
+        if arguments.get("x-queue-type") == "stream":
+            if name not in self.streams:
+                self.streams[name] = MemoryStream(name, arguments.get("x-max-length-bytes"))
+            return
         self.queues.setdefault(name, _Queue(name))
 
     async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
@@ -118,6 +124,9 @@ class MemoryBroker:
         return None
 
     async def delete_queue(self, name: str) -> None:
+        stream = self.streams.pop(name, None)
+        for reader in list(stream.consumers if stream else []):
+            await reader.cancel()
         queue = self.queues.pop(name, None)
         if queue is not None:
             for consumer in list(queue.consumers):
@@ -212,6 +221,11 @@ class MemoryBroker:
             units = int("".join(words[:DELAY_LEVELS]), 2)
             self._delay(".".join(words[DELAY_LEVELS:]), units * DELAY_UNIT, message)
             return
+        stream = None if exchange else self.streams.get(routing_key)
+        if stream is not None:
+            self.progress += 1
+            stream.append(body, properties, self.clock.time())
+            return
         if exchange or routing_key not in self.queues:
             raise UnroutableError(f"message to {routing_key!r} was returned unroutable: NO_ROUTE")
         self._enqueue(self.queues[routing_key], message)
@@ -266,13 +280,26 @@ class MemoryBroker:
         *,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: ConsumeArguments | None = None,
     ) -> Consumer:
+        stream = self.streams.get(queue)
+        if stream is not None:
+            given = arguments() if callable(arguments) else arguments or {}
+            offset = stream.start_offset(given.get("x-stream-offset", "next"))
+            reader = StreamConsumer(stream, callback, prefetch, offset, self._track)
+            stream.consumers.append(reader)
+            reader.pump()
+            return reader
         if queue not in self.queues:
             raise BrokerConnectionError(f"NOT_FOUND - no queue {queue!r} in the memory broker")
         subscription = _Subscription(self, self.queues[queue], callback, prefetch)
         self.queues[queue].consumers.append(subscription)
         self._dispatch(self.queues[queue])
         return subscription
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self.pending_callbacks.add(task)
+        task.add_done_callback(self.pending_callbacks.discard)
 
     def idle(self) -> bool:
         """No delivery in flight, nothing waiting in a queue that has a consumer, and no

@@ -293,6 +293,9 @@ def encode_reply(
     elif err.kind == "dead_lettered" and err.type_name == "expired":
         status, traceback = "REVOKED", None
         result = _exception("TaskRevokedError", ["expired"], "celery.exceptions")
+    elif err.kind == "cancelled":  # aioqueue's cancel is Celery's revoke
+        status, traceback = "REVOKED", None
+        result = _exception("TaskRevokedError", ["cancelled"], "celery.exceptions")
     else:
         status, traceback = "FAILURE", err.traceback or None
         celery_type = _CELERY_EXCEPTIONS.get(err.kind)

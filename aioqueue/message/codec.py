@@ -245,7 +245,8 @@ class ErrorInfo:
     """Why a task has no return value.
 
     ``kind`` is one of ``"error"`` (the task raised), ``"timeout"`` (its own timeout),
-    ``"not_found"`` (no such task), ``"decode"`` (malformed message) or ``"dead_lettered"``.
+    ``"not_found"`` (no such task), ``"decode"`` (malformed message), ``"dead_lettered"``
+    or ``"cancelled"`` (`aioqueue.cancel`).
     """
 
     kind: str

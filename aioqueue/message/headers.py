@@ -22,6 +22,9 @@ H_SCHEDULED_AT: Final = "aioqueue-scheduled-at"
 H_STREAM_TO: Final = "aioqueue-stream-to"
 H_EVENT: Final = "aioqueue-event"
 H_SEQ: Final = "aioqueue-seq"
+
+# -- a batch of task events on the stream ``aioqueue.events``: how many events its body holds
+H_EVENTS: Final = "aioqueue-events"
 # Set by the RabbitMQ frame reader on a delivery whose properties or headers could not be read
 # (not UTF-8, a timestamp out of range, ...): a table of property name -> the raw bytes. Such a
 # message is never run; consumers treat it as unreadable (the worker dead-letters it).

@@ -24,7 +24,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
-from ..broker import DeliveryCallback, LostCallback
+from ..broker import ConsumeArguments, DeliveryCallback, LostCallback
 from ..errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
 from ..settings import Settings, broker_nodes, mask_url, scrub
 from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
@@ -398,12 +398,16 @@ class RabbitBroker:
         *,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: ConsumeArguments | None = None,
     ) -> Subscription:
         """Consume ``queue`` with manual acks and ``prefetch`` unacked messages at most.
+
+        ``arguments`` go with each ``basic.consume`` (a function is called afresh each time,
+        again after a reconnect), e.g. ``x-stream-offset`` on a stream.
 
         ``on_lost(queue, exc)`` is called when the consuming channel closes under us (its
         unacked deliveries go back to the queue); the subscription then recovers by itself.
         """
-        subscription = Subscription(self, queue, callback, prefetch, on_lost)
+        subscription = Subscription(self, queue, callback, prefetch, on_lost, arguments)
         await subscription.start()
         return subscription

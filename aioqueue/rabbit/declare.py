@@ -14,7 +14,7 @@ import aiormq
 import aiormq.abc
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
 
-from ..topology import INFRA_PREFIX
+from ..topology import EVENTS_STREAM, INFRA_PREFIX
 
 __all__ = ["declare", "probe", "refusal"]
 
@@ -32,10 +32,12 @@ async def declare(
     A work queue (or its ``.dlq``) may have been declared first by another client with
     arguments of its own (a Celery producer's ``x-max-priority``): asked first on a channel of
     its own, such a queue is used as it is, with a warning, rather than the refusal closing
-    ``channel``. aioqueue's own queues (``aioqueue.*``) are declared by aioqueue only.
+    ``channel``. aioqueue's own queues (``aioqueue.*``) are declared by aioqueue only, but
+    the event stream is shared by every process of a vhost, whose settings (its retention)
+    may differ: the first declaration's arguments stay, the others use it as it is.
     """
     refused = None
-    if not name.startswith(INFRA_PREFIX):
+    if not name.startswith(INFRA_PREFIX) or name == EVENTS_STREAM:
         refused = await refusal(connection, name, arguments)
     if refused is None:
         queue = await channel.declare_queue(name, durable=True, arguments=arguments)

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from ..broker import Delivery, DeliveryCallback, LostCallback
+from ..broker import ConsumeArguments, Delivery, DeliveryCallback, LostCallback
 from .acks import Acker
 from .errors import FATAL_CHANNEL, TRANSIENT
 
@@ -36,8 +36,10 @@ class Subscription:
         callback: DeliveryCallback,
         prefetch: int,
         on_lost: LostCallback | None = None,
+        arguments: ConsumeArguments | None = None,
     ) -> None:
         self._broker = broker
+        self._arguments = arguments
         self._on_lost = on_lost
         self.queue = queue
         self._callback = callback
@@ -91,8 +93,13 @@ class Subscription:
         channel.on_consumer_cancel_callbacks.add(self._on_cancel)
         channel.closing.add_done_callback(self._on_close)
         self._acker = Acker(channel)
+        arguments = self._arguments() if callable(self._arguments) else self._arguments
         await channel.basic_consume(
-            self.queue, self._on_message, no_ack=False, consumer_tag=self._tag
+            self.queue,
+            self._on_message,
+            no_ack=False,
+            consumer_tag=self._tag,
+            arguments=arguments,
         )
         self._consuming_on = channel
 

@@ -83,6 +83,12 @@ def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
         help="also run the app's periodic-task scheduler in this process",
     )
     p.add_argument(
+        "--no-events",
+        action="store_true",
+        help="publish no task events or heartbeats (default: on, unless the app's settings "
+        "say events=False)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=_port,
         default=None,
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worke
         prefetch=args.prefetch,
         shutdown_timeout=args.shutdown_timeout,
         observers=None if metrics is None else [TaskLog(), metrics[0]],
+        events=False if args.no_events else None,
     )
     try:
         return run(_serve(worker, scheduler, metrics))

@@ -9,12 +9,14 @@ every run), so the caller drops what a redelivered or retried run repeats.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from ..broker import Broker
 from ..errors import UnroutableError
 from ..message import Envelope, check_json_native, event_properties
 from ..message import dumps as json_dumps
+from .events import notify
 
 __all__ = ["Emitter"]
 
@@ -24,9 +26,12 @@ log = logging.getLogger("aioqueue.worker")
 class Emitter:
     """Publishes one run's progress and items, each confirmed by RabbitMQ."""
 
-    def __init__(self, broker: Broker, envelope: Envelope) -> None:
+    def __init__(
+        self, broker: Broker, envelope: Envelope, *, observers: Sequence[object] = ()
+    ) -> None:
         self._broker = broker
         self._envelope = envelope
+        self._observers = observers
         self._progress_seq = 0
         self._item_seq = 0
         self._stream_gone = False
@@ -37,6 +42,8 @@ class Emitter:
 
     async def progress(self, data: Any) -> None:
         check_json_native(data, "progress data")
+        envelope = self._envelope
+        notify(self._observers, "progress", envelope.task, envelope.id, envelope.attempt, data)
         if not self._envelope.reply_to or self._envelope.celery is not None:
             return  # a Celery caller's rpc:// queue takes outcomes only
         self._progress_seq += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -37,8 +38,10 @@ async def execute(
     redelivered: bool,
     threads: ThreadPoolExecutor,
     emitter: Emitter,
+    cancelled: threading.Event | None = None,
 ) -> tuple[Outcome, BaseException | None]:
-    """Run ``task`` with the envelope's arguments under the task's timeout.
+    """Run ``task`` with the envelope's arguments under the task's timeout (``cancelled``:
+    what ``task_context().cancelled`` reads).
 
     Returns the outcome and, when the task raised, the exception (for the retry decision).
     """
@@ -52,6 +55,7 @@ async def execute(
             scheduled_at=datetime.fromtimestamp(scheduled, UTC) if scheduled else None,
             _emit=emitter.progress,
             _loop=asyncio.get_running_loop(),  # for progress_sync() from a thread task
+            _cancelled=cancelled,
         )
     )
     outcome, exc = await _run(task, envelope, threads, emitter)

@@ -20,10 +20,13 @@ import anyio
 
 from ..app import App
 from ..broker import Consumer, Delivery, settle
+from ..cancel import CancelListener
+from ..events import EventPublisher
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
 from .events import TaskLog, TaskObserver
 from .handoff import Handoff
 from .pipeline import Pipeline
+from .task_events import TaskEvents
 
 __all__ = ["Worker", "WorkerStatistics", "split_prefetch"]
 
@@ -60,6 +63,8 @@ class Worker:
             (each time its worker died) is poison: it goes to ``Q.dlq`` instead of running.
         observers: Receive task events (see `aioqueue.worker.events`); default: `TaskLog`,
             one log line per task.
+        events: Publish task events and heartbeats to the stream ``aioqueue.events``
+            (`aioqueue.worker.task_events`); default: ``app.settings.events``.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class Worker:
         threads: int | None = None,
         max_deliveries: int = 5,
         observers: Sequence[TaskObserver] | None = None,
+        events: bool | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -87,7 +93,10 @@ class Worker:
         self.threads = threads or min(concurrency, 40)
         self.max_deliveries = max_deliveries
         self.observers: list[TaskObserver] = list(observers or [TaskLog()])
+        self.events_enabled = app.settings.events if events is None else events
+        self.events: TaskEvents | None = None  # while running with events on
         self._pipeline: Pipeline | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._consumer_timeouts = 0
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = asyncio.Event()
@@ -136,12 +145,16 @@ class Worker:
         if own_connection:
             await self.app.connect()
         executor = ThreadPoolExecutor(self.threads, thread_name_prefix="aioqueue-task")
-        handoff = Handoff(self.app, self.identity, self.observers)
+        observers = list(self.observers)
+        if self.events_enabled:
+            self.events = await self._start_events()
+            observers.append(self.events)
+        handoff = Handoff(self.app, self.identity, observers)
         self._pipeline = Pipeline(
             self.app,
             handoff,
             executor,
-            observers=self.observers,
+            observers=observers,
             max_deliveries=self.max_deliveries,
             identity=self.identity,
         )
@@ -149,8 +162,48 @@ class Worker:
             await self._run(self._pipeline)
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+            if self.events is not None:
+                await self._stop_events(self.events)
             if own_connection:
                 await self.app.close()
+
+    # -- task events and heartbeats ---------------------------------------------------------
+
+    async def _start_events(self) -> TaskEvents:
+        publisher = EventPublisher(self.app.broker)
+        for observer in self.observers:  # a PrometheusObserver counts the drops
+            dropped = getattr(observer, "events_dropped", None)
+            if dropped is not None:
+                publisher.on_dropped.append(dropped)
+        await publisher.start()
+        events = TaskEvents(self.app, publisher, self.identity)
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(events))
+        return events
+
+    def _worker_event(self, events: TaskEvents, kind: str) -> None:
+        events.emit(
+            kind,
+            app=self.app.name,
+            queues=self.queues,
+            concurrency=self.concurrency,
+            running=list(events.running.values()),
+            processed=self._processed,
+            interval=self.app.settings.heartbeat_interval,
+        )
+
+    async def _beat(self, events: TaskEvents) -> None:
+        """worker-online once consuming, then a worker-heartbeat every interval."""
+        await self.ready.wait()
+        self._worker_event(events, "worker-online")
+        while True:
+            await asyncio.sleep(self.app.settings.heartbeat_interval)
+            self._worker_event(events, "worker-heartbeat")
+
+    async def _stop_events(self, events: TaskEvents) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        self._worker_event(events, "worker-offline")
+        await events.publisher.close()
 
     async def _run(self, pipeline: Pipeline) -> None:
         broker = self.app.broker
@@ -170,7 +223,10 @@ class Worker:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
+        listener = CancelListener(broker, pipeline.cancel)
         try:
+            await listener.start()  # every cancellation published before now is known
+            pipeline.cancelled_ids = listener.ids
             for queue in self.queues:
                 kind = self.app.queue_type_of(queue)
                 await broker.declare_queue(queue, work_queue_arguments(kind))
@@ -192,6 +248,7 @@ class Worker:
                 await asyncio.gather(*tasks, return_exceptions=True)
             for subscription in subscriptions:
                 await subscription.close()
+            await listener.close()
 
     async def _drain(self, subscriptions: list[Consumer]) -> None:
         self._stopping = True

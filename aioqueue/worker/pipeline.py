@@ -16,35 +16,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from ..app import App
 from ..broker import Delivery, settle
+from ..cancel import CancelledIds
 from ..errors import DecodeError
 from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
 from ..message.celery import CeleryFields, RefusedMessage, conform_arguments, decode_task, is_celery
 from ..retry import Retry, RetryPolicy, next_delay
 from .emit import Emitter
-from .events import RunResult, TaskObserver
+from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
 log = logging.getLogger("aioqueue.worker")
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What became of one run, decided once (`judge`): handed off, then reported."""
-
-    result: RunResult
-    retry_delay: float | None = None  # set when result == "retried"
-    error: ErrorInfo | None = None  # set when result is "failed" or "timeout"
 
 
 def judge(
@@ -91,11 +84,29 @@ class Pipeline:
         # runs in hand by (task id, attempt): a retry is the same id with the next attempt,
         # and may arrive (with no delay) before the attempt that published it is settled
         self._running_ids: dict[tuple[str, int], asyncio.Future[bool]] = {}
+        # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
+        self.cancelled_ids: CancelledIds | None = None
+        self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
 
     async def process(self, delivery: Delivery) -> None:
         """Decode → guards → run → hand-off."""
         envelope = await self._decode(delivery)
-        if envelope is None or await self._already_running(delivery, envelope):
+        if envelope is None:
+            return
+        notify(
+            self.observers,
+            "received",
+            envelope.task,
+            envelope.id,
+            envelope.attempt,
+            delivery.queue,
+            envelope.args,
+            envelope.kwargs,
+        )
+        if await self._already_running(delivery, envelope):
+            return
+        if self._is_cancelled(envelope.id):  # queued, or out of the delay ladder
+            await self._refuse_cancelled(delivery, envelope)
             return
         redelivered = await self._count_delivery(delivery, envelope)
         if redelivered is None:
@@ -138,21 +149,68 @@ class Pipeline:
         for observer in self.observers:
             observer.started(envelope.task, envelope.id, envelope.attempt)
         started = time.perf_counter()
+        cancelled = threading.Event()
         try:
-            emitter = Emitter(self.app.broker, envelope)
-            outcome, exc = await execute(
-                task, envelope, redelivered=redelivered, threads=self.executor, emitter=emitter
+            emitter = Emitter(self.app.broker, envelope, observers=self.observers)
+            run = asyncio.ensure_future(
+                execute(
+                    task,
+                    envelope,
+                    redelivered=redelivered,
+                    threads=self.executor,
+                    emitter=emitter,
+                    cancelled=cancelled,
+                )
             )
+            control = (run, cancelled, task.is_async or task.is_generator)
+            self._controls[envelope.id] = control
+            try:
+                outcome, exc = await run
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not cancelled.is_set() or (current is not None and current.cancelling()):
+                    raise  # the worker's own shutdown, not a cancellation
+            finally:
+                if self._controls.get(envelope.id) is control:
+                    del self._controls[envelope.id]
             duration = time.perf_counter() - started
-            verdict = judge(envelope, outcome, exc, task.options.retry)
+            if cancelled.is_set():  # whatever the run did after it was cancelled
+                verdict = Verdict("cancelled", error=_cancelled_error(envelope, running=True))
+                outcome = Outcome(envelope.id, envelope.task, error=verdict.error)
+            else:
+                verdict = judge(envelope, outcome, exc, task.options.retry)
             handed_off.set_result(await self._hand_off(delivery, envelope, outcome, verdict))
-            self._report(envelope, verdict, duration)
+            self._report(envelope, verdict, duration, outcome)
         finally:
             del self.current[id(delivery)]
             if self._running_ids.get(run_key) is handed_off:  # two copies may run here
                 del self._running_ids[run_key]
             if not handed_off.done():
                 handed_off.set_result(False)
+
+    def cancel(self, task_id: str) -> None:
+        """A cancellation arrived: stop the run of ``task_id`` in hand here, if any — an
+        ``async def`` task's coroutine is cancelled, a thread sees ``task_context().cancelled``.
+        """
+        control = self._controls.get(task_id)
+        if control is None or control[0].done():
+            return
+        run, flag, cancellable = control
+        flag.set()
+        log.info("task id=%s cancelled while running", task_id)
+        if cancellable:
+            run.cancel()
+
+    def _is_cancelled(self, task_id: str) -> bool:
+        return self.cancelled_ids is not None and task_id in self.cancelled_ids
+
+    async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
+        self._tell_cancelled(envelope)  # before its dead letter, as for a running task
+        error = _cancelled_error(envelope, running=False)
+        await self._dead_letter(delivery, envelope, "cancelled", error)
+
+    def _tell_cancelled(self, envelope: Envelope) -> None:
+        notify(self.observers, "cancelled", envelope.task, envelope.id, envelope.attempt)
 
     async def _hand_off(
         self, delivery: Delivery, envelope: Envelope, outcome: Outcome, verdict: Verdict
@@ -165,9 +223,17 @@ class Pipeline:
         if verdict.retry_delay is not None:
             return await self.handoff.retry(delivery, envelope, verdict.retry_delay)
         assert verdict.error is not None
+        if verdict.result == "cancelled":
+            self._tell_cancelled(envelope)
         return await self._dead_letter(delivery, envelope, verdict.result, verdict.error)
 
-    def _report(self, envelope: Envelope, verdict: Verdict, duration: float) -> None:
+    def _report(
+        self, envelope: Envelope, verdict: Verdict, duration: float, outcome: Outcome
+    ) -> None:
+        notify(
+            self.observers, "outcome", envelope.task, envelope.id, envelope.attempt, verdict,
+            duration, outcome,
+        )  # fmt: skip
         for observer in self.observers:
             try:
                 observer.finished(
@@ -295,6 +361,12 @@ class Pipeline:
             message = f"task {envelope.task} expired before it started"
             return "expired", ErrorInfo("dead_lettered", "expired", message)
         return "", None
+
+
+def _cancelled_error(envelope: Envelope, *, running: bool) -> ErrorInfo:
+    when = "while it ran" if running else "before it ran"
+    message = f"task {envelope.task} was cancelled {when}"
+    return ErrorInfo("cancelled", "TaskCancelledError", message)
 
 
 def _unreadable(exc: DecodeError) -> tuple[str, ErrorInfo]:

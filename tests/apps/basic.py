@@ -12,12 +12,14 @@ from pathlib import Path
 import anyio
 
 from aioqueue import App, task_context
+from aioqueue.settings import Settings
 from tests.waiting import wait_until
 
 app = App(
     "tests",
     default_queue=os.environ.get("AIOQUEUE_TEST_QUEUE", "default"),
     queue_type="quorum" if os.environ.get("AIOQUEUE_TEST_QUEUE_TYPE") == "quorum" else "classic",
+    settings=Settings(heartbeat_interval=float(os.environ.get("AIOQUEUE_TEST_HEARTBEAT", "5"))),
 )
 DIR = Path(os.environ.get("AIOQUEUE_TEST_DIR", "."))
 

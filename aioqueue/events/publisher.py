@@ -1,0 +1,207 @@
+"""`EventPublisher`: task events to the stream ``aioqueue.events``, batched, in the background.
+
+`emit` only appends to a bounded buffer — it never waits, never raises — so a task's path never
+waits for an event. A background task sends the buffer as batches: as soon as ``batch_size``
+events wait, else ``flush_interval`` after the first one came; one confirmed publish per batch.
+A full buffer drops its oldest event; a batch the stream refuses or cannot take (the stream is
+missing, the broker nacks it, no confirm in time) is dropped. Both are counted
+(`EventStatistics.dropped`, ``aioqueue_events_dropped_total`` with the metrics extra) and
+logged at most once every `LOG_EVERY` seconds. A missing stream is declared again, at most
+every `REDECLARE_EVERY` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from pamqp import commands as spec
+
+from ..broker import Broker
+from ..errors import UnroutableError
+from ..message import CONTENT_TYPE
+from ..message.events import Event, batch_headers, encode_batch
+from ..topology import EVENTS_STREAM, events_stream_arguments
+
+__all__ = ["EventPublisher", "EventStatistics"]
+
+log = logging.getLogger("aioqueue.events")
+
+LOG_EVERY: Final = 30.0
+REDECLARE_EVERY: Final = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class EventStatistics:
+    """A snapshot of a publisher's counters."""
+
+    emitted: int
+    published: int
+    batches: int
+    dropped: int
+    buffered: int
+
+
+class EventPublisher:
+    """Sends events to the event stream in confirmed batches, from a task of its own.
+
+    Args:
+        broker: A connected broker.
+        flush_interval: Most seconds an event waits in the buffer before its batch is sent.
+        batch_size: Most events per stream message.
+        buffer: Most events waiting; past it the oldest are dropped (and counted).
+        publish_timeout: Seconds one batch may wait for its confirm before it is dropped.
+
+    Attributes:
+        on_dropped: Called with the number of events each time some are dropped (e.g. a
+            Prometheus counter's ``inc``); must not block.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        flush_interval: float = 0.1,
+        batch_size: int = 256,
+        buffer: int = 10_000,
+        publish_timeout: float = 5.0,
+    ) -> None:
+        self._broker = broker
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self._buffer: deque[Event] = deque()
+        self._limit = buffer
+        self._publish_timeout = publish_timeout
+        self._waiting = asyncio.Event()
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._emitted = self._published = self._batches = self._dropped = 0
+        self._last_log = -LOG_EVERY
+        self._last_declare = -REDECLARE_EVERY
+        self.on_dropped: list[Callable[[int], None]] = []
+
+    def statistics(self) -> EventStatistics:
+        return EventStatistics(
+            self._emitted, self._published, self._batches, self._dropped, len(self._buffer)
+        )
+
+    async def start(self) -> None:
+        """Declare the stream (a failure is logged: events are dropped until it exists) and
+        start sending."""
+        await self._declare()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="aioqueue event publisher"
+        )
+
+    async def _declare(self) -> None:
+        self._last_declare = time.monotonic()
+        arguments = events_stream_arguments(self._broker.settings)
+        try:
+            if self._broker.is_declared(EVENTS_STREAM):
+                await self._broker.redeclare_queue(EVENTS_STREAM, arguments)
+            else:
+                await self._broker.declare_queue(EVENTS_STREAM, arguments)
+        except Exception as exc:
+            log.warning("cannot declare the event stream %r: %s", EVENTS_STREAM, exc)
+
+    def emit(self, event: Event) -> None:
+        """Queue ``event`` for sending; never blocks, never raises."""
+        if self._closing and self._task is None:
+            self._drop(1, "the publisher is closed")
+            return
+        self._emitted += 1
+        self._buffer.append(event)
+        if len(self._buffer) > self._limit:
+            self._buffer.popleft()
+            self._drop(1, f"the buffer of {self._limit} events is full")
+        if not self._waiting.is_set():
+            self._waiting.set()
+        if len(self._buffer) >= self.batch_size and not self._full.is_set():
+            self._full.set()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Send what is buffered (for ``timeout`` seconds at most), then stop."""
+        self._closing = True
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._waiting.set()
+        self._full.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except (TimeoutError, asyncio.CancelledError):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._buffer:
+            self._drop(len(self._buffer), "the worker stopped before they were sent")
+            self._buffer.clear()
+
+    async def flush(self) -> None:
+        """Send everything buffered now (tests, shutdown)."""
+        while self._buffer:
+            await self._send(self._take())
+
+    async def _run(self) -> None:
+        while True:
+            if not self._buffer:
+                if self._closing:
+                    return
+                self._waiting.clear()
+                await self._waiting.wait()
+            if not self._closing and len(self._buffer) < self.batch_size:
+                self._full.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self.flush_interval)
+            while self._buffer:
+                await self._send(self._take())
+
+    def _take(self) -> list[Event]:
+        count = min(self.batch_size, len(self._buffer))
+        return [self._buffer.popleft() for _ in range(count)]
+
+    async def _send(self, batch: list[Event]) -> None:
+        try:
+            body = encode_batch(batch)
+            properties = spec.Basic.Properties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=2,
+                headers=batch_headers(len(batch)),
+            )
+            await self._broker.publish(
+                EVENTS_STREAM, body, properties, timeout=self._publish_timeout
+            )
+        except asyncio.CancelledError:
+            self._drop(len(batch), "the publisher was cancelled")
+            raise
+        except UnroutableError:
+            self._drop(len(batch), f"the stream {EVENTS_STREAM!r} is missing")
+            if time.monotonic() - self._last_declare >= REDECLARE_EVERY:
+                await self._declare()
+        except Exception as exc:  # never the task's problem: count, log, go on
+            self._drop(len(batch), f"{type(exc).__name__}: {exc}")
+        else:
+            self._published += len(batch)
+            self._batches += 1
+
+    def _drop(self, count: int, why: str) -> None:
+        self._dropped += count
+        for callback in self.on_dropped:
+            with contextlib.suppress(Exception):
+                callback(count)
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY:
+            self._last_log = now
+            log.warning(
+                "dropped %d task event(s): %s (%d dropped so far; tasks are not affected)",
+                count,
+                why,
+                self._dropped,
+            )

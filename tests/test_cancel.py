@@ -1,0 +1,273 @@
+"""Cancellation (issue 17): a queued, delayed or running task cancelled by id.
+
+``handle.cancel()`` / ``app.cancel(id)`` / ``aioqueue cancel`` publish the id to the stream
+``aioqueue.cancellations``; every worker reads it (a worker started later too) and refuses or
+stops the task; its caller gets `TaskCancelledError` and ``Q.dlq`` keeps it (reason
+``cancelled``). The shared behaviour runs on RabbitMQ and on the in-memory broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aioqueue import (
+    App,
+    BrokerConnectionError,
+    RetryPolicy,
+    TaskCancelledError,
+    TaskError,
+    task_context,
+)
+from aioqueue.message import ErrorInfo, Outcome
+from aioqueue.message.celery import encode_reply
+from aioqueue.testing import reset
+from aioqueue.worker.events import TaskLog
+from tests.conftest import ROOT, WorkerProcess, running_worker, wait_until
+from tests.rabbit import RabbitNode
+from tests.test_core import get_dead_letter
+
+
+class Recorder(TaskLog):
+    """TaskLog that also records the `cancelled` hook."""
+
+    def __init__(self) -> None:
+        self.cancelled_runs: list[tuple[str, str, int]] = []
+
+    def cancelled(self, task: str, task_id: str, attempt: int) -> None:
+        super().cancelled(task, task_id, attempt)
+        self.cancelled_runs.append((task, task_id, attempt))
+
+
+async def test_a_queued_task_never_runs_even_on_a_worker_started_after_the_cancel(
+    make_any_app: Any, queue_name: str
+) -> None:
+    app: App = make_any_app()
+    ran: list[int] = []
+
+    @app.task(name="t.queued")
+    async def queued(x: int) -> int:
+        ran.append(x)
+        return x
+
+    async with app:
+        # Given a task submitted while no worker runs, and cancelled
+        handle = await queued.submit(1)
+        await handle.cancel()
+        # When a worker starts afterwards
+        recorder = Recorder()
+        async with running_worker(app, observers=[recorder]):
+            # Then it refuses the task: the caller gets TaskCancelledError
+            with pytest.raises(TaskCancelledError) as info:
+                await handle.result(timeout=30)
+            assert isinstance(info.value, TaskError)
+            assert info.value.task_id == handle.id
+            # and the worker goes on running other tasks
+            assert await (await queued.submit(2)).result(timeout=30) == 2
+        assert ran == [2]
+        assert recorder.cancelled_runs == [("t.queued", handle.id, 1)]
+    dead = await get_dead_letter(app.broker_url, f"{queue_name}.dlq")
+    assert dead.headers["aioqueue-dead-reason"] == "cancelled"
+
+
+async def test_a_running_async_task_is_cancelled_and_not_retried(
+    make_any_app: Any, queue_name: str
+) -> None:
+    app: App = make_any_app()
+    attempts: list[int] = []
+    saw_cancel = asyncio.Event()
+    never = asyncio.Event()
+
+    # (under a timeout too: the cancel is not taken for the timeout's own)
+    @app.task(name="t.long", timeout=60, retry=RetryPolicy(max_attempts=3, backoff=0.1, jitter=0.0))
+    async def long() -> None:
+        attempts.append(task_context().attempt)
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            saw_cancel.set()
+            raise
+
+    async with app, running_worker(app) as worker:
+        handle = await long.submit()
+        await wait_until(lambda: attempts, what="the task to start")
+        # When it is cancelled while running
+        await handle.cancel()
+        # Then its coroutine is cancelled, and its caller gets TaskCancelledError
+        with pytest.raises(TaskCancelledError):
+            await handle.result(timeout=30)
+        assert saw_cancel.is_set()
+        dead = await get_dead_letter(app.broker_url, f"{queue_name}.dlq")
+        assert dead.headers["aioqueue-dead-reason"] == "cancelled"
+        # and it was not retried, though its policy allows 3 attempts
+        assert attempts == [1]
+        await wait_until(lambda: worker.statistics().running == 0, what="the run to end")
+
+
+async def test_a_running_thread_task_sees_task_context_cancelled(make_any_app: Any) -> None:
+    app: App = make_any_app()
+    started = threading.Event()
+    stop = threading.Event()  # only the test's safety net: never set in a passing run
+    seen: list[bool] = []
+
+    @app.task(name="t.thread")
+    def crunch() -> str:
+        started.set()
+        ctx = task_context()
+        while not ctx.cancelled and not stop.wait(0.01):
+            pass
+        seen.append(ctx.cancelled)
+        return "finished anyway"
+
+    async with app, running_worker(app):
+        handle = await crunch.submit()
+        try:
+            await wait_until(started.is_set, what="the thread task to start")
+            await handle.cancel()
+            # Then the function sees the flag and returns; the caller still gets cancelled
+            with pytest.raises(TaskCancelledError):
+                await handle.result(timeout=30)
+            assert seen == [True]
+        finally:
+            stop.set()
+
+
+async def test_a_delayed_task_is_cancelled_when_it_comes_out_of_the_ladder(
+    make_any_app: Any,
+) -> None:
+    app: App = make_any_app()
+    ran: list[int] = []
+
+    @app.task(name="t.later")
+    async def later() -> None:
+        ran.append(1)
+
+    async with app, running_worker(app):
+        handle = await later.submit_with_options(countdown=0.5)
+        await handle.cancel()
+        with pytest.raises(TaskCancelledError):
+            await handle.result(timeout=30)
+    assert ran == []
+
+
+async def test_cancelling_an_unknown_or_finished_id_is_harmless(make_any_app: Any) -> None:
+    app: App = make_any_app()
+
+    @app.task(name="t.echo")
+    async def echo(x: int) -> int:
+        return x
+
+    async with app, running_worker(app):
+        done = await echo.submit(1)
+        assert await done.result(timeout=30) == 1
+        await done.cancel()  # finished: nothing happens
+        await app.cancel("no-such-task-id", "another-unknown-id")
+        assert await (await echo.submit(2)).result(timeout=30) == 2
+        assert await done.result() == 1
+
+
+def test_a_cancelled_celery_task_replies_revoked() -> None:
+    error = ErrorInfo("cancelled", "TaskCancelledError", "task t was cancelled before it ran")
+    body, _props = encode_reply(Outcome("id-1", "t", error=error))
+    assert b'"REVOKED"' in body and b"TaskRevokedError" in body
+
+
+async def test_the_cancel_command_cancels_a_task_running_in_a_worker_process(
+    spawn_worker: Any, rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    worker: WorkerProcess = spawn_worker()
+    await worker.wait_ready()
+    async with App("tests-client", broker_url=rabbit.url, default_queue=queue_name) as app:
+        handle = await app.submit("tests.gated", "c")
+        await wait_until((tmp_path / "started-c").exists, what="the task to start")
+        # When `aioqueue cancel` names it
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aioqueue",
+            "cancel",
+            "tests.apps.basic:app",
+            handle.id,
+            "--broker-url",
+            rabbit.url,
+            cwd=ROOT,
+            env={**os.environ, "AIOQUEUE_TEST_QUEUE": queue_name},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        assert f"cancelled {handle.id}" in out.decode()
+        # Then the worker cancels the running coroutine and the caller hears of it
+        with pytest.raises(TaskCancelledError):
+            await handle.result(timeout=30)
+    assert "cancelled" in worker.output()
+
+
+async def test_a_cancel_is_one_task_cancelled_event_then_its_dead_letter(
+    make_any_app: Any,
+) -> None:
+    from tests.test_events import events_of, has_end, types
+
+    app: App = make_any_app()
+    started = asyncio.Event()
+
+    @app.task(name="t.ev")
+    async def ev() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with app:
+        since = app.broker.now() - 1
+        queued = await ev.submit()
+        await queued.cancel()
+        async with running_worker(app):
+            with pytest.raises(TaskCancelledError):
+                await queued.result(timeout=30)
+            running = await ev.submit()
+            await wait_until(started.is_set, what="the task to start")
+            await running.cancel()
+            with pytest.raises(TaskCancelledError):
+                await running.result(timeout=30)
+        ids = [queued.id, running.id]
+        events = await events_of(app, set(ids), since=since, until=has_end(ids))
+    assert types(events, queued.id) == ["task-received", "task-cancelled", "task-dead-lettered"]
+    assert types(events, running.id) == [
+        "task-received",
+        "task-started",
+        "task-cancelled",
+        "task-dead-lettered",
+    ]
+
+
+async def test_a_worker_that_cannot_read_the_stream_still_runs_tasks(
+    monkeypatch: pytest.MonkeyPatch, queue_name: str
+) -> None:
+    # (RabbitMQ 3.10 refuses a stream's consumer on a node without a replica of it)
+    url = f"memory://{queue_name}"
+    app = App("tests", broker_url=url, default_queue=queue_name)
+
+    @app.task(name="t.ok")
+    async def ok() -> int:
+        return 1
+
+    try:
+        async with app:
+            subscribe = app.broker.subscribe
+
+            async def refusing(queue: str, *args: Any, **kwargs: Any) -> Any:
+                if queue == "aioqueue.cancellations":
+                    raise BrokerConnectionError("refused")
+                return await subscribe(queue, *args, **kwargs)
+
+            monkeypatch.setattr(app.broker, "subscribe", refusing)
+            async with running_worker(app):
+                assert await (await ok.submit()).result(timeout=30) == 1
+    finally:
+        reset(url)
