@@ -20,9 +20,12 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 __all__ = ["ARTEFACTS", "Browser", "browser_available"]
 
-ARTEFACTS = Path(
-    os.environ.get("AIOQUEUE_ARTEFACTS", Path(__file__).resolve().parent.parent / ".artefacts")
-) / "dashboard"
+ARTEFACTS = (
+    Path(
+        os.environ.get("AIOQUEUE_ARTEFACTS", Path(__file__).resolve().parent.parent / ".artefacts")
+    )
+    / "dashboard"
+)
 
 
 def browser_available() -> bool:

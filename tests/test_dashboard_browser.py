@@ -24,7 +24,7 @@ from tests.conftest import running_worker
 from tests.rabbit import RabbitNode
 
 pytest.importorskip("selenium")
-from tests.dashboard_browser import ARTEFACTS, Browser, browser_available  # noqa: E402
+from tests.dashboard_browser import ARTEFACTS, Browser, browser_available
 
 pytestmark = [
     pytest.mark.browser,

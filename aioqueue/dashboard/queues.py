@@ -10,7 +10,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..cli.dlq import DeadLetter, rabbit_of, replay_message, task_id_of
-from ..errors import AioqueueError
 from ..message import H_DEAD_TRACEBACK, H_UNDECODABLE
 from ..rabbit.admin import held_messages, purge_queue, queue_depths
 from ..topology import dlq_name
@@ -98,9 +97,6 @@ async def replay_dead(app: App, queue: str, ids: list[str]) -> int:
     return replayed
 
 
-async def purge_dead(app: App, queue: str) -> int:
-    """Delete every dead letter of ``queue``; how many."""
-    purged = await purge_queue(rabbit_of(app), dlq_name(queue))
-    if purged is None:
-        raise AioqueueError(f"{dlq_name(queue)} does not exist")
-    return purged
+async def purge_dead(app: App, queue: str) -> int | None:
+    """Delete every dead letter of ``queue``; how many (None: it has no dead-letter queue)."""
+    return await purge_queue(rabbit_of(app), dlq_name(queue))

@@ -202,6 +202,8 @@ async def purge(request: web.Request) -> web.StreamResponse:
     queue = _known_queue(request)
     await _json_body(request)
     purged = await queues.purge_dead(_app(request), queue)
+    if purged is None:
+        return _error(404, f"{queue} has no dead-letter queue")
     log.warning("dashboard: %s purged %d dead letter(s) of %s", _user(request), purged, queue)
     return web.json_response({"purged": purged})
 
@@ -212,7 +214,7 @@ async def cancel(request: web.Request) -> web.StreamResponse:
     app = _app(request)
     cancel_task = getattr(app, "cancel", None)
     if cancel_task is None:
-        return _error(501, "this version of aioqueue cannot cancel tasks")
+        return _error(404, "this version of aioqueue cannot cancel tasks")
     await cancel_task(task_id)
     log.warning("dashboard: %s cancelled task %s", _user(request), task_id)
     return web.json_response({"cancelled": task_id})

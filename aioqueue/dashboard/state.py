@@ -12,6 +12,7 @@ Every method is synchronous and pure bookkeeping: `apply` is the only way events
 
 from __future__ import annotations
 
+import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -37,6 +38,14 @@ _STATES: Final = {
 }
 _ENDS: Final = frozenset({"task-succeeded", "task-failed", "task-dead-lettered", "task-cancelled"})
 _KEPT: Final = ("name", "queue", "args", "result", "error", "traceback", "reason", "progress")
+
+
+def _seconds(value: Any) -> float | None:
+    """A finite, non-negative number of seconds, else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if math.isfinite(value) and value >= 0:
+            return float(value)
+    return None
 
 
 def _short(value: Any, limit: int) -> str | None:
@@ -172,8 +181,10 @@ def _timeline_entry(event: Event, attempt: int) -> dict[str, Any]:
     entry["attempt"] = attempt
     for key in ("error", "reason", "retry_in", "duration", "progress"):
         value = event.get(key)
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            entry[key] = value if not isinstance(value, str) else value[:300]
+        if isinstance(value, str):
+            entry[key] = value[:300]
+        elif _seconds(value) is not None:
+            entry[key] = value
     return entry
 
 
@@ -200,6 +211,8 @@ class DashboardState:
     def apply(self, event: Event) -> TaskRecord | WorkerRecord | None:
         """Take one event in; the record it changed (None for an event it does not know)."""
         self.events_seen += 1
+        if not math.isfinite(event.time):
+            return None
         self.last_time = max(self.last_time, event.time)
         if event.type in _STATES:
             return self._task_event(event)
@@ -243,9 +256,9 @@ class DashboardState:
             record.started = event.time
         elif kind in _ENDS or kind == "task-retried":
             record.finished = event.time
-            duration = event.get("duration")
-            if isinstance(duration, int | float) and not isinstance(duration, bool):
-                record.duration = float(duration)
+            duration = _seconds(event.get("duration"))
+            if duration is not None:
+                record.duration = duration
             record.retries += kind == "task-retried"
         record.timeline.append(_timeline_entry(event, record.attempt))
 
@@ -261,10 +274,9 @@ class DashboardState:
             minute.retried += 1
         elif event.type == "task-received":
             minute.received += 1
-        duration = event.get("duration")
-        if event.type in _ENDS and isinstance(duration, int | float):
-            if not isinstance(duration, bool) and duration >= 0:
-                minute.add_duration(float(duration), self._rng)
+        duration = _seconds(event.get("duration"))
+        if event.type in _ENDS and duration is not None:
+            minute.add_duration(duration, self._rng)
 
     def _minute(self, when: float) -> Minute | None:
         start = int(when // 60) * 60
@@ -301,8 +313,9 @@ class DashboardState:
             record.running = [r for r in fields["running"][:1000] if isinstance(r, dict)]
         if isinstance(fields.get("processed"), int):
             record.processed = fields["processed"]
-        if isinstance(fields.get("interval"), int | float) and fields["interval"] > 0:
-            record.interval = float(fields["interval"])
+        interval = _seconds(fields.get("interval"))
+        if interval:
+            record.interval = interval
         return record
 
     # -- queries --------------------------------------------------------------------------
