@@ -183,6 +183,7 @@ PATHS = [
     "/static/{x}",
     "/api/overview",
     "/api/tasks?{x}",
+    "/api/tasks?limit={x}&since={x}",
     "/api/tasks/{x}",
     "/api/tasks/known",
     "/api/tasks/{x}/cancel",
@@ -195,7 +196,8 @@ PATHS = [
     "/api/queues/{q}/purge",
     "/api/schedules",
 ]
-segment = st.text(max_size=30).map(lambda t: urllib.parse.quote(t, safe="=&"))
+numbers = st.sampled_from(["inf", "-inf", "nan", "1e400", "-1", "0", "1e9"]) | st.text(max_size=30)
+segment = numbers.map(lambda t: urllib.parse.quote(t, safe="=&"))
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
     lambda inner: (
@@ -251,3 +253,60 @@ def test_actions_need_the_dashboards_own_origin(served: Served) -> None:
     assert request(served.port, "POST", target, body, no_header)[0] == 403
     status, answer = request(served.port, "POST", target, body, own)
     assert (status, json.loads(answer)) == (200, {"replayed": 0})
+
+
+# -- served by a worker ------------------------------------------------------------------------
+
+
+async def test_a_worker_serves_the_dashboard_with_dashboard_port(spawn_worker: Any) -> None:
+    from tests.waiting import wait_until
+
+    # Given a worker started with --dashboard-port (0: any free port)
+    worker = spawn_worker("--dashboard-port", "0", env={"AIOQUEUE_TEST_HEARTBEAT": "0.5"})
+    await worker.wait_ready()
+    url = await wait_until(
+        lambda: next(
+            (line.split(" on ", 1)[1].strip() for line in worker.output().splitlines()
+             if line.startswith("aioqueue dashboard on ")),
+            None,
+        ),
+        what="the dashboard's address in the worker's output",
+    )  # fmt: skip
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+
+    # When its workers page is asked for, Then it lists this worker online, from its heartbeats
+    def online() -> bool:
+        status, body = request(port, "GET", "/api/workers")
+        return status == 200 and any(w["online"] for w in json.loads(body)["workers"])
+
+    await wait_until(online, what="the worker online on its own dashboard")
+    assert request(port, "GET", "/")[0] == 200
+
+
+def test_a_worker_refuses_a_dashboard_beyond_localhost_without_credentials(
+    rabbit: RabbitNode,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIOQUEUE_DASHBOARD_")}
+    command = [sys.executable, "-m", "aioqueue", "worker", "tests.apps.basic:app"]
+    result = subprocess.run(
+        [*command, "--dashboard-port", "0", "--dashboard-host", "0.0.0.0"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "AIOQUEUE_DASHBOARD_TOKEN" in result.stderr
+
+
+def test_the_vendored_uplot_is_what_the_vendoring_script_recorded() -> None:
+    import hashlib
+    from pathlib import Path
+
+    static = Path(__file__).resolve().parent.parent / "aioqueue" / "dashboard" / "static"
+    record = json.loads((static / "uplot.vendored.json").read_text())
+    assert record["package"] == "uplot" and record["version"]
+    for name, digest in record["files"].items():
+        assert hashlib.sha256((static / name).read_bytes()).hexdigest() == digest, name
+    assert "MIT" in (static / "uPlot.LICENSE").read_text()

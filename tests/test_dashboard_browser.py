@@ -169,16 +169,28 @@ async def test_queued_and_running_tasks_are_cancelled_from_their_pages(setup: Se
     b = setup.browser
     # Given one task running (concurrency 1) and one queued behind it
     running = await setup.app.submit("dash.forever")
+    await b.get(f"{setup.url}#task/{running.id}")
+    await b.wait(lambda: b.text("#task-state") == "running", "the first task running")
     queued = await setup.app.submit("dash.gated", "q")
-    for handle, shot in ((running, "cancel-running"), (queued, "cancel-queued")):
-        # When each is cancelled from its page (the confirm dialog accepted)
-        await b.get(f"{setup.url}#task/{handle.id}")
-        await b.wait(lambda: b.driver.find_elements("css selector", "#cancel"), "the button")
-        await b.script("window.confirm = () => true")
-        await b.click("#cancel")
-        # Then the page shows it cancelled, live
-        await b.wait(lambda: b.text("#task-state") == "cancelled", f"{handle.id} cancelled")
-        await b.screenshot(shot)
+    # When the queued one is cancelled from its page (no worker took it: no events yet)
+    await _cancel(b, f"{setup.url}#task/{queued.id}")
+    await b.screenshot("cancel-queued")
+    # and the running one from its own
+    await _cancel(b, f"{setup.url}#task/{running.id}")
+    # Then each page shows its task cancelled
+    await b.wait(lambda: b.text("#task-state") == "cancelled", "the running task cancelled")
+    await b.screenshot("cancel-running")
+    await b.get(f"{setup.url}#task/{queued.id}")
+    await b.wait(lambda: b.text("#task-state") == "cancelled", "the queued task cancelled")
+    await b.screenshot("cancel-queued-done")
+
+
+async def _cancel(b: Browser, url: str) -> None:
+    await b.get(url)
+    await b.wait(lambda: b.driver.find_elements("css selector", "#cancel"), "the cancel button")
+    await b.script("window.confirm = () => true")
+    await b.click("#cancel")
+    await b.wait(lambda: b.text("#message") == "cancel requested", "the cancel's confirmation")
 
 
 def test_a_dashboard_beyond_localhost_refuses_unauthenticated_requests(

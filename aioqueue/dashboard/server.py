@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -89,7 +90,7 @@ def _float(request: web.Request, key: str) -> float | None:
         value = float(text)
     except ValueError:
         raise web.HTTPBadRequest(text=f"{key} must be a number") from None
-    if value != value:  # NaN
+    if not math.isfinite(value):
         raise web.HTTPBadRequest(text=f"{key} must be a number")
     return value
 

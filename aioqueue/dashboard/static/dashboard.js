@@ -114,11 +114,24 @@ async function tasks(arg) {
 }
 
 // -- task --------------------------------------------------------------------------------
+function bindCancel(id) {
+  const cancel = document.getElementById("cancel");
+  if (cancel) cancel.onclick = async () => {
+    if (!confirm("Cancel task " + id + "?")) return;
+    try { await act(`/api/tasks/${encodeURIComponent(id)}/cancel`); say("cancel requested"); }
+    catch (e) { say("cancel failed: " + e.message); }
+  };
+}
 async function task(id) {
   const draw = async () => {
     let t;
     try { t = await api("/api/tasks/" + encodeURIComponent(id)); } catch (e) {
-      page.innerHTML = `<p id="not-found">Task ${esc(id)}: ${esc(e.message)}</p>`; return;
+      // a task still waiting in its queue has no events yet: it can be cancelled all the same
+      page.innerHTML = `<p id="not-found">Task ${esc(id)}: ${esc(e.message)} (no worker has taken
+        it yet, or it is older than the dashboard's memory)</p><div id="message"></div>
+        <button id="cancel" class="danger">Cancel task ${esc(id)}</button>`;
+      bindCancel(id);
+      return;
     }
     const dead = t.dead_letter;
     const cancellable = ["queued", "running", "retrying"].includes(t.state);
@@ -139,12 +152,7 @@ async function task(id) {
       ${dead ? `<h3>Dead-letter copy</h3><dl id="dead-letter"><dt>reason</dt><dd>${esc(dead.reason)}</dd>
         <dt>when</dt><dd>${esc(dead.at)}</dd><dt>error</dt><dd>${esc(dead.error)}</dd></dl>
         ${dead.replayable ? '<button id="replay">Replay</button>' : ""}` : ""}`;
-    const cancel = document.getElementById("cancel");
-    if (cancel) cancel.onclick = async () => {
-      if (!confirm("Cancel task " + id + "?")) return;
-      try { await act(`/api/tasks/${encodeURIComponent(id)}/cancel`); say("cancel requested"); }
-      catch (e) { say("cancel failed: " + e.message); }
-    };
+    bindCancel(id);
     const replay = document.getElementById("replay");
     if (replay) replay.onclick = async () => {
       try { const r = await act(`/api/queues/${encodeURIComponent(t.queue)}/replay`, { ids: [id] });
