@@ -215,11 +215,11 @@ bodies = st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encod
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"]),
     path=st.sampled_from(PATHS), x=segment, body=bodies,
     auth=st.sampled_from(["none", "token", "wrong", "basic-garbage"]),
-    same_origin=st.booleans(), action_header=st.booleans(),
+    same_origin=st.sampled_from(["own", "none", "http://[", "evil"]), action_header=st.booleans(),
 )  # fmt: skip
 def test_no_request_makes_an_endpoint_fail(
     served: Served, method: str, path: str, x: str, body: bytes, auth: str,
-    same_origin: bool, action_header: bool,
+    same_origin: str, action_header: bool,
 ) -> None:  # fmt: skip
     headers = {"Content-Type": "application/json"}
     headers |= {
@@ -228,8 +228,9 @@ def test_no_request_makes_an_endpoint_fail(
         "basic-garbage": {"Authorization": "Basic " + base64.b64encode(body[:20]).decode()},
         "none": {},
     }[auth]
-    if same_origin:
-        headers["Origin"] = f"http://127.0.0.1:{served.port}"
+    if same_origin != "none":
+        own = f"http://127.0.0.1:{served.port}"
+        headers["Origin"] = own if same_origin == "own" else same_origin
     if action_header:
         headers["X-Aioqueue-Dashboard"] = "1"
     target = path.format(x=x, q=served.app.default_queue)

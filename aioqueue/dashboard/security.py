@@ -19,6 +19,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -97,9 +98,10 @@ def same_origin(request: web.Request) -> bool:
     """Whether a POST comes from the dashboard's own pages (see the module doc)."""
     if request.headers.get(ACTION_HEADER) != "1":
         return False
-    own = f"{request.scheme}://{request.host}"
-    origin = request.headers.get("Origin")
-    if origin is not None:
-        return origin == own
-    referer = request.headers.get("Referer", "")
-    return referer == own or referer.startswith(own + "/")
+    # the host (and port) only: behind a TLS-terminating proxy the scheme differs
+    source = request.headers.get("Origin") or request.headers.get("Referer") or ""
+    try:
+        netloc = urlsplit(source).netloc
+    except ValueError:  # e.g. "http://[": not a URL at all
+        return False
+    return bool(request.host) and netloc == request.host
