@@ -142,15 +142,19 @@ async def test_a_failed_task_is_found_and_its_traceback_read(setup: Setup) -> No
     await b.screenshot("task-traceback")
 
 
-async def test_a_dead_letter_is_replayed_from_the_queues_page(setup: Setup) -> None:
+async def test_a_dead_letter_is_replayed_and_the_rest_purged_from_the_queues_page(
+    setup: Setup,
+) -> None:
     b = setup.browser
-    # Given a task dead-lettered, then its bug fixed
+    # Given two tasks dead-lettered, then their bug fixed
     handle = await setup.app.submit("dash.broken", "r")
-    with pytest.raises(Exception, match="broken input r"):
-        await handle.result(timeout=30)
+    other = await setup.app.submit("dash.broken", "p")
+    for h in (handle, other):
+        with pytest.raises(Exception, match="broken input"):
+            await h.result(timeout=30)
     setup.fixed.set()
     queue = setup.app.default_queue
-    # When its dead letter is replayed from the queue's page
+    # When one dead letter is replayed from the queue's page
     await b.get(f"{setup.url}#queues/{queue}")
     button = f'button.replay[data-id="{handle.id}"]'
     await b.wait(lambda: b.driver.find_elements("css selector", button), "the dead letter")
@@ -158,6 +162,12 @@ async def test_a_dead_letter_is_replayed_from_the_queues_page(setup: Setup) -> N
     await b.click(button)
     # Then it is gone from the dead letters and the task succeeds on its page
     await b.wait(lambda: "replayed 1" in b.text("#message"), "the replay's confirmation")
+    await b.wait(lambda: not b.driver.find_elements("css selector", button), "the row gone")
+    # And When the rest are purged (the confirm dialog accepted), Then none is left
+    await b.script("window.confirm = () => true")
+    await b.click("#purge")
+    await b.wait(lambda: "purged 1" in b.text("#message"), "the purge's confirmation")
+    assert not b.driver.find_elements("css selector", "tr[data-dead-id]")
     await b.get(f"{setup.url}#task/{handle.id}")
     await b.wait(lambda: b.text("#task-state") == "succeeded", "the replayed task to succeed")
     await b.screenshot("replayed")
