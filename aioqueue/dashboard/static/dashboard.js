@@ -30,7 +30,12 @@ function say(text) { const m = document.getElementById("message"); if (m) m.text
 function chart(title, el, series, data, width) {
   // the last hour at least, so that a few points do not stretch the axis over years
   const now = Date.now() / 1000;
-  const range = (u, min, max) => [Math.min(min ?? now, now - 3600), Math.max(max ?? now, now) + 60];
+  // (from the data itself: uPlot widens a single point's range by 1000 days on a seconds axis)
+  const range = (u) => {
+    const xs = u.data[0];
+    const first = xs.length ? xs[0] : now, last = xs.length ? xs[xs.length - 1] : now;
+    return [Math.min(first, now - 3600), Math.max(last, now) + 60];
+  };
   return new uPlot({ title, width, height: 220, series: [{}, ...series],
     axes: [{}, { size: 60 }], scales: { x: { time: true, range } } }, data, el);
 }
