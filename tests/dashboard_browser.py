@@ -80,7 +80,13 @@ class Browser:
         return str(found[0].text) if found else ""
 
     async def click(self, css: str) -> None:
-        await self.run(lambda: self.driver.find_element(By.CSS_SELECTOR, css).click())
+        """Click ``css``, looking again if a live update replaced it between find and click."""
+
+        def clicked() -> bool:
+            self.driver.find_element(By.CSS_SELECTOR, css).click()
+            return True
+
+        await self.wait(clicked, f"a click on {css}")
 
     async def screenshot(self, name: str) -> Path:
         ARTEFACTS.mkdir(parents=True, exist_ok=True)

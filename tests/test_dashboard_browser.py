@@ -167,7 +167,9 @@ async def test_a_dead_letter_is_replayed_and_the_rest_purged_from_the_queues_pag
     await b.script("window.confirm = () => true")
     await b.click("#purge")
     await b.wait(lambda: "purged 1" in b.text("#message"), "the purge's confirmation")
-    assert not b.driver.find_elements("css selector", "tr[data-dead-id]")
+    await b.wait(
+        lambda: not b.driver.find_elements("css selector", "tr[data-dead-id]"), "an empty list"
+    )
     await b.get(f"{setup.url}#task/{handle.id}")
     await b.wait(lambda: b.text("#task-state") == "succeeded", "the replayed task to succeed")
     await b.screenshot("replayed")
