@@ -66,6 +66,7 @@ typecheck: install
 
 test: install lint typecheck
 	$(BROKER) install
+	services/browser/chromium.sh install
 	$(BIN)/python -m pytest
 
 # 10,000 foreign messages (valid, malformed, unreadable at the frame level) at one worker

@@ -175,3 +175,10 @@ def spawn_worker(
     yield spawn
     for proc in procs:
         proc.kill()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the browser tests left their screenshots."""
+    shots = Path(os.environ.get("AIOQUEUE_ARTEFACTS", ROOT / ".artefacts")) / "dashboard"
+    if shots.is_dir() and any(shots.glob("*.png")):
+        terminalreporter.write_line(f"dashboard screenshots: {shots}")

@@ -44,6 +44,7 @@ def test_the_console_script_is_installed() -> None:
         ([str(AIOQUEUE), "status"], "usage: aioqueue status ", "--min-consumers"),
         ([str(AIOQUEUE), "dlq"], "usage: aioqueue dlq ", "replay"),
         ([str(AIOQUEUE), "inspect"], "usage: aioqueue inspect ", "--json"),
+        ([str(AIOQUEUE), "dashboard"], "usage: aioqueue dashboard ", "--port"),
         (
             [sys.executable, "-m", "aioqueue", "worker"],
             "usage: python -m aioqueue worker ",
@@ -72,7 +73,7 @@ def test_each_subcommand_shows_its_own_help(command: list[str], usage: str, frag
 
 def test_the_top_level_help_lists_every_subcommand() -> None:
     out = run(str(AIOQUEUE), "--help").stdout
-    for name in ("worker", "scheduler", "status", "purge", "dlq", "inspect"):
+    for name in ("worker", "scheduler", "status", "purge", "dlq", "inspect", "dashboard"):
         assert f"    {name}" in out, out
 
 

@@ -1,10 +1,11 @@
-"""The ``aioqueue`` command: ``aioqueue worker|scheduler|cancel|status|purge|dlq|inspect ...``.
+"""The ``aioqueue`` command: ``aioqueue worker|scheduler|cancel|status|purge|dlq|inspect|dashboard``.
 
 One entry for every program, each subcommand handed to the parser that already exists for it:
 ``aioqueue worker`` is ``python -m aioqueue.worker``, ``aioqueue scheduler`` is
 ``python -m aioqueue.scheduler``, ``aioqueue cancel`` cancels tasks by id (`aioqueue.cli.cancel`),
-``aioqueue inspect`` is `aioqueue.cli.inspect`, and ``status``, ``purge`` and ``dlq`` are the
-administration commands (`aioqueue.cli.dlq`).
+``aioqueue inspect`` is `aioqueue.cli.inspect`, ``aioqueue dashboard`` is
+`aioqueue.dashboard.cli`, and ``status``, ``purge`` and ``dlq`` are the administration commands
+(`aioqueue.cli.dlq`).
 ``python -m aioqueue`` is this command too.
 """
 
@@ -25,7 +26,18 @@ PROGRAMS: dict[str, Callable[..., int]] = {
     "scheduler": scheduler_cli.main,
     "cancel": cancel.main,
     "inspect": inspect.main,
+    "dashboard": lambda argv, prog: _dashboard(argv, prog=prog),
 }
+
+
+def _dashboard(argv: list[str], *, prog: str) -> int:
+    """``aioqueue dashboard``: imported only when asked for (it needs the aiohttp extra)."""
+    try:
+        from ..dashboard import cli as dashboard_cli
+    except ImportError as exc:
+        print(f"error: the dashboard needs aioqueue-rabbit[aiohttp]: {exc}", file=sys.stderr)
+        return 2
+    return dashboard_cli.main(argv, prog=prog)
 
 
 def main(argv: list[str] | None = None, *, prog: str = "aioqueue") -> int:

@@ -34,7 +34,7 @@ from ..topology import dlq_name
 from .common import app_from_args, run, setup_logging
 from .status import add_parsers, run_command
 
-__all__ = ["main"]
+__all__ = ["DeadLetter", "main", "rabbit_of", "replay_message", "task_id_of"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class DeadLetter:
     def of(cls, message: HeldMessage) -> DeadLetter:
         headers = message.headers
         return cls(
-            id=_task_id(message),
+            id=task_id_of(message),
             task=str(headers.get(H_TASK) or headers.get("task") or "?"),  # ours, or Celery's
             # a message RabbitMQ dead-lettered itself (a policy's dead-letter-exchange) says why
             # in its own header
@@ -65,7 +65,7 @@ class DeadLetter:
         )
 
 
-def _task_id(message: HeldMessage) -> str:
+def task_id_of(message: HeldMessage) -> str:
     """The task id: the ``id`` header of a Celery message, the message id of ours."""
     headers = message.headers
     celery_id = headers.get("id")
@@ -86,6 +86,11 @@ def parser(prog: str = "aioqueue") -> argparse.ArgumentParser:
     sub.add_parser(
         "inspect",
         help=f"workers online and their running tasks (see: {prog} inspect --help)",
+        add_help=False,
+    )
+    sub.add_parser(
+        "dashboard",
+        help=f"serve the web dashboard (see: {prog} dashboard --help)",
         add_help=False,
     )
     dlq = sub.add_parser("dlq", help="inspect and re-run dead-lettered tasks")
@@ -117,7 +122,7 @@ def main(
     """Run ``status``, ``purge`` or ``dlq ...``; returns the exit code."""
     p = parser(prog)
     args, extra = p.parse_known_args(argv)
-    if args.command in ("worker", "scheduler", "inspect"):
+    if args.command in ("worker", "scheduler", "inspect", "dashboard"):
         p.error(f"{args.command} is a program of its own: run `{prog} {args.command} ...`")
     # task ids may come after the options: `dlq show shop:app --queue q ID ...`
     if extra and (getattr(args, "ids", None) is None or any(e.startswith("-") for e in extra)):
@@ -139,7 +144,7 @@ def main(
 
 async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) -> int:
     async with app:
-        broker = _rabbit(app)
+        broker = rabbit_of(app)
         dead = dlq_name(queue)
         if args.action == "purge":
             return await _purge(broker, dead, args.yes, stdin)
@@ -153,9 +158,9 @@ async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) ->
             chosen = [
                 m
                 for m in messages
-                if (args.action == "replay" and args.all) or _task_id(m) in args.ids
+                if (args.action == "replay" and args.all) or task_id_of(m) in args.ids
             ]
-            missing = set(args.ids) - {_task_id(m) for m in chosen}
+            missing = set(args.ids) - {task_id_of(m) for m in chosen}
             if missing:
                 print(f"not found in {dead}: {', '.join(sorted(missing))}")
             if args.action == "show":
@@ -190,18 +195,18 @@ async def _replay_all(broker: RabbitBroker, chosen: list[HeldMessage], queue: st
                 "that cannot be read and would be dead-lettered again (see `dlq show`)"
             )
             continue
-        await _replay(broker, message, queue)
+        await replay_message(broker, message, queue)
         replayed += 1
     print(f"replayed {replayed} message(s)")
 
 
-async def _replay(broker: RabbitBroker, message: HeldMessage, queue: str) -> None:
+async def replay_message(broker: RabbitBroker, message: HeldMessage, queue: str) -> None:
     target = str(message.headers.get(H_DEAD_QUEUE) or queue)
     await broker.publish(target, message.body, replay_copy(message.properties))
     await message.ack()
 
 
-def _rabbit(app: App) -> RabbitBroker:
+def rabbit_of(app: App) -> RabbitBroker:
     broker = app.broker
     if not isinstance(broker, RabbitBroker):
         raise AioqueueError("these commands need RabbitMQ, not an in-memory broker")

@@ -20,6 +20,8 @@ from .events import TaskLog
 from .lifecycle import Worker
 
 if TYPE_CHECKING:  # aioqueue.metrics needs the metrics extra: imported only when asked for
+    from aiohttp.web import AppRunner
+
     from ..metrics import MetricsServer, PrometheusObserver
 
 __all__ = ["main"]
@@ -95,6 +97,18 @@ def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
         help="serve Prometheus metrics over HTTP on this port (needs aioqueue-rabbit[metrics])",
     )
     p.add_argument(
+        "--dashboard-port",
+        type=_port,
+        default=None,
+        help="also serve the web dashboard on this port (needs aioqueue-rabbit[aiohttp]; "
+        "see aioqueue dashboard --help for its safety rules)",
+    )
+    p.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="address the dashboard binds (default 127.0.0.1)",
+    )
+    p.add_argument(
         "--metrics-host",
         default="0.0.0.0",
         help="address the metrics server binds (default 0.0.0.0: all interfaces)",
@@ -140,11 +154,26 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worke
         observers=None if metrics is None else [TaskLog(), metrics[0]],
         events=False if args.no_events else None,
     )
+    dashboard = None
+    if args.dashboard_port is not None:
+        dashboard = (args.dashboard_host, args.dashboard_port)
+        refusal = _dashboard_refusal(args.dashboard_host)
+        if refusal is not None:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
     try:
-        return run(_serve(worker, scheduler, metrics))
+        return run(_serve(worker, scheduler, metrics, dashboard))
     finally:
         if metrics is not None:
             metrics[1].close()
+
+
+def _dashboard_refusal(host: str) -> str | None:
+    try:
+        from ..dashboard.security import Credentials, check_bind
+    except ImportError as exc:
+        return f"--dashboard-port needs aioqueue-rabbit[aiohttp]: {exc}"
+    return check_bind(host, Credentials.from_env())
 
 
 def _start_metrics(app: App, port: int, host: str) -> tuple[PrometheusObserver, MetricsServer]:
@@ -161,6 +190,7 @@ async def _serve(
     worker: Worker,
     scheduler: Scheduler | None = None,
     metrics: tuple[PrometheusObserver, MetricsServer] | None = None,
+    dashboard: tuple[str, int] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -172,7 +202,13 @@ async def _serve(
         return 1
     scheduling: asyncio.Future[None] | None = None
     watching: asyncio.Future[None] | None = None
+    site: AppRunner | None = None
     try:
+        if dashboard is not None:
+            from ..dashboard.cli import start, url_of
+
+            site = await start(worker.app, *dashboard)
+            print(f"aioqueue dashboard on {url_of(site)}", file=sys.stderr, flush=True)
         run_task = asyncio.ensure_future(worker.run())
         ready = asyncio.ensure_future(worker.ready.wait())
         await asyncio.wait({run_task, ready}, return_when=asyncio.FIRST_COMPLETED)
@@ -188,6 +224,8 @@ async def _serve(
             print(scheduler_banner(scheduler), file=sys.stderr, flush=True)
         await run_task
     finally:
+        if site is not None:
+            await site.cleanup()
         if watching is not None:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
