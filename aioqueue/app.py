@@ -10,8 +10,8 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, Unpack, overload
 
 from .broker import Broker
-from .celery_task import CeleryTask
 from .cancel import publish_cancellations
+from .celery_task import CeleryTask
 from .errors import AioqueueError
 from .producer import Producer
 from .results import ReplyConsumer, ResultHandle

@@ -1,4 +1,4 @@
-"""The ``aioqueue`` command: ``aioqueue worker|scheduler|cancel|status|purge|dlq|inspect|dashboard``.
+"""The ``aioqueue`` command: worker, scheduler, cancel, status, purge, dlq, inspect, dashboard.
 
 One entry for every program, each subcommand handed to the parser that already exists for it:
 ``aioqueue worker`` is ``python -m aioqueue.worker``, ``aioqueue scheduler`` is
