@@ -36,8 +36,10 @@ from .results import ResultHandle
 from .retry import Retry, RetryPolicy
 from .scheduler import Misfire, Schedule, Scheduler
 from .settings import Settings
+from .signature import Signature
 from .streams import Progress, Result
 from .task import Task, TaskOptions
+from .workflow import chain, chord, group
 
 __version__ = "0.1.0"
 
@@ -60,6 +62,7 @@ __all__ = [
     "Schedule",
     "Scheduler",
     "Settings",
+    "Signature",
     "Task",
     "TaskCancelledError",
     "TaskContext",
@@ -68,5 +71,8 @@ __all__ = [
     "TaskOptions",
     "TaskTimeoutError",
     "UnroutableError",
+    "chain",
+    "chord",
+    "group",
     "task_context",
 ]

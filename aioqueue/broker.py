@@ -10,7 +10,8 @@ so its stale ack is dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +26,8 @@ __all__ = [
     "Consumer",
     "Delivery",
     "DeliveryCallback",
+    "Held",
+    "HeldQueue",
     "LostCallback",
     "Settler",
     "StaleDelivery",
@@ -71,6 +74,24 @@ class Delivery:
     acker: Settler
 
 
+class Held(Protocol):
+    """A message taken from a queue and held unacked (`Broker.hold`): `ack` removes it."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def properties(self) -> spec.Basic.Properties: ...
+    async def ack(self) -> None: ...
+
+
+@dataclass(slots=True)
+class HeldQueue:
+    """What `Broker.hold` gives: the queue's ready count when asked, and the messages held."""
+
+    ready: int
+    messages: Sequence[Held]
+
+
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
 LostCallback = Callable[[str, BaseException | None], None]
 # ``basic.consume`` arguments (e.g. ``x-stream-offset`` on a stream), or a function giving them
@@ -100,6 +121,11 @@ class Broker(Protocol):
     async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None: ...
     async def delete_queue(self, name: str) -> None: ...
+    def hold(self, name: str, limit: int) -> AbstractAsyncContextManager[HeldQueue | None]:
+        """``name``'s ready count and up to ``limit`` of its messages, held unacked for the
+        block (what is not acked goes back when it ends); None if ``name`` does not exist."""
+        ...
+
     async def publish(
         self,
         routing_key: str,

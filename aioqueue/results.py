@@ -342,7 +342,7 @@ class ResultHandle(Generic[R]):
         err = outcome.error
         if err is None:
             return outcome.value
-        ctx = {"task_name": self.task_name, "task_id": self.id}
+        ctx = {"task_name": outcome.task_name or self.task_name, "task_id": self.id}
         if err.kind == "timeout":
             raise TaskTimeoutError(err.type_name, err.message, traceback=err.traceback, **ctx)
         if err.kind == "cancelled":

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from .retry import NO_RETRY, RetryPolicy
+from .signature import Signature
 from .topology import QueueType, check_queue_name
 
 if TYPE_CHECKING:
@@ -93,6 +94,11 @@ class Task(Generic[P, R]):
             raise TypeError(f"{self.name}(): {exc}") from None
         if len(self._fits) < _MAX_SHAPES:
             self._fits.add(shape)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        """A signature: this task with (some of) its arguments, for a workflow
+        (`aioqueue.chain`, `group`, `chord`); checked when the workflow is submitted."""
+        return Signature(self, args, dict(kwargs))
 
     async def submit(self, *args: P.args, **kwargs: P.kwargs) -> ResultHandle[R]:
         """Send the task to a worker; returns once RabbitMQ confirmed the message.

@@ -210,3 +210,21 @@ def cancellations_stream_arguments(max_age: float) -> dict[str, Any]:
         "x-max-length-bytes": 64 * 1024 * 1024,
         "x-stream-max-segment-size-bytes": 8 * 1024 * 1024,
     }
+
+
+# -- workflows (aioqueue.workflow): a group's or chord's queues, named by the workflow id -------
+
+CHORD_EXPIRES: Final = 7 * 24 * 3600.0  # seconds a workflow's queues outlive their last use
+
+
+def chord_queue_names(workflow_id: str) -> tuple[str, str, str]:
+    """(results, gate, claim) queues of a group or chord: its members' results; the one token
+    whose holder may join them (gone once the join fired); the one token whose holder may run
+    the chord's callback (gone once it ran). See docs/workflows.md."""
+    base = f"{INFRA_PREFIX}chord.{workflow_id}"
+    return base, f"{base}.gate", f"{base}.claim"
+
+
+def chord_queue_arguments(expires: float = CHORD_EXPIRES) -> dict[str, Any]:
+    """A workflow's queues: durable, classic, deleted by RabbitMQ after ``expires`` unused."""
+    return {"x-queue-type": "classic", "x-expires": max(1000, int(expires * 1000))}

@@ -16,13 +16,20 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pamqp import commands as spec
 
-from ..broker import ConsumeArguments, Consumer, Delivery, DeliveryCallback, LostCallback
+from ..broker import (
+    ConsumeArguments,
+    Consumer,
+    Delivery,
+    DeliveryCallback,
+    HeldQueue,
+    LostCallback,
+)
 from ..clock import BrokerClock, SystemClock
 from ..errors import BrokerConnectionError, UnroutableError
 from ..settings import Settings
@@ -46,6 +53,23 @@ class _Queue:
     messages: deque[_Message] = field(default_factory=deque)
     consumers: list[_Subscription] = field(default_factory=list)
     turn: int = 0
+
+
+@dataclass(slots=True)
+class _Held:
+    message: _Message
+    acked: bool = False
+
+    @property
+    def body(self) -> bytes:
+        return self.message.body
+
+    @property
+    def properties(self) -> spec.Basic.Properties:
+        return self.message.properties
+
+    async def ack(self) -> None:
+        self.acked = True
 
 
 class MemoryBroker:
@@ -131,6 +155,24 @@ class MemoryBroker:
         if queue is not None:
             for consumer in list(queue.consumers):
                 await consumer.cancel()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str, limit: int) -> AsyncIterator[HeldQueue | None]:
+        """See `Broker.hold`: what is not acked goes back to the head of ``name``, in order."""
+        queue = self.queues.get(name)
+        if queue is None:
+            yield None
+            return
+        ready = len(queue.messages)
+        held = [_Held(queue.messages.popleft()) for _ in range(min(limit, ready))]
+        try:
+            yield HeldQueue(ready, held)
+        finally:
+            back = [h.message for h in held if not h.acked]
+            if back and self.queues.get(name) is queue:
+                queue.messages.extendleft(reversed(back))
+                self._dispatch(queue)
+            self.progress += 1
 
     def messages(self, queue: str) -> list[tuple[bytes, spec.Basic.Properties]]:
         """What waits in ``queue`` (e.g. a ``.dlq``), oldest first, without consuming it."""

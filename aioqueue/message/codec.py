@@ -34,6 +34,7 @@ from .headers import (
     H_UNDECODABLE,
     PROTOCOL_VERSION,
 )
+from .workflow import Workflow, decode_workflow
 
 if TYPE_CHECKING:
     from .celery import CeleryFields
@@ -137,9 +138,15 @@ class Envelope:
     # set on a message in Celery's format (read from Celery, or sent to a Celery worker):
     # it is written back in that format, and its outcome goes out as an rpc:// reply
     celery: CeleryFields | None = None
+    # set on a step of a workflow (aioqueue.workflow): what the workflow does after this step
+    workflow: Workflow | None = None
 
     def encode(self) -> bytes:
-        """The message body: the arguments as JSON."""
+        """The message body: the arguments as JSON (and a workflow step's place)."""
+        if self.workflow is not None:
+            return dumps(
+                {"args": self.args, "kwargs": self.kwargs, "workflow": self.workflow.to_json()}
+            )
         return dumps({"args": self.args, "kwargs": self.kwargs})
 
     def headers(self) -> dict[str, Any]:
@@ -185,8 +192,9 @@ class Envelope:
         if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
             raise DecodeError(f"header {H_ATTEMPT!r} is {attempt!r}, not a positive integer")
         payload = loads(body, max_size=max_size)
-        if not isinstance(payload, dict) or set(payload) != {"args", "kwargs"}:
+        if not isinstance(payload, dict) or set(payload) - {"workflow"} != {"args", "kwargs"}:
             raise DecodeError('body must be an object with exactly "args" and "kwargs"')
+        workflow = decode_workflow(payload["workflow"]) if "workflow" in payload else None
         args, kwargs = payload["args"], payload["kwargs"]
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             raise DecodeError('"args" must be an array and "kwargs" an object')
@@ -200,6 +208,7 @@ class Envelope:
             deadline=_optional_time(hdrs, H_DEADLINE),
             scheduled_at=_optional_time(hdrs, H_SCHEDULED_AT),
             stream_to=_optional_str(hdrs, H_STREAM_TO),
+            workflow=workflow,
         )
 
 

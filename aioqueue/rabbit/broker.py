@@ -24,13 +24,14 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
-from ..broker import ConsumeArguments, DeliveryCallback, LostCallback
+from ..broker import ConsumeArguments, DeliveryCallback, HeldQueue, LostCallback
 from ..errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
 from ..settings import Settings, broker_nodes, mask_url, scrub
 from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 from .connection import connect
 from .declare import declare, probe
 from .errors import FATAL_CHANNEL, TRANSIENT
+from .hold import hold
 from .publisher import ChannelPublisher, Deadlines, Slots
 from .subscription import Subscription
 
@@ -216,6 +217,12 @@ class RabbitBroker:
         self._delay_routes.discard(name)
         channel = await self._channel().get_underlay_channel()
         await channel.queue_delete(name)
+
+    def hold(
+        self, name: str, limit: int
+    ) -> contextlib.AbstractAsyncContextManager[HeldQueue | None]:
+        """See `Broker.hold`: on a channel of its own (`aioqueue.rabbit.hold`)."""
+        return hold(self.channel, name, limit)
 
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
         """Declare the delay ladder of ``queue_type`` (once) and route its exit to ``queue``.

@@ -139,10 +139,12 @@ class Handoff:
         task_name: str,
         reply_to: str | None,
         celery: CeleryFields | None = None,
+        reply_id: str | None = None,
     ) -> bool:
         """Copy the message to ``Q.dlq`` with why/when/who headers, tell the caller (in
-        Celery's rpc:// format when ``celery`` is set), then ack."""
-        outcome = Outcome(task_id=task_id or "", task_name=task_name, error=error)
+        Celery's rpc:// format when ``celery`` is set; under ``reply_id`` if given: a workflow
+        step's caller waits for its workflow's id), then ack."""
+        outcome = Outcome(task_id=reply_id or task_id or "", task_name=task_name, error=error)
         stored, replied = await asyncio.gather(
             self._store_dead(delivery, reason, error),
             self._reply(reply_to if task_id else None, outcome, celery),

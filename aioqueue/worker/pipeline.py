@@ -34,6 +34,7 @@ from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
+from .workflow import Workflows
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
@@ -74,6 +75,7 @@ class Pipeline:
     ) -> None:
         self.app = app
         self.handoff = handoff
+        self.workflows = Workflows(app, handoff)
         self.executor = executor
         self.observers = observers
         self.max_deliveries = max_deliveries
@@ -105,7 +107,9 @@ class Pipeline:
         )
         if await self._already_running(delivery, envelope):
             return
-        if self._is_cancelled(envelope.id):  # queued, or out of the delay ladder
+        if self._is_cancelled(envelope.id) or (  # queued, or out of the delay ladder
+            envelope.workflow is not None and self._is_cancelled(envelope.workflow.id)
+        ):
             await self._refuse_cancelled(delivery, envelope)
             return
         redelivered = await self._count_delivery(delivery, envelope)
@@ -119,6 +123,14 @@ class Pipeline:
             envelope = await self._celery_guards(delivery, envelope)
             if envelope is None:
                 return
+        if envelope.workflow is not None and envelope.workflow.kind == "callback":
+            async with self.workflows.claimed(envelope) as claimed:
+                if claimed:  # else it ran, or runs, elsewhere: this copy is a duplicate
+                    await self._run(delivery, envelope, redelivered)
+                    return
+            log.info("chord callback %s id=%s ran already: dropped", envelope.task, envelope.id)
+            await settle(delivery, ack=True)
+            return
         await self._run(delivery, envelope, redelivered)
 
     async def _celery_guards(self, delivery: Delivery, envelope: Envelope) -> Envelope | None:
@@ -216,6 +228,8 @@ class Pipeline:
         self, delivery: Delivery, envelope: Envelope, outcome: Outcome, verdict: Verdict
     ) -> bool:
         """Hand the verdict off — reply, retry or dead letter — then settle the delivery."""
+        if verdict.result == "succeeded" and envelope.workflow is not None:
+            return await self.workflows.advance(delivery, envelope, outcome)
         if verdict.result == "succeeded":
             return await self.handoff.finish(
                 delivery, envelope.reply_to, outcome, celery=envelope.celery
@@ -253,6 +267,7 @@ class Pipeline:
             task_name=envelope.task,
             reply_to=envelope.reply_to,
             celery=envelope.celery,
+            reply_id=envelope.workflow.id if envelope.workflow is not None else None,
         )
 
     # -- decode and guards --------------------------------------------------------------------

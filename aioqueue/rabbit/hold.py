@@ -1,0 +1,61 @@
+"""Messages held unacked on a channel of their own: how workflows keep their state in RabbitMQ.
+
+A group's or chord's results wait in a queue, and a token message in another queue is a lock:
+whoever holds it (``basic.get`` without an ack) is the only one joining, and the token comes back
+by itself when the holder's channel or connection dies. `hold` gives a queue's ready count (from
+a passive declare) and up to ``limit`` of its messages; what the block did not ack goes back to
+the queue when the block ends (the channel is closed). A queue that does not exist gives None:
+its passive declare closes only this channel of its own, never the publishing one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
+from pamqp import commands as spec
+
+from ..broker import HeldQueue
+
+__all__ = ["hold"]
+
+
+class _Held:
+    """One message held unacked on the hold's channel."""
+
+    __slots__ = ("_message", "body", "properties")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self.body: bytes = message.body
+        self.properties: spec.Basic.Properties = message.properties
+
+    async def ack(self) -> None:
+        await self._message.ack()
+
+
+@contextlib.asynccontextmanager
+async def hold(
+    open_channel: Callable[[], Awaitable[AbstractRobustChannel]], name: str, limit: int
+) -> AsyncIterator[HeldQueue | None]:
+    """``name``'s ready count and up to ``limit`` of its messages, held for the block."""
+    channel = await open_channel()
+    try:
+        try:
+            queue = await channel.declare_queue(name, passive=True, robust=False)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            yield None
+            return
+        ready = queue.declaration_result.message_count or 0
+        held: list[_Held] = []
+        for _ in range(min(limit, ready)):
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            held.append(_Held(message))
+        yield HeldQueue(ready, held)
+    finally:
+        if not channel.is_closed:
+            await channel.close()  # what was held and not acked goes back, unacked

@@ -1,0 +1,109 @@
+"""Workflows (chain, group, chord) on RabbitMQ and on the in-memory broker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from aioqueue import App, EncodeError, RetryPolicy, TaskError, chain, chord, group
+from aioqueue.errors import TaskCancelledError
+from tests.conftest import running_worker
+
+
+def tasks(app: App) -> dict[str, Any]:
+    @app.task(name="wf.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name="wf.mul")
+    async def mul(x: int, y: int) -> int:
+        return x * y
+
+    @app.task(name="wf.total")
+    async def total(values: list[int]) -> int:
+        return sum(values)
+
+    @app.task(name="wf.fail", retry=RetryPolicy(max_attempts=2, backoff=0.01, jitter=False))
+    async def fail(x: int) -> int:
+        raise ValueError(f"no {x}")
+
+    return {"add": add, "mul": mul, "total": total, "fail": fail}
+
+
+async def test_the_issue_examples(make_any_app: Callable[..., App]) -> None:
+    # Given a worker with add, mul and total
+    app = make_any_app()
+    t = tasks(app)
+    add, mul, total = t["add"], t["mul"], t["total"]
+    async with app, running_worker(app):
+        # When the issue's three workflows are submitted, Then each gives the issue's value
+        h = await chain(add.s(1, 2), add.s(10), mul.s(3)).submit()
+        assert await h.result(timeout=30) == 39
+        h = await group(add.s(i, i) for i in range(10)).submit()
+        assert await h.result(timeout=30) == [2 * i for i in range(10)]
+        h = await chord((add.s(i, i) for i in range(10)), total.s()).submit()
+        assert await h.result(timeout=30) == 90
+
+
+async def test_a_failed_member_fails_the_chord_and_the_callback_does_not_run(
+    make_any_app: Callable[..., App],
+) -> None:
+    app = make_any_app()
+    t = tasks(app)
+    ran: list[Any] = []
+
+    @app.task(name="wf.record")
+    async def record(values: list[int]) -> int:
+        ran.append(values)
+        return 0
+
+    async with app, running_worker(app):
+        members = [t["add"].s(1, 1), t["fail"].s(7), t["add"].s(2, 2)]
+        h = await chord(members, record.s()).submit()
+        with pytest.raises(TaskError) as caught:
+            await h.result(timeout=30)
+        assert caught.value.type_name == "ValueError" and "no 7" in caught.value.message
+        assert caught.value.task_name == "wf.fail" and caught.value.task_id == h.id
+        # a failed chain step fails the chain with its error too
+        h = await chain(t["add"].s(1, 1), t["fail"].s()).submit()
+        with pytest.raises(TaskError, match="no 2"):
+            await h.result(timeout=30)
+    assert ran == []
+
+
+async def test_wrong_steps_publish_nothing(make_any_app: Callable[..., App]) -> None:
+    app = make_any_app()
+    t = tasks(app)
+    add, total = t["add"], t["total"]
+    async with app:
+        with pytest.raises(TypeError, match="wf.add"):
+            await chain(add.s(1, 2), add.s(1, 2)).submit()  # no room for the previous result
+        with pytest.raises(TypeError):
+            await group(add.s(1, 1), add.s(1)).submit()
+        with pytest.raises(EncodeError):
+            await chord([add.s(1, 1), add.s(object(), 1)], total.s()).submit()
+        with pytest.raises(TypeError, match="nested workflows are not supported"):
+            chain(add.s(1, 2), group(add.s(1, 1)))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="nested workflows are not supported"):
+            group(chain(add.s(1, 2)))  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            group([])
+    # Then nothing was published: a worker started now finds no work
+    async with app, running_worker(app) as worker:
+        h = await add.submit(1, 1)
+        assert await h.result(timeout=30) == 2
+        assert worker is not None
+
+
+async def test_cancel_stops_the_steps_not_started(make_any_app: Callable[..., App]) -> None:
+    app = make_any_app()
+    t = tasks(app)
+    add = t["add"]
+    async with app:
+        h = await chain(add.s(1, 2), add.s(3)).submit()
+        await h.cancel()
+        async with running_worker(app):
+            with pytest.raises(TaskCancelledError):
+                await h.result(timeout=30)
