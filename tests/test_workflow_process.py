@@ -77,7 +77,9 @@ async def test_chord_callback_runs_once_through_worker_kills(
     assert len(lines(tmp_path / "callback-runs")) == 1
     assert lines(tmp_path / "callback-runs")[0].endswith(" 15")
     # (the members really ran again after the kills)
-    assert any(line.endswith("True") for i in (3, 4, 5) for line in lines(tmp_path / f"started-{i}"))
+    assert any(
+        line.endswith("True") for i in (3, 4, 5) for line in lines(tmp_path / f"started-{i}")
+    )
 
 
 SUBMIT_AND_EXIT = """

@@ -9,7 +9,7 @@ import pytest
 
 from aioqueue import App, EncodeError, RetryPolicy, TaskError, chain, chord, group
 from aioqueue.errors import TaskCancelledError
-from tests.conftest import running_worker
+from tests.conftest import running_worker, wait_until
 
 
 def tasks(app: App) -> dict[str, Any]:
@@ -107,3 +107,59 @@ async def test_cancel_stops_the_steps_not_started(make_any_app: Callable[..., Ap
         async with running_worker(app):
             with pytest.raises(TaskCancelledError):
                 await h.result(timeout=30)
+
+
+FORGED: list[Any] = [
+    "not an object",
+    {"id": "../../x", "kind": "callback"},
+    {"id": "a" * 65, "kind": "callback"},
+    {"id": "w1", "kind": "teleport"},
+    {"id": "w1", "kind": "callback", "extra": 1},
+    {"id": "w1", "kind": "member", "index": 3, "size": 3, "callback": None},
+    {"id": "w1", "kind": "member", "index": 0, "size": 0, "callback": None},
+    {"id": "w1", "kind": "member", "index": 0, "size": 10**9, "callback": None},
+    {"id": "w1", "kind": "member", "index": True, "size": 2, "callback": None},
+    {"id": "w1", "kind": "member", "index": 0, "size": 2, "callback": {"task": "x"}},
+    {"id": "w1", "kind": "chain", "step": 0, "then": "everything"},
+    {"id": "w1", "kind": "chain", "step": -1, "then": []},
+    {"id": "w1", "kind": "chain", "step": 0, "then": [
+        {"task": "wf.add", "args": [], "kwargs": {}, "queue": "amq.rabbitmq.reply-to"}
+    ]},
+    {"id": "w1", "kind": "chain", "step": 0, "then": [
+        {"task": "", "args": [], "kwargs": {}, "queue": "q"}
+    ]},
+    {"id": "w1", "kind": "chain", "step": 0, "then": [[1, 2, 3]]},
+]  # fmt: skip
+
+
+async def test_a_forged_workflow_is_dead_lettered_with_its_reason(
+    make_any_app: Callable[..., App], queue_name: str
+) -> None:
+    from aioqueue.message import dumps, task_properties
+    from aioqueue.message.codec import Envelope
+    from aioqueue.topology import dlq_name
+
+    # Given a worker, and task messages whose "workflow" object is forged
+    app = make_any_app()
+    t = tasks(app)
+    async with app, running_worker(app):
+        for n, forged in enumerate(FORGED):
+            envelope = Envelope(id=f"forged-{n}", task="wf.add")
+            body = dumps({"args": [1, 2], "kwargs": {}, "workflow": forged})
+            await app.broker.publish(queue_name, body, task_properties(envelope))
+
+        # Then each is dead-lettered with the reason "decode" and what was wrong
+        async def dead() -> list[Any]:
+            async with app.broker.hold(dlq_name(queue_name), 0) as queue:
+                return [] if queue is None or queue.ready < len(FORGED) else [queue.ready]
+
+        await wait_until(dead, what="every forged message dead-lettered")
+        async with app.broker.hold(dlq_name(queue_name), len(FORGED)) as queue:
+            assert queue is not None
+            for message in queue.messages:
+                headers = message.properties.headers or {}
+                assert headers["aioqueue-dead-reason"] == "decode"
+                assert "workflow" in headers["aioqueue-dead-error"]
+        # and the worker still runs workflows
+        h = await chain(t["add"].s(1, 2), t["add"].s(3)).submit()
+        assert await h.result(timeout=30) == 6

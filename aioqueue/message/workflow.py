@@ -129,7 +129,7 @@ def _step(value: Any) -> Step:
         raise DecodeError("a workflow step's task name must be a non-empty string")
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise DecodeError('a workflow step\'s "args" must be an array and "kwargs" an object')
-    if not isinstance(queue, str) or not _QUEUE.fullmatch(queue):
+    if not isinstance(queue, str) or not _QUEUE.fullmatch(queue) or queue.startswith("amq."):
         raise DecodeError(f"a workflow step's queue {str(queue)[:80]!r} is not a queue name")
     return Step(task, tuple(args), kwargs, queue)
 

@@ -10,7 +10,9 @@ its passive declare closes only this channel of its own, never the publishing on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
@@ -36,11 +38,38 @@ class _Held:
         await self._message.ack()
 
 
+OpenChannel = Callable[[], Awaitable[AbstractRobustChannel]]
+# a channel per connection kept for counts alone (``limit=0``: every member of a group asks
+# once): opening one per question costs three round trips and aio-pika's channel set-up
+_counting: weakref.WeakKeyDictionary[object, asyncio.Future[AbstractRobustChannel]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _ready(open_channel: OpenChannel, name: str) -> int | None:
+    owner = getattr(open_channel, "__self__", open_channel)
+    pending = _counting.get(owner)
+    if pending is None or (pending.done() and (pending.exception() or pending.result().is_closed)):
+        pending = _counting[owner] = asyncio.ensure_future(open_channel())
+    channel = await asyncio.shield(pending)
+    try:
+        ok = await channel.declare_queue(name, passive=True, robust=False)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        if _counting.get(owner) is pending:
+            del _counting[owner]
+        with contextlib.suppress(Exception):
+            await channel.close()  # closed by the broker; also stops its reopening
+        return None
+    return ok.declaration_result.message_count or 0
+
+
 @contextlib.asynccontextmanager
-async def hold(
-    open_channel: Callable[[], Awaitable[AbstractRobustChannel]], name: str, limit: int
-) -> AsyncIterator[HeldQueue | None]:
+async def hold(open_channel: OpenChannel, name: str, limit: int) -> AsyncIterator[HeldQueue | None]:
     """``name``'s ready count and up to ``limit`` of its messages, held for the block."""
+    if limit <= 0:
+        ready = await _ready(open_channel, name)
+        yield None if ready is None else HeldQueue(ready, [])
+        return
     channel = await open_channel()
     try:
         try:

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..app import App
 from ..broker import Delivery, settle
-from ..errors import AioqueueError, DecodeError, PublishError, UnroutableError
+from ..errors import DecodeError, PublishError, UnroutableError
 from ..message import Envelope, Outcome, dumps, loads
 from ..message.workflow import Workflow, result_properties
 from ..topology import chord_queue_names
@@ -61,9 +61,9 @@ class Workflows:
                 await self._reply(envelope.reply_to, replace(outcome, task_id=workflow.id))
                 if workflow.kind == "callback":  # ran: a second copy must not run it again
                     await self.app.broker.delete_queue(chord_queue_names(workflow.id)[2])
-        except AioqueueError as exc:
+        except Exception as exc:  # requeued: a message that keeps failing ends up poison
             log.error(
-                "could not move workflow %s on after task %s id=%s (%s); requeued",
+                "could not move workflow %s on after task %s id=%s (%r); requeued",
                 workflow.id,
                 envelope.task,
                 envelope.id,

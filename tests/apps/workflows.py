@@ -51,7 +51,9 @@ _member_done = Workflows._member_done
 _fire = Workflows._fire
 
 
-async def _member_done_or_die(self: Workflows, envelope: Any, workflow: Workflow, value: Any) -> None:
+async def _member_done_or_die(
+    self: Workflows, envelope: Any, workflow: Workflow, value: Any
+) -> None:
     if (DIR / f"crash-after-result-{workflow.index}").exists():
         results = f"aioqueue.chord.{workflow.id}"
         body = f'{{"index":{workflow.index},"value":{value}}}'.encode()
@@ -63,7 +65,9 @@ async def _member_done_or_die(self: Workflows, envelope: Any, workflow: Workflow
     await _member_done(self, envelope, workflow, value)
 
 
-async def _fire_or_die(self: Workflows, envelope: Any, workflow: Workflow, values: list[Any]) -> None:
+async def _fire_or_die(
+    self: Workflows, envelope: Any, workflow: Workflow, values: list[Any]
+) -> None:
     await _fire(self, envelope, workflow, values)
     if _armed("crash-after-fire"):
         os._exit(9)
