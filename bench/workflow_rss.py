@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from aioqueue import App, group
+from tests.waiting import poll_until
 
 from .cli import broker
 
@@ -32,43 +33,27 @@ def vm(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-async def run(url: str, sizes: list[int], queue: str) -> None:
-    log = Path(f"/tmp/workflow-rss-{os.getpid()}.log")
-    with log.open("wb") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "aioqueue.worker", "tests.apps.basic:app", "--broker-url", url],
-            cwd=ROOT,
-            env={**os.environ, "AIOQUEUE_TEST_QUEUE": queue},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        while "ready" not in log.read_text(errors="replace"):
-            await asyncio.sleep(0.2)  # sleep-ok: a benchmark waiting for its worker's banner
-        print(f"worker ready: RSS {vm(worker.pid, 'VmRSS')} MiB", flush=True)
-        app = App("bench-workflows", broker_url=url, default_queue=queue)
+async def run(url: str, sizes: list[int], queue: str, worker: int) -> None:
+    print(f"worker ready: RSS {vm(worker, 'VmRSS')} MiB", flush=True)
+    app = App("bench-workflows", broker_url=url, default_queue=queue)
 
-        @app.task(name="tests.add")
-        async def add(x: int, y: int) -> int: ...
+    @app.task(name="tests.add")
+    async def add(x: int, y: int) -> int: ...
 
-        async with app:
-            for size in sizes:
-                started = time.perf_counter()
-                handle = await group(add.s(i, i) for i in range(size)).submit()
-                submitted = time.perf_counter() - started
-                values = await handle.result(timeout=1200)
-                took = time.perf_counter() - started
-                assert values == [2 * i for i in range(size)]
-                caller = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-                print(
-                    f"group of {size}: submitted in {submitted:.1f}s, result in {took:.1f}s; "
-                    f"worker peak RSS {vm(worker.pid, 'VmHWM')} MiB, "
-                    f"caller peak RSS {caller} MiB",
-                    flush=True,
-                )
-    finally:
-        worker.terminate()
-        worker.wait(60)
+    async with app:
+        for size in sizes:
+            started = time.perf_counter()
+            handle = await group(add.s(i, i) for i in range(size)).submit()
+            submitted = time.perf_counter() - started
+            values = await handle.result(timeout=1200)
+            took = time.perf_counter() - started
+            assert values == [2 * i for i in range(size)]
+            caller = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+            print(
+                f"group of {size}: submitted in {submitted:.1f}s, result in {took:.1f}s; "
+                f"worker peak RSS {vm(worker, 'VmHWM')} MiB, caller peak RSS {caller} MiB",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -77,8 +62,23 @@ def main() -> None:
     parser.add_argument("--broker-url")
     args = parser.parse_args()
     sizes = [int(s) for s in args.members.split(",")]
-    with broker(args.broker_url) as (url, _pid):
-        asyncio.run(run(url, sizes, f"bench.workflows.{os.getpid()}"))
+    queue = f"bench.workflows.{os.getpid()}"
+    log = Path(f"/tmp/workflow-rss-{os.getpid()}.log")
+    with broker(args.broker_url) as (url, _pid), log.open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "aioqueue.worker", "tests.apps.basic:app", "--broker-url", url],
+            cwd=ROOT,
+            env={**os.environ, "AIOQUEUE_TEST_QUEUE": queue},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            if not poll_until(lambda: "ready" in log.read_text(errors="replace"), timeout=60):
+                raise SystemExit(f"the worker did not start: see {log}")
+            asyncio.run(run(url, sizes, queue, worker.pid))
+        finally:
+            worker.terminate()
+            worker.wait(60)
 
 
 if __name__ == "__main__":

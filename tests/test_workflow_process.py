@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ async def test_chord_callback_runs_once_through_worker_kills(
         second: WorkerProcess = spawn_worker(app_spec=APP)
         await wait_until(
             lambda: all(lines(tmp_path / f"started-{i}") for i in (3, 4, 5)),
-            timeout=60,
+            timeout=120,
             what="the gated members to start",
         )
         second.kill()
@@ -63,15 +63,16 @@ async def test_chord_callback_runs_once_through_worker_kills(
         assert await third.wait_exit() == 9
         # Then a fourth finishes the chord: the caller gets the callback's result
         fourth: WorkerProcess = spawn_worker(app_spec=APP)
-        assert await handle.result(timeout=90) == sum(range(6))
+        assert await handle.result(timeout=180) == sum(range(6))
         await wait_until(
             lambda: "ran already: dropped" in fourth.output(),
+            timeout=120,
             what="the second copy of the callback dropped",
         )
     # and the callback ran exactly once, although its message was published twice
     await wait_until(
         lambda: rabbit.queue_stats()[queue_name]["messages"] == 0 and not workflow_queues(rabbit),
-        timeout=60,
+        timeout=120,
         what="the work queue empty and the workflow's queues deleted",
     )
     assert len(lines(tmp_path / "callback-runs")) == 1
@@ -102,23 +103,24 @@ async def test_the_chord_finishes_after_its_caller_exited(
     spawn_worker: Any, rabbit: RabbitNode, queue_name: str, tmp_path: Path
 ) -> None:
     # Given a caller that submits a chord and exits at once
-    done = subprocess.run(
-        [sys.executable, "-c", SUBMIT_AND_EXIT, rabbit.url, queue_name],
+    caller = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        SUBMIT_AND_EXIT,
+        rabbit.url,
+        queue_name,
         cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+        stdout=asyncio.subprocess.PIPE,
     )
-    workflow_id = done.stdout.strip()
-    assert workflow_id
+    out, _ = await asyncio.wait_for(caller.communicate(), 120)
+    assert caller.returncode == 0 and out.strip()
     # When a worker starts afterwards
     spawn_worker(app_spec=APP)
     # Then the callback runs (once), and the workflow's queues are gone
     await wait_until(
-        lambda: lines(tmp_path / "callback-runs"), timeout=60, what="the callback to run"
+        lambda: lines(tmp_path / "callback-runs"), timeout=120, what="the callback to run"
     )
     await wait_until(
-        lambda: not workflow_queues(rabbit), timeout=60, what="the workflow's queues deleted"
+        lambda: not workflow_queues(rabbit), timeout=120, what="the workflow's queues deleted"
     )
     assert [line.split()[1] for line in lines(tmp_path / "callback-runs")] == [str(sum(range(8)))]

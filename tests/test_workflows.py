@@ -9,6 +9,8 @@ import pytest
 
 from aioqueue import App, EncodeError, RetryPolicy, TaskError, chain, chord, group
 from aioqueue.errors import TaskCancelledError
+from aioqueue.message import H_DEAD_ERROR, H_DEAD_REASON, Envelope, dumps, task_properties
+from aioqueue.topology import dlq_name
 from tests.conftest import running_worker, wait_until
 
 
@@ -78,7 +80,7 @@ async def test_wrong_steps_publish_nothing(make_any_app: Callable[..., App]) -> 
     t = tasks(app)
     add, total = t["add"], t["total"]
     async with app:
-        with pytest.raises(TypeError, match="wf.add"):
+        with pytest.raises(TypeError, match=r"wf\.add"):
             await chain(add.s(1, 2), add.s(1, 2)).submit()  # no room for the previous result
         with pytest.raises(TypeError):
             await group(add.s(1, 1), add.s(1)).submit()
@@ -135,10 +137,6 @@ FORGED: list[Any] = [
 async def test_a_forged_workflow_is_dead_lettered_with_its_reason(
     make_any_app: Callable[..., App], queue_name: str
 ) -> None:
-    from aioqueue.message import dumps, task_properties
-    from aioqueue.message.codec import Envelope
-    from aioqueue.topology import dlq_name
-
     # Given a worker, and task messages whose "workflow" object is forged
     app = make_any_app()
     t = tasks(app)
@@ -158,8 +156,8 @@ async def test_a_forged_workflow_is_dead_lettered_with_its_reason(
             assert queue is not None
             for message in queue.messages:
                 headers = message.properties.headers or {}
-                assert headers["aioqueue-dead-reason"] == "decode"
-                assert "workflow" in headers["aioqueue-dead-error"]
+                assert headers[H_DEAD_REASON] == "decode"
+                assert "workflow" in headers[H_DEAD_ERROR]
         # and the worker still runs workflows
         h = await chain(t["add"].s(1, 2), t["add"].s(3)).submit()
         assert await h.result(timeout=30) == 6

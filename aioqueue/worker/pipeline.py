@@ -107,9 +107,7 @@ class Pipeline:
         )
         if await self._already_running(delivery, envelope):
             return
-        if self._is_cancelled(envelope.id) or (  # queued, or out of the delay ladder
-            envelope.workflow is not None and self._is_cancelled(envelope.workflow.id)
-        ):
+        if self._is_cancelled(envelope.id, envelope):  # queued, or out of the delay ladder
             await self._refuse_cancelled(delivery, envelope)
             return
         redelivered = await self._count_delivery(delivery, envelope)
@@ -124,14 +122,19 @@ class Pipeline:
             if envelope is None:
                 return
         if envelope.workflow is not None and envelope.workflow.kind == "callback":
-            async with self.workflows.claimed(envelope) as claimed:
-                if claimed:  # else it ran, or runs, elsewhere: this copy is a duplicate
-                    await self._run(delivery, envelope, redelivered)
-                    return
-            log.info("chord callback %s id=%s ran already: dropped", envelope.task, envelope.id)
-            await settle(delivery, ack=True)
+            await self._run_claimed(delivery, envelope, redelivered)
             return
         await self._run(delivery, envelope, redelivered)
+
+    async def _run_claimed(self, delivery: Delivery, envelope: Envelope, redelivered: bool) -> None:
+        """A chord's callback runs only while holding its claim token (`worker.workflow`)."""
+        async with self.workflows.claimed(envelope) as claimed:
+            if claimed:  # else it ran, or runs, elsewhere: this copy is a duplicate
+                if await self._run(delivery, envelope, redelivered):
+                    await self.workflows.ran(envelope)  # also after a failure: it ran
+                return
+        log.info("chord callback %s id=%s ran already: dropped", envelope.task, envelope.id)
+        await settle(delivery, ack=True)
 
     async def _celery_guards(self, delivery: Delivery, envelope: Envelope) -> Envelope | None:
         """A Celery message: wait for its ETA in the delay ladder, and fit kombu-typed
@@ -152,7 +155,8 @@ class Pipeline:
             return None
         return replace(envelope, args=args, kwargs=kwargs)
 
-    async def _run(self, delivery: Delivery, envelope: Envelope, redelivered: bool) -> None:
+    async def _run(self, delivery: Delivery, envelope: Envelope, redelivered: bool) -> bool:
+        """Run the task and hand its outcome off; whether the hand-off was confirmed."""
         task = self.app.tasks[envelope.task]
         self.current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
         handed_off = asyncio.get_running_loop().create_future()
@@ -193,6 +197,7 @@ class Pipeline:
                 verdict = judge(envelope, outcome, exc, task.options.retry)
             handed_off.set_result(await self._hand_off(delivery, envelope, outcome, verdict))
             self._report(envelope, verdict, duration, outcome)
+            return bool(handed_off.result())
         finally:
             del self.current[id(delivery)]
             if self._running_ids.get(run_key) is handed_off:  # two copies may run here
@@ -213,8 +218,14 @@ class Pipeline:
         if cancellable:
             run.cancel()
 
-    def _is_cancelled(self, task_id: str) -> bool:
-        return self.cancelled_ids is not None and task_id in self.cancelled_ids
+    def _is_cancelled(self, task_id: str, envelope: Envelope | None = None) -> bool:
+        """Whether ``task_id`` — or the workflow ``envelope`` is a step of — was cancelled."""
+        if self.cancelled_ids is None:
+            return False
+        workflow = envelope.workflow if envelope is not None else None
+        return task_id in self.cancelled_ids or (
+            workflow is not None and workflow.id in self.cancelled_ids
+        )
 
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
         self._tell_cancelled(envelope)  # before its dead letter, as for a running task

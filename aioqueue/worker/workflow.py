@@ -83,6 +83,17 @@ class Workflows:
         async with self.app.broker.hold(claim, 1) as token:
             yield token is not None and bool(token.messages)
 
+    async def ran(self, envelope: Envelope) -> None:
+        """A chord's callback was handed off, whatever its outcome: delete its claim queue (a
+        second copy then finds none). Logged, never raised: the message is settled."""
+        assert envelope.workflow is not None
+        try:
+            await self.app.broker.delete_queue(chord_queue_names(envelope.workflow.id)[2])
+        except Exception as exc:  # it expires anyway
+            log.warning(
+                "could not delete the claim queue of workflow %s: %r", envelope.workflow.id, exc
+            )
+
     async def _reply(self, reply_to: str | None, outcome: Outcome) -> None:
         if not await self.handoff._reply(reply_to, outcome):
             raise PublishError(f"the outcome of workflow {outcome.task_id} was not confirmed")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from aioqueue import App, task_context
-from aioqueue.message.workflow import Workflow
+from aioqueue.message.workflow import Workflow, result_properties
+from aioqueue.topology import chord_queue_names
 from aioqueue.worker.workflow import Workflows
 from tests.apps.basic import _file_appears
 
@@ -55,10 +56,8 @@ async def _member_done_or_die(
     self: Workflows, envelope: Any, workflow: Workflow, value: Any
 ) -> None:
     if (DIR / f"crash-after-result-{workflow.index}").exists():
-        results = f"aioqueue.chord.{workflow.id}"
+        results = chord_queue_names(workflow.id)[0]
         body = f'{{"index":{workflow.index},"value":{value}}}'.encode()
-        from aioqueue.message.workflow import result_properties
-
         await self.app.broker.publish(results, body, result_properties(workflow.id, workflow.index))
         if _armed(f"crash-after-result-{workflow.index}"):
             os._exit(9)
