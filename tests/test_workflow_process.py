@@ -48,7 +48,7 @@ async def test_chord_callback_runs_once_through_worker_kills(
         handle = await chord(members, tally.s()).submit()
         # When the first worker dies right after member 1's result
         first: WorkerProcess = spawn_worker(app_spec=APP)
-        assert await first.wait_exit() == 9
+        assert await first.wait_exit(timeout=180) == 9
         # and a second one is SIGKILLed while the gated members run
         second: WorkerProcess = spawn_worker(app_spec=APP)
         await wait_until(
@@ -60,7 +60,7 @@ async def test_chord_callback_runs_once_through_worker_kills(
         # and a third dies right after its join published the callback
         (tmp_path / "release").touch()
         third: WorkerProcess = spawn_worker(app_spec=APP)
-        assert await third.wait_exit() == 9
+        assert await third.wait_exit(timeout=180) == 9
         # Then a fourth finishes the chord: the caller gets the callback's result
         fourth: WorkerProcess = spawn_worker(app_spec=APP)
         assert await handle.result(timeout=180) == sum(range(6))
