@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -161,3 +162,38 @@ async def test_a_forged_workflow_is_dead_lettered_with_its_reason(
         # and the worker still runs workflows
         h = await chain(t["add"].s(1, 2), t["add"].s(3)).submit()
         assert await h.result(timeout=30) == 6
+
+
+async def test_hold_counts_holds_and_gives_back(make_any_app: Callable[..., App]) -> None:
+    from aioqueue.message.workflow import token_properties
+    from aioqueue.topology import chord_queue_arguments
+
+    app = make_any_app()
+    async with app:
+        broker = app.broker
+        name = f"aioqueue.chord.hold{uuid.uuid4().hex[:8]}"
+        # a queue that does not exist: None, for a count and for a hold
+        async with broker.hold(name, 0) as missing:
+            assert missing is None
+        async with broker.hold(name, 5) as missing:
+            assert missing is None
+        await broker.declare_queue(name, chord_queue_arguments())
+        for _ in range(3):
+            await broker.publish(name, b"{}", token_properties("w"))
+        async with broker.hold(name, 0) as counted:
+            assert counted is not None and counted.ready == 3 and not counted.messages
+        # Given two of three held, one acked: Then the other goes back
+        async with broker.hold(name, 2) as held:
+            assert held is not None and len(held.messages) == 2
+            await held.messages[0].ack()
+        await wait_until(lambda: _ready(app, name), what="the held message back")
+        async with broker.hold(name, 0) as counted:
+            assert counted is not None and counted.ready == 2
+        await broker.delete_queue(name)
+        async with broker.hold(name, 0) as gone:
+            assert gone is None
+
+
+async def _ready(app: App, name: str) -> bool:
+    async with app.broker.hold(name, 0) as counted:
+        return counted is not None and counted.ready == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -39,28 +40,33 @@ class _Held:
 
 
 OpenChannel = Callable[[], Awaitable[AbstractRobustChannel]]
-# a channel per connection kept for counts alone (``limit=0``: every member of a group asks
-# once): opening one per question costs three round trips and aio-pika's channel set-up
-_counting: weakref.WeakKeyDictionary[object, asyncio.Future[AbstractRobustChannel]] = (
+# a few channels per connection kept for counts alone (``limit=0``: every member of a group asks
+# once): opening one per question costs three round trips and aio-pika's channel set-up, and
+# one channel answers one question at a time
+COUNTING_CHANNELS = 4
+_counting: weakref.WeakKeyDictionary[object, list[asyncio.Future[AbstractRobustChannel] | None]] = (
     weakref.WeakKeyDictionary()
 )
+_turn = itertools.count()
 
 
 async def _ready(open_channel: OpenChannel, name: str) -> int | None:
     owner = getattr(open_channel, "__self__", open_channel)
-    pending = _counting.get(owner)
+    pool = _counting.setdefault(owner, [None] * COUNTING_CHANNELS)
+    slot = next(_turn) % COUNTING_CHANNELS
+    pending = pool[slot]
     if pending is None or (pending.done() and (pending.exception() or pending.result().is_closed)):
-        pending = _counting[owner] = asyncio.ensure_future(open_channel())
+        pending = pool[slot] = asyncio.ensure_future(open_channel())
     channel = await asyncio.shield(pending)
     try:
-        ok = await channel.declare_queue(name, passive=True, robust=False)
+        ok = await (await channel.get_underlay_channel()).queue_declare(name, passive=True)
     except aio_pika.exceptions.ChannelNotFoundEntity:
-        if _counting.get(owner) is pending:
-            del _counting[owner]
+        if pool[slot] is pending:
+            pool[slot] = None
         with contextlib.suppress(Exception):
             await channel.close()  # closed by the broker; also stops its reopening
         return None
-    return ok.declaration_result.message_count or 0
+    return ok.message_count or 0
 
 
 @contextlib.asynccontextmanager
