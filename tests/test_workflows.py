@@ -197,3 +197,40 @@ async def test_hold_counts_holds_and_gives_back(make_any_app: Callable[..., App]
 async def _ready(app: App, name: str) -> bool:
     async with app.broker.hold(name, 0) as counted:
         return counted is not None and counted.ready == 2
+
+
+async def test_replaying_a_failed_member_completes_the_chord(
+    make_app: Callable[..., App], queue_name: str
+) -> None:
+    from aioqueue.cli.dlq import rabbit_of, replay_message
+    from aioqueue.rabbit.admin import held_messages
+
+    app = make_app()
+    t = tasks(app)
+    fixed: list[bool] = []
+    ran: list[list[int]] = []
+
+    @app.task(name="wf.flaky")
+    async def flaky(x: int) -> int:
+        if not fixed:
+            raise RuntimeError("not yet")
+        return x
+
+    @app.task(name="wf.record")
+    async def record(values: list[int]) -> int:
+        ran.append(values)
+        return sum(values)
+
+    async with app, running_worker(app):
+        # Given a chord whose member 1 failed: the caller got the failure
+        h = await chord([t["add"].s(1, 1), flaky.s(5)], record.s()).submit()
+        with pytest.raises(TaskError, match="not yet"):
+            await h.result(timeout=30)
+        # When the member is fixed and replayed from the dead-letter queue
+        fixed.append(True)
+        async with held_messages(rabbit_of(app), dlq_name(queue_name), 10) as held:
+            assert held is not None and len(held) == 1
+            await replay_message(rabbit_of(app), held[0], queue_name)
+        # Then the join fires and the callback runs, once
+        await wait_until(lambda: ran, what="the callback")
+    assert ran == [[2, 5]]
