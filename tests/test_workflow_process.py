@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from aioqueue import App, chord
+from aioqueue.events import EventReader
 from tests.conftest import ROOT, WorkerProcess, wait_until
 from tests.rabbit import RabbitNode
 
@@ -86,6 +88,7 @@ async def test_chord_callback_runs_once_through_worker_kills(
 SUBMIT_AND_EXIT = """
 import asyncio, sys
 from aioqueue import App, chord
+from aioqueue.events import EventReader
 app = App("tests-leaver", broker_url=sys.argv[1], default_queue=sys.argv[2])
 @app.task(name="wf.member")
 async def member(i: int, gated: bool) -> int: ...
@@ -113,7 +116,9 @@ async def test_the_chord_finishes_after_its_caller_exited(
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await asyncio.wait_for(caller.communicate(), 120)
-    assert caller.returncode == 0 and out.strip()
+    assert caller.returncode == 0
+    workflow_id = out.decode().strip()
+    assert workflow_id
     # When a worker starts afterwards
     spawn_worker(app_spec=APP)
     # Then the callback runs (once), and the workflow's queues are gone
@@ -124,3 +129,13 @@ async def test_the_chord_finishes_after_its_caller_exited(
         lambda: not workflow_queues(rabbit), timeout=120, what="the workflow's queues deleted"
     )
     assert [line.split()[1] for line in lines(tmp_path / "callback-runs")] == [str(sum(range(8)))]
+    # and a second caller sees in the task events that the callback succeeded
+    app, _member, _tally = client(rabbit, queue_name)
+    async with app, EventReader(app, since="first") as reader:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline, "no task-succeeded event for the callback"
+            event = await reader.get(timeout=max(0.1, deadline - time.monotonic()))
+            if event is not None and event.get("id") == f"{workflow_id}.cb":
+                if event.type == "task-succeeded":
+                    break
