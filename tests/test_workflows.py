@@ -234,3 +234,11 @@ async def test_replaying_a_failed_member_completes_the_chord(
         # Then the join fires and the callback runs, once
         await wait_until(lambda: ran, what="the callback")
     assert ran == [[2, 5]]
+
+
+async def test_a_group_of_ten_thousand_on_the_memory_broker(queue_name: str) -> None:
+    app = App("tests", broker_url=f"memory://{queue_name}", default_queue=queue_name)
+    add = tasks(app)["add"]
+    async with app, running_worker(app):
+        h = await group(add.s(i, i) for i in range(10_000)).submit()
+        assert await h.result(timeout=120) == [2 * i for i in range(10_000)]
