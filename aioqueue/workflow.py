@@ -119,7 +119,9 @@ async def _submit_members(
     async with submitting as reply_to:
         broker = app.broker
         for queue in (results, gate, *([claim] if callback else [])):
-            await broker.declare_queue(queue, chord_queue_arguments())
+            # on a channel of its own, not remembered for declaring again after a reconnect:
+            # a long-lived caller submits many workflows, each with its own queues
+            await broker.redeclare_queue(queue, chord_queue_arguments())
             if queue != results:
                 await broker.publish(queue, b"{}", token_properties(wid))
 

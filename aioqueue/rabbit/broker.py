@@ -186,7 +186,7 @@ class RabbitBroker:
                     await channel.close()
         except (AioqueueError, *TRANSIENT, *FATAL_CHANNEL) as exc:
             raise PublishError(f"could not declare queue {name!r} again: {exc}") from exc
-        log.info("declared queue %r again", name)
+        log.debug("declared queue %r on a channel of its own", name)
 
     async def rebind_delay_route(self, channel: aiormq.abc.AbstractChannel, name: str) -> None:
         """Bind ``name`` to the delay ladder's exit again if it was bound here: a queue deleted
