@@ -105,6 +105,40 @@ async def test_a_killed_process_is_restarted_and_its_task_runs_elsewhere(
         assert await worker.wait_exit() == 0
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie not yet reaped by whoever adopted it counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_a_killed_supervisor_leaves_no_worker_behind(
+    spawn_worker: Any, rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    worker: WorkerProcess = spawn_worker("--processes", "2", "--concurrency", "1")
+    await two_ready(worker)
+    async with client(rabbit, queue_name) as app:
+        handles = [await app.submit("tests.gated", key) for key in ("x", "y")]
+        pids = await wait_until(
+            lambda: (
+                [started_pid(tmp_path, k) for k in ("x", "y")]
+                if all(started_pid(tmp_path, k) for k in ("x", "y"))
+                else None
+            ),
+            what="both tasks started",
+        )
+        for key in ("x", "y"):
+            (tmp_path / f"release-{key}").touch()
+        for handle in handles:
+            await handle.result(timeout=60)
+    # When the supervisor is killed outright
+    worker.proc.kill()
+    # Then the kernel's SIGTERM drains and ends both processes
+    await wait_until(lambda: not any(alive(pid) for pid in pids), timeout=60, what="no child")
+
+
 async def test_a_bad_app_is_reported_once_and_exits_2(spawn_worker: Any) -> None:
     worker: WorkerProcess = spawn_worker("--processes", "2", app_spec="tests.apps.nowhere:app")
     assert await worker.wait_exit() == 2
