@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     with broker(args.broker_url) as (url, _pid):
         result = run(measure(url, args))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+    options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    args.json.write_bytes(orjson.dumps(result, option=options))
     print(table(result))
     return 0
 
