@@ -28,6 +28,7 @@ __all__ = [
     "DeliveryCallback",
     "Held",
     "HeldQueue",
+    "HoldContext",
     "LostCallback",
     "Settler",
     "StaleDelivery",
@@ -92,6 +93,7 @@ class HeldQueue:
     messages: Sequence[Held]
 
 
+HoldContext = AbstractAsyncContextManager[HeldQueue | None]  # what `Broker.hold` returns
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
 LostCallback = Callable[[str, BaseException | None], None]
 # ``basic.consume`` arguments (e.g. ``x-stream-offset`` on a stream), or a function giving them
@@ -121,7 +123,7 @@ class Broker(Protocol):
     async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None: ...
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None: ...
     async def delete_queue(self, name: str) -> None: ...
-    def hold(self, name: str, limit: int) -> AbstractAsyncContextManager[HeldQueue | None]:
+    def hold(self, name: str, limit: int) -> HoldContext:
         """``name``'s ready count and up to ``limit`` of its messages, held unacked for the
         block (what is not acked goes back when it ends); None if ``name`` does not exist."""
         ...

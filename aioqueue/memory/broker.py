@@ -35,6 +35,7 @@ from ..errors import BrokerConnectionError, UnroutableError
 from ..settings import Settings
 from ..topology import DELAY_LEVELS, DELAY_UNIT, INFRA_PREFIX, QueueType
 from .clock import VirtualClock
+from .held import HeldMessage
 from .stream import MemoryStream, StreamConsumer
 
 __all__ = ["MemoryBroker"]
@@ -53,23 +54,6 @@ class _Queue:
     messages: deque[_Message] = field(default_factory=deque)
     consumers: list[_Subscription] = field(default_factory=list)
     turn: int = 0
-
-
-@dataclass(slots=True)
-class _Held:
-    message: _Message
-    acked: bool = False
-
-    @property
-    def body(self) -> bytes:
-        return self.message.body
-
-    @property
-    def properties(self) -> spec.Basic.Properties:
-        return self.message.properties
-
-    async def ack(self) -> None:
-        self.acked = True
 
 
 class MemoryBroker:
@@ -164,7 +148,7 @@ class MemoryBroker:
             yield None
             return
         ready = len(queue.messages)
-        held = [_Held(queue.messages.popleft()) for _ in range(min(limit, ready))]
+        held = [HeldMessage(queue.messages.popleft()) for _ in range(min(limit, ready))]
         try:
             yield HeldQueue(ready, held)
         finally:

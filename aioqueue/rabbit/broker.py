@@ -24,7 +24,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from pamqp import commands as spec
 
-from ..broker import ConsumeArguments, DeliveryCallback, HeldQueue, LostCallback
+from ..broker import ConsumeArguments, DeliveryCallback, HoldContext, LostCallback
 from ..errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
 from ..settings import Settings, broker_nodes, mask_url, scrub
 from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
@@ -218,9 +218,7 @@ class RabbitBroker:
         channel = await self._channel().get_underlay_channel()
         await channel.queue_delete(name)
 
-    def hold(
-        self, name: str, limit: int
-    ) -> contextlib.AbstractAsyncContextManager[HeldQueue | None]:
+    def hold(self, name: str, limit: int) -> HoldContext:
         """See `Broker.hold`: on a channel of its own (`aioqueue.rabbit.hold`)."""
         return hold(self.channel, name, limit)
 
