@@ -33,8 +33,11 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def workflow_queues(rabbit: RabbitNode) -> list[str]:
-    return [name for name in rabbit.queue_stats() if name.startswith("aioqueue.chord.")]
+def workflow_queues(rabbit: RabbitNode, workflow_id: str) -> list[str]:
+    """The queues of one workflow still there (other tests' workflows may have left theirs)."""
+    return [
+        name for name in rabbit.queue_stats() if name.startswith(f"aioqueue.chord.{workflow_id}")
+    ]
 
 
 async def test_chord_callback_runs_once_through_worker_kills(
@@ -73,7 +76,10 @@ async def test_chord_callback_runs_once_through_worker_kills(
         )
     # and the callback ran exactly once, although its message was published twice
     await wait_until(
-        lambda: rabbit.queue_stats()[queue_name]["messages"] == 0 and not workflow_queues(rabbit),
+        lambda: (
+            rabbit.queue_stats()[queue_name]["messages"] == 0
+            and not workflow_queues(rabbit, handle.id)
+        ),
         timeout=120,
         what="the work queue empty and the workflow's queues deleted",
     )
@@ -126,7 +132,9 @@ async def test_the_chord_finishes_after_its_caller_exited(
         lambda: lines(tmp_path / "callback-runs"), timeout=120, what="the callback to run"
     )
     await wait_until(
-        lambda: not workflow_queues(rabbit), timeout=120, what="the workflow's queues deleted"
+        lambda: not workflow_queues(rabbit, workflow_id),
+        timeout=120,
+        what="the workflow's queues deleted",
     )
     assert [line.split()[1] for line in lines(tmp_path / "callback-runs")] == [str(sum(range(8)))]
     # and a second caller sees in the task events that the callback succeeded
