@@ -6,11 +6,22 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aioqueue import App, EncodeError, RetryPolicy, TaskError, chain, chord, group
+from aioqueue import App, DecodeError, EncodeError, RetryPolicy, TaskError, chain, chord, group
 from aioqueue.errors import TaskCancelledError
-from aioqueue.message import H_DEAD_ERROR, H_DEAD_REASON, Envelope, dumps, task_properties
+from aioqueue.message import (
+    H_DEAD_ERROR,
+    H_DEAD_REASON,
+    H_PROTOCOL,
+    H_TASK,
+    Envelope,
+    dumps,
+    task_properties,
+)
 from aioqueue.topology import dlq_name
 from tests.conftest import running_worker, wait_until
 
@@ -242,3 +253,35 @@ async def test_a_group_of_ten_thousand_on_the_memory_broker(queue_name: str) -> 
     async with app, running_worker(app):
         h = await group(add.s(i, i) for i in range(10_000)).submit()
         assert await h.result(timeout=120) == [2 * i for i in range(10_000)]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_keys = st.sampled_from(["id", "kind", "step", "then", "index", "size", "callback", "x"])
+_workflowish = st.dictionaries(
+    _keys, _json | st.sampled_from(["chain", "member", "callback", "w1"])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_json, _workflowish))
+def test_any_workflow_object_decodes_or_is_a_decode_error(value: Any) -> None:
+    # Given any JSON value as a message's "workflow" object
+    body = dumps({"args": [], "kwargs": {}, "workflow": value})
+    try:
+        envelope = Envelope.decode(
+            body,
+            message_id="m",
+            headers={H_TASK: "t", H_PROTOCOL: 1},
+            max_size=1 << 20,
+        )
+    except DecodeError:
+        return  # Then it is refused with a DecodeError (dead-lettered by a worker) ...
+    # ... or it is a well-formed workflow that encodes back to the same object
+    assert envelope.workflow is not None
+    assert orjson.loads(envelope.encode())["workflow"] == envelope.workflow.to_json()
