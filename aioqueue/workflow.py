@@ -78,7 +78,7 @@ class group:
     ``group(add.s(i, i) for i in range(10))`` or ``group(add.s(1, 1), add.s(2, 2))``.
     """
 
-    def __init__(self, *members: Signature | Iterable[Signature]) -> None:
+    def __init__(self, *members: Signature | chain | Iterable[Signature | chain]) -> None:
         self.members = _members(members)
 
     async def submit(self) -> ResultHandle[Any]:
@@ -94,7 +94,7 @@ class chord:
     """A group whose list of results is given to ``callback`` as its first argument, once
     every member succeeded; the result is the callback's."""
 
-    def __init__(self, members: Iterable[Signature], callback: Signature) -> None:
+    def __init__(self, members: Iterable[Signature | chain], callback: Signature) -> None:
         self.members = _members((members,))
         self.callback = _signature(callback, "a chord's callback")
 
@@ -104,11 +104,13 @@ class chord:
 
 
 async def _submit_members(
-    members: Sequence[Signature], callback: Signature | None, kind: str
+    members: Sequence[tuple[Signature, ...]], callback: Signature | None, kind: str
 ) -> ResultHandle[Any]:
-    app = _app_of([*members, *([callback] if callback else [])])
-    for member in members:
-        _check(member, room=False)
+    app = _app_of([*(s for m in members for s in m), *([callback] if callback else [])])
+    for first, *rest in members:  # a member is a signature, or a chain's steps
+        _check(first, room=False)
+        for step in rest:
+            _check(step, room=True)
     if callback is not None:
         _check(callback, room=True)
     wid = uuid.uuid4().hex
@@ -130,11 +132,18 @@ async def _submit_members(
                 (
                     _envelope(
                         app,
-                        m,
+                        m[0],
                         f"{wid}.{i}",
-                        Workflow(wid, "member", index=i, size=size, callback=then),
+                        Workflow(
+                            wid,
+                            "member",
+                            then=tuple(_step(s) for s in m[1:]),
+                            index=i,
+                            size=size,
+                            callback=then,
+                        ),
                     ),
-                    m,
+                    m[0],
                 )
                 for i, m in enumerate(members[start : start + PUBLISH_BATCH], start)
             ]
@@ -202,12 +211,16 @@ def _signature(value: Any, what: str) -> Signature:
     raise TypeError(f"{what} must be a task signature (task.s(...)), not {type(value).__name__}")
 
 
-def _members(given: tuple[Signature | Iterable[Signature], ...]) -> list[Signature]:
-    if len(given) == 1 and not isinstance(given[0], Signature):
-        if isinstance(given[0], chain | group | chord):
+def _members(
+    given: tuple[Signature | chain | Iterable[Signature | chain], ...],
+) -> list[tuple[Signature, ...]]:
+    """Each member's steps: one signature, or a chain's (a chain inside a group works; a
+    group or chord inside one is refused)."""
+    if len(given) == 1 and not isinstance(given[0], Signature | chain):
+        if isinstance(given[0], group | chord):
             _signature(given[0], "a member")
         given = tuple(given[0])
-    members = [_signature(m, "a member") for m in given]
+    members = [m.steps if isinstance(m, chain) else (_signature(m, "a member"),) for m in given]
     if not members:
         raise ValueError("a group or chord needs at least one member")
     if len(members) > MAX_MEMBERS:

@@ -101,7 +101,11 @@ async def test_wrong_steps_publish_nothing(make_any_app: Callable[..., App]) -> 
         with pytest.raises(TypeError, match="nested workflows are not supported"):
             chain(add.s(1, 2), group(add.s(1, 1)))  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="nested workflows are not supported"):
-            group(chain(add.s(1, 2)))  # type: ignore[arg-type]
+            group(group(add.s(1, 2)))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="nested workflows are not supported"):
+            chord([add.s(1, 1)], chain(add.s(1, 2)))  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"wf\.add"):  # a member chain's step without room
+            await group(chain(add.s(1, 2), add.s(1, 2))).submit()
         with pytest.raises(ValueError):
             group([])
     # Then nothing was published: a worker started now finds no work
@@ -109,6 +113,26 @@ async def test_wrong_steps_publish_nothing(make_any_app: Callable[..., App]) -> 
         h = await add.submit(1, 1)
         assert await h.result(timeout=30) == 2
         assert worker is not None
+
+
+async def test_chains_inside_a_group_and_a_chord(make_any_app: Callable[..., App]) -> None:
+    # Given members that are chains (add, then mul) beside a plain member
+    app = make_any_app()
+    t = tasks(app)
+    add, mul, total = t["add"], t["mul"], t["total"]
+    async with app, running_worker(app):
+        members = [chain(add.s(i, i), mul.s(10)) for i in range(4)]
+        # Then each member's result is its chain's last result, in order
+        h = await group(*members, add.s(100, 0)).submit()
+        assert await h.result(timeout=30) == [0, 20, 40, 60, 100]
+        h = await chord(members, total.s()).submit()
+        assert await h.result(timeout=30) == 120
+        h = await group(chain(add.s(1, 1))).submit()  # one member, a chain of one step
+        assert await h.result(timeout=30) == [2]
+        # and a member chain that fails fails the group with its step's error
+        h = await group(chain(add.s(1, 1), t["fail"].s()), add.s(1, 1)).submit()
+        with pytest.raises(TaskError, match="no 2"):
+            await h.result(timeout=30)
 
 
 async def test_cancel_stops_the_steps_not_started(make_any_app: Callable[..., App]) -> None:
@@ -256,7 +280,11 @@ async def test_a_group_of_ten_thousand_on_the_memory_broker(queue_name: str) -> 
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),

@@ -8,6 +8,7 @@ A task message that belongs to a workflow (`aioqueue.workflow`: chain, group, ch
      "then": [<step>, ...],         # chain: the steps after this one
      "index": 3, "size": 10,        # member: its place in its group or chord
      "callback": <step> | null}     # member of a chord: the callback; null for a group
+    (a member that is a chain also has "step" and "then")
     <step> = {"task": "<name>", "args": [...], "kwargs": {...}, "queue": "<queue>"}
 
 Everything the workflow still has to do travels in messages, never in a caller's memory. The
@@ -78,6 +79,9 @@ class Workflow:
         elif self.kind == "member":
             out["index"], out["size"] = self.index, self.size
             out["callback"] = None if self.callback is None else self.callback.to_json()
+            if self.step or self.then:  # a member that is a chain: where in it
+                out["step"] = self.step
+                out["then"] = [step.to_json() for step in self.then]
         return out
 
 
@@ -90,22 +94,30 @@ def decode_workflow(value: Any) -> Workflow:
         raise DecodeError(f"workflow id {str(wid)[:80]!r} is not 1-64 letters, digits, - or _")
     if kind == "chain":
         _keys(value, {"id", "kind", "step", "then"})
-        then = value["then"]
-        if not isinstance(then, list):
-            raise DecodeError('workflow "then" must be an array of steps')
-        step = _int(value["step"], "step", 0, 1_000_000)
-        return Workflow(wid, "chain", step=step, then=tuple(_step(s) for s in then))
+        step, then = _chain(value)
+        return Workflow(wid, "chain", step=step, then=then)
     if kind == "member":
-        _keys(value, {"id", "kind", "index", "size", "callback"})
+        member = {"id", "kind", "index", "size", "callback"}
+        _keys(value, member | {"step", "then"} if "then" in value else member)
         size = _int(value["size"], "size", 1, MAX_MEMBERS)
         index = _int(value["index"], "index", 0, size - 1)
         raw = value["callback"]
         callback = None if raw is None else _step(raw)
-        return Workflow(wid, "member", index=index, size=size, callback=callback)
+        step, then = _chain(value) if "then" in value else (0, ())
+        return Workflow(
+            wid, "member", step=step, then=then, index=index, size=size, callback=callback
+        )
     if kind == "callback":
         _keys(value, {"id", "kind"})
         return Workflow(wid, "callback")
     raise DecodeError(f"workflow kind {str(kind)[:40]!r} is not chain, member or callback")
+
+
+def _chain(value: dict[str, Any]) -> tuple[int, tuple[Step, ...]]:
+    then = value["then"]
+    if not isinstance(then, list):
+        raise DecodeError('workflow "then" must be an array of steps')
+    return _int(value["step"], "step", 0, 1_000_000), tuple(_step(s) for s in then)
 
 
 def _keys(value: dict[str, Any], keys: set[str]) -> None:

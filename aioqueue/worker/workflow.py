@@ -53,10 +53,10 @@ class Workflows:
         workflow = envelope.workflow
         assert workflow is not None
         try:
-            if workflow.kind == "member":
-                await self._member_done(envelope, workflow, outcome.value)
-            elif workflow.then:
+            if workflow.then:  # a chain's, or a member chain's, next step
                 await self._next_step(envelope, workflow, outcome.value)
+            elif workflow.kind == "member":
+                await self._member_done(envelope, workflow, outcome.value)
             else:
                 await self._reply(envelope.reply_to, replace(outcome, task_id=workflow.id))
                 if workflow.kind == "callback":  # ran: a second copy must not run it again
@@ -101,8 +101,9 @@ class Workflows:
     async def _next_step(self, envelope: Envelope, workflow: Workflow, value: Any) -> None:
         step = workflow.then[0]
         number = workflow.step + 1
+        prefix = f"{workflow.id}.{workflow.index}" if workflow.kind == "member" else workflow.id
         nxt = Envelope(
-            id=f"{workflow.id}.{number}",
+            id=f"{prefix}.{number}",
             task=step.task,
             args=(value, *step.args),
             kwargs=step.kwargs,
