@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -133,6 +134,34 @@ async def test_chains_inside_a_group_and_a_chord(make_any_app: Callable[..., App
         h = await group(chain(add.s(1, 1), t["fail"].s()), add.s(1, 1)).submit()
         with pytest.raises(TaskError, match="no 2"):
             await h.result(timeout=30)
+
+
+async def test_cancel_stops_a_running_step_and_the_rest(make_any_app: Callable[..., App]) -> None:
+    app = make_any_app()
+    t = tasks(app)
+    started = asyncio.Event()
+    after: list[int] = []
+
+    @app.task(name="wf.hang")
+    async def hang(x: int) -> int:
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+        return x
+
+    @app.task(name="wf.after")
+    async def after_step(x: int) -> int:
+        after.append(x)
+        return x
+
+    async with app, running_worker(app):
+        # Given a group whose chain member's first step is running
+        h = await group(chain(hang.s(1), after_step.s()), t["add"].s(1, 1)).submit()
+        await asyncio.wait_for(started.wait(), 30)
+        # When the workflow is cancelled, Then the running step stops and the rest never runs
+        await h.cancel()
+        with pytest.raises(TaskCancelledError):
+            await h.result(timeout=30)
+    assert after == []
 
 
 async def test_cancel_stops_the_steps_not_started(make_any_app: Callable[..., App]) -> None:

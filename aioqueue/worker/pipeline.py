@@ -122,19 +122,11 @@ class Pipeline:
             if envelope is None:
                 return
         if envelope.workflow is not None and envelope.workflow.kind == "callback":
-            await self._run_claimed(delivery, envelope, redelivered)
+            await self.workflows.run_claimed(
+                delivery, envelope, lambda: self._run(delivery, envelope, redelivered)
+            )
             return
         await self._run(delivery, envelope, redelivered)
-
-    async def _run_claimed(self, delivery: Delivery, envelope: Envelope, redelivered: bool) -> None:
-        """A chord's callback runs only while holding its claim token (`worker.workflow`)."""
-        async with self.workflows.claimed(envelope) as claimed:
-            if claimed:  # else it ran, or runs, elsewhere: this copy is a duplicate
-                if await self._run(delivery, envelope, redelivered):
-                    await self.workflows.ran(envelope)  # also after a failure: it ran
-                return
-        log.info("chord callback %s id=%s ran already: dropped", envelope.task, envelope.id)
-        await settle(delivery, ack=True)
 
     async def _celery_guards(self, delivery: Delivery, envelope: Envelope) -> Envelope | None:
         """A Celery message: wait for its ETA in the delay ladder, and fit kombu-typed
@@ -208,24 +200,23 @@ class Pipeline:
     def cancel(self, task_id: str) -> None:
         """A cancellation arrived: stop the run of ``task_id`` in hand here, if any — an
         ``async def`` task's coroutine is cancelled, a thread sees ``task_context().cancelled``.
+        A workflow's id stops its steps in hand here (their ids are ``<workflow id>.<...>``).
         """
-        control = self._controls.get(task_id)
-        if control is None or control[0].done():
-            return
-        run, flag, cancellable = control
-        flag.set()
-        log.info("task id=%s cancelled while running", task_id)
-        if cancellable:
-            run.cancel()
+        prefix = f"{task_id}."
+        for key in [k for k in self._controls if k == task_id or k.startswith(prefix)]:
+            run, flag, cancellable = self._controls[key]
+            if run.done():
+                continue
+            flag.set()
+            log.info("task id=%s cancelled while running", key)
+            if cancellable:
+                run.cancel()
 
     def _is_cancelled(self, task_id: str, envelope: Envelope | None = None) -> bool:
         """Whether ``task_id`` — or the workflow ``envelope`` is a step of — was cancelled."""
-        if self.cancelled_ids is None:
-            return False
         workflow = envelope.workflow if envelope is not None else None
-        return task_id in self.cancelled_ids or (
-            workflow is not None and workflow.id in self.cancelled_ids
-        )
+        ids = (task_id,) if workflow is None else (task_id, workflow.id)
+        return self.cancelled_ids is not None and any(i in self.cancelled_ids for i in ids)
 
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
         self._tell_cancelled(envelope)  # before its dead letter, as for a running task

@@ -19,9 +19,8 @@ docs/workflows.md has the crash windows.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -74,14 +73,20 @@ class Workflows:
         await settle(delivery, ack=True)
         return True
 
-    @contextlib.asynccontextmanager
-    async def claimed(self, envelope: Envelope) -> AsyncIterator[bool]:
-        """Hold a chord callback's claim token for the block: False when there is none (the
-        callback ran already, or runs elsewhere: that copy was delivered too)."""
+    async def run_claimed(
+        self, delivery: Delivery, envelope: Envelope, run: Callable[[], Awaitable[bool]]
+    ) -> None:
+        """Run a chord's callback (``run``: run it and hand it off) only while holding its
+        claim token; without one (it ran, or a copy runs elsewhere) drop this copy."""
         assert envelope.workflow is not None
         claim = chord_queue_names(envelope.workflow.id)[2]
         async with self.app.broker.hold(claim, 1) as token:
-            yield token is not None and bool(token.messages)
+            if token is not None and token.messages:
+                if await run():
+                    await self.ran(envelope)  # also after a failure: it ran
+                return
+        log.info("chord callback %s id=%s ran already: dropped", envelope.task, envelope.id)
+        await settle(delivery, ack=True)
 
     async def ran(self, envelope: Envelope) -> None:
         """A chord's callback was handed off, whatever its outcome: delete its claim queue (a

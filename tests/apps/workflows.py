@@ -3,7 +3,9 @@
 ``$AIOQUEUE_TEST_DIR/crash-after-result-<i>``: the worker dies (``os._exit``, as SIGKILL would
 leave things) right after member ``i`` published its result, before its ack.
 ``$AIOQUEUE_TEST_DIR/crash-after-fire``: the worker dies right after a join published the
-chord's callback, before it deleted the gate. Each marker is removed as it fires (once).
+chord's callback, before it deleted the gate. The callback has a queue of its own, so a worker
+started with ``--queues <the members' queue>`` never runs it. Each marker is removed as it
+fires (once).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from aioqueue.topology import chord_queue_names
 from aioqueue.worker.workflow import Workflows
 from tests.apps.basic import _file_appears
 
-app = App("tests-workflows", default_queue=os.environ.get("AIOQUEUE_TEST_QUEUE", "default"))
+QUEUE = os.environ.get("AIOQUEUE_TEST_QUEUE", "default")
+app = App("tests-workflows", default_queue=QUEUE)
 DIR = Path(os.environ.get("AIOQUEUE_TEST_DIR", "."))
 
 
@@ -32,7 +35,7 @@ async def member(i: int, gated: bool) -> int:
     return i
 
 
-@app.task(name="wf.tally")
+@app.task(name="wf.tally", queue=f"{QUEUE}-callbacks")
 async def tally(values: list[int]) -> int:
     """The chord's callback: one line per run, so the test counts its runs."""
     with (DIR / "callback-runs").open("a") as f:
