@@ -142,8 +142,20 @@ class Producer:
         """Publish a new task (registering for its reply first) and return its handle.
 
         One publish deadline covers the whole submit, declaring queues on first use included:
-        a broker that stays away past it is a `PublishError`, never a hang.
+        a broker that stays away past it is a `PublishError`, never a hang. With tracing on,
+        the submit is a producer span, and the handle's wait is linked to it.
         """
+        tracing = self.app.tracing
+        if tracing is None:
+            return await self._send(envelope, queue, wants_reply, delay, stream)
+        with tracing.publishing(envelope, queue) as wait_span:
+            handle = await self._send(envelope, queue, wants_reply, delay, stream)
+            handle.wait_span = wait_span
+            return handle
+
+    async def _send(
+        self, envelope: Envelope, queue: str, wants_reply: bool, delay: float, stream: bool
+    ) -> ResultHandle[Any]:
         app = self.app
         timeout = app.settings.publish_timeout
         receiver = _Receiver()
@@ -204,6 +216,8 @@ class Producer:
         and return once RabbitMQ confirmed it. Used for submits and for worker retries."""
         broker = self.app.broker
         kind = self.app.queue_type_of(queue)
+        if self.app.tracing is not None:  # the current span's context, in the headers
+            envelope = self.app.tracing.stamp(envelope)
         if not broker.is_declared(queue):
             await broker.declare_queue(queue, work_queue_arguments(kind))
         if envelope.celery is not None:  # Celery's format, read from or sent to Celery
