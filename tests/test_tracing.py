@@ -30,6 +30,7 @@ from aioqueue import App, Retry, RetryPolicy, TaskError, task_context
 from aioqueue.broker import Delivery, settle
 from aioqueue.contrib.aiohttp import get_app, setup
 from aioqueue.message import Envelope
+from aioqueue.message.headers import H_TRACEPARENT, H_TRACESTATE
 from aioqueue.message.properties import task_properties
 from aioqueue.testing import VirtualClock, run_until_idle, running_worker, use_clock
 from tests.conftest import ROOT, wait_until
@@ -268,8 +269,8 @@ async def test_malformed_trace_context_never_breaks_a_worker(
             envelope = Envelope(id=f"bad-{i}-{uuid.uuid4().hex[:6]}", task="otel.record")
             properties = task_properties(envelope)
             assert properties.headers is not None
-            properties.headers["traceparent"] = value
-            properties.headers["tracestate"] = MALFORMED[-1 - i]
+            properties.headers[H_TRACEPARENT] = value
+            properties.headers[H_TRACESTATE] = MALFORMED[-1 - i]
             await app.broker.publish(queue_name, envelope.encode(), properties)
             sent.add(envelope.id)
         # Then every one of them runs, each in a consumer span of a trace of its own
@@ -325,7 +326,7 @@ async def test_the_scheduler_starts_a_root_span_per_fired_slot(
     roots = named(exporter, "schedule ")
     # Then each slot is a root span, and its run is that trace's consumer span
     assert len(roots) == 2 and all(root.parent is None for root in roots)
-    assert all(root.kind is SpanKind.PRODUCER and root.name == "schedule otel.tick" for root in roots)
+    assert {(root.kind, root.name) for root in roots} == {(SpanKind.PRODUCER, "schedule otel.tick")}
     slots = {root.attributes["aioqueue.schedule.slot"] for root in roots}  # type: ignore[index]
     assert len(slots) == 2
     assert sorted(parent_of(p) or 0 for p in processes) == sorted(ids(r)[1] for r in roots)
@@ -400,7 +401,7 @@ async def test_without_a_tracer_provider_nothing_is_traced(
         consumer = await app.broker.subscribe(queue_name, take, prefetch=1)
         await wait_until(lambda: seen, timeout=30, what="the message")
         await consumer.close()
-    assert "traceparent" not in seen[0]
+    assert H_TRACEPARENT not in seen[0]
 
 
 def test_without_the_otel_packages_nothing_breaks() -> None:

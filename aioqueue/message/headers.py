@@ -40,3 +40,10 @@ H_DEAD_TRACEBACK: Final = "aioqueue-dead-traceback"
 DEAD_PREFIX: Final = "aioqueue-dead-"
 # how many deliveries of a message on a classic queue killed a worker (poison detection)
 H_DELIVERIES: Final = "aioqueue-deliveries"
+
+# -- trace context, with the ``otel`` extra and a tracer provider (docs/observability.md): W3C
+# Trace Context, written and read by OpenTelemetry's propagator (its configured one: the default
+# also writes ``baggage``). Optional on every task message; a consumer that does not trace, or
+# cannot read them, ignores them (a malformed one starts a new trace).
+H_TRACEPARENT: Final = "traceparent"
+H_TRACESTATE: Final = "tracestate"
