@@ -35,19 +35,27 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
 QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum", both systems
+OTEL_ENV = "AIOQUEUE_BENCH_OTEL"  # "1": bench/tasks.py configures a tracer provider
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
-# "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events)
-System = Literal["raw", "aioqueue", "aioqueue-no-events"]
+# "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events);
+# "aioqueue-otel": worker and producer with a tracer provider configured (python -m bench --otel)
+System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-otel"]
 
 
 class BenchError(RuntimeError):
     """A measurement could not be taken (a process failed, hung, or answered nonsense)."""
 
 
-def bench_env(url: str, queue: str, queue_type: str = "classic") -> dict[str, str]:
-    return {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
+def bench_env(
+    url: str, queue: str, queue_type: str = "classic", system: str = "aioqueue"
+) -> dict[str, str]:
+    env = {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
+    env.pop(OTEL_ENV, None)
+    if system == "aioqueue-otel":
+        env[OTEL_ENV] = "1"
+    return env
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -77,7 +85,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, *command],
                 cwd=ROOT,
-                env=bench_env(url, queue, queue_type),
+                env=bench_env(url, queue, queue_type, system),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -154,7 +162,9 @@ def run_producer(
         done = subprocess.run(
             command,
             cwd=ROOT,
-            env=bench_env(spec["url"], spec["queue"], spec.get("queue_type", "classic")),
+            env=bench_env(
+                spec["url"], spec["queue"], spec.get("queue_type", "classic"), spec["system"]
+            ),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,

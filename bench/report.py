@@ -90,6 +90,31 @@ def rows(measured: Measurements, sizes: Sizes) -> list[Row]:
 def events_markdown(measured: Measurements) -> str:
     """The cost of task events: aioqueue (events on, the default) against its worker with
     ``--no-events``, medians of the same runs; empty unless ``--events`` measured it."""
+    return _pair_markdown(
+        measured,
+        on="aioqueue",
+        off="aioqueue-no-events",
+        title="Task events (worker with events on, the default, vs `--no-events`; medians):",
+        labels=("events on", "events off"),
+    )
+
+
+def otel_markdown(measured: Measurements) -> str:
+    """The cost of tracing: aioqueue with a tracer provider configured (spans made and
+    exported in batches to nowhere) against the default (the otel extra installed, no
+    provider: tracing off), medians of the same runs; empty unless ``--otel`` measured it."""
+    return _pair_markdown(
+        measured,
+        on="aioqueue-otel",
+        off="aioqueue",
+        title="Tracing (OpenTelemetry provider configured vs none, the default; medians):",
+        labels=("tracing on", "tracing off"),
+    )
+
+
+def _pair_markdown(
+    measured: Measurements, *, on: str, off: str, title: str, labels: tuple[str, str]
+) -> str:
     lines = []
     for workload, key, unit in (
         ("rpc", "rate", "tasks/s"),
@@ -98,21 +123,22 @@ def events_markdown(measured: Measurements) -> str:
         ("latency", "p99_ms", "p99 ms"),
     ):
         systems = measured.get(workload, {})
-        on = _median(systems.get("aioqueue", []), key)
-        off = _median(systems.get("aioqueue-no-events", []), key)
-        if on is None or off is None:
+        with_it = _median(systems.get(on, []), key)
+        without = _median(systems.get(off, []), key)
+        if with_it is None or without is None:
             continue
         digits = 3 if unit.endswith("ms") else 0
-        change = (on - off) / off * 100 if off else 0.0
+        change = (with_it - without) / without * 100 if without else 0.0
         lines.append(
-            f"| {workload} {unit} | {on:,.{digits}f} | {off:,.{digits}f} | {change:+.1f} % |"
+            f"| {workload} {unit} | {with_it:,.{digits}f} | {without:,.{digits}f} "
+            f"| {change:+.1f} % |"
         )
     if not lines:
         return ""
     head = [
-        "Task events (worker with events on, the default, vs `--no-events`; medians):",
+        title,
         "",
-        "| figure | events on | events off | on vs off |",
+        f"| figure | {labels[0]} | {labels[1]} | on vs off |",
         "|---|---:|---:|---:|",
     ]
     return "\n".join(head + lines)
