@@ -30,6 +30,7 @@ from aioqueue import App, Retry, RetryPolicy, TaskError, task_context
 from aioqueue.broker import Delivery, settle
 from aioqueue.contrib.aiohttp import get_app, setup
 from aioqueue.message import Envelope
+from aioqueue.message.celery import CeleryFields, encode_task
 from aioqueue.message.headers import H_TRACEPARENT, H_TRACESTATE
 from aioqueue.message.properties import task_properties
 from aioqueue.testing import VirtualClock, run_until_idle, running_worker, use_clock
@@ -221,6 +222,56 @@ async def test_an_unreadable_message_is_a_dead_lettered_consumer_span(
     assert process.attributes is not None
     assert process.attributes["aioqueue.task.outcome"] == "dead_lettered"
     assert [e.name for e in process.events] == ["dead_letter"]
+
+
+async def test_a_celery_format_message_carries_the_trace_both_ways(
+    exporter: InMemorySpanExporter, make_app: Callable[..., App], queue_name: str
+) -> None:
+    # Given a Celery protocol-2 message whose producer put a trace context in its headers
+    app = make_app()
+
+    @app.task(name="otel.celery.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    tracer = trace.get_tracer("tests")
+    async with app, running_worker(app):
+        with tracer.start_as_current_span("celery producer") as producer:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+        envelope = Envelope(
+            id=uuid.uuid4().hex, task="otel.celery.add", args=(2, 3), celery=CeleryFields(),
+            trace=carrier,
+        )  # fmt: skip
+        body, properties = encode_task(envelope, expiration=False)
+        assert properties.headers is not None and properties.headers[H_TRACEPARENT]
+        # When an aioqueue worker runs it
+        await app.broker.publish(queue_name, body, properties)
+        (process,) = await spans_named(exporter, "process ")
+    # Then its span continues the Celery producer's trace
+    assert parent_of(process) == producer.get_span_context().span_id
+    assert process.attributes is not None
+    assert process.attributes["aioqueue.task.outcome"] == "succeeded"
+
+
+async def test_a_plain_function_task_runs_in_the_consumer_span(
+    exporter: InMemorySpanExporter, make_app: Callable[..., App]
+) -> None:
+    # Given a plain (thread) task that makes a span of its own
+    app = make_app()
+    tracer = trace.get_tracer("tests")
+
+    @app.task(name="otel.sync")
+    def sync() -> str:
+        with tracer.start_as_current_span("inside the task"):
+            return "done"
+
+    async with app, running_worker(app):
+        assert await (await sync.submit()).result(timeout=30) == "done"
+        (process,) = await spans_named(exporter, "process ")
+    # Then the task's span is the consumer span's child (the context reaches the thread)
+    (inside,) = named(exporter, "inside the task")
+    assert parent_of(inside) == ids(process)[1]
 
 
 # A malformed trace context of every kind: wrong versions, lengths, cases, all-zero ids,
