@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -36,6 +36,7 @@ from .topology import (
 
 if TYPE_CHECKING:
     from .app import App
+    from .tracing import Tracing
 
 __all__ = ["Producer"]
 
@@ -130,7 +131,7 @@ class Producer:
         )
         return await self.send(envelope, queue, wants_reply=not ignore_result)
 
-    async def send(
+    def send(
         self,
         envelope: Envelope,
         queue: str,
@@ -138,16 +139,28 @@ class Producer:
         wants_reply: bool,
         delay: float = 0.0,
         stream: bool = False,
-    ) -> ResultHandle[Any]:
+    ) -> Coroutine[Any, Any, ResultHandle[Any]]:
         """Publish a new task (registering for its reply first) and return its handle.
 
         One publish deadline covers the whole submit, declaring queues on first use included:
         a broker that stays away past it is a `PublishError`, never a hang. With tracing on,
-        the submit is a producer span, and the handle's wait is linked to it.
+        the submit is a producer span, and the handle's wait is linked to it. (A plain
+        function returning the coroutine to await: tracing off adds no coroutine of its own.)
         """
         tracing = self.app.tracing
         if tracing is None:
-            return await self._send(envelope, queue, wants_reply, delay, stream)
+            return self._send(envelope, queue, wants_reply, delay, stream)
+        return self._traced_send(tracing, envelope, queue, wants_reply, delay, stream)
+
+    async def _traced_send(
+        self,
+        tracing: Tracing,
+        envelope: Envelope,
+        queue: str,
+        wants_reply: bool,
+        delay: float,
+        stream: bool,
+    ) -> ResultHandle[Any]:
         with tracing.publishing(envelope, queue) as wait_span:
             handle = await self._send(envelope, queue, wants_reply, delay, stream)
             handle.wait_span = wait_span
