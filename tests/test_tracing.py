@@ -345,7 +345,7 @@ def test_extract_survives_any_headers() -> None:
     )
     keys = st.sampled_from(["traceparent", "tracestate", "baggage"]) | st.text(max_size=10)
 
-    @settings(max_examples=400, deadline=None)
+    @settings(max_examples=200, deadline=None)
     @given(st.dictionaries(keys, values, max_size=5) | st.none())
     def check(headers: dict[str, Any] | None) -> None:
         # When the trace context is read from it, it is a context or None, never an error
