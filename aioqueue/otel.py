@@ -133,7 +133,7 @@ class OtelTracing:
         links = [] if parent is None else [Link(trace.get_current_span(parent).get_span_context())]
         return self._tracer.start_as_current_span(
             f"process {delivery.queue}",
-            context=parent,
+            context=Context() if parent is None else parent,  # none in the message: a new trace
             kind=SpanKind.CONSUMER,
             attributes=attributes,
             links=links,

@@ -305,7 +305,7 @@ MALFORMED: list[Any] = [
 async def test_malformed_trace_context_never_breaks_a_worker(
     exporter: InMemorySpanExporter, make_app: Callable[..., App], queue_name: str
 ) -> None:
-    # Given a traced worker
+    # Given a traced worker (started inside a span: a delivery must not become its child)
     app = make_app()
     ran: set[str] = set()
 
@@ -313,20 +313,21 @@ async def test_malformed_trace_context_never_breaks_a_worker(
     async def record() -> None:
         ran.add(task_context().id)
 
-    async with app, running_worker(app):
-        # When messages arrive with malformed traceparent and tracestate headers
-        sent = set()
-        for i, value in enumerate(MALFORMED):
-            envelope = Envelope(id=f"bad-{i}-{uuid.uuid4().hex[:6]}", task="otel.record")
-            properties = task_properties(envelope)
-            assert properties.headers is not None
-            properties.headers[H_TRACEPARENT] = value
-            properties.headers[H_TRACESTATE] = MALFORMED[-1 - i]
-            await app.broker.publish(queue_name, envelope.encode(), properties)
-            sent.add(envelope.id)
-        # Then every one of them runs, each in a consumer span of a trace of its own
-        await wait_until(lambda: ran == sent, timeout=60, what="every task run")
-        spans = await spans_named(exporter, "process ", len(sent))
+    with trace.get_tracer("tests").start_as_current_span("worker start-up"):
+        async with app, running_worker(app):
+            # When messages arrive with malformed traceparent and tracestate headers
+            sent = set()
+            for i, value in enumerate(MALFORMED):
+                envelope = Envelope(id=f"bad-{i}-{uuid.uuid4().hex[:6]}", task="otel.record")
+                properties = task_properties(envelope)
+                assert properties.headers is not None
+                properties.headers[H_TRACEPARENT] = value
+                properties.headers[H_TRACESTATE] = MALFORMED[-1 - i]
+                await app.broker.publish(queue_name, envelope.encode(), properties)
+                sent.add(envelope.id)
+            # Then every one of them runs, each in a consumer span of a trace of its own
+            await wait_until(lambda: ran == sent, timeout=60, what="every task run")
+            spans = await spans_named(exporter, "process ", len(sent))
     assert all(s.attributes and s.attributes["aioqueue.task.outcome"] == "succeeded" for s in spans)
     assert all(s.parent is None for s in spans)
 
