@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
 QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum", both systems
 OTEL_ENV = "AIOQUEUE_BENCH_OTEL"  # "1": bench/tasks.py configures a tracer provider
+RAW_PREFETCH_ENV = "AIOQUEUE_BENCH_RAW_PREFETCH"  # raw's prefetch (bench/raw.py)
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
@@ -69,7 +70,13 @@ class Worker:
     """A worker process of either system, its output in ``log``."""
 
     def __init__(
-        self, system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+        self,
+        system: System,
+        url: str,
+        queue: str,
+        log: Path,
+        queue_type: str = "classic",
+        raw_prefetch: int = 100,
     ) -> None:
         if system != "raw":
             command = [
@@ -85,7 +92,10 @@ class Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, *command],
                 cwd=ROOT,
-                env=bench_env(url, queue, queue_type, system),
+                env={
+                    **bench_env(url, queue, queue_type, system),
+                    RAW_PREFETCH_ENV: str(raw_prefetch),
+                },
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -137,10 +147,15 @@ class Worker:
 
 @contextlib.contextmanager
 def start_worker(
-    system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+    system: System,
+    url: str,
+    queue: str,
+    log: Path,
+    queue_type: str = "classic",
+    raw_prefetch: int = 100,
 ) -> Iterator[Worker]:
     """A ready worker for the block; stopped (SIGTERM) when it ends."""
-    worker = Worker(system, url, queue, log, queue_type)
+    worker = Worker(system, url, queue, log, queue_type, raw_prefetch)
     try:
         worker.wait_ready()
         yield worker
