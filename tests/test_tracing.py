@@ -8,6 +8,7 @@ without a tracer provider, or without the packages, nothing is traced and nothin
 from __future__ import annotations
 
 import decimal
+import json
 import random
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import textwrap
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +38,7 @@ from aioqueue.message.headers import H_TRACEPARENT, H_TRACESTATE
 from aioqueue.message.properties import task_properties
 from aioqueue.otel import extract
 from aioqueue.testing import VirtualClock, run_until_idle, running_worker, use_clock
-from tests.conftest import ROOT, wait_until
+from tests.conftest import ROOT, WorkerProcess, wait_until
 from tests.schedules import START
 
 Spans = Callable[[], Sequence[ReadableSpan]]
@@ -139,6 +141,35 @@ async def test_a_submit_and_its_run_are_one_trace_across_the_broker(
     }
     assert {k: process.attributes.get(k) for k in expected} == expected
     assert process.status.status_code is not StatusCode.ERROR
+
+
+async def test_a_worker_process_continues_the_callers_trace(
+    exporter: InMemorySpanExporter,
+    make_app: Callable[..., App],
+    spawn_worker: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    # Given a worker process whose app module configures a tracer provider (as documented)
+    worker = spawn_worker(app_spec="tests.apps.traced:app")
+    await worker.wait_ready()
+    app = make_app()
+    # When this process submits in a span of its own and waits for the result
+    async with app:
+        handle = await app.submit("tests.traced.add", 2, 3)
+        assert await handle.result(timeout=30) == 5
+    (publish,) = named(exporter, "publish ")
+
+    # Then the worker's consumer span, in the other process, is the submit's child
+    def exported() -> list[dict[str, Any]]:
+        path = tmp_path / "spans.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines]
+
+    (process,) = await wait_until(exported, timeout=30, what="the worker's span")
+    assert process["name"].startswith("process ")
+    assert (process["trace_id"], process["parent_id"]) == ids(publish)
+    assert process["attributes"]["aioqueue.task.name"] == "tests.traced.add"
+    assert process["attributes"]["aioqueue.task.outcome"] == "succeeded"
 
 
 async def test_a_retry_continues_the_trace_and_is_an_event(
