@@ -27,6 +27,7 @@ from .headers import (
     H_SEQ,
     PROTOCOL_VERSION,
 )
+from .signing import SigningKeys, sign
 
 __all__ = [
     "TaskProperties",
@@ -35,6 +36,7 @@ __all__ = [
     "event_properties",
     "replay_copy",
     "reply_properties",
+    "task_message",
     "task_properties",
 ]
 
@@ -52,6 +54,18 @@ def task_properties(envelope: Envelope) -> spec.Basic.Properties:
         headers=envelope.headers(),
         timestamp=datetime.now(UTC),
     )
+
+
+def task_message(
+    envelope: Envelope, signing: SigningKeys | None, *, due_at: float
+) -> tuple[bytes, spec.Basic.Properties]:
+    """An aioqueue task message's body and properties, signed when ``signing`` is set
+    (fresh from ``due_at``, Unix seconds: when it may run)."""
+    body = envelope.encode()
+    properties = task_properties(envelope)
+    if signing is not None:
+        sign(properties, body, signing, due_at=due_at)
+    return body, properties
 
 
 def reply_properties(task_id: str) -> spec.Basic.Properties:
