@@ -189,6 +189,7 @@ class App:
             self.client_id,
             on_unreadable=self.on_unreadable_reply,
             queue_type=self.queue_type,
+            signing=self.signing,
         )
 
     async def close(self) -> None:

@@ -281,7 +281,8 @@ class _Receiver:
             queue = stream_queue_name(envelope.id)
             expires = app.settings.reply_queue_expires
             await app.broker.declare_queue(queue, reply_queue_arguments(expires, app.queue_type))
-            self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
+            buffer = app.settings.event_buffer
+            self.reader = StreamReader(app.broker, queue, buffer, signing=app.signing)
             await self.reader.start()
             envelope = replace(envelope, stream_to=queue)
         return self.expect(replies, envelope)

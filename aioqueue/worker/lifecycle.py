@@ -170,7 +170,7 @@ class Worker:
     # -- task events and heartbeats ---------------------------------------------------------
 
     async def _start_events(self) -> TaskEvents:
-        publisher = EventPublisher(self.app.broker)
+        publisher = EventPublisher(self.app.broker, signing=self.app.signing)
         for observer in self.observers:  # a PrometheusObserver counts the drops
             dropped = getattr(observer, "events_dropped", None)
             if dropped is not None:

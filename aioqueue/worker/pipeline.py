@@ -159,7 +159,9 @@ class Pipeline:
         started = time.perf_counter()
         cancelled = threading.Event()
         try:
-            emitter = Emitter(self.app.broker, envelope, observers=self.observers)
+            emitter = Emitter(
+                self.app.broker, envelope, observers=self.observers, signing=self.app.signing
+            )
             run = asyncio.ensure_future(
                 execute(
                     task,
