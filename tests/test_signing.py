@@ -1,0 +1,387 @@
+"""Signed messages (issue 19): keys, the codec, and a signing worker and caller on RabbitMQ.
+
+Messages that must be refused are published raw — on an aiormq channel, below aioqueue's
+client — so the worker sees exactly what an attacker with publish rights could send.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aiormq
+import pytest
+from pamqp import commands as spec
+
+from aioqueue import (
+    App,
+    Retry,
+    RetryPolicy,
+    SignatureError,
+    SigningKeys,
+)
+from aioqueue.message import Envelope, Outcome, reply_properties
+from aioqueue.message.headers import H_DUE_AT, H_KEY_ID, H_SIGNATURE
+from aioqueue.message.properties import task_message
+from aioqueue.message.signing import sign, verify
+from aioqueue.settings import Settings
+from aioqueue.topology import dlq_name
+from aioqueue.worker.signature import ReplayGuard
+from tests.conftest import running_worker, wait_until
+from tests.rabbit import RabbitNode
+
+K1 = b"1" * 32
+K2 = b"2" * 40
+OTHER = b"o" * 32
+KEYS = {"k2": K2, "k1": K1}
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def test_keys_never_show_their_secrets() -> None:
+    keys = SigningKeys({"k2": K2, "k1": K1})
+    app = App("s", broker_url="memory://", signing_keys=keys)
+    for text in (repr(keys), str(keys), repr(app)):
+        assert "k2" in text
+        assert K2.decode() not in text and K1.decode() not in text
+    assert keys.signing_id == "k2" and keys.ids == ("k2", "k1")
+
+
+@pytest.mark.parametrize(
+    ("keys", "error"),
+    [
+        ({}, "at least one key"),
+        ({"k1": b"s" * 31}, "too short"),
+        ({"bad id": K1}, "key id"),
+        ({"k:1": K1}, "key id"),
+    ],
+)
+def test_bad_keys_are_refused_at_start_up(keys: dict[str, bytes], error: str) -> None:
+    with pytest.raises(ValueError, match=error) as info:
+        App("s", broker_url="memory://", signing_keys=keys)
+    assert "sssss" not in str(info.value)
+
+
+def test_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOQUEUE_SIGNING_KEYS", f"k2:{K2.hex()}, k1:{K1.hex()}")
+    app = App("s", broker_url="memory://")
+    assert app.signing is not None and app.signing.ids == ("k2", "k1")
+    monkeypatch.setenv("AIOQUEUE_SIGNING_KEYS", f"k2:{'ab' * 8}")  # 8 bytes
+    with pytest.raises(ValueError, match="too short") as info:
+        App("s", broker_url="memory://")
+    assert "abab" not in str(info.value)
+    monkeypatch.setenv("AIOQUEUE_SIGNING_KEYS", "k2:zz" + "cd" * 40)
+    with pytest.raises(ValueError, match="not hexadecimal") as info:
+        App("s", broker_url="memory://")
+    assert "cdcd" not in str(info.value)
+    monkeypatch.delenv("AIOQUEUE_SIGNING_KEYS")
+    assert App("s", broker_url="memory://").signing is None
+
+
+# -- the codec ----------------------------------------------------------------------------
+
+
+def _signed(keys: SigningKeys, *, due_at: float | None = None) -> tuple[bytes, Any]:
+    envelope = Envelope(id=uuid.uuid4().hex, task="t.add", args=(1, 2), kwargs={})
+    return task_message(envelope, keys, due_at=time.time() if due_at is None else due_at)
+
+
+def test_a_signature_covers_body_properties_and_meaningful_headers() -> None:
+    keys = SigningKeys(KEYS)
+    body, props = _signed(keys)
+    assert verify(props, body, keys).key_id == "k2"
+    assert verify(props, body, SigningKeys({"k1": K1, "k2": K2})).key_id == "k2"  # any order
+    # a header that carries no meaning may change (RabbitMQ's, a trace context)
+    props.headers["x-death"] = [{"count": 1}]
+    props.headers["traceparent"] = "00-abc-def-01"
+    verify(props, body, keys)
+    tampered: list[tuple[str, Any]] = [
+        ("body", b'{"args":[1,3],"kwargs":{}}'),
+        ("aioqueue-task", "t.delete_everything"),
+        ("aioqueue-attempt", 2),
+        ("aioqueue-deadline", 1),
+        ("aioqueue-deliveries", 1),
+        (H_DUE_AT, props.headers[H_DUE_AT] + 60_000),
+        (H_KEY_ID, "k1"),
+        ("reply_to", "aioqueue.reply.attacker"),
+        ("message_id", "other"),
+        ("correlation_id", "other"),
+    ]
+    for what, value in tampered:
+        b, p = body, _copy(props)
+        if what == "body":
+            b = value
+        elif what in ("reply_to", "message_id", "correlation_id"):
+            setattr(p, what, value)
+        else:
+            p.headers[what] = value
+        with pytest.raises(SignatureError):
+            verify(p, b, keys)
+
+
+def _copy(props: Any) -> Any:
+    copy = spec.Basic.Properties(
+        content_type=props.content_type,
+        headers=dict(props.headers),
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+    )
+    return copy
+
+
+def test_unsigned_unknown_key_and_malformed_signatures_are_refused() -> None:
+    keys = SigningKeys(KEYS)
+    body, props = _signed(SigningKeys({"k9": OTHER}))
+    with pytest.raises(SignatureError, match="unknown key id"):
+        verify(props, body, keys)
+    body, props = _signed(SigningKeys({"k2": OTHER}))  # the right id, the wrong secret
+    with pytest.raises(SignatureError, match="bad signature"):
+        verify(props, body, keys)
+    body, props = _signed(keys)
+    props.headers[H_SIGNATURE] = "not hex"
+    with pytest.raises(SignatureError, match="bad signature"):
+        verify(props, body, keys)
+    props.headers[H_DUE_AT] = "soon"
+    with pytest.raises(SignatureError, match="malformed"):
+        verify(props, body, keys)
+    with pytest.raises(SignatureError, match="not signed"):
+        verify(spec.Basic.Properties(headers={}), body, keys)
+
+
+def test_the_replay_guard_remembers_until_expiry_and_is_bounded() -> None:
+    guard = ReplayGuard(max_entries=3)
+    assert guard.add(b"a" * 32, expires_at=10, now=0)
+    assert not guard.add(b"a" * 32, expires_at=10, now=5)
+    assert guard.add(b"a" * 32, expires_at=20, now=11)  # expired: forgotten
+    for key in (b"b", b"c", b"d"):
+        assert guard.add(key * 32, expires_at=30, now=12)
+    assert len(guard) == 3 and guard.evicted == 1  # the oldest went first
+
+
+# -- against RabbitMQ ---------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    app: App
+    raw: aiormq.Channel
+    queue: str
+    calls: list[Any] = field(default_factory=list)
+
+    async def publish(self, body: bytes, props: Any, queue: str | None = None) -> None:
+        await self.raw.basic_publish(body, routing_key=queue or self.queue, properties=props)
+
+    async def dead(self) -> list[tuple[str, str]]:
+        """(message id, dead reason) of every message in the DLQ, which is left empty."""
+        found = []
+        while True:
+            message = await self.raw.basic_get(dlq_name(self.queue), no_ack=True)
+            if not isinstance(message.delivery, spec.Basic.GetOk):
+                return found
+            props = message.header.properties
+            reason = (props.headers or {}).get("aioqueue-dead-reason")
+            found.append((str(props.message_id), str(reason)))
+
+    async def dlq_depth(self) -> int:
+        ok = await self.raw.queue_declare(dlq_name(self.queue), passive=True)
+        return ok.message_count or 0
+
+
+def _app(rabbit: RabbitNode, queue: str, keys: Any = KEYS, **settings: Any) -> App:
+    return App(
+        "signing",
+        broker_url=rabbit.url,
+        default_queue=queue,
+        signing_keys=keys,
+        settings=Settings(**settings),
+    )
+
+
+def _register(app: App, calls: list[Any]) -> None:
+    @app.task(name="s.record")
+    async def record(key: str) -> str:
+        calls.append(key)
+        return key
+
+    @app.task(name="s.flaky", retry=RetryPolicy(max_attempts=3))
+    async def flaky(key: str) -> str:
+        calls.append(key)
+        if calls.count(key) == 1:
+            raise Retry(delay=0.5)
+        return key
+
+
+@pytest.fixture
+async def env(rabbit: RabbitNode) -> AsyncIterator[Env]:
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    app = _app(rabbit, queue, signature_window=60.0)
+    calls: list[Any] = []
+    _register(app, calls)
+    async with app, running_worker(app), await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel()
+        raw = await channel.get_underlay_channel()
+        assert isinstance(raw, aiormq.Channel)
+        yield Env(app, raw, queue, calls)
+
+
+def _message(key: str, keys: SigningKeys | None, *, due_at: float | None = None) -> Any:
+    envelope = Envelope(id=uuid.uuid4().hex, task="s.record", args=(key,), kwargs={})
+    return task_message(envelope, keys, due_at=time.time() if due_at is None else due_at)
+
+
+async def test_signed_submits_run_and_their_signed_replies_resolve(env: Env) -> None:
+    handle = await env.app.submit("s.record", "hello")
+    assert await handle.result(timeout=30) == "hello"
+    # and a retry is signed anew (not a replay of attempt 1)
+    handle = await env.app.submit("s.flaky", "again")
+    assert await handle.result(timeout=30) == "again"
+    assert env.calls == ["hello", "again", "again"]
+    assert await env.dlq_depth() == 0
+
+
+async def test_unsigned_forged_unknown_key_stale_and_replayed_messages_are_refused(
+    env: Env,
+) -> None:
+    keys = SigningKeys(KEYS)
+    # Given raw messages: unsigned, forged (body changed after signing), signed with a key
+    # the worker does not have, a key id it has with another secret, stale, and a replay
+    unsigned = _message("unsigned", None)
+    forged_body, forged_props = _message("forged", keys)
+    forged_body = forged_body.replace(b"forged", b"FORGED")
+    unknown = _message("unknown", SigningKeys({"k9": OTHER}))
+    rekeyed = _message("rekeyed", SigningKeys({"k2": OTHER}))
+    stale = _message("stale", keys, due_at=time.time() - 61)
+    original = _message("original", keys)
+    cases = {
+        "unsigned": unsigned,
+        "forged": (forged_body, forged_props),
+        "unknown": unknown,
+        "rekeyed": rekeyed,
+        "stale": stale,
+    }
+    # When they are published (the original twice: once, then its replay)
+    for body, props in cases.values():
+        await env.publish(body, props)
+    await env.publish(*original)
+    await wait_until(lambda: env.calls == ["original"], what="the original to run")
+    await env.publish(*original)
+    await wait_until(
+        lambda: _depth_at_least(env, len(cases) + 1), what="the refused messages in the DLQ"
+    )
+    # Then only the original ran, once; everything else is dead-lettered as "signature"
+    dead = await env.dead()
+    ids = {props.message_id: name for name, (_, props) in cases.items()}
+    ids[original[1].message_id] = "replay"
+    assert sorted(ids[m] for m, _ in dead) == sorted([*cases, "replay"])
+    assert {reason for _, reason in dead} == {"signature"}
+    assert env.calls == ["original"]
+    # and the worker still serves
+    handle = await env.app.submit("s.record", "probe")
+    assert await handle.result(timeout=30) == "probe"
+
+
+async def _depth_at_least(env: Env, n: int) -> bool:
+    return await env.dlq_depth() >= n
+
+
+async def test_a_stale_signed_message_s_caller_is_told_a_forged_one_s_is_not(
+    env: Env, rabbit: RabbitNode
+) -> None:
+    keys = SigningKeys(KEYS)
+    caller = _app(rabbit, env.queue)
+    async with caller:
+        replies = caller._replies
+        assert replies is not None
+        await replies.ensure_started()
+        # Given a stale but authentic message whose caller waits
+        envelope = Envelope(id=uuid.uuid4().hex, task="s.record", args=("late",), kwargs={})
+        future, _ = replies.expect(envelope.id)
+        envelope = Envelope(
+            id=envelope.id, task="s.record", args=("late",), kwargs={}, reply_to=replies.queue
+        )
+        await env.publish(*task_message(envelope, keys, due_at=time.time() - 120))
+        # Then the caller learns it was dead-lettered for its signature
+        outcome = await future
+        assert outcome.error is not None and "stale" in outcome.error.message
+        # Given a forged message naming the same reply queue and another waiting id
+        other = uuid.uuid4().hex
+        forged_future, _ = replies.expect(other)
+        envelope = Envelope(
+            id=other, task="s.record", args=("x",), kwargs={}, reply_to=replies.queue
+        )
+        await env.publish(*task_message(envelope, SigningKeys({"k2": OTHER}), due_at=time.time()))
+        await wait_until(lambda: _depth_at_least(env, 2), what="both dead letters")
+        # Then the worker published no reply for it: the handle still waits
+        assert not forged_future.done()
+        replies.forget(other)
+    assert env.calls == []
+
+
+async def test_a_caller_with_keys_drops_unsigned_and_forged_replies(
+    rabbit: RabbitNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a caller with keys whose task waits in a queue no worker consumes
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    async with _app(rabbit, queue) as caller:
+        handle = await caller.submit("s.record", "x")
+        replies = caller._replies
+        assert replies is not None
+        ok = Outcome(handle.id, "s.record", value="forged")
+        async with await aio_pika.connect(rabbit.url) as conn:
+            raw = await (await conn.channel()).get_underlay_channel()
+            # When an unsigned reply and one signed with a foreign key arrive
+            unsigned = reply_properties(handle.id)
+            await raw.basic_publish(ok.encode(), routing_key=replies.queue, properties=unsigned)
+            forged = sign(
+                reply_properties(handle.id), ok.encode(), SigningKeys({"k2": OTHER}), due_at=0
+            )
+            await raw.basic_publish(ok.encode(), routing_key=replies.queue, properties=forged)
+            with caplog.at_level(logging.WARNING, logger="aioqueue.results"):
+                await wait_until(lambda: replies.unreadable == 2, what="both replies dropped")
+            # Then the handle was never resolved from them, and the log says why
+            assert not handle.done()
+            assert "not signed" in caplog.text and "bad signature" in caplog.text
+            # and a properly signed reply resolves it
+            real = Outcome(handle.id, "s.record", value="real")
+            signed = sign(reply_properties(handle.id), real.encode(), SigningKeys(KEYS), due_at=0)
+            await raw.basic_publish(real.encode(), routing_key=replies.queue, properties=signed)
+            assert await handle.result(timeout=30) == "real"
+
+
+async def test_rotation_with_overlapping_keys_refuses_nothing(rabbit: RabbitNode) -> None:
+    # Given, mid-rotation, a producer and a worker still signing with the old key k1 and a
+    # producer and a worker already signing with the new key k2, both accepting both
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    old, new = {"k1": K1, "k2": K2}, {"k2": K2, "k1": K1}
+    calls: list[Any] = []
+    old_worker, new_worker = _app(rabbit, queue, old), _app(rabbit, queue, new)
+    _register(old_worker, calls)
+    _register(new_worker, calls)
+    async with (
+        old_worker,
+        new_worker,
+        running_worker(old_worker, concurrency=2),
+        running_worker(new_worker, concurrency=2),
+        _app(rabbit, queue, old) as old_producer,
+        _app(rabbit, queue, new) as new_producer,
+    ):
+        # When both producers submit
+        handles = [
+            await producer.submit("s.record", f"{i}")
+            for i in range(20)
+            for producer in (old_producer, new_producer)
+        ]
+        # Then every task ran and every reply (signed by either worker) was accepted
+        assert [await h.result(timeout=30) for h in handles] == [
+            f"{i}" for i in range(20) for _ in "ab"
+        ]
+    async with await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel()
+        dlq = await channel.declare_queue(dlq_name(queue), passive=True)
+        assert dlq.declaration_result.message_count == 0
