@@ -25,12 +25,17 @@ from aioqueue import (
     SignatureError,
     SigningKeys,
 )
+from aioqueue.cli.dlq import rabbit_of, replay_message
+from aioqueue.events import EventReader
 from aioqueue.message import Envelope, Outcome, reply_properties
+from aioqueue.message.celery import CeleryFields, encode_task
+from aioqueue.message.events import Event, batch_headers, encode_batch
 from aioqueue.message.headers import H_DUE_AT, H_KEY_ID, H_SIGNATURE
 from aioqueue.message.properties import task_message
 from aioqueue.message.signing import sign, verify
+from aioqueue.rabbit.admin import held_messages
 from aioqueue.settings import Settings
-from aioqueue.topology import dlq_name
+from aioqueue.topology import EVENTS_STREAM, dlq_name, work_queue_arguments
 from aioqueue.worker.signature import ReplayGuard
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
@@ -385,3 +390,125 @@ async def test_rotation_with_overlapping_keys_refuses_nothing(rabbit: RabbitNode
         channel = await conn.channel()
         dlq = await channel.declare_queue(dlq_name(queue), passive=True)
         assert dlq.declaration_result.message_count == 0
+
+
+async def test_a_delayed_task_is_fresh_when_it_becomes_due(rabbit: RabbitNode) -> None:
+    # Given a worker whose freshness window (2 s) is shorter than a task's delay (4 s)
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    calls: list[Any] = []
+    app = _app(rabbit, queue, signature_window=2.0)
+    _register(app, calls)
+    async with app, running_worker(app):
+        # When the delayed task comes out of the delay ladder
+        handle = await app.submit_with_options("s.record", args=("later",), countdown=4.0)
+        # Then it runs: its signature counts from when it is due, not from the submit
+        assert await handle.result(timeout=60) == "later"
+
+
+@pytest.mark.parametrize("accept", [False, True])
+async def test_celery_messages_are_refused_unless_configured_otherwise(
+    rabbit: RabbitNode, accept: bool
+) -> None:
+    # Given a signing worker, accepting unsigned Celery messages or not (the default)
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    calls: list[Any] = []
+    app = _app(rabbit, queue, accept_unsigned_celery=accept)
+    _register(app, calls)
+    async with app, running_worker(app), await aio_pika.connect(rabbit.url) as conn:
+        raw = await (await conn.channel()).get_underlay_channel()
+        env = Env(app, raw, queue, calls)
+        # When a Celery protocol-2 message (which cannot be signed) arrives
+        envelope = Envelope(
+            id=uuid.uuid4().hex, task="s.record", args=("c",), celery=CeleryFields()
+        )
+        body, props = encode_task(envelope, expiration=False)
+        await raw.basic_publish(body, routing_key=queue, properties=props)
+        # Then it runs only if the worker was told to accept it; else it is refused
+        if accept:
+            await wait_until(lambda: calls == ["c"], what="the Celery message to run")
+        else:
+            await wait_until(lambda: _depth_at_least(env, 1), what="the dead letter")
+            assert await env.dead() == [(envelope.id, "signature")]
+            assert calls == []
+
+
+async def test_event_readers_with_keys_skip_unsigned_batches(rabbit: RabbitNode) -> None:
+    vhost = f"sig-{uuid.uuid4().hex[:8]}"
+    rabbit.add_vhost(vhost)
+    try:
+        url = f"{rabbit.url}{vhost}"
+        app = App("signing", broker_url=url, default_queue="sig.events", signing_keys=KEYS)
+        calls: list[Any] = []
+        _register(app, calls)
+        async with app, running_worker(app):
+            # Given a forged batch in the stream (no signature) before a real task's events
+            forged = [Event("task-succeeded", time.time(), "attacker:1", {"id": "forged"})]
+            body = encode_batch(forged)
+            props = spec.Basic.Properties(headers=batch_headers(1), delivery_mode=2)
+            await app.broker.publish(EVENTS_STREAM, body, props)
+            handle = await app.submit("s.record", "real")
+            await handle.result(timeout=30)
+            # When a reader with keys reads the stream from its start
+            async with EventReader(app, since="first") as reader:
+                seen = []
+                while not any(
+                    e.get("id") == handle.id and e.type == "task-succeeded" for e in seen
+                ):
+                    event = await reader.get(timeout=30)
+                    assert event is not None, "the real task's events never came"
+                    seen.append(event)
+                # Then the forged batch was skipped and counted; the real events were read
+                assert reader.unsigned >= 1
+                assert not any(e.get("id") == "forged" for e in seen)
+    finally:
+        rabbit.delete_vhost(vhost)
+
+
+async def test_replay_re_signs_only_authentic_dead_letters(env: Env) -> None:
+    keys = SigningKeys(KEYS)
+    # Given a stale (authentic) and an unsigned message, both dead-lettered as "signature"
+    stale_body, stale_props = _message("stale-then-replayed", keys, due_at=time.time() - 120)
+    await env.publish(stale_body, stale_props)
+    await env.publish(*_message("never", None))
+    await wait_until(lambda: _depth_at_least(env, 2), what="both dead letters")
+    # When both are replayed with the app's keys
+    broker = rabbit_of(env.app)
+    async with held_messages(broker, dlq_name(env.queue), 10) as messages:
+        assert messages is not None
+        done = {
+            m.message_id: await replay_message(broker, m, env.queue, env.app.signing)
+            for m in messages
+        }
+    # Then the stale one is signed anew and runs; the unsigned one stays in the DLQ
+    assert done[stale_props.message_id] is True and list(done.values()).count(False) == 1
+    await wait_until(lambda: env.calls == ["stale-then-replayed"], what="the replayed task")
+    assert [reason for _, reason in await env.dead()] == ["signature"]
+
+
+async def test_a_redelivered_signed_message_is_recounted_and_runs_once(
+    rabbit: RabbitNode,
+) -> None:
+    # Given a signed message that a consumer took and returned unsettled (redelivered)
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    calls: list[Any] = []
+    app = _app(rabbit, queue)
+    _register(app, calls)
+    body, props = _message("redelivered", SigningKeys(KEYS))
+    async with await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel()
+        await channel.declare_queue(queue, durable=True, arguments=work_queue_arguments("classic"))
+        raw = await channel.get_underlay_channel()
+        await raw.basic_publish(body, routing_key=queue, properties=props)
+        taker = await conn.channel()
+        got = await (await taker.get_underlay_channel()).basic_get(queue, no_ack=False)
+        assert isinstance(got.delivery, spec.Basic.GetOk)
+        await taker.close()  # back to the queue, redelivered
+    # When a signing worker gets it (it re-publishes it with its count, signed anew)
+    async with app, running_worker(app):
+        await wait_until(lambda: calls == ["redelivered"], what="the task to run")
+        env = Env(app, raw, queue, calls)
+    # Then it ran once and nothing was refused
+    async with await aio_pika.connect(rabbit.url) as conn:
+        dlq = await (await conn.channel()).declare_queue(dlq_name(queue), passive=True)
+        assert dlq.declaration_result.message_count == 0
+    del env

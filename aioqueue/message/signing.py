@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import re
 import struct
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -181,7 +182,10 @@ def sign(
     properties: spec.Basic.Properties, body: bytes, keys: SigningKeys, *, due_at: float
 ) -> spec.Basic.Properties:
     """Sign with the first key: set ``properties.headers``' key id, due time and signature
-    (an earlier signature is replaced). ``due_at``: Unix seconds from which it is fresh."""
+    (an earlier signature is replaced), and a message id if it has none (aiormq would add
+    one after signing). ``due_at``: Unix seconds from which it is fresh."""
+    if properties.message_id is None:  # aiormq would give it one after it was signed
+        properties.message_id = uuid.uuid4().hex
     headers = {k: v for k, v in (properties.headers or {}).items() if k != H_SIGNATURE}
     due_ms = int(due_at * 1000)
     key_id = keys.signing_id
