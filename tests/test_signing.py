@@ -24,6 +24,7 @@ from aioqueue import (
     RetryPolicy,
     SignatureError,
     SigningKeys,
+    task_context,
 )
 from aioqueue.cli.dlq import rabbit_of, replay_message
 from aioqueue.events import EventReader
@@ -35,6 +36,7 @@ from aioqueue.message.properties import task_message
 from aioqueue.message.signing import sign, verify
 from aioqueue.rabbit.admin import held_messages
 from aioqueue.settings import Settings
+from aioqueue.streams import Progress, Result
 from aioqueue.topology import EVENTS_STREAM, dlq_name, work_queue_arguments
 from aioqueue.worker.signature import ReplayGuard
 from tests.conftest import running_worker, wait_until
@@ -512,3 +514,30 @@ async def test_a_redelivered_signed_message_is_recounted_and_runs_once(
         dlq = await (await conn.channel()).declare_queue(dlq_name(queue), passive=True)
         assert dlq.declaration_result.message_count == 0
     del env
+
+
+async def test_progress_stream_items_and_results_are_signed_end_to_end(make_any_app: Any) -> None:
+    # Given a signing app (on RabbitMQ and in memory) with progress and a generator task
+    app: App = make_any_app(signing_keys=KEYS)
+
+    @app.task(name="s.job")
+    async def job(steps: int) -> str:
+        for i in range(1, steps + 1):
+            await task_context().progress(i)
+        return "finished"
+
+    @app.task(name="s.count")
+    async def count(n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            yield i
+
+    async with app, running_worker(app):
+        # When they run, Then the caller (who verifies everything) sees all of it
+        handle = await job.submit(3)
+        events = [event async for event in handle.events()]
+        assert events == [Progress(1, 1), Progress(2, 2), Progress(3, 3), Result("finished")]
+        stream = await count.submit(5)
+        assert [item async for item in stream.stream()] == list(range(5))
+        assert await stream.result(timeout=30) == 5
+        replies = app._replies
+        assert replies is not None and replies.unreadable == 0

@@ -161,14 +161,15 @@ def canonical(
     """What the signature covers besides the body: length-prefixed JSON of the scheme, key
     id, due time, message and correlation ids, reply-to, content type and signed headers."""
     signed = [[name, headers[name]] for name in SIGNED_HEADERS if name in headers]
+    # an empty property is not sent at all (pamqp writes only set ones): "" and None are one
     parts = [
         SCHEME,
         key_id,
         due_ms,
-        properties.message_id,
-        properties.correlation_id,
-        properties.reply_to,
-        properties.content_type,
+        properties.message_id or None,
+        properties.correlation_id or None,
+        properties.reply_to or None,
+        properties.content_type or None,
         signed,
     ]
     try:
