@@ -22,9 +22,11 @@ from .headers import (
     DEAD_PREFIX,
     H_ATTEMPT,
     H_DELIVERIES,
+    H_DUE_AT,
     H_EVENT,
     H_PROTOCOL,
     H_SEQ,
+    H_SIGNATURE,
     PROTOCOL_VERSION,
 )
 from .signing import SigningKeys, sign
@@ -164,6 +166,20 @@ def _encodable_value(value: Any) -> Any:
 
 
 def _encode_headers(value: Any) -> bytes:
+    if isinstance(value, dict) and H_SIGNATURE in value and H_DUE_AT in value:
+        # a signed message: what varies per message (its due time and signature) is encoded
+        # on its own, the rest through the cache, as one table (entries in any order)
+        common = {k: v for k, v in value.items() if k not in _PER_MESSAGE}
+        own = encode.field_table({k: value[k] for k in _PER_MESSAGE})[4:]
+        shared = _encode_plain(common)[4:]
+        return struct.pack(">I", len(shared) + len(own)) + shared + own
+    return _encode_plain(value)
+
+
+_PER_MESSAGE = (H_DUE_AT, H_SIGNATURE)
+
+
+def _encode_plain(value: Any) -> bytes:
     if isinstance(value, dict):
         try:
             # the type is part of the key: True == 1 == 1.0, but each encodes differently
