@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import aio_pika
@@ -35,12 +36,15 @@ from aioqueue.message.headers import H_DUE_AT, H_KEY_ID, H_SIGNATURE
 from aioqueue.message.properties import task_message
 from aioqueue.message.signing import sign, verify
 from aioqueue.rabbit.admin import held_messages
+from aioqueue.scheduler import FakeClock
 from aioqueue.settings import Settings
 from aioqueue.streams import Progress, Result
 from aioqueue.topology import EVENTS_STREAM, dlq_name, work_queue_arguments
 from aioqueue.worker.signature import ReplayGuard
 from tests.conftest import running_worker, wait_until
 from tests.rabbit import RabbitNode
+from tests.schedules import START, slot
+from tests.test_scheduler_broker import asleep_until
 
 K1 = b"1" * 32
 K2 = b"2" * 40
@@ -541,3 +545,54 @@ async def test_progress_stream_items_and_results_are_signed_end_to_end(make_any_
         assert await stream.result(timeout=30) == 5
         replies = app._replies
         assert replies is not None and replies.unreadable == 0
+
+
+async def test_scheduler_fires_are_signed(rabbit: RabbitNode) -> None:
+    # Given a signing app with a periodic task, its worker and its scheduler
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    app = _app(rabbit, queue)
+    seen: list[Any] = []
+
+    @app.periodic(every=timedelta(minutes=1), name="s.tick")
+    async def tick() -> None:
+        seen.append(task_context().scheduled_at)
+
+    clock = FakeClock(START)
+    async with app, running_worker(app), app.scheduler(clock=clock):
+        # When a slot fires
+        await asleep_until(clock, slot(1))
+        clock.set(slot(1, 3))
+        # Then the signing worker runs it (it was signed, fresh)
+        await wait_until(lambda: seen, what="the periodic run")
+    assert seen == [slot(1)]
+
+
+async def test_workers_sharing_a_replay_guard_refuse_a_replay_on_either(
+    rabbit: RabbitNode,
+) -> None:
+    # Given two workers on one queue sharing one replay guard (as processes of one worker would)
+    queue = f"sig.{uuid.uuid4().hex[:8]}"
+    calls: list[Any] = []
+    first, second = _app(rabbit, queue), _app(rabbit, queue)
+    _register(first, calls)
+    _register(second, calls)
+    guard = ReplayGuard(1000)
+    async with (
+        first,
+        second,
+        running_worker(first, replay_guard=guard),
+        running_worker(second, replay_guard=guard),
+        await aio_pika.connect(rabbit.url) as conn,
+    ):
+        raw = await (await conn.channel()).get_underlay_channel()
+        env = Env(first, raw, queue, calls)
+        # When a message runs, then four copies of it arrive (round robin over both workers)
+        original = _message("once", SigningKeys(KEYS))
+        await env.publish(*original)
+        await wait_until(lambda: calls == ["once"], what="the original to run")
+        for _ in range(4):
+            await env.publish(*original)
+        await wait_until(lambda: _depth_at_least(env, 4), what="four refused copies")
+        # Then neither worker ran a copy
+        assert [reason for _, reason in await env.dead()] == ["signature"] * 4
+        assert calls == ["once"]

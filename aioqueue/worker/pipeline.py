@@ -36,7 +36,7 @@ from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
-from .signature import SignatureCheck
+from .signature import SeenMessages, SignatureCheck
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
@@ -74,6 +74,7 @@ class Pipeline:
         observers: Sequence[TaskObserver],
         max_deliveries: int,
         identity: str,
+        replay_guard: SeenMessages | None = None,
     ) -> None:
         self.app = app
         self.handoff = handoff
@@ -92,7 +93,7 @@ class Pipeline:
         self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
         # with signing keys: unsigned, forged, stale and replayed messages never get further
         keys = app.signing
-        self.signature = None if keys is None else SignatureCheck(app, keys, handoff)
+        self.signature = None if keys is None else SignatureCheck(app, keys, handoff, replay_guard)
 
     async def process(self, delivery: Delivery) -> None:
         """(Signature →) decode → guards → run → hand-off."""

@@ -113,7 +113,9 @@ class SignatureCheck:
         self.keys = keys
         self.handoff = handoff
         self.window = app.settings.signature_window
-        self.guard: SeenMessages = guard or ReplayGuard(app.settings.replay_guard_size)
+        if guard is None:  # (not `guard or ...`: an empty ReplayGuard is falsy)
+            guard = ReplayGuard(app.settings.replay_guard_size)
+        self.guard: SeenMessages = guard
         self.refused = 0
 
     async def admit(self, delivery: Delivery) -> bool:
