@@ -169,14 +169,24 @@ def _encode_headers(value: Any) -> bytes:
     if isinstance(value, dict) and H_SIGNATURE in value and H_DUE_AT in value:
         # a signed message: what varies per message (its due time and signature) is encoded
         # on its own, the rest through the cache, as one table (entries in any order)
-        common = {k: v for k, v in value.items() if k not in _PER_MESSAGE}
-        own = encode.field_table({k: value[k] for k in _PER_MESSAGE})[4:]
-        shared = _encode_plain(common)[4:]
-        return struct.pack(">I", len(shared) + len(own)) + shared + own
+        due, signature = value[H_DUE_AT], value[H_SIGNATURE]
+        if type(due) is int and type(signature) is str and signature.isascii():
+            common = {k: v for k, v in value.items() if k not in _PER_MESSAGE}
+            shared = _encode_plain(common)[4:]
+            own = (
+                b"".join(  # as pamqp writes them: a 64-bit integer and a long string
+                    (_DUE_KEY, struct.pack(">q", due), _SIGNATURE_KEY)
+                )
+                + struct.pack(">I", len(signature))
+                + signature.encode()
+            )
+            return struct.pack(">I", len(shared) + len(own)) + shared + own
     return _encode_plain(value)
 
 
 _PER_MESSAGE = (H_DUE_AT, H_SIGNATURE)
+_DUE_KEY = encode.short_string(H_DUE_AT) + b"l"
+_SIGNATURE_KEY = encode.short_string(H_SIGNATURE) + b"S"
 
 
 def _encode_plain(value: Any) -> bytes:
