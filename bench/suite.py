@@ -32,6 +32,7 @@ COMPARED = ("rpc", "fire", "latency")  # both systems, median of the runs
 CLUSTERED = ("rpc", "fire")  # the cluster run's workloads
 ONCE = ("soak", "backlog")  # aioqueue alone, once
 PRODUCER_TIMEOUT = {"rpc": 300, "fire": 300, "latency": 300, "soak": 1200, "backlog": 1200}
+RAW_FIRE_PREFETCH = 1000  # raw's fire at its strongest (issue 20); rpc and latency: 100
 BUSY_CORES = 0.25  # other processes using more CPU than this meanwhile: an anomaly
 PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough samples
 
@@ -196,6 +197,7 @@ class Suite:
                         queue,
                         self.logs / (f"{name}.log" if len(urls) == 1 else f"{name}-w{k}.log"),
                         self.queue_type,
+                        raw_prefetch=RAW_FIRE_PREFETCH if spec["workload"] == "fire" else 100,
                     )
                 )
                 for k, url in enumerate(urls, 1)
