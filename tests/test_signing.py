@@ -7,11 +7,14 @@ client — so the worker sees exactly what an attacker with publish rights could
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -40,8 +43,9 @@ from aioqueue.scheduler import FakeClock
 from aioqueue.settings import Settings
 from aioqueue.streams import Progress, Result
 from aioqueue.topology import EVENTS_STREAM, dlq_name, work_queue_arguments
+from aioqueue.worker.replay import SharedReplayGuard
 from aioqueue.worker.signature import ReplayGuard
-from tests.conftest import running_worker, wait_until
+from tests.conftest import WorkerProcess, running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.schedules import START, slot
 from tests.test_scheduler_broker import asleep_until
@@ -596,3 +600,59 @@ async def test_workers_sharing_a_replay_guard_refuse_a_replay_on_either(
         # Then neither worker ran a copy
         assert [reason for _, reason in await env.dead()] == ["signature"] * 4
         assert calls == ["once"]
+
+
+def test_the_shared_replay_guard_is_one_table_for_every_process() -> None:
+    # Given a table (as a supervisor makes it) and a second mapping of it (another process)
+    guard = SharedReplayGuard.create(messages=8)  # 16 slots: one probe window
+    other = SharedReplayGuard.attach(guard.spec)
+    try:
+        # Then what one accepts the other refuses, until it expires
+        assert guard.add(b"a" * 32, expires_at=10, now=0)
+        assert not other.add(b"a" * 32, expires_at=10, now=5)
+        assert other.add(b"a" * 32, expires_at=20, now=11)
+        # and a full window overwrites the entry that expires first (counted)
+        for i in range(15):
+            assert other.add(bytes([i + 1]) * 32, expires_at=100 + i, now=12)
+        assert other.add(b"z" * 32, expires_at=200, now=12) and other.evicted == 1
+        assert guard.add(b"a" * 32, expires_at=30, now=12)  # it was the one forgotten
+    finally:
+        other.close()
+        guard.unlink()
+    assert not os.path.exists(guard.path)
+
+
+async def test_the_processes_of_one_worker_share_its_replay_guard(
+    spawn_worker: Any, rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    # Given a supervisor of two signing processes, each running one task at a time
+    keys = SigningKeys(KEYS)
+    env = {"AIOQUEUE_SIGNING_KEYS": f"k2:{K2.hex()},k1:{K1.hex()}"}
+    worker: WorkerProcess = spawn_worker("--processes", "2", "--concurrency", "1", env=env)
+    await wait_until(
+        lambda: worker.output().count(" ready\n") >= 2 or worker.proc.poll() is not None,
+        timeout=60,
+        what="both worker processes' banners",
+    )
+    assert worker.proc.poll() is None, worker.output()
+    async with await aio_pika.connect(rabbit.url) as conn:
+        raw = await (await conn.channel()).get_underlay_channel()
+        app = App("c", broker_url=rabbit.url, default_queue=queue_name, signing_keys=KEYS)
+        env_ = Env(app, raw, queue_name)
+        # When a task runs in one process (held there) and copies of it arrive meanwhile
+        envelope = Envelope(id=uuid.uuid4().hex, task="tests.gated", args=("g",), kwargs={})
+        original = task_message(envelope, keys, due_at=time.time())
+        await env_.publish(*original)
+        started = tmp_path / "started-g"
+        await wait_until(started.exists, what="the original to start")
+        for _ in range(3):
+            await env_.publish(*original)
+        # Then the other process refuses every copy (the guard is shared), none starts
+        await wait_until(lambda: _depth_at_least(env_, 3), what="three refused copies")
+        (tmp_path / "release-g").touch()
+        assert [reason for _, reason in await env_.dead()] == ["signature"] * 3
+        assert len(started.read_text().splitlines()) == 1
+        assert "replayed" in worker.output()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await worker.wait_exit() == 0
+    assert "aioqueue.replay." not in " ".join(os.listdir("/dev/shm"))
