@@ -30,15 +30,17 @@ from aioqueue import (
     SigningKeys,
     task_context,
 )
+from aioqueue.broker import Delivery
 from aioqueue.cli.dlq import rabbit_of, replay_message
 from aioqueue.events import EventReader
 from aioqueue.message import Envelope, Outcome, reply_properties
-from aioqueue.message.celery import CeleryFields, encode_task
+from aioqueue.message.celery import CeleryFields, encode_reply, encode_task
 from aioqueue.message.events import Event, batch_headers, encode_batch
 from aioqueue.message.headers import H_DUE_AT, H_KEY_ID, H_SIGNATURE
 from aioqueue.message.properties import task_message
 from aioqueue.message.signing import sign, verify
 from aioqueue.rabbit.admin import held_messages
+from aioqueue.results import ReplyConsumer
 from aioqueue.scheduler import FakeClock
 from aioqueue.settings import Settings
 from aioqueue.streams import Progress, Result
@@ -261,8 +263,9 @@ async def test_signed_submits_run_and_their_signed_replies_resolve(env: Env) -> 
 
 
 async def test_unsigned_forged_unknown_key_stale_and_replayed_messages_are_refused(
-    env: Env,
+    env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="aioqueue")
     keys = SigningKeys(KEYS)
     # Given raw messages: unsigned, forged (body changed after signing), signed with a key
     # the worker does not have, a key id it has with another secret, stale, and a replay
@@ -299,6 +302,11 @@ async def test_unsigned_forged_unknown_key_stale_and_replayed_messages_are_refus
     # and the worker still serves
     handle = await env.app.submit("s.record", "probe")
     assert await handle.result(timeout=30) == "probe"
+    # and no secret is in any log line (as bytes, text or hex)
+    assert "refused" in caplog.text or "signature" in caplog.text
+    for secret in (K1, K2, OTHER):
+        for form in (secret.decode(), secret.hex(), repr(secret)):
+            assert form not in caplog.text
 
 
 async def _depth_at_least(env: Env, n: int) -> bool:
@@ -656,3 +664,29 @@ async def test_the_processes_of_one_worker_share_its_replay_guard(
     worker.proc.send_signal(signal.SIGTERM)
     assert await worker.wait_exit() == 0
     assert "aioqueue.replay." not in " ".join(os.listdir("/dev/shm"))
+
+
+async def test_a_caller_with_keys_still_reads_celery_workers_replies() -> None:
+    # Given a signing caller's reply consumer waiting for a task a Celery worker runs
+    class Acker:
+        def ack(self, tag: int) -> None:
+            pass
+
+    class Broker:
+        settings = Settings()
+
+    replies = ReplyConsumer(Broker(), "c", signing=SigningKeys(KEYS))  # type: ignore[arg-type]
+    future, _ = replies.expect("t1", celery_task="tasks.add")
+    # When the Celery worker's (unsigned: Celery cannot sign) rpc:// reply arrives
+    body, props = encode_reply(Outcome("t1", "tasks.add", value=5))
+    props.correlation_id = "t1"
+    delivery = Delivery(body, props, False, "q", 1, Acker())  # type: ignore[arg-type]
+    await replies._on_reply(delivery)
+    # Then it resolves the handle; an unsigned aioqueue reply would not
+    assert future.done() and future.result().value == 5
+    plain, _ = replies.expect("t2")
+    unsigned = Delivery(
+        Outcome("t2", "x", value=1).encode(), reply_properties("t2"), False, "q", 2, Acker()
+    )  # type: ignore[arg-type]
+    await replies._on_reply(unsigned)
+    assert not plain.done() and replies.unreadable == 1
