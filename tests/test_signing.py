@@ -661,6 +661,8 @@ async def test_the_processes_of_one_worker_share_its_replay_guard(
         assert [reason for _, reason in await env_.dead()] == ["signature"] * 3
         assert len(started.read_text().splitlines()) == 1
         assert "replayed" in worker.output()
+        assert "replay guard: shared by this worker's processes" in worker.output()
+        assert K1.hex() not in worker.output() and K2.hex() not in worker.output()
     worker.proc.send_signal(signal.SIGTERM)
     assert await worker.wait_exit() == 0
     assert "aioqueue.replay." not in " ".join(os.listdir("/dev/shm"))

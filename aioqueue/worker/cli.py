@@ -321,7 +321,22 @@ def banner(worker: Worker, metrics_url: str | None = None) -> str:
         f"  concurrency:  {worker.concurrency} (threads for plain functions: {worker.threads})\n"
         f"  prefetch:     {_prefetch_line(worker)}\n"
         + (f"  metrics:      {metrics_url}\n" if metrics_url else "")
+        + f"  signing:      {_signing_line(worker)}\n"
         + f"  tasks:\n{tasks or '    (none registered)'}"
+    )
+
+
+def _signing_line(worker: Worker) -> str:
+    """Key ids only (never a secret), the window, and who shares the replay guard."""
+    keys, settings = worker.app.signing, worker.app.settings
+    if keys is None:
+        return "off (unsigned messages run; docs/security.md)"
+    shared = (
+        "shared by this worker's processes" if worker.replay_guard is not None else "this process"
+    )
+    return (
+        f"signs with {keys.signing_id!r}, accepts {', '.join(map(repr, keys.ids))}; "
+        f"window {settings.signature_window:g}s; replay guard: {shared}"
     )
 
 
