@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,7 +49,7 @@ from aioqueue.streams import Progress, Result
 from aioqueue.topology import EVENTS_STREAM, dlq_name, work_queue_arguments
 from aioqueue.worker.replay import SharedReplayGuard
 from aioqueue.worker.signature import ReplayGuard
-from tests.conftest import WorkerProcess, running_worker, wait_until
+from tests.conftest import ROOT, WorkerProcess, running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.schedules import START, slot
 from tests.test_scheduler_broker import asleep_until
@@ -692,3 +694,22 @@ async def test_a_caller_with_keys_still_reads_celery_workers_replies() -> None:
     )  # type: ignore[arg-type]
     await replies._on_reply(unsigned)
     assert not plain.done() and replies.unreadable == 1
+
+
+def test_a_worker_with_a_too_short_key_refuses_to_start(tmp_path: Path) -> None:
+    # Given a worker command whose environment holds an 8-byte key
+    env = {**os.environ, "AIOQUEUE_SIGNING_KEYS": "k1:0123456789abcdef"}
+    env["AIOQUEUE_BROKER_URL"] = "amqp://guest:guest@127.0.0.1:1/"  # never reached
+    # When it starts, Then it exits at once, naming the key by its id, never its secret
+    done = subprocess.run(
+        [sys.executable, "-m", "aioqueue.worker", "tests.apps.basic:app"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "signing key 'k1' is too short" in done.stderr
+    assert "0123456789abcdef" not in done.stderr + done.stdout
