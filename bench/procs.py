@@ -41,8 +41,11 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
 # "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events);
+# "aioqueue-signed": producer and worker with signing keys (python -m bench --signing);
 # "aioqueue-otel": worker and producer with a tracer provider configured (python -m bench --otel)
-System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-otel"]
+System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-signed", "aioqueue-otel"]
+# the benchmark's signing keys (not a secret: they sign only its own messages)
+SIGNING_KEYS = f"bench2:{'b2' * 32},bench1:{'b1' * 32}"
 
 
 class BenchError(RuntimeError):
@@ -53,6 +56,9 @@ def bench_env(
     url: str, queue: str, queue_type: str = "classic", system: str = "aioqueue"
 ) -> dict[str, str]:
     env = {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
+    env.pop("AIOQUEUE_SIGNING_KEYS", None)
+    if system == "aioqueue-signed":  # bench/tasks.py's App reads them from the environment
+        env["AIOQUEUE_SIGNING_KEYS"] = SIGNING_KEYS
     env.pop(OTEL_ENV, None)
     if system == "aioqueue-otel":
         env[OTEL_ENV] = "1"

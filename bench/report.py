@@ -18,6 +18,7 @@ __all__ = [
     "markdown",
     "per_run",
     "rows",
+    "signing_markdown",
 ]
 
 # Targets of issue 6 ("Performance").
@@ -90,31 +91,41 @@ def rows(measured: Measurements, sizes: Sizes) -> list[Row]:
 def events_markdown(measured: Measurements) -> str:
     """The cost of task events: aioqueue (events on, the default) against its worker with
     ``--no-events``, medians of the same runs; empty unless ``--events`` measured it."""
-    return _pair_markdown(
-        measured,
-        on="aioqueue",
-        off="aioqueue-no-events",
-        title="Task events (worker with events on, the default, vs `--no-events`; medians):",
-        labels=("events on", "events off"),
-    )
+    head = [
+        "Task events (worker with events on, the default, vs `--no-events`; medians):",
+        "",
+        "| figure | events on | events off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return _paired(measured, "aioqueue", "aioqueue-no-events", head)
+
+
+def signing_markdown(measured: Measurements) -> str:
+    """The cost of signed messages: aioqueue with signing keys on producer and worker against
+    aioqueue without, medians of the same runs; empty unless ``--signing`` measured it."""
+    head = [
+        "Signed messages (signing keys on producer and worker vs none; medians):",
+        "",
+        "| figure | signing on | signing off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return _paired(measured, "aioqueue-signed", "aioqueue", head)
 
 
 def otel_markdown(measured: Measurements) -> str:
     """The cost of tracing: aioqueue with a tracer provider configured (spans made and
     exported in batches to nowhere) against the default (the otel extra installed, no
     provider: tracing off), medians of the same runs; empty unless ``--otel`` measured it."""
-    return _pair_markdown(
-        measured,
-        on="aioqueue-otel",
-        off="aioqueue",
-        title="Tracing (OpenTelemetry provider configured vs none, the default; medians):",
-        labels=("tracing on", "tracing off"),
-    )
+    head = [
+        "Tracing (OpenTelemetry provider configured vs none, the default; medians):",
+        "",
+        "| figure | tracing on | tracing off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return _paired(measured, "aioqueue-otel", "aioqueue", head)
 
 
-def _pair_markdown(
-    measured: Measurements, *, on: str, off: str, title: str, labels: tuple[str, str]
-) -> str:
+def _paired(measured: Measurements, on_system: str, off_system: str, head: list[str]) -> str:
     lines = []
     for workload, key, unit in (
         ("rpc", "rate", "tasks/s"),
@@ -123,24 +134,17 @@ def _pair_markdown(
         ("latency", "p99_ms", "p99 ms"),
     ):
         systems = measured.get(workload, {})
-        with_it = _median(systems.get(on, []), key)
-        without = _median(systems.get(off, []), key)
-        if with_it is None or without is None:
+        on = _median(systems.get(on_system, []), key)
+        off = _median(systems.get(off_system, []), key)
+        if on is None or off is None:
             continue
         digits = 3 if unit.endswith("ms") else 0
-        change = (with_it - without) / without * 100 if without else 0.0
+        change = (on - off) / off * 100 if off else 0.0
         lines.append(
-            f"| {workload} {unit} | {with_it:,.{digits}f} | {without:,.{digits}f} "
-            f"| {change:+.1f} % |"
+            f"| {workload} {unit} | {on:,.{digits}f} | {off:,.{digits}f} | {change:+.1f} % |"
         )
     if not lines:
         return ""
-    head = [
-        title,
-        "",
-        f"| figure | {labels[0]} | {labels[1]} | on vs off |",
-        "|---|---:|---:|---:|",
-    ]
     return "\n".join(head + lines)
 
 

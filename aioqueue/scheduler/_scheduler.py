@@ -213,8 +213,9 @@ class Scheduler:
         self._active = True
         self._tracing = detect()
         if self._memory is None and is_memory_url(self.app.broker_url):
+            app = self.app
             self._memory = MemoryBackend(
-                self.app.broker_url, self.app.settings, self.app.name, self._busy
+                app.broker_url, app.settings, app.name, self._busy, signing=app.signing
             )
             virtual = self._memory.clock
             if self._default_clock and virtual is not None:
@@ -269,8 +270,9 @@ class Scheduler:
             heartbeat=self.heartbeat,
             queue_type=self.app.queue_type,
         )
+        app = self.app
         store = SlotStore(
-            lease, self.app.name, identity=self.identity, queue_type=self.app.queue_type
+            lease, app.name, identity=self.identity, queue_type=app.queue_type, signing=app.signing
         )
         return lease, store
 
