@@ -172,6 +172,32 @@ async def test_a_worker_process_continues_the_callers_trace(
     assert process["attributes"]["aioqueue.task.outcome"] == "succeeded"
 
 
+async def test_signed_messages_carry_the_trace_too(
+    exporter: InMemorySpanExporter, make_app: Callable[..., App]
+) -> None:
+    # Given an app that signs its messages (the trace headers are not among the signed ones)
+    app = make_app(signing_keys={"k1": b"k" * 32})
+
+    @app.task(name="otel.signed", retry=RetryPolicy(max_attempts=2, backoff=0.1, jitter=0))
+    async def signed() -> int:
+        if task_context().attempt == 1:
+            raise Retry(delay=0.1)
+        return task_context().attempt
+
+    # When a task is submitted, retried once (re-signed, re-stamped) and finishes
+    async with app, running_worker(app):
+        assert await (await signed.submit()).result(timeout=30) == 2
+        first, second = sorted(
+            await spans_named(exporter, "process ", 2),
+            key=lambda s: s.attributes["aioqueue.task.attempt"],  # type: ignore[index]
+        )
+    (publish,) = named(exporter, "publish ")
+    # Then both attempts ran (nothing refused) in the submit's trace
+    assert parent_of(first) == ids(publish)[1] and parent_of(second) == ids(first)[1]
+    assert second.attributes is not None
+    assert second.attributes["aioqueue.task.outcome"] == "succeeded"
+
+
 async def test_a_retry_continues_the_trace_and_is_an_event(
     exporter: InMemorySpanExporter, make_app: Callable[..., App]
 ) -> None:
