@@ -26,12 +26,14 @@ from .errors import (
     EncodeError,
     PublishError,
     ResultUnavailableError,
+    SignatureError,
     TaskCancelledError,
     TaskError,
     TaskNotFoundError,
     TaskTimeoutError,
     UnroutableError,
 )
+from .message.signing import SigningKeys
 from .results import ResultHandle
 from .retry import Retry, RetryPolicy
 from .scheduler import Misfire, Schedule, Scheduler
@@ -63,6 +65,8 @@ __all__ = [
     "Scheduler",
     "Settings",
     "Signature",
+    "SignatureError",
+    "SigningKeys",
     "Task",
     "TaskCancelledError",
     "TaskContext",

@@ -140,6 +140,9 @@ class Envelope:
     celery: CeleryFields | None = None
     # set on a step of a workflow (aioqueue.workflow): what the workflow does after this step
     workflow: Workflow | None = None
+    # trace context headers to carry (W3C ``traceparent``/``tracestate``), set only when
+    # tracing is on (`aioqueue.tracing`); a received message's stay in its headers, unread
+    trace: Mapping[str, str] | None = None
 
     def encode(self) -> bytes:
         """The message body: the arguments as JSON (and a workflow step's place)."""
@@ -162,6 +165,8 @@ class Envelope:
             headers[H_SCHEDULED_AT] = round(self.scheduled_at * 1000)
         if self.stream_to is not None:
             headers[H_STREAM_TO] = self.stream_to
+        if self.trace:
+            headers.update(self.trace)
         return headers
 
     @classmethod

@@ -21,17 +21,16 @@ from typing import Any, TypeVar, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 from pamqp import commands as spec
 
-from ..broker import ConsumeArguments, DeliveryCallback, HoldContext, LostCallback
+from ..broker import ConsumeArguments, DeliveryCallback, LostCallback
 from ..errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
 from ..settings import Settings, broker_nodes, mask_url, scrub
 from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 from .connection import connect
-from .declare import declare, probe
+from .declare import declare, hold_queue, probe
 from .errors import FATAL_CHANNEL, TRANSIENT
-from .hold import hold
 from .publisher import ChannelPublisher, Deadlines, Slots
 from .subscription import Subscription
 
@@ -161,9 +160,14 @@ class RabbitBroker:
         async with self._declare_lock:
             if name not in self._declared:
                 self._declared[name] = await self._retrying(
-                    f"declaring queue {name!r}",
-                    lambda: declare(self._channel(), self._transport(name), name, arguments),
+                    f"declaring queue {name!r}", lambda: self._declare(name, arguments)
                 )
+
+    async def _declare(self, name: str, arguments: dict[str, Any]) -> AbstractRobustQueue:
+        transport = None if self._connection is None else self._connection.transport
+        if transport is None:  # reconnecting: transient, `_retrying` waits for it
+            raise ConnectionError(f"not connected: cannot declare queue {name!r}")
+        return await declare(self._channel(), transport.connection, name, arguments)
 
     async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         """Declare ``name`` again although it was declared here: it was deleted since (a
@@ -218,9 +222,7 @@ class RabbitBroker:
         channel = await self._channel().get_underlay_channel()
         await channel.queue_delete(name)
 
-    def hold(self, name: str, limit: int) -> HoldContext:
-        """See `Broker.hold`: on a channel of its own (`aioqueue.rabbit.hold`)."""
-        return hold(self.channel, name, limit)
+    hold = hold_queue  # Broker.hold: on channels of its own (aioqueue.rabbit.declare)
 
     async def ensure_delay_route(self, queue: str, queue_type: QueueType) -> None:
         """Declare the delay ladder of ``queue_type`` (once) and route its exit to ``queue``.
