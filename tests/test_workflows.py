@@ -342,3 +342,23 @@ def test_any_workflow_object_decodes_or_is_a_decode_error(value: Any) -> None:
     # ... or it is a well-formed workflow that encodes back to the same object
     assert envelope.workflow is not None
     assert orjson.loads(envelope.encode())["workflow"] == envelope.workflow.to_json()
+
+
+async def test_with_signing_a_forged_result_does_not_count(
+    make_any_app: Callable[..., App],
+) -> None:
+    from aioqueue.message.workflow import result_properties
+    from aioqueue.topology import chord_queue_names
+
+    # Given an app that signs its messages, and a chord submitted before any worker runs
+    app = make_any_app(signing_keys={"k1": b"s" * 32})
+    t = tasks(app)
+    async with app:
+        h = await chord([t["add"].s(i, i) for i in range(4)], t["total"].s()).submit()
+        # When someone publishes an unsigned result for member 0 into the chord's queue
+        forged = dumps({"index": 0, "value": 1000})
+        results = chord_queue_names(h.id)[0]
+        await app.broker.publish(results, forged, result_properties(h.id, 0))
+        # Then the workers' join drops it: the callback gets the real results
+        async with running_worker(app):
+            assert await h.result(timeout=30) == 12

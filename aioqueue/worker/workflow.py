@@ -26,8 +26,9 @@ from typing import Any
 
 from ..app import App
 from ..broker import Delivery, settle
-from ..errors import DecodeError, PublishError, UnroutableError
+from ..errors import DecodeError, PublishError, SignatureError, UnroutableError
 from ..message import Envelope, Outcome, dumps, loads
+from ..message.signing import sign, verify
 from ..message.workflow import Workflow, result_properties
 from ..topology import chord_queue_names
 from .handoff import Handoff
@@ -120,10 +121,11 @@ class Workflows:
     async def _member_done(self, envelope: Envelope, workflow: Workflow, value: Any) -> None:
         results = chord_queue_names(workflow.id)[0]
         body = dumps({"index": workflow.index, "value": value})
+        properties = result_properties(workflow.id, workflow.index)
+        if self.app.signing is not None:  # the join then counts only results signed here
+            sign(properties, body, self.app.signing, due_at=self.app.broker.now())
         try:
-            await self.app.broker.publish(
-                results, body, result_properties(workflow.id, workflow.index)
-            )
+            await self.app.broker.publish(results, body, properties)
         except UnroutableError:
             log.info(
                 "workflow %s has joined or expired: member %d's result is not needed",
@@ -153,13 +155,15 @@ class Workflows:
                 values: dict[int, Any] = {}
                 for message in queue.messages:
                     try:
+                        if self.app.signing is not None:
+                            verify(message.properties, message.body, self.app.signing)
                         index, value = decode_result(
                             message.body,
                             size=workflow.size,
                             max_size=self.app.settings.max_message_size,
                         )
-                    except DecodeError as exc:
-                        log.warning("dropped a message of %r: %s", results, exc.message)
+                    except (DecodeError, SignatureError) as exc:
+                        log.warning("dropped a message of %r: %s", results, exc)
                         await message.ack()
                         continue
                     if index in values:
