@@ -25,6 +25,7 @@ from ..message import (
     H_DEAD_TRACEBACK,
     H_DEAD_WORKER,
     H_DELIVERIES,
+    H_RATE_QUEUE,
     Envelope,
     ErrorInfo,
     Outcome,
@@ -32,6 +33,7 @@ from ..message import (
     reply_properties,
 )
 from ..message.celery import CeleryFields, encode_reply
+from ..ratelimit import holding_queue_name
 from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
@@ -93,6 +95,21 @@ class Handoff:
                 envelope.id,
                 exc,
             )
+            await settle(delivery, ack=False, requeue=True)
+            return False
+        await settle(delivery, ack=True)
+        return True
+
+    async def hold(self, delivery: Delivery, task_name: str) -> bool:
+        """A rate-limited task that has not had its turn yet: move it to the task's holding
+        queue, where the pacer lets it back at the rate (`aioqueue.worker.pacer`); the copy
+        remembers its work queue. Confirmed, then acked; requeued if not confirmed."""
+        copy = dead_letter_copy(delivery.properties, {H_RATE_QUEUE: delivery.queue})
+        try:
+            await self.broker.publish(holding_queue_name(task_name), delivery.body, copy)
+        except PublishError as exc:
+            log.error("could not hold a message of %s for its rate limit (%s); requeued",
+                      task_name, exc)  # fmt: skip
             await settle(delivery, ack=False, requeue=True)
             return False
         await settle(delivery, ack=True)

@@ -34,6 +34,7 @@ from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
+from .limits import ConcurrencyLimits, needs_pacing
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
@@ -87,6 +88,7 @@ class Pipeline:
         # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
         self.cancelled_ids: CancelledIds | None = None
         self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
+        self.limits = ConcurrencyLimits()  # the worker gives it its slots
 
     async def process(self, delivery: Delivery) -> None:
         """Decode → guards → run → hand-off."""
@@ -119,7 +121,12 @@ class Pipeline:
             envelope = await self._celery_guards(delivery, envelope)
             if envelope is None:
                 return
-        await self._run(delivery, envelope, redelivered)
+        task = self.app.tasks[envelope.task]
+        if needs_pacing(task, delivery):  # its turn comes from the pacer, in RabbitMQ
+            await self.handoff.hold(delivery, task.name)
+            return
+        async with self.limits.turn(task):
+            await self._run(delivery, envelope, redelivered)
 
     async def _celery_guards(self, delivery: Delivery, envelope: Envelope) -> Envelope | None:
         """A Celery message: wait for its ETA in the delay ladder, and fit kombu-typed
