@@ -1,0 +1,124 @@
+"""Rate limits and concurrency limits in one process: option parsing, the pacer's slots, the
+in-memory transport, and ``concurrency_limit`` on both brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from aioqueue import App
+from aioqueue.ratelimit import Rate, SlotClock, holding_queue_name, parse_rate
+from aioqueue.testing import run_until_idle
+from tests.conftest import running_worker, wait_until
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "per"),
+    [("50/s", 50, 1), ("100/m", 100, 60), ("10/h", 10, 3600), (" 2.5 / s ", 2.5, 1)],
+)
+def test_rates_parse(text: str, count: float, per: float) -> None:
+    rate = parse_rate(text)
+    assert (rate.count, rate.per) == (count, per)
+    assert rate.interval == per / count
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("50", "is not"),
+        ("50/d", "is not"),
+        ("/s", "is not"),
+        ("0/s", "must be positive"),
+        ("-1/s", "is not"),
+        ("abc", "is not"),
+        ("5/h", "slower than one run per 600s"),
+        (50, "must be a string"),
+    ],
+)
+def test_bad_rates_are_refused_at_decoration(text: Any, why: str) -> None:
+    app = App("x", broker_url="memory://rates")
+    with pytest.raises(ValueError, match=why):
+
+        @app.task(name="x.t", rate_limit=text)
+        async def t() -> None: ...
+
+    assert "x.t" not in app.tasks
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True, "2"])
+def test_bad_concurrency_limits_are_refused(limit: Any) -> None:
+    app = App("x", broker_url="memory://rates")
+    with pytest.raises(ValueError, match="concurrency_limit"):
+        app.task(name="x.t", concurrency_limit=limit)
+
+
+def test_slots_are_evenly_spaced_and_never_in_the_past() -> None:
+    clock = SlotClock(Rate(4, 1.0, "4/s"))
+    # Given a burst of messages at t=10: one goes at once, then one each 0.25 s
+    assert [clock.reserve(10.0) for _ in range(4)] == [10.0, 10.25, 10.5, 10.75]
+    # After an idle spell the next goes at once, not in a catch-up burst
+    assert clock.reserve(20.0) == 20.0
+    assert clock.reserve(20.0) == 20.25
+
+
+def test_holding_queue_is_named_per_task() -> None:
+    assert holding_queue_name("shop.charge") == "aioqueue.ratelimit.shop.charge"
+
+
+async def test_the_memory_transport_paces_a_rate_limited_task(queue_name: str) -> None:
+    # Given an app on the in-memory broker with a task limited to 20 a second
+    app = App("mem", broker_url=f"memory://{queue_name}", default_queue=queue_name)
+    started: list[float] = []
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="20/s")
+    async def limited(i: int) -> int:
+        started.append(time.monotonic())
+        return i
+
+    async with app, running_worker(app) as worker:
+        # When 10 are submitted at once
+        handles = [await limited.submit(i) for i in range(10)]
+        await run_until_idle(app, timeout=60)
+        # Then all ran, one per 50 ms at most, through the pacer
+        assert [await h.result(timeout=10) for h in handles] == list(range(10))
+        assert worker.pacer is not None and worker.pacer.paced == 10
+    assert started[-1] - started[0] >= 9 * 0.05 * 0.8
+
+
+async def test_concurrency_limit_holds_and_waiting_runs_give_their_slot_back(
+    make_any_app: Any, queue_name: str
+) -> None:
+    # Given a task allowed 2 runs at once, and a worker with 3 slots
+    app: App = make_any_app()
+    release = asyncio.Event()
+    running = 0
+    most = 0
+
+    @app.task(name=f"{queue_name}.narrow", concurrency_limit=2)
+    async def narrow(i: int) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await release.wait()
+        finally:
+            running -= 1
+        return i
+
+    @app.task(name=f"{queue_name}.other")
+    async def other() -> str:
+        return "ran"
+
+    async with app, running_worker(app, concurrency=3, prefetch=10):
+        handles = [await narrow.submit(i) for i in range(6)]
+        await wait_until(lambda: running == 2, what="two runs")
+        # When another task comes while four runs wait for a turn
+        # Then it runs meanwhile: the waiting ones hold no worker slot
+        assert await (await other.submit()).result(timeout=30) == "ran"
+        assert running == 2
+        release.set()
+        assert [await h.result(timeout=30) for h in handles] == list(range(6))
+    assert most == 2
