@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -88,19 +89,44 @@ def holding_queue_arguments(queue_type: QueueType = "classic") -> dict[str, Any]
 
 
 class SlotClock:
-    """The pacer's schedule for one task: each message gets the next free slot, one
-    `Rate.interval` after the previous one, and never earlier than now.
+    """The pacer's schedule for one task, message after message.
 
-    After an idle spell the first message goes at once (a burst of one token), then the
-    spacing holds: in any window of ``w`` seconds at most ``w / interval + 1`` messages go.
+    Each message is due one `Rate.interval` after the previous one was due, so wake-ups that
+    come late (a busy machine) are caught up and the average holds; never more than the
+    rate's worth go in any one second of actual sends, so catching up never bunches messages
+    beyond the limit; and after a stall or an idle spell longer than that second the schedule
+    starts afresh from now (the first message goes at once: a burst of one token).
     """
+
+    WINDOW: Final = 1.0
 
     def __init__(self, rate: Rate) -> None:
         self.rate = rate
         self._next: float | None = None
+        self._base = 0.0  # when the message `due` was asked for is due, by the schedule
+        self._sent: deque[float] = deque()
+        self._cap = max(1, math.ceil(rate.per_second * self.WINDOW))
+
+    def due(self, now: float) -> float:
+        """When the next message may go (``>= now``)."""
+        fresh = self._next is None or self._next < now - self.WINDOW
+        self._base = now if fresh or self._next is None else self._next
+        go = max(self._base, now)
+        while self._sent and self._sent[0] <= now - self.WINDOW:
+            self._sent.popleft()
+        if len(self._sent) >= self._cap:
+            go = max(go, self._sent[-self._cap] + self.WINDOW)
+        return go
+
+    def took(self, at: float) -> None:
+        """The message last asked `due` for went at ``at``."""
+        self._next = self._base + self.rate.interval
+        self._sent.append(at)
+        if len(self._sent) > self._cap:
+            self._sent.popleft()
 
     def reserve(self, now: float) -> float:
-        """The time at which the next message may go (``>= now``)."""
-        slot = now if self._next is None else max(self._next, now)
-        self._next = slot + self.rate.interval
-        return slot
+        """`due` and `took` at once, for a message that goes exactly when due."""
+        go = self.due(now)
+        self.took(go)
+        return go

@@ -8,6 +8,7 @@ and the broker URL from ``$AIOQUEUE_BROKER_URL`` or the worker's ``--broker-url`
 from __future__ import annotations
 
 import os
+import time
 
 from aioqueue import App
 
@@ -36,6 +37,12 @@ async def fire() -> None:
     """The fire-and-forget task: counts its executions in this worker process."""
     global _executed
     _executed += 1
+
+
+@app.task(name="bench.limited", rate_limit=os.environ.get("AIOQUEUE_BENCH_RATE", "50/s"))
+async def limited() -> float:
+    """The rate-limited task: returns when it started (wall time, for windows of starts)."""
+    return time.time()
 
 
 @app.task(name="bench.executed")

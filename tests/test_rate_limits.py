@@ -64,6 +64,35 @@ def test_slots_are_evenly_spaced_and_never_in_the_past() -> None:
     assert clock.reserve(20.0) == 20.25
 
 
+def test_late_sends_are_caught_up_but_never_bunch_beyond_the_rate() -> None:
+    clock = SlotClock(Rate(4, 1.0, "4/s"))
+    # Given sends each 0.2 s late: the next is still due one interval after the last was due
+    for due in (0.0, 0.25, 0.5, 0.75):
+        assert clock.due(due - 0.05 if due else 0.0) == due
+        clock.took(due + 0.2)
+    # When the next is due at 1.0, four went in the second before it (0.2 .. 0.95)
+    # Then it waits until that second has passed: at most 4 in any second of actual sends
+    assert clock.due(0.95) == 1.2
+    clock.took(1.2)
+    assert clock.due(1.3) == 1.45  # the second 0.45 .. 1.2 holds four already
+    # And a stall longer than a second starts the schedule afresh instead of a burst
+    assert clock.due(5.0) == 5.0
+    clock.took(5.0)
+    assert clock.due(5.0) == 5.25
+
+
+def test_a_late_wake_up_is_caught_up() -> None:
+    clock = SlotClock(Rate(4, 1.0, "4/s"))
+    clock.took(clock.due(0.0))
+    # Given the message due at 0.25 is sent at 0.5
+    assert clock.due(0.5) == 0.5
+    clock.took(0.5)
+    # Then the one due at 0.5 goes at once, and the schedule goes on from there
+    assert clock.due(0.5) == 0.5
+    clock.took(0.5)
+    assert clock.due(0.5) == 0.75
+
+
 def test_holding_queue_is_named_per_task() -> None:
     assert holding_queue_name("shop.charge") == "aioqueue.ratelimit.shop.charge"
 

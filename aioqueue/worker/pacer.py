@@ -67,7 +67,6 @@ class Pacer:
         self.leading = asyncio.Event()
         self.paced = 0  # messages moved to their work queue by this process
         self._stop = asyncio.Event()
-        self._turns: dict[str, set[asyncio.Task[None]]] = {}  # holding queue -> waiting
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,75 +117,113 @@ class Pacer:
         return True
 
     async def _lead(self, lease: Lease | MemoryLease) -> None:
-        tasks = limited_tasks(self.app)
         log.info("pacer %s leads the rate limits of app %r", self.identity, self.app.name)
-        consumers: list[Consumer] = []
+        lanes: list[_Lane] = []
         try:
-            for task in tasks:
-                consumers.append(await self._pace(task))
+            for task in limited_tasks(self.app):
+                lane = _Lane(self, task)
+                lanes.append(lane)
+                await lane.start()
             self.leading.set()
             await self._unless_stopped(lease.wait_lost())
         finally:
-            for consumer in consumers:
-                with contextlib.suppress(Exception):
-                    await consumer.cancel()
-            for waiting in self._turns.values():  # not yet published: back to the queue
-                for turn in list(waiting):
-                    turn.cancel()
-            for consumer in consumers:
-                with contextlib.suppress(Exception):
-                    await consumer.close()
-            self._turns.clear()
+            for lane in lanes:
+                await lane.close()
 
-    async def _pace(self, task: Task[Any, Any]) -> Consumer:
-        """Consume ``task``'s holding queue, each message in its turn."""
-        rate = task.options.rate_limit
-        assert rate is not None
+
+class _Lane:
+    """One rate-limited task while this process leads: its holding queue's messages are
+    queued here in delivery order and sent one by one, each when its `SlotClock` says."""
+
+    def __init__(self, pacer: Pacer, task: Task[Any, Any]) -> None:
+        assert task.options.rate_limit is not None
+        self.pacer = pacer
+        self.app = pacer.app
+        self.task = task
+        self.holding = holding_queue_name(task.name)
+        self.clock = SlotClock(task.options.rate_limit)
+        self.inbox: asyncio.Queue[tuple[int, Delivery]] = asyncio.Queue()
+        self.generation = 0  # bumped when the channel is lost: older deliveries are stale
+        self.publishing: set[asyncio.Task[None]] = set()
+        self.consumer: Consumer | None = None
+        self.sender: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
         broker = self.app.broker
-        holding = holding_queue_name(task.name)
-        await broker.declare_queue(holding, holding_queue_arguments(task.options.queue_type))
-        clock = SlotClock(rate)
-        waiting = self._turns.setdefault(holding, set())
-        loop = asyncio.get_running_loop()
-
-        async def on_delivery(delivery: Delivery) -> None:
-            slot = clock.reserve(loop.time())  # in delivery order
-            turn = loop.create_task(self._move(delivery, task, slot))
-            waiting.add(turn)
-            turn.add_done_callback(waiting.discard)
-
-        def on_lost(queue: str, exc: BaseException | None) -> None:
-            # the channel is gone and its deliveries are back in the queue: publishing them
-            # now would move them twice
-            for turn in list(waiting):
-                turn.cancel()
-
-        return await broker.subscribe(
-            holding, on_delivery, prefetch=pacer_prefetch(rate), on_lost=on_lost
+        arguments = holding_queue_arguments(self.task.options.queue_type)
+        await broker.declare_queue(self.holding, arguments)
+        self.sender = asyncio.ensure_future(self._send())
+        assert self.task.options.rate_limit is not None
+        self.consumer = await broker.subscribe(
+            self.holding,
+            self._received,
+            prefetch=pacer_prefetch(self.task.options.rate_limit),
+            on_lost=self._lost,
         )
 
-    async def _move(self, delivery: Delivery, task: Task[Any, Any], slot: float) -> None:
-        """Wait for ``slot``, publish the paced copy to its work queue, then ack."""
-        try:
-            await asyncio.sleep(max(0.0, slot - asyncio.get_running_loop().time()))
-        except asyncio.CancelledError:
+    async def _received(self, delivery: Delivery) -> None:
+        self.inbox.put_nowait((self.generation, delivery))
+
+    def _lost(self, queue: str, exc: BaseException | None) -> None:
+        # the channel is gone and its deliveries are back in the queue: sending the ones
+        # still here would move them twice
+        self.generation += 1
+
+    async def close(self) -> None:
+        """Stop: what is not sent yet goes back to the holding queue."""
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.cancel()
+        if self.sender is not None:
+            self.sender.cancel()
+            await asyncio.gather(self.sender, return_exceptions=True)
+        if self.publishing:  # confirmed or not: let each end, then settle it
+            await asyncio.gather(*self.publishing, return_exceptions=True)
+        while not self.inbox.empty():
+            _, delivery = self.inbox.get_nowait()
             with contextlib.suppress(Exception):
                 await settle(delivery, ack=False, requeue=True)
-            raise
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.consumer.close()
+
+    async def _send(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            generation, delivery = await self.inbox.get()
+            while True:  # a window may fill while waiting for the slot
+                slot = self.clock.due(loop.time())
+                if slot <= loop.time():
+                    break
+                try:
+                    await asyncio.sleep(slot - loop.time())
+                except asyncio.CancelledError:
+                    self.inbox.put_nowait((generation, delivery))  # requeued by close
+                    raise
+            if generation != self.generation:
+                continue  # stale: RabbitMQ has redelivered it already
+            self.clock.took(loop.time())
+            publish = loop.create_task(self._move(delivery))
+            self.publishing.add(publish)
+            publish.add_done_callback(self.publishing.discard)
+
+    async def _move(self, delivery: Delivery) -> None:
+        """Publish the paced copy to its work queue (confirmed), then ack the original."""
         headers = delivery.properties.headers or {}
         target = headers.get(H_RATE_QUEUE)
         if not isinstance(target, str) or not target:
-            target = task.options.queue
+            target = self.task.options.queue
         broker = self.app.broker
         try:
             if not broker.is_declared(target):
                 kind = self.app.queue_type_of(target)
                 await broker.declare_queue(target, work_queue_arguments(kind))
             copy = dead_letter_copy(delivery.properties, {H_PACED: 1})
-            await asyncio.shield(broker.publish(target, delivery.body, copy))
+            await broker.publish(target, delivery.body, copy)
         except (PublishError, *CONNECTION_ERRORS) as exc:
-            log.error("pacer: could not move a message of %s to %r (%s)", task.name, target, exc)
+            log.error("pacer: could not move a message of %s to %r (%s)", self.task.name,
+                      target, exc)  # fmt: skip
             await settle(delivery, ack=False, requeue=True)
             return
         await settle(delivery, ack=True)
-        self.paced += 1
+        self.pacer.paced += 1
