@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from aioqueue import App
+from aioqueue import App, RetryPolicy, task_context
 from aioqueue.ratelimit import Rate, SlotClock, holding_queue_name, parse_rate
 from aioqueue.testing import run_until_idle
 from tests.conftest import running_worker, wait_until
@@ -151,3 +151,23 @@ async def test_concurrency_limit_holds_and_waiting_runs_give_their_slot_back(
         release.set()
         assert [await h.result(timeout=30) for h in handles] == list(range(6))
     assert most == 2
+
+
+async def test_each_retry_of_a_rate_limited_task_waits_for_its_own_turn(queue_name: str) -> None:
+    # Given a rate-limited task that fails twice, then succeeds
+    app = App("mem", broker_url=f"memory://{queue_name}", default_queue=queue_name)
+    attempts: list[int] = []
+
+    @app.task(name=f"{queue_name}.flaky", rate_limit="50/s", retry=RetryPolicy(3, backoff=0.0))
+    async def flaky() -> str:
+        attempts.append(task_context().attempt)
+        if len(attempts) < 3:
+            raise RuntimeError("not yet")
+        return "ok"
+
+    async with app, running_worker(app) as worker:
+        handle = await flaky.submit()
+        assert await handle.result(timeout=30) == "ok"
+        # Then every attempt went through the pacer
+        assert attempts == [1, 2, 3]
+        assert worker.pacer is not None and worker.pacer.paced == 3
