@@ -170,7 +170,7 @@ class Lease:
                 await asyncio.sleep(self.poll_interval * random.uniform(0.8, 1.2))
             except CONNECTION_ERRORS as exc:
                 log.warning(
-                    "scheduler lease: broker unavailable (%s); retrying", self.describe(exc)
+                    "%s lease: broker unavailable (%s); retrying", self._role, self.describe(exc)
                 )
                 await self.release()
                 await asyncio.sleep(delay)
