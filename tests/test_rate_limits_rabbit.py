@@ -8,6 +8,7 @@ per worker instead of across them would show twice the rate in some window.
 from __future__ import annotations
 
 import re
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -81,8 +82,9 @@ async def test_a_waiting_task_holds_no_worker_slot(
         assert [await h.result(timeout=120) for h in limited] == [f"w{i}" for i in range(12)]
 
 
-async def test_killing_the_pacer_loses_nothing_and_a_follower_takes_over(
-    spawn_worker: Any, rabbit: RabbitNode, queue_name: str, tmp_path: Path
+@pytest.mark.parametrize("stop", ["kill the pacer", "kill the other worker", "SIGTERM the pacer"])
+async def test_a_worker_or_the_pacer_stopping_loses_nothing(
+    spawn_worker: Any, rabbit: RabbitNode, queue_name: str, tmp_path: Path, stop: str
 ) -> None:
     # Given two workers, one of them the pacer
     procs = workers(spawn_worker, 2, "5/s")
@@ -93,15 +95,20 @@ async def test_killing_the_pacer_loses_nothing_and_a_follower_takes_over(
         what="a pacer",
     )
     follower = next(p for p in procs if p is not leader)
+    victim, survivor = (follower, leader) if stop == "kill the other worker" else (leader, follower)
     async with App("tests-client", broker_url=rabbit.url, default_queue=queue_name) as client:
         handles = [await client.submit(f"{queue_name}.limited", f"p{i}") for i in range(30)]
         await wait_until(lambda: len(starts(tmp_path)) >= 5, timeout=60, what="5 runs")
-        # When the pacer is killed (SIGKILL) mid-way
-        leader.kill()
-        # Then the other worker takes over, and every task runs and replies
+        # When one of them stops mid-way: SIGKILL, or a graceful stop
+        if stop.startswith("SIGTERM"):
+            victim.proc.send_signal(signal.SIGTERM)
+            assert await victim.wait_exit() == 0
+        else:
+            victim.kill()
+        # Then the other one paces (taking the lease over if it must), and every task replies
         results = [await h.result(timeout=120) for h in handles]
     assert results == [f"p{i}" for i in range(30)]
-    assert "leads the rate limits" in follower.output()
+    assert "leads the rate limits" in survivor.output()
     runs = Counter(key for _, key, _ in starts(tmp_path))
     assert set(runs) == {f"p{i}" for i in range(30)}
     assert max(runs.values()) <= 2  # at-least-once: a run in hand of the killed one again
