@@ -7,8 +7,12 @@ per worker instead of across them would show twice the rate in some window.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -79,6 +83,17 @@ async def test_a_waiting_task_holds_no_worker_slot(
         # Then it runs while most of the limited ones still wait, in RabbitMQ
         assert await free.result(timeout=60) == 7
         assert len(starts(tmp_path)) < 12
+        # And `aioqueue status` shows the holding queue, with the pacer consuming it
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "aioqueue", "status", APP, "--broker-url", rabbit.url],
+            env={**os.environ, "AIOQUEUE_TEST_QUEUE": queue_name},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"aioqueue.ratelimit.{queue_name}.limited" in status.stdout
         assert [await h.result(timeout=120) for h in limited] == [f"w{i}" for i in range(12)]
 
 
