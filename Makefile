@@ -79,6 +79,7 @@ fuzz: install
 bench: install
 	$(BROKER) install
 	$(BIN)/python -m bench --with-cluster --cluster-runs 1
+	$(BIN)/python -m bench.processes
 
 clean:
 	rm -rf $(VENV) .rabbitmq .mypy_cache .ruff_cache .pytest_cache

@@ -35,6 +35,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
 QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum", both systems
+RAW_PREFETCH_ENV = "AIOQUEUE_BENCH_RAW_PREFETCH"  # raw's prefetch (bench/raw.py)
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
@@ -61,7 +62,13 @@ class Worker:
     """A worker process of either system, its output in ``log``."""
 
     def __init__(
-        self, system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+        self,
+        system: System,
+        url: str,
+        queue: str,
+        log: Path,
+        queue_type: str = "classic",
+        raw_prefetch: int = 100,
     ) -> None:
         if system != "raw":
             command = [
@@ -77,7 +84,7 @@ class Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, *command],
                 cwd=ROOT,
-                env=bench_env(url, queue, queue_type),
+                env={**bench_env(url, queue, queue_type), RAW_PREFETCH_ENV: str(raw_prefetch)},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -129,10 +136,15 @@ class Worker:
 
 @contextlib.contextmanager
 def start_worker(
-    system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+    system: System,
+    url: str,
+    queue: str,
+    log: Path,
+    queue_type: str = "classic",
+    raw_prefetch: int = 100,
 ) -> Iterator[Worker]:
     """A ready worker for the block; stopped (SIGTERM) when it ends."""
-    worker = Worker(system, url, queue, log, queue_type)
+    worker = Worker(system, url, queue, log, queue_type, raw_prefetch)
     try:
         worker.wait_ready()
         yield worker

@@ -40,6 +40,7 @@ PRODUCER_TIMEOUT = {
     "ratelimit": 300,
 }
 WORKER_PROCESSES = {"ratelimit": 2}  # one otherwise: the limit is measured across two
+RAW_FIRE_PREFETCH = 1000  # raw's fire at its strongest (issue 20); rpc and latency: 100
 BUSY_CORES = 0.25  # other processes using more CPU than this meanwhile: an anomaly
 PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough samples
 
@@ -199,6 +200,7 @@ class Suite:
                         queue,
                         self.logs / (f"{name}.log" if len(urls) == 1 else f"{name}-w{k}.log"),
                         self.queue_type,
+                        raw_prefetch=RAW_FIRE_PREFETCH if spec["workload"] == "fire" else 100,
                     )
                 )
                 for k, url in enumerate(urls, 1)

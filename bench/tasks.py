@@ -50,3 +50,14 @@ async def executed() -> list[int]:
     """``[pid, count]``: this worker process and how many ``bench.fire`` tasks it has run so
     far (with several workers on one queue the producer adds up the latest count of each)."""
     return [os.getpid(), _executed]
+
+
+@app.task(name="bench.burn")
+def burn(ms: float) -> int:
+    """A CPU-bound plain function: ~``ms`` milliseconds of pure Python, holding the GIL (so
+    only worker processes, not threads, run two at once: ``python -m bench.processes``)."""
+    deadline = time.perf_counter() + ms / 1000
+    spins = 0
+    while time.perf_counter() < deadline:
+        spins += sum(range(100))
+    return spins
