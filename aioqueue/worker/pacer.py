@@ -79,9 +79,15 @@ class Pacer:
                 await lease.connect(self.app.settings.connect_timeout)
                 if await self._unless_stopped(lease.acquire()):
                     await self._lead(lease)
+                    if not self._stop.is_set():
+                        log.warning("pacer %s lost the lease; campaigning again", self.identity)
             except (LeaseLost, *CONNECTION_ERRORS) as exc:
                 log.warning("pacer %s: lease lost (%s); campaigning again", self.identity, exc)
                 await self._unless_stopped(asyncio.sleep(self.poll_interval))
+            except Exception:  # e.g. the broker unreachable past the connect timeout
+                # the worker goes on running tasks; pacing must come back when it can
+                log.exception("pacer %s failed; campaigning again", self.identity)
+                await self._unless_stopped(asyncio.sleep(max(self.poll_interval, 1.0)))
             finally:
                 self.leading.clear()
                 with contextlib.suppress(Exception):
