@@ -4,6 +4,7 @@ in-memory transport, and ``concurrency_limit`` on both brokers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -171,3 +172,37 @@ async def test_each_retry_of_a_rate_limited_task_waits_for_its_own_turn(queue_na
         # Then every attempt went through the pacer
         assert attempts == [1, 2, 3]
         assert worker.pacer is not None and worker.pacer.paced == 3
+
+
+async def test_two_workers_in_memory_have_one_pacer(queue_name: str) -> None:
+    app = App("mem", broker_url=f"memory://{queue_name}", default_queue=queue_name)
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="50/s")
+    async def limited(i: int) -> int:
+        return i
+
+    async with app, running_worker(app) as first, running_worker(app) as second:
+        handles = [await limited.submit(i) for i in range(10)]
+        assert [await h.result(timeout=30) for h in handles] == list(range(10))
+        pacers = [w.pacer for w in (first, second)]
+        assert all(p is not None for p in pacers)
+        assert sorted(p.leading.is_set() for p in pacers if p) == [False, True]
+        assert sum(p.paced for p in pacers if p) == 10
+
+
+async def test_a_quorum_app_paces_through_a_quorum_holding_queue(
+    rabbit: Any, queue_name: str
+) -> None:
+    app = App("q", broker_url=rabbit.url, default_queue=queue_name, queue_type="quorum")
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="20/s")
+    async def limited(i: int) -> int:
+        return i
+
+    async with app, running_worker(app):
+        handles = [await limited.submit(i) for i in range(5)]
+        assert [await h.result(timeout=60) for h in handles] == list(range(5))
+    holding = holding_queue_name(f"{queue_name}.limited")
+    assert rabbit.queue_stats()[holding]["messages"] == 0
+    kinds = json.loads(rabbit.ctl("-q", "list_queues", "name", "type", "--formatter", "json"))
+    assert {"name": holding, "type": "quorum"} in kinds
