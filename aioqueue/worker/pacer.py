@@ -31,7 +31,7 @@ from ..ratelimit import Rate, SlotClock, holding_queue_arguments, holding_queue_
 from ..scheduler.in_memory import MemoryLease
 from ..scheduler.records import LeaseLost
 from ..task import Task
-from ..topology import work_queue_arguments
+from ..topology import INFRA_PREFIX, work_queue_arguments
 
 __all__ = ["Pacer", "limited_tasks"]
 
@@ -217,8 +217,8 @@ class _Lane:
         """Publish the paced copy to its work queue (confirmed), then ack the original."""
         headers = delivery.properties.headers or {}
         target = headers.get(H_RATE_QUEUE)
-        if not isinstance(target, str) or not target:
-            target = self.task.options.queue
+        if not isinstance(target, str) or not target or target.startswith(INFRA_PREFIX):
+            target = self.task.options.queue  # never into aioqueue's own queues
         broker = self.app.broker
         try:
             if not broker.is_declared(target):
