@@ -131,6 +131,24 @@ async def test_a_worker_or_the_pacer_stopping_loses_nothing(
     assert rabbit.queue_stats()[f"aioqueue.ratelimit.{queue_name}.limited"]["messages"] == 0
 
 
+async def test_pacing_resumes_after_a_broker_restart(
+    spawn_worker: Any, rabbit: RabbitNode, queue_name: str, tmp_path: Path
+) -> None:
+    # Given a worker pacing a task limited to 10 a second
+    (proc,) = workers(spawn_worker, 1, "10/s")
+    await proc.wait_ready()
+    async with App("tests-client", broker_url=rabbit.url, default_queue=queue_name) as client:
+        handles = [await client.submit(f"{queue_name}.limited", f"r{i}") for i in range(30)]
+        await wait_until(lambda: len(starts(tmp_path)) >= 5, timeout=60, what="5 runs")
+        # When the broker restarts mid-way
+        await asyncio.to_thread(rabbit.restart)
+        # Then the worker leads again and every task runs and replies
+        results = [await h.result(timeout=120) for h in handles]
+    assert results == [f"r{i}" for i in range(30)]
+    assert proc.output().count("leads the rate limits") >= 2
+    assert set(key for _, key, _ in starts(tmp_path)) == {f"r{i}" for i in range(30)}
+
+
 def test_a_rate_limited_task_name_must_name_a_queue() -> None:
     app = App("x", broker_url="memory://x")
     with pytest.raises(ValueError, match=re.escape("give it a name=")):
