@@ -206,3 +206,21 @@ async def test_a_quorum_app_paces_through_a_quorum_holding_queue(
     assert rabbit.queue_stats()[holding]["messages"] == 0
     kinds = json.loads(rabbit.ctl("-q", "list_queues", "name", "type", "--formatter", "json"))
     assert {"name": holding, "type": "quorum"} in kinds
+
+
+async def test_a_celery_message_of_a_rate_limited_task_is_paced_too(
+    rabbit: Any, queue_name: str
+) -> None:
+    # Given a rate-limited task, and a producer sending Celery's own messages for it
+    app = App("c", broker_url=rabbit.url, default_queue=queue_name)
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="20/s")
+    async def limited(i: int) -> int:
+        return i * 2
+
+    celery_side = app.celery_task(f"{queue_name}.limited", queue=queue_name)
+    async with app, running_worker(app) as worker:
+        handles = [await celery_side.submit(i) for i in range(5)]
+        # Then each runs, through the pacer
+        assert [await h.result(timeout=60) for h in handles] == [0, 2, 4, 6, 8]
+        assert worker.pacer is not None and worker.pacer.paced == 5
