@@ -224,3 +224,22 @@ async def test_a_celery_message_of_a_rate_limited_task_is_paced_too(
         # Then each runs, through the pacer
         assert [await h.result(timeout=60) for h in handles] == [0, 2, 4, 6, 8]
         assert worker.pacer is not None and worker.pacer.paced == 5
+
+
+async def test_a_deleted_holding_queue_is_declared_again(rabbit: Any, queue_name: str) -> None:
+    # Given a worker pacing a rate-limited task
+    app = App("d", broker_url=rabbit.url, default_queue=queue_name)
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="20/s")
+    async def limited(i: int) -> int:
+        return i
+
+    async with app, running_worker(app):
+        assert await (await limited.submit(1)).result(timeout=60) == 1
+        # When someone deletes the holding queue
+        await asyncio.to_thread(
+            rabbit.ctl, "delete_queue", holding_queue_name(f"{queue_name}.limited")
+        )
+        # Then the next tasks still run: the queue is declared again and paced from
+        handles = [await limited.submit(i) for i in range(3)]
+        assert [await h.result(timeout=60) for h in handles] == [0, 1, 2]

@@ -33,7 +33,7 @@ from ..message import (
     reply_properties,
 )
 from ..message.celery import CeleryFields, encode_reply
-from ..ratelimit import holding_queue_name
+from ..ratelimit import holding_queue_arguments, holding_queue_name
 from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
@@ -105,8 +105,14 @@ class Handoff:
         queue, where the pacer lets it back at the rate (`aioqueue.worker.pacer`); the copy
         remembers its work queue. Confirmed, then acked; requeued if not confirmed."""
         copy = dead_letter_copy(delivery.properties, {H_RATE_QUEUE: delivery.queue})
+        holding = holding_queue_name(task_name)
         try:
-            await self.broker.publish(holding_queue_name(task_name), delivery.body, copy)
+            try:
+                await self.broker.publish(holding, delivery.body, copy)
+            except UnroutableError:  # deleted under us: declare it again, publish once more
+                kind = self.app.tasks[task_name].options.queue_type
+                await self.app.producer.redeclare(holding, holding_queue_arguments(kind))
+                await self.broker.publish(holding, delivery.body, copy)
         except PublishError as exc:
             log.error("could not hold a message of %s for its rate limit (%s); requeued",
                       task_name, exc)  # fmt: skip
