@@ -19,7 +19,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .errors import AioqueueError, PublishError, UnroutableError
+from .errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
 from .message import Envelope, Outcome, check_json_native, task_properties
 from .message.celery import CeleryFields, encode_task
 from .results import ReplyConsumer, ResultHandle
@@ -177,6 +177,14 @@ class Producer:
                     task_name=envelope.task,
                     task_id=envelope.id,
                 ) from None
+            if isinstance(exc, BrokerConnectionError) and app._broker is not None:
+                # the connection gave out under this submit (e.g. a declare while RabbitMQ
+                # is away): not confirmed, as a publish past its deadline
+                raise PublishError(
+                    f"task {envelope.task} was not published: {exc}",
+                    task_name=envelope.task,
+                    task_id=envelope.id,
+                ) from exc
             if isinstance(exc, PublishError) and exc.task_id is None:
                 exc.task_name, exc.task_id = envelope.task, envelope.id
             raise
