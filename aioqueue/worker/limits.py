@@ -36,11 +36,6 @@ class ConcurrencyLimits:
         self.worker_slots = worker_slots
         self._turns: dict[str, asyncio.Semaphore] = {}
 
-    def running(self, task_name: str, limit: int) -> int:
-        """How many runs of ``task_name`` hold a turn now."""
-        turns = self._turns.get(task_name)
-        return 0 if turns is None else limit - turns._value
-
     @contextlib.asynccontextmanager
     async def turn(self, task: Task[Any, Any]) -> AsyncIterator[None]:
         """Hold one of ``task``'s turns for the block (at once when it has no limit)."""
