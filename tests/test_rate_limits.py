@@ -109,13 +109,24 @@ async def test_the_memory_transport_paces_a_rate_limited_task(queue_name: str) -
         return i
 
     async with app, running_worker(app) as worker:
-        # When 10 are submitted at once
-        handles = [await limited.submit(i) for i in range(10)]
+        # When 30 are submitted at once
+        handles = [await limited.submit(i) for i in range(30)]
         await run_until_idle(app, timeout=60)
-        # Then all ran, one per 50 ms at most, through the pacer
-        assert [await h.result(timeout=10) for h in handles] == list(range(10))
-        assert worker.pacer is not None and worker.pacer.paced == 10
-    assert started[-1] - started[0] >= 9 * 0.05 * 0.8
+        # Then all ran, through the pacer, about 20 a second (at most 21 in any second are
+        # paced; the margin is for a busy machine's jitter; without the limit: all 30)
+        assert [await h.result(timeout=10) for h in handles] == list(range(30))
+        assert worker.pacer is not None and worker.pacer.paced == 30
+    assert most_in_a_second(started) <= 26
+
+
+def most_in_a_second(times: list[float]) -> int:
+    times = sorted(times)
+    best = first = 0
+    for last, t in enumerate(times):
+        while t - times[first] >= 1.0:
+            first += 1
+        best = max(best, last - first + 1)
+    return best
 
 
 async def test_concurrency_limit_holds_and_waiting_runs_give_their_slot_back(

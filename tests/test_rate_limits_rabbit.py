@@ -59,13 +59,13 @@ async def test_the_limit_holds_across_two_worker_processes(
         # When 25 tasks are submitted at once
         handles = [await client.submit(f"{queue_name}.limited", f"k{i}") for i in range(25)]
         results = [await h.result(timeout=120) for h in handles]
-    # Then all ran, on both workers, at most about 5 in any second (10 if each paced alone)
+    # Then all ran, on both workers, about 5 a second: at most 16 in any 3 s are paced, 30 if
+    # each worker paced alone; the margin is for delivery jitter on a busy machine
     assert sorted(results) == sorted(f"k{i}" for i in range(25))
     rows = starts(tmp_path)
     times = [t for t, _, _ in rows]
     assert len({pid for _, _, pid in rows}) == 2
-    assert most_in_a_window(times, 1.0) <= 8
-    assert max(times) - min(times) >= 24 * 0.2 * 0.8  # 25 runs at 5/s span 4.8 s
+    assert most_in_a_window(times, 3.0) <= 22
     leaders = [p for p in procs if "leads the rate limits" in p.output()]
     assert len(leaders) == 1
 
