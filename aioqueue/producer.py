@@ -20,8 +20,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
-from .message import Envelope, Outcome, check_json_native, task_properties
+from .message import Envelope, Outcome, check_json_native
 from .message.celery import CeleryFields, encode_task
+from .message.properties import task_message
 from .results import ReplyConsumer, ResultHandle
 from .streams import EventSink, StreamReader
 from .task import TaskOptions
@@ -216,9 +217,9 @@ class Producer:
             await broker.declare_queue(queue, work_queue_arguments(kind))
         if envelope.celery is not None:  # Celery's format, read from or sent to Celery
             body, properties = encode_task(envelope, expiration=delay <= 0)
-        else:
-            properties = task_properties(envelope)
-            body = envelope.encode()
+        else:  # signed with the app's keys, fresh from when it is due
+            due_at = broker.now() + max(delay, 0.0)
+            body, properties = task_message(envelope, self.app.signing, due_at=due_at)
         if delay <= 0:
             try:
                 await broker.publish(queue, body, properties, timeout=timeout)
@@ -288,7 +289,8 @@ class _Receiver:
             queue = stream_queue_name(envelope.id)
             expires = app.settings.reply_queue_expires
             await app.broker.declare_queue(queue, reply_queue_arguments(expires, app.queue_type))
-            self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
+            buffer = app.settings.event_buffer
+            self.reader = StreamReader(app.broker, queue, buffer, signing=app.signing)
             await self.reader.start()
             envelope = replace(envelope, stream_to=queue)
         return self.expect(replies, envelope)

@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(aioqueue-no-events), for the cost of task events",
     )
     p.add_argument(
+        "--signing",
+        action="store_true",
+        help="also run rpc/fire/latency with signing keys on producer and worker "
+        "(aioqueue-signed), for the cost of signed messages",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         help="result file (default bench/results/latest.json, with --cluster .../cluster.json)",
@@ -181,9 +187,10 @@ def render(
     anomalies: list[str] = []
     if suite is not None:
         parts += ["", report.markdown(report.rows(suite.measured, suite.sizes))]
-        events = report.events_markdown(suite.measured)
-        if events:
-            parts += ["", events]
+        for paired in (report.events_markdown, report.signing_markdown):
+            table = paired(suite.measured)
+            if table:
+                parts += ["", table]
         runs = report.per_run(suite.measured, BUSY_CORES)
         if runs:
             parts += ["", f"Per run (* = other processes used > {BUSY_CORES} cores meanwhile):"]
@@ -310,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         with broker(args.broker_url) as (url, broker_pid):
             meta = environment(url, args, sizes)
             suite = Suite(url, sizes, logs, broker_pid=broker_pid, quiet_wait=args.quiet_wait)
-            suite.run(args.only, args.runs, events=args.events)
+            suite.run(args.only, args.runs, events=args.events, signing=args.signing)
             if args.profile:
                 try:
                     profile = suite.profile(RESULTS / "profile-rpc-aioqueue.txt")

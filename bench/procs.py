@@ -40,15 +40,24 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
 # "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events)
-System = Literal["raw", "aioqueue", "aioqueue-no-events"]
+# "aioqueue-signed": producer and worker with signing keys (python -m bench --signing)
+System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-signed"]
+# the benchmark's signing keys (not a secret: they sign only its own messages)
+SIGNING_KEYS = f"bench2:{'b2' * 32},bench1:{'b1' * 32}"
 
 
 class BenchError(RuntimeError):
     """A measurement could not be taken (a process failed, hung, or answered nonsense)."""
 
 
-def bench_env(url: str, queue: str, queue_type: str = "classic") -> dict[str, str]:
-    return {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
+def bench_env(
+    url: str, queue: str, queue_type: str = "classic", system: str = "aioqueue"
+) -> dict[str, str]:
+    env = {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
+    env.pop("AIOQUEUE_SIGNING_KEYS", None)
+    if system == "aioqueue-signed":  # bench/tasks.py's App reads them from the environment
+        env["AIOQUEUE_SIGNING_KEYS"] = SIGNING_KEYS
+    return env
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -84,7 +93,10 @@ class Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, *command],
                 cwd=ROOT,
-                env={**bench_env(url, queue, queue_type), RAW_PREFETCH_ENV: str(raw_prefetch)},
+                env={
+                    **bench_env(url, queue, queue_type, system),
+                    RAW_PREFETCH_ENV: str(raw_prefetch),
+                },
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -166,7 +178,9 @@ def run_producer(
         done = subprocess.run(
             command,
             cwd=ROOT,
-            env=bench_env(spec["url"], spec["queue"], spec.get("queue_type", "classic")),
+            env=bench_env(
+                spec["url"], spec["queue"], spec.get("queue_type", "classic"), spec["system"]
+            ),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,

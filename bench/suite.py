@@ -89,16 +89,21 @@ class Suite:
         self.measured: Measurements = {}
         self.anomalies: list[str] = []
 
-    def run(self, workloads: list[str], runs: int, *, events: bool = False) -> None:
+    def run(
+        self, workloads: list[str], runs: int, *, events: bool = False, signing: bool = False
+    ) -> None:
         """The compared workloads interleaved run by run, then the once-only ones.
 
         ``events``: also the aioqueue worker with task events off (``aioqueue-no-events``),
-        interleaved with the others, for the cost of task events.
+        interleaved with the others, for the cost of task events. ``signing``: also aioqueue
+        with signing keys on both sides (``aioqueue-signed``), for the cost of signed messages.
         """
         compared = [w for w in COMPARED if w in workloads]
         systems: list[System] = ["raw", "aioqueue"]
         if events:
             systems.append("aioqueue-no-events")
+        if signing:
+            systems.append("aioqueue-signed")
         for run in range(runs):
             for workload in compared:
                 for system in systems if run % 2 == 0 else systems[::-1]:

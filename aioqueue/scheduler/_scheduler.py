@@ -210,8 +210,9 @@ class Scheduler:
     def _start(self) -> None:
         self._active = True
         if self._memory is None and is_memory_url(self.app.broker_url):
+            app = self.app
             self._memory = MemoryBackend(
-                self.app.broker_url, self.app.settings, self.app.name, self._busy
+                app.broker_url, app.settings, app.name, self._busy, signing=app.signing
             )
             virtual = self._memory.clock
             if self._default_clock and virtual is not None:
@@ -266,8 +267,9 @@ class Scheduler:
             heartbeat=self.heartbeat,
             queue_type=self.app.queue_type,
         )
+        app = self.app
         store = SlotStore(
-            lease, self.app.name, identity=self.identity, queue_type=self.app.queue_type
+            lease, app.name, identity=self.identity, queue_type=app.queue_type, signing=app.signing
         )
         return lease, store
 

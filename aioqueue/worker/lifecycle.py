@@ -28,6 +28,7 @@ from .events import TaskLog, TaskObserver
 from .handoff import Handoff
 from .pacer import Pacer, limited_tasks
 from .pipeline import Pipeline
+from .signature import SeenMessages
 from .task_events import TaskEvents
 
 __all__ = ["Worker", "WorkerStatistics", "split_prefetch"]
@@ -67,6 +68,9 @@ class Worker:
             one log line per task.
         events: Publish task events and heartbeats to the stream ``aioqueue.events``
             (`aioqueue.worker.task_events`); default: ``app.settings.events``.
+        replay_guard: With signing keys, where accepted messages are remembered (a
+            `aioqueue.worker.signature.SeenMessages`); default: a `ReplayGuard` of this
+            process. Processes of one worker share it by sharing this object's state.
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class Worker:
         max_deliveries: int = 5,
         observers: Sequence[TaskObserver] | None = None,
         events: bool | None = None,
+        replay_guard: SeenMessages | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -94,6 +99,7 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self.threads = threads or min(concurrency, 40)
         self.max_deliveries = max_deliveries
+        self.replay_guard = replay_guard
         self.observers: list[TaskObserver] = list(observers or [TaskLog()])
         self.events_enabled = app.settings.events if events is None else events
         self.events: TaskEvents | None = None  # while running with events on
@@ -160,6 +166,7 @@ class Worker:
             observers=observers,
             max_deliveries=self.max_deliveries,
             identity=self.identity,
+            replay_guard=self.replay_guard,
         )
         self._pipeline.limits.worker_slots = self._slots
         try:
@@ -174,7 +181,7 @@ class Worker:
     # -- task events and heartbeats ---------------------------------------------------------
 
     async def _start_events(self) -> TaskEvents:
-        publisher = EventPublisher(self.app.broker)
+        publisher = EventPublisher(self.app.broker, signing=self.app.signing)
         for observer in self.observers:  # a PrometheusObserver counts the drops
             dropped = getattr(observer, "events_dropped", None)
             if dropped is not None:

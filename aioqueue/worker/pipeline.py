@@ -2,6 +2,8 @@
 
 `Pipeline.process` is the whole path of a message through a worker, in four readable steps:
 
+0. with signing keys, the signature (`aioqueue.worker.signature`): unsigned, forged, stale
+   or replayed messages are dead-lettered (reason ``signature``) before they are decoded;
 1. decode: an unreadable message is dead-lettered (reason ``decode``);
 2. guards: a redelivery of a run still going here waits for it; a redelivered message on a
    classic queue is re-published with its crash count, and poison is dead-lettered; a task
@@ -35,6 +37,7 @@ from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
 from .limits import ConcurrencyLimits, needs_pacing
+from .signature import SeenMessages, SignatureCheck
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
@@ -72,6 +75,7 @@ class Pipeline:
         observers: Sequence[TaskObserver],
         max_deliveries: int,
         identity: str,
+        replay_guard: SeenMessages | None = None,
     ) -> None:
         self.app = app
         self.handoff = handoff
@@ -89,9 +93,14 @@ class Pipeline:
         self.cancelled_ids: CancelledIds | None = None
         self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
         self.limits = ConcurrencyLimits()  # the worker gives it its slots
+        # with signing keys: unsigned, forged, stale and replayed messages never get further
+        keys = app.signing
+        self.signature = None if keys is None else SignatureCheck(app, keys, handoff, replay_guard)
 
     async def process(self, delivery: Delivery) -> None:
-        """Decode → guards → run → hand-off."""
+        """(Signature →) decode → guards → run → hand-off."""
+        if self.signature is not None and not await self.signature.admit(delivery):
+            return
         envelope = await self._decode(delivery)
         if envelope is None:
             return
@@ -158,7 +167,9 @@ class Pipeline:
         started = time.perf_counter()
         cancelled = threading.Event()
         try:
-            emitter = Emitter(self.app.broker, envelope, observers=self.observers)
+            emitter = Emitter(
+                self.app.broker, envelope, observers=self.observers, signing=self.app.signing
+            )
             run = asyncio.ensure_future(
                 execute(
                     task,

@@ -74,6 +74,7 @@ class Supervisor:
         first_backoff: float = 1.0,
         max_backoff: float = 30.0,
         stable_after: float = 60.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
@@ -82,6 +83,7 @@ class Supervisor:
         self.first_backoff = first_backoff
         self.max_backoff = max_backoff
         self.stable_after = stable_after
+        self.env = dict(env or {})  # more for every child's environment (its replay guard)
         self.restarts = 0
         self._stopping = asyncio.Event()
         self._signals: list[signal.Signals] = []
@@ -135,7 +137,7 @@ class Supervisor:
             "-m",
             "aioqueue.worker",
             *child_argv(self.argv, child.index),
-            env={**os.environ, INDEX_ENV: f"{child.index}/{len(self.children)}"},
+            env={**os.environ, **self.env, INDEX_ENV: f"{child.index}/{len(self.children)}"},
             preexec_fn=_die_with_parent,
         )
         child.started = time.monotonic()
