@@ -9,8 +9,11 @@ import time
 from typing import Any
 
 import pytest
+from pamqp import commands as spec
 
 from aioqueue import App, RetryPolicy, task_context
+from aioqueue.memory import MemoryBroker
+from aioqueue.message import H_DEAD_REASON, H_PROTOCOL, H_RATE_QUEUE, H_TASK
 from aioqueue.ratelimit import Rate, SlotClock, holding_queue_name, parse_rate
 from aioqueue.testing import run_until_idle
 from tests.conftest import running_worker, wait_until
@@ -254,3 +257,51 @@ async def test_a_deleted_holding_queue_is_declared_again(rabbit: Any, queue_name
         # Then the next tasks still run: the queue is declared again and paced from
         handles = [await limited.submit(i) for i in range(3)]
         assert [await h.result(timeout=60) for h in handles] == [0, 1, 2]
+
+
+async def test_with_signing_keys_paced_copies_are_signed_anew(queue_name: str) -> None:
+    # Given an app that signs its messages, with a rate-limited task
+    keys = {"k1": b"k" * 32}
+    app = App("s", broker_url=f"memory://{queue_name}", default_queue=queue_name, signing_keys=keys)
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="50/s")
+    async def limited(i: int) -> int:
+        return i
+
+    async with app, running_worker(app) as worker:
+        handles = [await limited.submit(i) for i in range(5)]
+        # Then the held and paced copies are accepted (not replays of the originals) and run
+        assert [await h.result(timeout=30) for h in handles] == list(range(5))
+        assert worker.pacer is not None and worker.pacer.paced == 5
+
+
+async def test_with_signing_keys_the_pacer_never_signs_a_forged_message(queue_name: str) -> None:
+    # Given a signing app with a rate-limited task
+    app = App(
+        "s", broker_url=f"memory://{queue_name}", default_queue=queue_name,
+        signing_keys={"k1": b"k" * 32},
+    )  # fmt: skip
+    ran: list[int] = []
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="50/s")
+    async def limited(i: int) -> int:
+        ran.append(i)
+        return i
+
+    async with app, running_worker(app):
+        # When an unsigned message is dropped straight into the task's holding queue
+        forged = spec.Basic.Properties(
+            message_id="forged",
+            content_type="application/json",
+            headers={H_TASK: limited.name, H_PROTOCOL: 1, H_RATE_QUEUE: queue_name},
+        )
+        body = b'{"args": [666], "kwargs": {}}'
+        await app.broker.publish(holding_queue_name(limited.name), body, forged)
+        broker = app.broker
+        assert isinstance(broker, MemoryBroker)
+        # Then the pacer dead-letters it (reason "signature") instead of signing it
+        dead = await wait_until(lambda: broker.messages(f"{queue_name}.dlq"), what="a dead letter")
+        assert (dead[0][1].headers or {})[H_DEAD_REASON] == "signature"
+        # and a genuine submit still runs
+        assert await (await limited.submit(1)).result(timeout=30) == 1
+    assert ran == [1]

@@ -19,19 +19,24 @@ import asyncio
 import contextlib
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 from ..app import App
 from ..broker import Consumer, Delivery, settle
-from ..errors import PublishError
+from ..errors import PublishError, SignatureError
 from ..memory import MemoryBroker
-from ..message import H_PACED, H_RATE_QUEUE, dead_letter_copy
+from ..message import H_PACED, H_RATE_QUEUE, H_TASK, ErrorInfo, dead_letter_copy
+from ..message.celery import is_celery
+from ..message.signing import is_signed, sign, verify
 from ..rabbit.lease import CONNECTION_ERRORS, Lease
 from ..ratelimit import Rate, SlotClock, holding_queue_arguments, holding_queue_name
 from ..scheduler.in_memory import MemoryLease
 from ..scheduler.records import LeaseLost
 from ..task import Task
 from ..topology import INFRA_PREFIX, work_queue_arguments
+from .handoff import Handoff
+from .signature import ReplayGuard
 
 __all__ = ["Pacer", "limited_tasks"]
 
@@ -67,6 +72,9 @@ class Pacer:
         self.leading = asyncio.Event()
         self.paced = 0  # messages moved to their work queue by this process
         self._stop = asyncio.Event()
+        self._handoff = Handoff(app, identity)
+        # with signing keys: what this pacer signed anew, so a copy of it is not paced twice
+        self._guard = ReplayGuard(app.settings.replay_guard_size) if app.signing else None
 
     def stop(self) -> None:
         self._stop.set()
@@ -121,6 +129,44 @@ class Pacer:
             return False
         task.result()  # its error, if any
         return True
+
+    def signature_problem(self, delivery: Delivery) -> str | None:
+        """With signing keys, why a held message must not be paced, if so: it is unsigned,
+        forged, or a copy of one this pacer paced within the signature window. The pacer
+        signs the paced copy anew (it is due when its turn came; the original's signature
+        would make it a replay), so it checks first what a worker would have checked: it
+        must not sign what anyone could drop into a holding queue."""
+        keys = self.app.signing
+        if keys is None:
+            return None
+        headers = delivery.properties.headers
+        if not is_signed(headers) and is_celery(headers):
+            if self.app.settings.accept_unsigned_celery:
+                return None
+        try:
+            signed = verify(delivery.properties, delivery.body, keys)
+        except SignatureError as exc:
+            return exc.message
+        now = self.app.broker.now()
+        assert self._guard is not None
+        expires_at = now + self.app.settings.signature_window
+        if not self._guard.add(signed.digest, expires_at, now) and not delivery.redelivered:
+            return "replayed: a copy of a message already paced within the window"
+        return None
+
+    async def refuse(self, delivery: Delivery, queue: str, problem: str) -> None:
+        """Dead-letter a held message to ``queue``'s dead-letter queue (reason
+        ``signature``), as a worker would; its caller is not told (not trusted)."""
+        props = delivery.properties
+        name = (props.headers or {}).get(H_TASK)
+        await self._handoff.dead_letter(
+            replace(delivery, queue=queue),
+            reason="signature",
+            error=ErrorInfo("dead_lettered", "signature", problem),
+            task_id=props.correlation_id or props.message_id or "",
+            task_name=name if isinstance(name, str) else "",
+            reply_to=None,
+        )
 
     async def _lead(self, lease: Lease | MemoryLease) -> None:
         log.info("pacer %s leads the rate limits of app %r", self.identity, self.app.name)
@@ -220,11 +266,18 @@ class _Lane:
         if not isinstance(target, str) or not target or target.startswith(INFRA_PREFIX):
             target = self.task.options.queue  # never into aioqueue's own queues
         broker = self.app.broker
+        problem = self.pacer.signature_problem(delivery)
+        if problem is not None:
+            await self.pacer.refuse(delivery, target, problem)
+            return
         try:
             if not broker.is_declared(target):
                 kind = self.app.queue_type_of(target)
                 await broker.declare_queue(target, work_queue_arguments(kind))
             copy = dead_letter_copy(delivery.properties, {H_PACED: 1})
+            keys = self.app.signing
+            if keys is not None and is_signed(copy.headers):  # due now: its turn came
+                sign(copy, delivery.body, keys, due_at=broker.now())
             await broker.publish(target, delivery.body, copy)
         except (PublishError, *CONNECTION_ERRORS) as exc:
             log.error("pacer: could not move a message of %s to %r (%s)", self.task.name,
