@@ -259,10 +259,11 @@ async def test_a_deleted_holding_queue_is_declared_again(rabbit: Any, queue_name
         assert [await h.result(timeout=60) for h in handles] == [0, 1, 2]
 
 
-async def test_with_signing_keys_paced_copies_are_signed_anew(queue_name: str) -> None:
+async def test_with_signing_keys_paced_copies_are_signed_anew(
+    make_any_app: Any, queue_name: str
+) -> None:
     # Given an app that signs its messages, with a rate-limited task
-    keys = {"k1": b"k" * 32}
-    app = App("s", broker_url=f"memory://{queue_name}", default_queue=queue_name, signing_keys=keys)
+    app: App = make_any_app(signing_keys={"k1": b"k" * 32})
 
     @app.task(name=f"{queue_name}.limited", rate_limit="50/s")
     async def limited(i: int) -> int:
