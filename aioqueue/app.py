@@ -25,6 +25,7 @@ from .topology import (
     QueueType,
     check_queue_name,
 )
+from .tracing import Tracing, detect
 from .transports import broker_for, check_broker_url
 
 __all__ = ["App"]
@@ -83,6 +84,9 @@ class App:
         self._queue_types: dict[str, QueueType] | None = None
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
+        # OpenTelemetry spans, when the otel extra is installed and a tracer provider was
+        # configured before `connect` (checked there, once): else None, and tracing costs nothing
+        self.tracing: Tracing | None = None
         self.producer = Producer(self)
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
         # fast, non-blocking. Retries and scheduler firings are not submits.
@@ -192,6 +196,7 @@ class App:
         broker = broker_for(self.broker_url, self.settings, connection_name=name)
         await broker.connect()
         self._broker = broker
+        self.tracing = detect()
         self._replies = ReplyConsumer(
             broker,
             self.client_id,

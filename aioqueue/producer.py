@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from .topology import (
 
 if TYPE_CHECKING:
     from .app import App
+    from .tracing import Tracing
 
 __all__ = ["Producer"]
 
@@ -131,7 +132,7 @@ class Producer:
         )
         return await self.send(envelope, queue, wants_reply=not ignore_result)
 
-    async def send(
+    def send(
         self,
         envelope: Envelope,
         queue: str,
@@ -139,12 +140,36 @@ class Producer:
         wants_reply: bool,
         delay: float = 0.0,
         stream: bool = False,
-    ) -> ResultHandle[Any]:
+    ) -> Coroutine[Any, Any, ResultHandle[Any]]:
         """Publish a new task (registering for its reply first) and return its handle.
 
         One publish deadline covers the whole submit, declaring queues on first use included:
-        a broker that stays away past it is a `PublishError`, never a hang.
+        a broker that stays away past it is a `PublishError`, never a hang. With tracing on,
+        the submit is a producer span, and the handle's wait is linked to it. (A plain
+        function returning the coroutine to await: tracing off adds no coroutine of its own.)
         """
+        tracing = self.app.tracing
+        if tracing is None:
+            return self._send(envelope, queue, wants_reply, delay, stream)
+        return self._traced_send(tracing, envelope, queue, wants_reply, delay, stream)
+
+    async def _traced_send(
+        self,
+        tracing: Tracing,
+        envelope: Envelope,
+        queue: str,
+        wants_reply: bool,
+        delay: float,
+        stream: bool,
+    ) -> ResultHandle[Any]:
+        with tracing.publishing(envelope, queue) as wait_span:
+            handle = await self._send(envelope, queue, wants_reply, delay, stream)
+            handle.wait_span = wait_span
+            return handle
+
+    async def _send(
+        self, envelope: Envelope, queue: str, wants_reply: bool, delay: float, stream: bool
+    ) -> ResultHandle[Any]:
         app = self.app
         timeout = app.settings.publish_timeout
         receiver = _Receiver()
@@ -213,6 +238,8 @@ class Producer:
         and return once RabbitMQ confirmed it. Used for submits and for worker retries."""
         broker = self.app.broker
         kind = self.app.queue_type_of(queue)
+        if self.app.tracing is not None:  # the current span's context, in the headers
+            envelope = self.app.tracing.stamp(envelope)
         if not broker.is_declared(queue):
             await broker.declare_queue(queue, work_queue_arguments(kind))
         if envelope.celery is not None:  # Celery's format, read from or sent to Celery

@@ -40,6 +40,7 @@ from .message.celery import decode_reply
 from .message.signing import SigningKeys, verify
 from .streams import EventSink, Progress, Result, StreamReader
 from .topology import QueueType, reply_queue_arguments, reply_queue_name
+from .tracing import WaitSpan
 
 __all__ = ["ReplyConsumer", "ResultHandle"]
 
@@ -219,7 +220,7 @@ class ResultHandle(Generic[R]):
         task_name: The task's registered name.
     """
 
-    __slots__ = ("_canceller", "_future", "_sink", "_stream", "id", "task_name")
+    __slots__ = ("_canceller", "_future", "_sink", "_stream", "id", "task_name", "wait_span")
 
     def __init__(
         self,
@@ -237,6 +238,8 @@ class ResultHandle(Generic[R]):
         self._future = future
         self._sink = sink
         self._stream = stream
+        # with tracing on (`aioqueue.tracing`): `result` waits in a span linked to the submit's
+        self.wait_span: WaitSpan | None = None
 
     def __repr__(self) -> str:
         state = "ignored" if self._future is None else ("done" if self.done() else "pending")
@@ -265,10 +268,20 @@ class ResultHandle(Generic[R]):
                 task_name=self.task_name,
                 task_id=self.id,
             )
+        if self.wait_span is not None:
+            with self.wait_span():
+                return await self._result(self._future, timeout)
         if self._future.done():
             outcome = self._future.result()
         else:
             outcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        return self._unwrap(outcome)  # type: ignore[no-any-return]
+
+    async def _result(self, future: asyncio.Future[Outcome], timeout: float | None) -> R:
+        if future.done():
+            outcome = future.result()
+        else:
+            outcome = await asyncio.wait_for(asyncio.shield(future), timeout)
         return self._unwrap(outcome)  # type: ignore[no-any-return]
 
     async def cancel(self) -> None:

@@ -94,6 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(aioqueue-signed), for the cost of signed messages",
     )
     p.add_argument(
+        "--otel",
+        action="store_true",
+        help="also run rpc/fire/latency with a tracer provider configured in the aioqueue "
+        "worker and producer (aioqueue-otel), for the cost of tracing (the default runs have "
+        "the otel extra installed and no provider: tracing off)",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         help="result file (default bench/results/latest.json, with --cluster .../cluster.json)",
@@ -187,7 +194,7 @@ def render(
     anomalies: list[str] = []
     if suite is not None:
         parts += ["", report.markdown(report.rows(suite.measured, suite.sizes))]
-        for paired in (report.events_markdown, report.signing_markdown):
+        for paired in (report.events_markdown, report.signing_markdown, report.otel_markdown):
             table = paired(suite.measured)
             if table:
                 parts += ["", table]
@@ -317,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         with broker(args.broker_url) as (url, broker_pid):
             meta = environment(url, args, sizes)
             suite = Suite(url, sizes, logs, broker_pid=broker_pid, quiet_wait=args.quiet_wait)
-            suite.run(args.only, args.runs, events=args.events, signing=args.signing)
+            suite.run(
+                args.only, args.runs, events=args.events, signing=args.signing, otel=args.otel
+            )
             if args.profile:
                 try:
                     profile = suite.profile(RESULTS / "profile-rpc-aioqueue.txt")

@@ -35,13 +35,15 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
 QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum", both systems
+OTEL_ENV = "AIOQUEUE_BENCH_OTEL"  # "1": bench/tasks.py configures a tracer provider
 RAW_PREFETCH_ENV = "AIOQUEUE_BENCH_RAW_PREFETCH"  # raw's prefetch (bench/raw.py)
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
-# "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events)
-# "aioqueue-signed": producer and worker with signing keys (python -m bench --signing)
-System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-signed"]
+# "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events);
+# "aioqueue-signed": producer and worker with signing keys (python -m bench --signing);
+# "aioqueue-otel": worker and producer with a tracer provider configured (python -m bench --otel)
+System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-signed", "aioqueue-otel"]
 # the benchmark's signing keys (not a secret: they sign only its own messages)
 SIGNING_KEYS = f"bench2:{'b2' * 32},bench1:{'b1' * 32}"
 
@@ -57,6 +59,9 @@ def bench_env(
     env.pop("AIOQUEUE_SIGNING_KEYS", None)
     if system == "aioqueue-signed":  # bench/tasks.py's App reads them from the environment
         env["AIOQUEUE_SIGNING_KEYS"] = SIGNING_KEYS
+    env.pop(OTEL_ENV, None)
+    if system == "aioqueue-otel":
+        env[OTEL_ENV] = "1"
     return env
 
 

@@ -114,6 +114,19 @@ def signing_markdown(measured: Measurements) -> str:
     return _paired(measured, "aioqueue-signed", "aioqueue", head)
 
 
+def otel_markdown(measured: Measurements) -> str:
+    """The cost of tracing: aioqueue with a tracer provider configured (spans made and
+    exported in batches to nowhere) against the default (the otel extra installed, no
+    provider: tracing off), medians of the same runs; empty unless ``--otel`` measured it."""
+    head = [
+        "Tracing (OpenTelemetry provider configured vs none, the default; medians):",
+        "",
+        "| figure | tracing on | tracing off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return _paired(measured, "aioqueue-otel", "aioqueue", head)
+
+
 def _paired(measured: Measurements, on_system: str, off_system: str, head: list[str]) -> str:
     lines = []
     for workload, key, unit in (

@@ -90,13 +90,21 @@ class Suite:
         self.anomalies: list[str] = []
 
     def run(
-        self, workloads: list[str], runs: int, *, events: bool = False, signing: bool = False
+        self,
+        workloads: list[str],
+        runs: int,
+        *,
+        events: bool = False,
+        signing: bool = False,
+        otel: bool = False,
     ) -> None:
         """The compared workloads interleaved run by run, then the once-only ones.
 
         ``events``: also the aioqueue worker with task events off (``aioqueue-no-events``),
         interleaved with the others, for the cost of task events. ``signing``: also aioqueue
         with signing keys on both sides (``aioqueue-signed``), for the cost of signed messages.
+        ``otel``: also aioqueue with a tracer provider configured (``aioqueue-otel``), for the
+        cost of tracing.
         """
         compared = [w for w in COMPARED if w in workloads]
         systems: list[System] = ["raw", "aioqueue"]
@@ -104,6 +112,8 @@ class Suite:
             systems.append("aioqueue-no-events")
         if signing:
             systems.append("aioqueue-signed")
+        if otel:
+            systems.append("aioqueue-otel")
         for run in range(runs):
             for workload in compared:
                 for system in systems if run % 2 == 0 else systems[::-1]:

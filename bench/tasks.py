@@ -12,8 +12,12 @@ import time
 
 from aioqueue import App
 
-from .procs import QUEUE_ENV, QUEUE_TYPE_ENV
+from .procs import OTEL_ENV, QUEUE_ENV, QUEUE_TYPE_ENV
 
+if os.environ.get(OTEL_ENV) == "1":  # before the app connects: tracing is checked there
+    from .otel import configure_tracing
+
+    configure_tracing()
 _queue_type = os.environ.get(QUEUE_TYPE_ENV) or "classic"
 if _queue_type not in ("classic", "quorum"):
     raise SystemExit(f"${QUEUE_TYPE_ENV} must be 'classic' or 'quorum', not {_queue_type!r}")

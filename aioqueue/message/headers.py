@@ -52,3 +52,10 @@ H_DELIVERIES: Final = "aioqueue-deliveries"
 # back to, and the mark the pacer puts on it when its turn came (a worker runs it then)
 H_RATE_QUEUE: Final = "aioqueue-rate-queue"
 H_PACED: Final = "aioqueue-paced"
+
+# -- trace context, with the ``otel`` extra and a tracer provider (docs/observability.md): W3C
+# Trace Context, written and read by OpenTelemetry's propagator (its configured one: the default
+# also writes ``baggage``). Optional on every task message; a consumer that does not trace, or
+# cannot read them, ignores them (a malformed one starts a new trace).
+H_TRACEPARENT: Final = "traceparent"
+H_TRACESTATE: Final = "tracestate"

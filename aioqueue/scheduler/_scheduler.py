@@ -28,6 +28,7 @@ from ..message import Envelope
 from ..rabbit.lease import CONNECTION_ERRORS, Lease
 from ..rabbit.slots import SlotStore
 from ..topology import work_queue_arguments
+from ..tracing import Tracing, detect
 from .clock import Clock, SystemClock
 from .in_memory import MemoryBackend
 from .records import LeaseLost, SlotRecord, done_queue_arguments, done_queue_name
@@ -149,6 +150,7 @@ class Scheduler:
         self._active = False
         self._parked: Callable[[], bool] | None = None
         self._memory: MemoryBackend | None = None
+        self._tracing: Tracing | None = None  # a root span per fired slot, when tracing is on
 
     def __repr__(self) -> str:
         role = "leader" if self._leader else "follower"
@@ -209,6 +211,7 @@ class Scheduler:
 
     def _start(self) -> None:
         self._active = True
+        self._tracing = detect()
         if self._memory is None and is_memory_url(self.app.broker_url):
             app = self.app
             self._memory = MemoryBackend(
@@ -387,7 +390,11 @@ class Scheduler:
             reply_to=reply_to if schedule.skip_if_running else None,
             scheduled_at=slot.timestamp(),
         )
-        await store.fire(schedule.name, slot, plan.queue, envelope)
+        if self._tracing is None:
+            await store.fire(schedule.name, slot, plan.queue, envelope)
+        else:
+            with self._tracing.firing(schedule.name, slot, envelope, plan.queue) as envelope:
+                await store.fire(schedule.name, slot, plan.queue, envelope)
         self._fired += 1
         if schedule.skip_if_running:
             plan.running = run_id

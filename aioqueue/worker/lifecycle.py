@@ -155,6 +155,8 @@ class Worker:
             await self.app.connect()
         executor = ThreadPoolExecutor(self.threads, thread_name_prefix="aioqueue-task")
         observers = list(self.observers)
+        if self.app.tracing is not None:  # annotates each delivery's consumer span
+            observers.append(self.app.tracing.observer())
         if self.events_enabled:
             self.events = await self._start_events()
             observers.append(self.events)
@@ -311,8 +313,13 @@ class Worker:
                     await settle(delivery, ack=False, requeue=True)
                     return
                 self._running += 1
+                tracing = self.app.tracing
                 try:
-                    await pipeline.process(delivery)
+                    if tracing is None:
+                        await pipeline.process(delivery)
+                    else:  # a consumer span, continuing the trace the message carries
+                        with tracing.consuming(delivery):
+                            await pipeline.process(delivery)
                 finally:
                     self._running -= 1
                     self._processed += 1
