@@ -36,6 +36,7 @@ from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
+from .limits import ConcurrencyLimits, needs_pacing
 from .signature import SeenMessages, SignatureCheck
 from .workflow import Workflows
 
@@ -93,6 +94,7 @@ class Pipeline:
         # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
         self.cancelled_ids: CancelledIds | None = None
         self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
+        self.limits = ConcurrencyLimits()  # the worker gives it its slots
         # with signing keys: unsigned, forged, stale and replayed messages never get further
         keys = app.signing
         self.signature = None if keys is None else SignatureCheck(app, keys, handoff, replay_guard)
@@ -130,12 +132,14 @@ class Pipeline:
             envelope = await self._celery_guards(delivery, envelope)
             if envelope is None:
                 return
-        if envelope.workflow is not None and envelope.workflow.kind == "callback":
-            await self.workflows.run_claimed(
+        task = self.app.tasks[envelope.task]
+        if needs_pacing(task, delivery):  # its turn comes from the pacer, in RabbitMQ
+            await self.handoff.hold(delivery, task.name)
+            return
+        async with self.limits.turn(task):  # a chord's callback runs only with its claim
+            await self.workflows.run(
                 delivery, envelope, lambda: self._run(delivery, envelope, redelivered)
             )
-            return
-        await self._run(delivery, envelope, redelivered)
 
     async def _celery_guards(self, delivery: Delivery, envelope: Envelope) -> Envelope | None:
         """A Celery message: wait for its ETA in the delay ladder, and fit kombu-typed
@@ -213,8 +217,7 @@ class Pipeline:
         ``async def`` task's coroutine is cancelled, a thread sees ``task_context().cancelled``.
         A workflow's id stops its steps in hand here (their ids are ``<workflow id>.<...>``).
         """
-        prefix = f"{task_id}."
-        for key in [k for k in self._controls if k == task_id or k.startswith(prefix)]:
+        for key in [k for k in self._controls if k == task_id or k.startswith(f"{task_id}.")]:
             run, flag, cancellable = self._controls[key]
             if run.done():
                 continue
@@ -225,8 +228,7 @@ class Pipeline:
 
     def _is_cancelled(self, task_id: str, envelope: Envelope | None = None) -> bool:
         """Whether ``task_id`` — or the workflow ``envelope`` is a step of — was cancelled."""
-        workflow = envelope.workflow if envelope is not None else None
-        ids = (task_id,) if workflow is None else (task_id, workflow.id)
+        ids = {task_id, envelope.workflow.id} if envelope and envelope.workflow else {task_id}
         return self.cancelled_ids is not None and any(i in self.cancelled_ids for i in ids)
 
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:

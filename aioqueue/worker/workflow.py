@@ -74,12 +74,14 @@ class Workflows:
         await settle(delivery, ack=True)
         return True
 
-    async def run_claimed(
+    async def run(
         self, delivery: Delivery, envelope: Envelope, run: Callable[[], Awaitable[bool]]
     ) -> None:
-        """Run a chord's callback (``run``: run it and hand it off) only while holding its
-        claim token; without one (it ran, or a copy runs elsewhere) drop this copy."""
-        assert envelope.workflow is not None
+        """``run()`` (run the task, hand it off) — a chord's callback only while holding its
+        claim token; without one (it ran, or a copy runs elsewhere) this copy is dropped."""
+        if envelope.workflow is None or envelope.workflow.kind != "callback":
+            await run()
+            return
         claim = chord_queue_names(envelope.workflow.id)[2]
         async with self.app.broker.hold(claim, 1) as token:
             if token is not None and token.messages:
