@@ -276,15 +276,20 @@ class Worker:
         self._idle.clear()
 
     async def _handle(self, delivery: Delivery, pipeline: Pipeline) -> None:
-        """One delivery in hand: a concurrency slot, the pipeline, and the books kept."""
+        """One delivery in hand: received (decoded, told), a concurrency slot, the pipeline,
+        and the books kept."""
         try:
+            envelope = await pipeline.receive(delivery)  # before the slot: seen as queued
+            if envelope is None:  # unreadable: dead-lettered
+                self._processed += 1
+                return
             async with self._slots:
                 if self._stopping:
                     await settle(delivery, ack=False, requeue=True)
                     return
                 self._running += 1
                 try:
-                    await pipeline.process(delivery)
+                    await pipeline.process(delivery, envelope)
                 finally:
                     self._running -= 1
                     self._processed += 1

@@ -88,21 +88,24 @@ class Pipeline:
         self.cancelled_ids: CancelledIds | None = None
         self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
 
-    async def process(self, delivery: Delivery) -> None:
-        """Decode → guards → run → hand-off."""
+    async def receive(self, delivery: Delivery) -> Envelope | None:
+        """Decode, and tell the observers the task was received: the worker calls this as a
+        delivery arrives, before it waits for a concurrency slot, so a task in hand but not
+        yet started is seen (``task-received``: queued). None when it was dead-lettered."""
         envelope = await self._decode(delivery)
+        if envelope is not None:
+            notify(
+                self.observers, "received", envelope.task, envelope.id, envelope.attempt,
+                delivery.queue, envelope.args, envelope.kwargs,
+            )  # fmt: skip
+        return envelope
+
+    async def process(self, delivery: Delivery, envelope: Envelope | None = None) -> None:
+        """Decode (unless `receive` did: ``envelope``) → guards → run → hand-off."""
         if envelope is None:
-            return
-        notify(
-            self.observers,
-            "received",
-            envelope.task,
-            envelope.id,
-            envelope.attempt,
-            delivery.queue,
-            envelope.args,
-            envelope.kwargs,
-        )
+            envelope = await self.receive(delivery)
+            if envelope is None:
+                return
         if await self._already_running(delivery, envelope):
             return
         if self._is_cancelled(envelope.id):  # queued, or out of the delay ladder
