@@ -272,6 +272,34 @@ async def test_every_asset_is_served_by_the_dashboard_itself(
             assert not re.search(r"(import|fetch|XMLHttpRequest)\s*\(", uplot)
 
 
+async def test_the_schedules_page_shows_the_last_fired_slot_and_its_leader(
+    vhost_url: str, queue_name: str
+) -> None:
+    from aioqueue.scheduler import FakeClock
+    from tests.schedules import START, slot
+
+    # Given a periodic task whose scheduler (the leader) fired its first slot
+    app = App(f"dashsched-{uuid.uuid4().hex[:8]}", broker_url=vhost_url, default_queue=queue_name)
+    app.schedule("tests.tick", every=60)
+    clock = FakeClock(START)
+    async with app, app.scheduler(clock=clock) as scheduler:
+        await wait_until(lambda: clock.sleeping_until == slot(1), what="asleep until slot 1")
+        clock.set(slot(1))
+        await wait_until(lambda: clock.sleeping_until == slot(2), what="slot 1 fired")
+        assert scheduler.statistics().fired == 1
+        # When the schedules page is asked for
+        async with serve(app) as dash:
+            status, body = await dash.get("/api/schedules")
+        # Then it shows the schedule, its next slot, the slot fired and who fired it
+        assert status == 200, body
+        [row] = body["schedules"]
+        assert (row["name"], row["task"], row["last"], row["leader"]) == (
+            "tests.tick", "tests.tick", slot(1).isoformat(), scheduler.identity,
+        )  # fmt: skip
+        assert row["next"] and row["when"] == "every 0:01:00"
+        assert body["lease_held"] is True
+
+
 def test_the_dashboard_command_has_its_documented_options() -> None:
     import subprocess
     import sys
