@@ -8,6 +8,7 @@ is logged with who did it; every asset is served by the dashboard itself (offlin
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -298,6 +299,29 @@ async def test_the_schedules_page_shows_the_last_fired_slot_and_its_leader(
         )  # fmt: skip
         assert row["next"] and row["when"] == "every 0:01:00"
         assert body["lease_held"] is True
+
+
+async def test_a_dashboard_whose_app_closed_under_it_stops_at_once(
+    vhost_url: str, queue_name: str
+) -> None:
+    # Given a dashboard following the stream, and its app's connection closed under it
+    app = _app(vhost_url, queue_name)
+    async with app, running_worker(app):
+        runner = await _serve(app)
+        async with aiohttp.ClientSession(headers=ALICE) as session:
+            dash = Dashboard(runner, session)
+
+            async def online() -> bool:
+                _, body = await dash.get("/api/workers")
+                return any(w["online"] for w in body["workers"])
+
+            await wait_until(online, what="the dashboard reading the stream")
+    # When the dashboard stops, Then it stops at once (its reader neither waits for the
+    # closed connection to come back, nor opens it again)
+    started = time.monotonic()
+    await asyncio.wait_for(runner.cleanup(), 60)
+    assert time.monotonic() - started < 10
+    assert app._broker is None
 
 
 def test_the_dashboard_command_has_its_documented_options() -> None:
