@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@# the distribution was called "aioqueue" before it became "aioqueue-rabbit" (the name
 	@# aioqueue belongs to another project on PyPI): an old .venv loses the old name first
 	@$(BIN)/python -m pip uninstall -q -y aioqueue 2>/dev/null || true
-	$(BIN)/python -m pip install -q -e ".[dev,aiohttp,metrics,fast]"
+	$(BIN)/python -m pip install -q -e ".[dev,aiohttp,metrics,fast,otel]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -79,6 +79,7 @@ fuzz: install
 bench: install
 	$(BROKER) install
 	$(BIN)/python -m bench --with-cluster --cluster-runs 1
+	$(BIN)/python -m bench.processes
 
 clean:
 	rm -rf $(VENV) .rabbitmq .mypy_cache .ruff_cache .pytest_cache

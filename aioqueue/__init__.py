@@ -26,12 +26,14 @@ from .errors import (
     EncodeError,
     PublishError,
     ResultUnavailableError,
+    SignatureError,
     TaskCancelledError,
     TaskError,
     TaskNotFoundError,
     TaskTimeoutError,
     UnroutableError,
 )
+from .message.signing import SigningKeys
 from .results import ResultHandle
 from .retry import Retry, RetryPolicy
 from .scheduler import Misfire, Schedule, Scheduler
@@ -60,6 +62,8 @@ __all__ = [
     "Schedule",
     "Scheduler",
     "Settings",
+    "SignatureError",
+    "SigningKeys",
     "Task",
     "TaskCancelledError",
     "TaskContext",

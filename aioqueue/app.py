@@ -13,17 +13,19 @@ from .broker import Broker
 from .cancel import publish_cancellations
 from .celery_task import CeleryTask
 from .errors import AioqueueError
+from .message.signing import SigningKeys
 from .producer import Producer
 from .results import ReplyConsumer, ResultHandle
 from .retry import RetryPolicy
 from .scheduler import Clock, Schedule, Scheduler
 from .scheduler._define import PeriodicDecorator, ScheduleOptions, add_schedule, build_schedule
-from .settings import Settings, mask_url, resolve_broker_url
+from .settings import Settings, mask_url, resolve_broker_url, signing_keys_from_env
 from .task import Task, TaskDecorator
 from .topology import (
     QueueType,
     check_queue_name,
 )
+from .tracing import Tracing, detect
 from .transports import broker_for, check_broker_url
 
 __all__ = ["App"]
@@ -49,6 +51,10 @@ class App:
             replicated over the cluster: task, dead-letter, delay, reply and stream queues and
             the scheduler's state (docs/deploying.md).
         settings: Timeouts and limits; see `Settings`.
+        signing_keys: Key id → secret (at least 32 bytes), e.g. ``{"k2": new, "k1": old}``:
+            the first signs every task message, reply, event batch and replay, all verify;
+            a worker refuses what is unsigned, forged, stale or replayed (docs/security.md).
+            None means ``$AIOQUEUE_SIGNING_KEYS`` (``k2:HEX,k1:HEX``), else no signing.
 
     Use ``async with app:`` to connect; the connection closes cleanly on exit.
     """
@@ -61,6 +67,7 @@ class App:
         default_queue: str = "default",
         queue_type: QueueType = "classic",
         settings: Settings | None = None,
+        signing_keys: Mapping[str, bytes] | SigningKeys | None = None,
     ) -> None:
         if queue_type not in ("classic", "quorum"):
             raise ValueError(f"queue_type must be 'classic' or 'quorum', not {queue_type!r}")
@@ -70,12 +77,16 @@ class App:
         self.default_queue = check_queue_name(default_queue)
         self.queue_type: QueueType = queue_type
         self.settings = settings or Settings()
+        self.signing: SigningKeys | None = _signing_keys(signing_keys)
         self.client_id = uuid.uuid4().hex
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.schedules: dict[str, Schedule] = {}
         self._queue_types: dict[str, QueueType] | None = None
         self._broker: Broker | None = None
         self._replies: ReplyConsumer | None = None
+        # OpenTelemetry spans, when the otel extra is installed and a tracer provider was
+        # configured before `connect` (checked there, once): else None, and tracing costs nothing
+        self.tracing: Tracing | None = None
         self.producer = Producer(self)
         # Called with the task's name after each confirmed submit (e.g. a metrics counter);
         # fast, non-blocking. Retries and scheduler firings are not submits.
@@ -85,7 +96,9 @@ class App:
         self.on_unreadable_reply: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
-        return f"<App {self.name!r} broker={mask_url(self.broker_url)} tasks={len(self.tasks)}>"
+        signed = "" if self.signing is None else f" signing={self.signing.ids!r}"
+        broker = mask_url(self.broker_url)
+        return f"<App {self.name!r} broker={broker} tasks={len(self.tasks)}{signed}>"
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -175,11 +188,13 @@ class App:
         broker = broker_for(self.broker_url, self.settings, connection_name=name)
         await broker.connect()
         self._broker = broker
+        self.tracing = detect()
         self._replies = ReplyConsumer(
             broker,
             self.client_id,
             on_unreadable=self.on_unreadable_reply,
             queue_type=self.queue_type,
+            signing=self.signing,
         )
 
     async def close(self) -> None:
@@ -326,3 +341,13 @@ class App:
         return Scheduler(
             self, clock=clock, poll_interval=poll_interval, heartbeat=heartbeat, identity=identity
         )
+
+
+def _signing_keys(keys: Mapping[str, bytes] | SigningKeys | None) -> SigningKeys | None:
+    """The app's keys: given, else ``$AIOQUEUE_SIGNING_KEYS``, else none (no signing)."""
+    if isinstance(keys, SigningKeys):
+        return keys
+    if keys is not None:
+        return SigningKeys(keys)
+    text = signing_keys_from_env()
+    return None if text is None else SigningKeys.parse(text)

@@ -4,6 +4,7 @@
 AioqueueError
 ├── EncodeError            argument (or result) not JSON-native; also a TypeError
 ├── DecodeError            a body or header the worker cannot read
+│   └── SignatureError     unsigned, forged, unknown key, stale or replayed (signing keys set)
 ├── PublishError           nack, unroutable, or no confirm within the deadline
 │   └── UnroutableError    returned by RabbitMQ: no queue to route it to
 ├── BrokerConnectionError  the broker cannot be reached (or was lost for good)
@@ -28,6 +29,7 @@ __all__ = [
     "EncodeError",
     "PublishError",
     "ResultUnavailableError",
+    "SignatureError",
     "TaskCancelledError",
     "TaskError",
     "TaskNotFoundError",
@@ -54,6 +56,11 @@ class EncodeError(AioqueueError, TypeError):
 
 class DecodeError(AioqueueError):
     """A message body or header that the worker cannot read."""
+
+
+class SignatureError(DecodeError):
+    """A message refused by its signature: unsigned, forged, signed with an unknown key, stale
+    or replayed (only with ``App(signing_keys=...)``; the message never names a key's secret)."""
 
 
 class PublishError(AioqueueError):

@@ -14,14 +14,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .errors import AioqueueError, PublishError, UnroutableError
-from .message import Envelope, Outcome, check_json_native, task_properties
+from .errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
+from .message import Envelope, Outcome, check_json_native
 from .message.celery import CeleryFields, encode_task
+from .message.properties import task_message
 from .results import ReplyConsumer, ResultHandle
 from .streams import EventSink, StreamReader
 from .task import TaskOptions
@@ -36,6 +37,7 @@ from .topology import (
 
 if TYPE_CHECKING:
     from .app import App
+    from .tracing import Tracing
 
 __all__ = ["Producer"]
 
@@ -130,7 +132,7 @@ class Producer:
         )
         return await self.send(envelope, queue, wants_reply=not ignore_result)
 
-    async def send(
+    def send(
         self,
         envelope: Envelope,
         queue: str,
@@ -138,12 +140,36 @@ class Producer:
         wants_reply: bool,
         delay: float = 0.0,
         stream: bool = False,
-    ) -> ResultHandle[Any]:
+    ) -> Coroutine[Any, Any, ResultHandle[Any]]:
         """Publish a new task (registering for its reply first) and return its handle.
 
         One publish deadline covers the whole submit, declaring queues on first use included:
-        a broker that stays away past it is a `PublishError`, never a hang.
+        a broker that stays away past it is a `PublishError`, never a hang. With tracing on,
+        the submit is a producer span, and the handle's wait is linked to it. (A plain
+        function returning the coroutine to await: tracing off adds no coroutine of its own.)
         """
+        tracing = self.app.tracing
+        if tracing is None:
+            return self._send(envelope, queue, wants_reply, delay, stream)
+        return self._traced_send(tracing, envelope, queue, wants_reply, delay, stream)
+
+    async def _traced_send(
+        self,
+        tracing: Tracing,
+        envelope: Envelope,
+        queue: str,
+        wants_reply: bool,
+        delay: float,
+        stream: bool,
+    ) -> ResultHandle[Any]:
+        with tracing.publishing(envelope, queue) as wait_span:
+            handle = await self._send(envelope, queue, wants_reply, delay, stream)
+            handle.wait_span = wait_span
+            return handle
+
+    async def _send(
+        self, envelope: Envelope, queue: str, wants_reply: bool, delay: float, stream: bool
+    ) -> ResultHandle[Any]:
         app = self.app
         timeout = app.settings.publish_timeout
         receiver = _Receiver()
@@ -177,6 +203,14 @@ class Producer:
                     task_name=envelope.task,
                     task_id=envelope.id,
                 ) from None
+            if isinstance(exc, BrokerConnectionError) and app._broker is not None:
+                # the connection gave out under this submit (e.g. a declare while RabbitMQ
+                # is away): not confirmed, as a publish past its deadline
+                raise PublishError(
+                    f"task {envelope.task} was not published: {exc}",
+                    task_name=envelope.task,
+                    task_id=envelope.id,
+                ) from exc
             if isinstance(exc, PublishError) and exc.task_id is None:
                 exc.task_name, exc.task_id = envelope.task, envelope.id
             raise
@@ -204,13 +238,15 @@ class Producer:
         and return once RabbitMQ confirmed it. Used for submits and for worker retries."""
         broker = self.app.broker
         kind = self.app.queue_type_of(queue)
+        if self.app.tracing is not None:  # the current span's context, in the headers
+            envelope = self.app.tracing.stamp(envelope)
         if not broker.is_declared(queue):
             await broker.declare_queue(queue, work_queue_arguments(kind))
         if envelope.celery is not None:  # Celery's format, read from or sent to Celery
             body, properties = encode_task(envelope, expiration=delay <= 0)
-        else:
-            properties = task_properties(envelope)
-            body = envelope.encode()
+        else:  # signed with the app's keys, fresh from when it is due
+            due_at = broker.now() + max(delay, 0.0)
+            body, properties = task_message(envelope, self.app.signing, due_at=due_at)
         if delay <= 0:
             try:
                 await broker.publish(queue, body, properties, timeout=timeout)
@@ -280,7 +316,8 @@ class _Receiver:
             queue = stream_queue_name(envelope.id)
             expires = app.settings.reply_queue_expires
             await app.broker.declare_queue(queue, reply_queue_arguments(expires, app.queue_type))
-            self.reader = StreamReader(app.broker, queue, app.settings.event_buffer)
+            buffer = app.settings.event_buffer
+            self.reader = StreamReader(app.broker, queue, buffer, signing=app.signing)
             await self.reader.start()
             envelope = replace(envelope, stream_to=queue)
         return self.expect(replies, envelope)

@@ -8,6 +8,8 @@ handle (invariant 3). A message that cannot be read — a body that is not an ou
 properties the frame reader could not decode (``aioqueue-undecodable``) — is logged, counted
 (``ReplyConsumer.unreadable``, and ``App.on_unreadable_reply`` hooks) and dropped: the handle
 keeps waiting for a readable outcome, so a forged or broken reply cannot take the real one's place.
+With signing keys (``App(signing_keys=...)``) an unsigned or badly signed reply or progress
+event is such a message too (replies of Celery workers excepted: they cannot sign).
 
 A task sent to a Celery worker (`aioqueue.celery_task`) is answered in the ``rpc://`` result
 backend's format: its reply is read with `aioqueue.message.celery.decode_reply`, and a state
@@ -35,8 +37,10 @@ from .errors import (
 )
 from .message import H_EVENT, Outcome, refuse_unreadable
 from .message.celery import decode_reply
+from .message.signing import SigningKeys, verify
 from .streams import EventSink, Progress, Result, StreamReader
 from .topology import QueueType, reply_queue_arguments, reply_queue_name
+from .tracing import WaitSpan
 
 __all__ = ["ReplyConsumer", "ResultHandle"]
 
@@ -56,8 +60,11 @@ class ReplyConsumer:
         prefetch: int = 1000,
         on_unreadable: Sequence[Callable[[], None]] = (),
         queue_type: QueueType = "classic",
+        signing: SigningKeys | None = None,
     ) -> None:
         self._broker = broker
+        # with keys, only signed replies and progress count: others are dropped as unreadable
+        self._signing = signing
         self._queue_type: QueueType = queue_type
         self.queue = reply_queue_name(client_id)
         self._prefetch = prefetch
@@ -130,6 +137,8 @@ class ReplyConsumer:
         if sink is None:
             return
         try:
+            if self._signing is not None:
+                verify(delivery.properties, delivery.body, self._signing)
             sink.push(delivery, self._broker.settings.max_message_size)
         except DecodeError as exc:
             self._unreadable(task_id, "progress event", exc.message)
@@ -163,6 +172,8 @@ class ReplyConsumer:
         max_size = self._broker.settings.max_message_size
         try:
             if celery_task is None:
+                if self._signing is not None:  # (a Celery worker cannot sign its replies)
+                    verify(delivery.properties, delivery.body, self._signing)
                 outcome = Outcome.decode(delivery.body, task_id=task_id, max_size=max_size)
             else:
                 decoded = decode_reply(
@@ -209,7 +220,7 @@ class ResultHandle(Generic[R]):
         task_name: The task's registered name.
     """
 
-    __slots__ = ("_canceller", "_future", "_sink", "_stream", "id", "task_name")
+    __slots__ = ("_canceller", "_future", "_sink", "_stream", "id", "task_name", "wait_span")
 
     def __init__(
         self,
@@ -227,6 +238,8 @@ class ResultHandle(Generic[R]):
         self._future = future
         self._sink = sink
         self._stream = stream
+        # with tracing on (`aioqueue.tracing`): `result` waits in a span linked to the submit's
+        self.wait_span: WaitSpan | None = None
 
     def __repr__(self) -> str:
         state = "ignored" if self._future is None else ("done" if self.done() else "pending")
@@ -255,10 +268,20 @@ class ResultHandle(Generic[R]):
                 task_name=self.task_name,
                 task_id=self.id,
             )
+        if self.wait_span is not None:
+            with self.wait_span():
+                return await self._result(self._future, timeout)
         if self._future.done():
             outcome = self._future.result()
         else:
             outcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        return self._unwrap(outcome)  # type: ignore[no-any-return]
+
+    async def _result(self, future: asyncio.Future[Outcome], timeout: float | None) -> R:
+        if future.done():
+            outcome = future.result()
+        else:
+            outcome = await asyncio.wait_for(asyncio.shield(future), timeout)
         return self._unwrap(outcome)  # type: ignore[no-any-return]
 
     async def cancel(self) -> None:

@@ -6,6 +6,8 @@ hosts are cluster-wide in RabbitMQ, so the URLs may differ only in host and port
 
 Environment variables:
     AIOQUEUE_BROKER_URL: the broker URL when ``App(broker_url=None)`` and no ``--broker-url``.
+    AIOQUEUE_SIGNING_KEYS: the signing keys when ``App(signing_keys=None)``, as
+        ``id:HEX,id:HEX`` (the first signs; docs/security.md).
 """
 
 from __future__ import annotations
@@ -19,20 +21,28 @@ from urllib.parse import urlsplit, urlunsplit
 __all__ = [
     "DEFAULT_BROKER_URL",
     "ENV_BROKER_URL",
+    "ENV_SIGNING_KEYS",
     "Settings",
     "broker_nodes",
     "mask_url",
     "resolve_broker_url",
     "scrub",
+    "signing_keys_from_env",
 ]
 
 ENV_BROKER_URL: Final = "AIOQUEUE_BROKER_URL"
 DEFAULT_BROKER_URL: Final = "amqp://guest:guest@localhost/"
+ENV_SIGNING_KEYS: Final = "AIOQUEUE_SIGNING_KEYS"
 
 
 def resolve_broker_url(url: str | None) -> str:
     """``url`` if given, else ``$AIOQUEUE_BROKER_URL``, else ``amqp://guest:guest@localhost/``."""
     return url or os.environ.get(ENV_BROKER_URL) or DEFAULT_BROKER_URL
+
+
+def signing_keys_from_env() -> str | None:
+    """``$AIOQUEUE_SIGNING_KEYS`` (``id:HEX,id:HEX``), or None when unset or empty."""
+    return os.environ.get(ENV_SIGNING_KEYS) or None
 
 
 def mask_url(url: str) -> str:
@@ -138,6 +148,14 @@ class Settings:
         events_max_age: Retention of the event stream by age (``x-max-age``: a number and
             a unit, Y M D h m s, e.g. ``"7D"``).
         heartbeat_interval: Seconds between a worker's ``worker-heartbeat`` events.
+        signature_window: With signing keys: seconds a signed task message stays fresh after
+            it is due (its publish time, or the end of its delay); a worker refuses an older
+            one, and remembers each accepted message this long (the replay guard).
+        replay_guard_size: Most messages the replay guard remembers; past it the oldest are
+            forgotten early (counted and logged): size it over tasks per second times
+            ``signature_window``.
+        accept_unsigned_celery: With signing keys: run Celery protocol-2 messages, which
+            cannot be signed, instead of refusing them (reason ``signature``).
     """
 
     publish_timeout: float = 30.0
@@ -154,3 +172,6 @@ class Settings:
     events_max_bytes: int = 256 * 1024 * 1024
     events_max_age: str = "7D"
     heartbeat_interval: float = 5.0
+    signature_window: float = 300.0
+    replay_guard_size: int = 500_000
+    accept_unsigned_celery: bool = False

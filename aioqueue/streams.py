@@ -24,6 +24,7 @@ from typing import Any
 from .broker import Broker, Consumer, Delivery, settle
 from .errors import DecodeError
 from .message import H_SEQ, loads, refuse_unreadable
+from .message.signing import SigningKeys, verify
 
 __all__ = ["EventSink", "Progress", "Result", "StreamReader"]
 
@@ -99,8 +100,11 @@ class EventSink:
 class StreamReader:
     """Consumes one handle's stream queue; items are acked as the reader takes them."""
 
-    def __init__(self, broker: Broker, queue: str, bound: int) -> None:
+    def __init__(
+        self, broker: Broker, queue: str, bound: int, *, signing: SigningKeys | None = None
+    ) -> None:
         self._broker = broker
+        self._signing = signing  # with keys, an unsigned or forged item is dropped
         self.queue = queue
         self._bound = bound
         self._inbox: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -142,6 +146,8 @@ class StreamReader:
 
     def _read(self, delivery: Delivery) -> tuple[int, Any]:
         refuse_unreadable(delivery.properties.headers)
+        if self._signing is not None:
+            verify(delivery.properties, delivery.body, self._signing)
         seq = _seq(delivery)
         return seq, loads(delivery.body, max_size=self._broker.settings.max_message_size)
 

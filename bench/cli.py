@@ -88,6 +88,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(aioqueue-no-events), for the cost of task events",
     )
     p.add_argument(
+        "--signing",
+        action="store_true",
+        help="also run rpc/fire/latency with signing keys on producer and worker "
+        "(aioqueue-signed), for the cost of signed messages",
+    )
+    p.add_argument(
+        "--otel",
+        action="store_true",
+        help="also run rpc/fire/latency with a tracer provider configured in the aioqueue "
+        "worker and producer (aioqueue-otel), for the cost of tracing (the default runs have "
+        "the otel extra installed and no provider: tracing off)",
+    )
+    p.add_argument(
         "--json",
         type=Path,
         help="result file (default bench/results/latest.json, with --cluster .../cluster.json)",
@@ -181,9 +194,10 @@ def render(
     anomalies: list[str] = []
     if suite is not None:
         parts += ["", report.markdown(report.rows(suite.measured, suite.sizes))]
-        events = report.events_markdown(suite.measured)
-        if events:
-            parts += ["", events]
+        for paired in (report.events_markdown, report.signing_markdown, report.otel_markdown):
+            table = paired(suite.measured)
+            if table:
+                parts += ["", table]
         runs = report.per_run(suite.measured, BUSY_CORES)
         if runs:
             parts += ["", f"Per run (* = other processes used > {BUSY_CORES} cores meanwhile):"]
@@ -310,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         with broker(args.broker_url) as (url, broker_pid):
             meta = environment(url, args, sizes)
             suite = Suite(url, sizes, logs, broker_pid=broker_pid, quiet_wait=args.quiet_wait)
-            suite.run(args.only, args.runs, events=args.events)
+            suite.run(
+                args.only, args.runs, events=args.events, signing=args.signing, otel=args.otel
+            )
             if args.profile:
                 try:
                     profile = suite.profile(RESULTS / "profile-rpc-aioqueue.txt")

@@ -35,19 +35,34 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
 QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum", both systems
+OTEL_ENV = "AIOQUEUE_BENCH_OTEL"  # "1": bench/tasks.py configures a tracer provider
+RAW_PREFETCH_ENV = "AIOQUEUE_BENCH_RAW_PREFETCH"  # raw's prefetch (bench/raw.py)
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
-# "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events)
-System = Literal["raw", "aioqueue", "aioqueue-no-events"]
+# "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events);
+# "aioqueue-signed": producer and worker with signing keys (python -m bench --signing);
+# "aioqueue-otel": worker and producer with a tracer provider configured (python -m bench --otel)
+System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-signed", "aioqueue-otel"]
+# the benchmark's signing keys (not a secret: they sign only its own messages)
+SIGNING_KEYS = f"bench2:{'b2' * 32},bench1:{'b1' * 32}"
 
 
 class BenchError(RuntimeError):
     """A measurement could not be taken (a process failed, hung, or answered nonsense)."""
 
 
-def bench_env(url: str, queue: str, queue_type: str = "classic") -> dict[str, str]:
-    return {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
+def bench_env(
+    url: str, queue: str, queue_type: str = "classic", system: str = "aioqueue"
+) -> dict[str, str]:
+    env = {**os.environ, "AIOQUEUE_BROKER_URL": url, QUEUE_ENV: queue, QUEUE_TYPE_ENV: queue_type}
+    env.pop("AIOQUEUE_SIGNING_KEYS", None)
+    if system == "aioqueue-signed":  # bench/tasks.py's App reads them from the environment
+        env["AIOQUEUE_SIGNING_KEYS"] = SIGNING_KEYS
+    env.pop(OTEL_ENV, None)
+    if system == "aioqueue-otel":
+        env[OTEL_ENV] = "1"
+    return env
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -61,7 +76,13 @@ class Worker:
     """A worker process of either system, its output in ``log``."""
 
     def __init__(
-        self, system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+        self,
+        system: System,
+        url: str,
+        queue: str,
+        log: Path,
+        queue_type: str = "classic",
+        raw_prefetch: int = 100,
     ) -> None:
         if system != "raw":
             command = [
@@ -77,7 +98,10 @@ class Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, *command],
                 cwd=ROOT,
-                env=bench_env(url, queue, queue_type),
+                env={
+                    **bench_env(url, queue, queue_type, system),
+                    RAW_PREFETCH_ENV: str(raw_prefetch),
+                },
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -129,10 +153,15 @@ class Worker:
 
 @contextlib.contextmanager
 def start_worker(
-    system: System, url: str, queue: str, log: Path, queue_type: str = "classic"
+    system: System,
+    url: str,
+    queue: str,
+    log: Path,
+    queue_type: str = "classic",
+    raw_prefetch: int = 100,
 ) -> Iterator[Worker]:
     """A ready worker for the block; stopped (SIGTERM) when it ends."""
-    worker = Worker(system, url, queue, log, queue_type)
+    worker = Worker(system, url, queue, log, queue_type, raw_prefetch)
     try:
         worker.wait_ready()
         yield worker
@@ -154,7 +183,9 @@ def run_producer(
         done = subprocess.run(
             command,
             cwd=ROOT,
-            env=bench_env(spec["url"], spec["queue"], spec.get("queue_type", "classic")),
+            env=bench_env(
+                spec["url"], spec["queue"], spec.get("queue_type", "classic"), spec["system"]
+            ),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,

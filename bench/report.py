@@ -18,6 +18,7 @@ __all__ = [
     "markdown",
     "per_run",
     "rows",
+    "signing_markdown",
 ]
 
 # Targets of issue 6 ("Performance").
@@ -90,6 +91,41 @@ def rows(measured: Measurements, sizes: Sizes) -> list[Row]:
 def events_markdown(measured: Measurements) -> str:
     """The cost of task events: aioqueue (events on, the default) against its worker with
     ``--no-events``, medians of the same runs; empty unless ``--events`` measured it."""
+    head = [
+        "Task events (worker with events on, the default, vs `--no-events`; medians):",
+        "",
+        "| figure | events on | events off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return _paired(measured, "aioqueue", "aioqueue-no-events", head)
+
+
+def signing_markdown(measured: Measurements) -> str:
+    """The cost of signed messages: aioqueue with signing keys on producer and worker against
+    aioqueue without, medians of the same runs; empty unless ``--signing`` measured it."""
+    head = [
+        "Signed messages (signing keys on producer and worker vs none; medians):",
+        "",
+        "| figure | signing on | signing off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return _paired(measured, "aioqueue-signed", "aioqueue", head)
+
+
+def otel_markdown(measured: Measurements) -> str:
+    """The cost of tracing: aioqueue with a tracer provider configured (spans made and
+    exported in batches to nowhere) against the default (the otel extra installed, no
+    provider: tracing off), medians of the same runs; empty unless ``--otel`` measured it."""
+    head = [
+        "Tracing (OpenTelemetry provider configured vs none, the default; medians):",
+        "",
+        "| figure | tracing on | tracing off | on vs off |",
+        "|---|---:|---:|---:|",
+    ]
+    return _paired(measured, "aioqueue-otel", "aioqueue", head)
+
+
+def _paired(measured: Measurements, on_system: str, off_system: str, head: list[str]) -> str:
     lines = []
     for workload, key, unit in (
         ("rpc", "rate", "tasks/s"),
@@ -98,8 +134,8 @@ def events_markdown(measured: Measurements) -> str:
         ("latency", "p99_ms", "p99 ms"),
     ):
         systems = measured.get(workload, {})
-        on = _median(systems.get("aioqueue", []), key)
-        off = _median(systems.get("aioqueue-no-events", []), key)
+        on = _median(systems.get(on_system, []), key)
+        off = _median(systems.get(off_system, []), key)
         if on is None or off is None:
             continue
         digits = 3 if unit.endswith("ms") else 0
@@ -109,12 +145,6 @@ def events_markdown(measured: Measurements) -> str:
         )
     if not lines:
         return ""
-    head = [
-        "Task events (worker with events on, the default, vs `--no-events`; medians):",
-        "",
-        "| figure | events on | events off | on vs off |",
-        "|---|---:|---:|---:|",
-    ]
     return "\n".join(head + lines)
 
 

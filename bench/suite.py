@@ -32,6 +32,7 @@ COMPARED = ("rpc", "fire", "latency")  # both systems, median of the runs
 CLUSTERED = ("rpc", "fire")  # the cluster run's workloads
 ONCE = ("soak", "backlog")  # aioqueue alone, once
 PRODUCER_TIMEOUT = {"rpc": 300, "fire": 300, "latency": 300, "soak": 1200, "backlog": 1200}
+RAW_FIRE_PREFETCH = 1000  # raw's fire at its strongest (issue 20); rpc and latency: 100
 BUSY_CORES = 0.25  # other processes using more CPU than this meanwhile: an anomaly
 PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough samples
 
@@ -80,16 +81,31 @@ class Suite:
         self.measured: Measurements = {}
         self.anomalies: list[str] = []
 
-    def run(self, workloads: list[str], runs: int, *, events: bool = False) -> None:
+    def run(
+        self,
+        workloads: list[str],
+        runs: int,
+        *,
+        events: bool = False,
+        signing: bool = False,
+        otel: bool = False,
+    ) -> None:
         """The compared workloads interleaved run by run, then the once-only ones.
 
         ``events``: also the aioqueue worker with task events off (``aioqueue-no-events``),
-        interleaved with the others, for the cost of task events.
+        interleaved with the others, for the cost of task events. ``signing``: also aioqueue
+        with signing keys on both sides (``aioqueue-signed``), for the cost of signed messages.
+        ``otel``: also aioqueue with a tracer provider configured (``aioqueue-otel``), for the
+        cost of tracing.
         """
         compared = [w for w in COMPARED if w in workloads]
         systems: list[System] = ["raw", "aioqueue"]
         if events:
             systems.append("aioqueue-no-events")
+        if signing:
+            systems.append("aioqueue-signed")
+        if otel:
+            systems.append("aioqueue-otel")
         for run in range(runs):
             for workload in compared:
                 for system in systems if run % 2 == 0 else systems[::-1]:
@@ -191,6 +207,7 @@ class Suite:
                         queue,
                         self.logs / (f"{name}.log" if len(urls) == 1 else f"{name}-w{k}.log"),
                         self.queue_type,
+                        raw_prefetch=RAW_FIRE_PREFETCH if spec["workload"] == "fire" else 100,
                     )
                 )
                 for k, url in enumerate(urls, 1)

@@ -8,11 +8,16 @@ and the broker URL from ``$AIOQUEUE_BROKER_URL`` or the worker's ``--broker-url`
 from __future__ import annotations
 
 import os
+import time
 
 from aioqueue import App
 
-from .procs import QUEUE_ENV, QUEUE_TYPE_ENV
+from .procs import OTEL_ENV, QUEUE_ENV, QUEUE_TYPE_ENV
 
+if os.environ.get(OTEL_ENV) == "1":  # before the app connects: tracing is checked there
+    from .otel import configure_tracing
+
+    configure_tracing()
 _queue_type = os.environ.get(QUEUE_TYPE_ENV) or "classic"
 if _queue_type not in ("classic", "quorum"):
     raise SystemExit(f"${QUEUE_TYPE_ENV} must be 'classic' or 'quorum', not {_queue_type!r}")
@@ -43,3 +48,14 @@ async def executed() -> list[int]:
     """``[pid, count]``: this worker process and how many ``bench.fire`` tasks it has run so
     far (with several workers on one queue the producer adds up the latest count of each)."""
     return [os.getpid(), _executed]
+
+
+@app.task(name="bench.burn")
+def burn(ms: float) -> int:
+    """A CPU-bound plain function: ~``ms`` milliseconds of pure Python, holding the GIL (so
+    only worker processes, not threads, run two at once: ``python -m bench.processes``)."""
+    deadline = time.perf_counter() + ms / 1000
+    spins = 0
+    while time.perf_counter() < deadline:
+        spins += sum(range(100))
+    return spins

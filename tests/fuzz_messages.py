@@ -54,7 +54,7 @@ KINDS: dict[str, str] = {
 texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 keys = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=12).map(
     lambda k: f"h-{k}"
-)
+) | st.sampled_from(["traceparent", "tracestate", "baggage"])  # trace context of any shape
 int64 = st.integers(-(2**63), 2**63 - 1)
 json_values = st.recursive(
     st.none() | st.booleans() | int64 | st.floats(allow_nan=False, allow_infinity=False) | texts,

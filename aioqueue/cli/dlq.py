@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..app import App
-from ..errors import AioqueueError
+from ..errors import AioqueueError, SignatureError
 from ..message import (
     H_DEAD_AT,
     H_DEAD_ERROR,
@@ -28,6 +28,7 @@ from ..message import (
     H_UNDECODABLE,
     replay_copy,
 )
+from ..message.signing import SigningKeys, sign, verify
 from ..rabbit import RabbitBroker
 from ..rabbit.admin import HeldMessage, held_messages, purge_queue, queue_depths
 from ..topology import dlq_name
@@ -167,7 +168,7 @@ async def _dlq(app: App, queue: str, args: argparse.Namespace, stdin: TextIO) ->
                 for message in chosen:
                     _print_one(DeadLetter.of(message))
             else:
-                await _replay_all(broker, chosen, queue)
+                await _replay_all(broker, chosen, queue, app.signing)
             return 1 if missing else 0
 
 
@@ -186,7 +187,9 @@ async def _purge(broker: RabbitBroker, dead: str, yes: bool, stdin: TextIO) -> i
     return 0
 
 
-async def _replay_all(broker: RabbitBroker, chosen: list[HeldMessage], queue: str) -> None:
+async def _replay_all(
+    broker: RabbitBroker, chosen: list[HeldMessage], queue: str, signing: SigningKeys | None
+) -> None:
     replayed = 0
     for message in chosen:
         if H_UNDECODABLE in message.headers:
@@ -195,15 +198,36 @@ async def _replay_all(broker: RabbitBroker, chosen: list[HeldMessage], queue: st
                 "that cannot be read and would be dead-lettered again (see `dlq show`)"
             )
             continue
-        await replay_message(broker, message, queue)
-        replayed += 1
+        if await replay_message(broker, message, queue, signing):
+            replayed += 1
+        else:
+            print(
+                f"not replayed: {message.message_id or '(no readable id)'} is not signed with "
+                "one of the app's keys (a signing worker would refuse it; docs/security.md)"
+            )
     print(f"replayed {replayed} message(s)")
 
 
-async def replay_message(broker: RabbitBroker, message: HeldMessage, queue: str) -> None:
+async def replay_message(
+    broker: RabbitBroker, message: HeldMessage, queue: str, signing: SigningKeys | None = None
+) -> bool:
+    """Re-publish a dead letter to its queue, then remove it from the dead-letter queue.
+
+    With ``signing`` keys only a dead letter whose own signature verifies (however old) is
+    replayed, signed anew: an unsigned or forged message is never vouched for by a replay.
+    Returns False (the message stays in the dead-letter queue) when it is refused.
+    """
     target = str(message.headers.get(H_DEAD_QUEUE) or queue)
-    await broker.publish(target, message.body, replay_copy(message.properties))
+    copy = replay_copy(message.properties)
+    if signing is not None:
+        try:
+            verify(message.properties, message.body, signing)
+        except SignatureError:
+            return False
+        sign(copy, message.body, signing, due_at=broker.now())
+    await broker.publish(target, message.body, copy)
     await message.ack()
+    return True
 
 
 def rabbit_of(app: App) -> RabbitBroker:

@@ -92,8 +92,7 @@ async def replay_dead(app: App, queue: str, ids: list[str]) -> int:
     async with held_messages(broker, dlq_name(queue), BROWSE_LIMIT) as messages:
         for message in messages or []:
             if task_id_of(message) in ids and H_UNDECODABLE not in message.headers:
-                await replay_message(broker, message, queue)
-                replayed += 1
+                replayed += await replay_message(broker, message, queue, app.signing)
     return replayed
 
 

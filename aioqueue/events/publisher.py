@@ -27,6 +27,7 @@ from ..broker import Broker
 from ..errors import UnroutableError
 from ..message import CONTENT_TYPE
 from ..message.events import Event, batch_headers, encode_batch
+from ..message.signing import SigningKeys, sign
 from ..topology import EVENTS_STREAM, events_stream_arguments
 
 __all__ = ["EventPublisher", "EventStatistics"]
@@ -57,6 +58,7 @@ class EventPublisher:
         batch_size: Most events per stream message.
         buffer: Most events waiting; past it the oldest are dropped (and counted).
         publish_timeout: Seconds one batch may wait for its confirm before it is dropped.
+        signing: The app's signing keys: each batch is signed (docs/security.md).
 
     Attributes:
         on_dropped: Called with the number of events each time some are dropped (e.g. a
@@ -71,8 +73,10 @@ class EventPublisher:
         batch_size: int = 256,
         buffer: int = 10_000,
         publish_timeout: float = 5.0,
+        signing: SigningKeys | None = None,
     ) -> None:
         self._broker = broker
+        self._signing = signing
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self._buffer: deque[Event] = deque()
@@ -175,6 +179,8 @@ class EventPublisher:
                 delivery_mode=2,
                 headers=batch_headers(len(batch)),
             )
+            if self._signing is not None:
+                sign(properties, body, self._signing, due_at=self._broker.now())
             await self._broker.publish(
                 EVENTS_STREAM, body, properties, timeout=self._publish_timeout
             )

@@ -9,8 +9,9 @@ async with EventReader(app, since=time.time() - 3600) as reader:   # or "first",
 A stream consumer (``x-stream-offset``) with a small prefetch, so a slow reader holds at most
 ``prefetch`` batches in memory; each batch is acknowledged once its events were taken. After a
 reconnect it resumes after the last offset it saw. A batch it cannot read is skipped and
-counted (`EventReader.skipped`), never raised. On the in-memory transport (``memory://``) the
-stream lives in the memory broker, with the same API.
+counted (`EventReader.skipped`), never raised. With the app's signing keys, an unsigned or
+badly signed batch is skipped too (counted in `skipped` and in `unsigned`). On the in-memory
+transport (``memory://``) the stream lives in the memory broker, with the same API.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..broker import Broker, Consumer, Delivery, settle
-from ..errors import DecodeError
+from ..errors import DecodeError, SignatureError
 from ..message.events import Event, decode_batch
+from ..message.signing import verify
 from ..topology import EVENTS_STREAM, events_stream_arguments
 
 if TYPE_CHECKING:
@@ -48,7 +50,8 @@ class EventReader:
         prefetch: Most stream messages (batches) held unread.
 
     Attributes:
-        skipped: Batches that could not be read (malformed), skipped.
+        skipped: Batches that could not be read (malformed, or refused by their signature).
+        unsigned: Of those, batches refused by their signature (with the app's signing keys).
         last_offset: The stream offset of the last batch taken, None before the first.
     """
 
@@ -59,6 +62,7 @@ class EventReader:
         self.since = since
         self.prefetch = prefetch
         self.skipped = 0
+        self.unsigned = 0
         self.last_offset: int | None = None
         self._queued_offset: int | None = None  # of the last batch queued here
         self._batches: deque[tuple[list[Event], Delivery]] = deque()
@@ -125,9 +129,12 @@ class EventReader:
         if offset is not None:
             self._queued_offset = offset
         try:
+            if self.app.signing is not None:
+                verify(delivery.properties, delivery.body, self.app.signing)
             events = decode_batch(delivery.body, self.app.settings.max_message_size)
         except DecodeError as exc:
             self.skipped += 1
+            self.unsigned += isinstance(exc, SignatureError)
             log.warning("skipped an unreadable event batch at offset %s: %s", offset, exc)
             events = []
         since = self.since if isinstance(self.since, int | float) else None

@@ -247,6 +247,8 @@ def encode_task(
         parent_id=fields.parent_id,
         ignore_result=fields.ignore_result,
     )
+    if envelope.trace:  # trace context travels as AMQP headers, as for our own messages
+        headers.update(envelope.trace)
     if new:
         embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
         body = dumps([list(envelope.args), dict(envelope.kwargs), embed])

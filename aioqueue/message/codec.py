@@ -137,6 +137,9 @@ class Envelope:
     # set on a message in Celery's format (read from Celery, or sent to a Celery worker):
     # it is written back in that format, and its outcome goes out as an rpc:// reply
     celery: CeleryFields | None = None
+    # trace context headers to carry (W3C ``traceparent``/``tracestate``), set only when
+    # tracing is on (`aioqueue.tracing`); a received message's stay in its headers, unread
+    trace: Mapping[str, str] | None = None
 
     def encode(self) -> bytes:
         """The message body: the arguments as JSON."""
@@ -155,6 +158,8 @@ class Envelope:
             headers[H_SCHEDULED_AT] = round(self.scheduled_at * 1000)
         if self.stream_to is not None:
             headers[H_STREAM_TO] = self.stream_to
+        if self.trace:
+            headers.update(self.trace)
         return headers
 
     @classmethod

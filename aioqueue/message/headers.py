@@ -30,6 +30,13 @@ H_EVENTS: Final = "aioqueue-events"
 # message is never run; consumers treat it as unreadable (the worker dead-letters it).
 H_UNDECODABLE: Final = "aioqueue-undecodable"
 
+# -- a signed message (``App(signing_keys=...)``, message/signing.py, docs/security.md): the
+# key id, when the message is due (integer Unix ms; freshness counts from it), and the
+# HMAC-SHA256 (hex) over the body, the properties and the headers listed in signing.py
+H_KEY_ID: Final = "aioqueue-key-id"
+H_DUE_AT: Final = "aioqueue-due-at"
+H_SIGNATURE: Final = "aioqueue-signature"
+
 # -- a dead letter (the copy in ``Q.dlq``): why, when, where from, by whom
 H_DEAD_REASON: Final = "aioqueue-dead-reason"
 H_DEAD_ERROR: Final = "aioqueue-dead-error"
@@ -40,3 +47,10 @@ H_DEAD_TRACEBACK: Final = "aioqueue-dead-traceback"
 DEAD_PREFIX: Final = "aioqueue-dead-"
 # how many deliveries of a message on a classic queue killed a worker (poison detection)
 H_DELIVERIES: Final = "aioqueue-deliveries"
+
+# -- trace context, with the ``otel`` extra and a tracer provider (docs/observability.md): W3C
+# Trace Context, written and read by OpenTelemetry's propagator (its configured one: the default
+# also writes ``baggage``). Optional on every task message; a consumer that does not trace, or
+# cannot read them, ignores them (a malformed one starts a new trace).
+H_TRACEPARENT: Final = "traceparent"
+H_TRACESTATE: Final = "tracestate"

@@ -22,11 +22,14 @@ from .headers import (
     DEAD_PREFIX,
     H_ATTEMPT,
     H_DELIVERIES,
+    H_DUE_AT,
     H_EVENT,
     H_PROTOCOL,
     H_SEQ,
+    H_SIGNATURE,
     PROTOCOL_VERSION,
 )
+from .signing import SigningKeys, sign
 
 __all__ = [
     "TaskProperties",
@@ -35,6 +38,7 @@ __all__ = [
     "event_properties",
     "replay_copy",
     "reply_properties",
+    "task_message",
     "task_properties",
 ]
 
@@ -52,6 +56,18 @@ def task_properties(envelope: Envelope) -> spec.Basic.Properties:
         headers=envelope.headers(),
         timestamp=datetime.now(UTC),
     )
+
+
+def task_message(
+    envelope: Envelope, signing: SigningKeys | None, *, due_at: float
+) -> tuple[bytes, spec.Basic.Properties]:
+    """An aioqueue task message's body and properties, signed when ``signing`` is set
+    (fresh from ``due_at``, Unix seconds: when it may run)."""
+    body = envelope.encode()
+    properties = task_properties(envelope)
+    if signing is not None:
+        sign(properties, body, signing, due_at=due_at)
+    return body, properties
 
 
 def reply_properties(task_id: str) -> spec.Basic.Properties:
@@ -150,6 +166,30 @@ def _encodable_value(value: Any) -> Any:
 
 
 def _encode_headers(value: Any) -> bytes:
+    if isinstance(value, dict) and H_SIGNATURE in value and H_DUE_AT in value:
+        # a signed message: what varies per message (its due time and signature) is encoded
+        # on its own, the rest through the cache, as one table (entries in any order)
+        due, signature = value[H_DUE_AT], value[H_SIGNATURE]
+        if type(due) is int and type(signature) is str and signature.isascii():
+            common = {k: v for k, v in value.items() if k not in _PER_MESSAGE}
+            shared = _encode_plain(common)[4:]
+            own = (
+                b"".join(  # as pamqp writes them: a 64-bit integer and a long string
+                    (_DUE_KEY, struct.pack(">q", due), _SIGNATURE_KEY)
+                )
+                + struct.pack(">I", len(signature))
+                + signature.encode()
+            )
+            return struct.pack(">I", len(shared) + len(own)) + shared + own
+    return _encode_plain(value)
+
+
+_PER_MESSAGE = (H_DUE_AT, H_SIGNATURE)
+_DUE_KEY = encode.short_string(H_DUE_AT) + b"l"
+_SIGNATURE_KEY = encode.short_string(H_SIGNATURE) + b"S"
+
+
+def _encode_plain(value: Any) -> bytes:
     if isinstance(value, dict):
         try:
             # the type is part of the key: True == 1 == 1.0, but each encodes differently

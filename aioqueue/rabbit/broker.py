@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
 from pamqp import commands as spec
 
 from ..broker import ConsumeArguments, DeliveryCallback, LostCallback
@@ -160,9 +160,14 @@ class RabbitBroker:
         async with self._declare_lock:
             if name not in self._declared:
                 self._declared[name] = await self._retrying(
-                    f"declaring queue {name!r}",
-                    lambda: declare(self._channel(), self._transport(name), name, arguments),
+                    f"declaring queue {name!r}", lambda: self._declare(name, arguments)
                 )
+
+    async def _declare(self, name: str, arguments: dict[str, Any]) -> AbstractRobustQueue:
+        transport = None if self._connection is None else self._connection.transport
+        if transport is None:  # reconnecting: transient, `_retrying` waits for it
+            raise ConnectionError(f"not connected: cannot declare queue {name!r}")
+        return await declare(self._channel(), transport.connection, name, arguments)
 
     async def redeclare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         """Declare ``name`` again although it was declared here: it was deleted since (a

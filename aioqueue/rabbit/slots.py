@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -43,7 +44,9 @@ import aiormq.exceptions
 from pamqp import commands as spec
 
 from ..errors import DecodeError
-from ..message import CONTENT_TYPE, Envelope, refuse_unreadable, task_properties
+from ..message import CONTENT_TYPE, Envelope, refuse_unreadable
+from ..message.properties import task_message
+from ..message.signing import SigningKeys
 from ..scheduler.records import (
     SlotRecord,
     done_queue_name,
@@ -66,11 +69,19 @@ class SlotStore:
         app_name: Whose schedules these are (names the queues).
         identity: This instance's name, written into each record.
         queue_type: Type of the state queues (the app's: quorum replicates them).
+        signing: The app's signing keys: each fired task message is signed, due now.
     """
 
     def __init__(
-        self, lease: Lease, app_name: str, *, identity: str, queue_type: QueueType = "classic"
+        self,
+        lease: Lease,
+        app_name: str,
+        *,
+        identity: str,
+        queue_type: QueueType = "classic",
+        signing: SigningKeys | None = None,
     ) -> None:
+        self._signing = signing
         self._lease = lease
         self._app_name = app_name
         self._identity = identity
@@ -169,7 +180,8 @@ class SlotStore:
         )
 
     async def _task(self, queue: str, envelope: Envelope) -> bool:
-        return await self._publish(envelope.encode(), queue, task_properties(envelope))
+        body, properties = task_message(envelope, self._signing, due_at=time.time())
+        return await self._publish(body, queue, properties)
 
     async def _publish(self, body: bytes, queue: str, properties: spec.Basic.Properties) -> bool:
         """Publish on the lease's confirm channel: True if RabbitMQ confirmed it, False if it

@@ -28,6 +28,7 @@ from ..message import Envelope
 from ..rabbit.lease import CONNECTION_ERRORS, Lease
 from ..rabbit.slots import SlotStore
 from ..topology import work_queue_arguments
+from ..tracing import Tracing, detect
 from .clock import Clock, SystemClock
 from .in_memory import MemoryBackend
 from .records import LeaseLost, SlotRecord, done_queue_arguments, done_queue_name
@@ -149,6 +150,7 @@ class Scheduler:
         self._active = False
         self._parked: Callable[[], bool] | None = None
         self._memory: MemoryBackend | None = None
+        self._tracing: Tracing | None = None  # a root span per fired slot, when tracing is on
 
     def __repr__(self) -> str:
         role = "leader" if self._leader else "follower"
@@ -209,9 +211,11 @@ class Scheduler:
 
     def _start(self) -> None:
         self._active = True
+        self._tracing = detect()
         if self._memory is None and is_memory_url(self.app.broker_url):
+            app = self.app
             self._memory = MemoryBackend(
-                self.app.broker_url, self.app.settings, self.app.name, self._busy
+                app.broker_url, app.settings, app.name, self._busy, signing=app.signing
             )
             virtual = self._memory.clock
             if self._default_clock and virtual is not None:
@@ -266,8 +270,9 @@ class Scheduler:
             heartbeat=self.heartbeat,
             queue_type=self.app.queue_type,
         )
+        app = self.app
         store = SlotStore(
-            lease, self.app.name, identity=self.identity, queue_type=self.app.queue_type
+            lease, app.name, identity=self.identity, queue_type=app.queue_type, signing=app.signing
         )
         return lease, store
 
@@ -385,7 +390,11 @@ class Scheduler:
             reply_to=reply_to if schedule.skip_if_running else None,
             scheduled_at=slot.timestamp(),
         )
-        await store.fire(schedule.name, slot, plan.queue, envelope)
+        if self._tracing is None:
+            await store.fire(schedule.name, slot, plan.queue, envelope)
+        else:
+            with self._tracing.firing(schedule.name, slot, envelope, plan.queue) as envelope:
+                await store.fire(schedule.name, slot, plan.queue, envelope)
         self._fired += 1
         if schedule.skip_if_running:
             plan.running = run_id

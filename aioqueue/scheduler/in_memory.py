@@ -33,7 +33,9 @@ from pamqp import commands as spec
 
 from ..errors import DecodeError
 from ..memory import MemoryBroker, VirtualClock, memory_broker
-from ..message import CONTENT_TYPE, Envelope, task_properties
+from ..message import CONTENT_TYPE, Envelope
+from ..message.properties import task_message
+from ..message.signing import SigningKeys
 from ..settings import Settings
 from .records import (
     STATE_QUEUE_ARGS,
@@ -125,11 +127,19 @@ class MemorySlotStore:
         broker: The in-memory broker.
         app_name: Whose schedules these are (names the queues).
         identity: This instance's name, written into each record.
+        signing: The app's signing keys: each fired task message is signed, due now.
     """
 
     def __init__(
-        self, lease: MemoryLease, broker: MemoryBroker, app_name: str, *, identity: str
+        self,
+        lease: MemoryLease,
+        broker: MemoryBroker,
+        app_name: str,
+        *,
+        identity: str,
+        signing: SigningKeys | None = None,
     ) -> None:
+        self._signing = signing
         self._lease = lease
         self._broker = broker
         self._app_name = app_name
@@ -165,7 +175,8 @@ class MemorySlotStore:
         # No await below yields to the event loop (the memory broker's operations complete at
         # once): the task message and the record appear together, or an error leaves neither.
         await self._broker.declare_queue(state, STATE_QUEUE_ARGS)
-        await self._broker.publish(queue, envelope.encode(), task_properties(envelope))
+        body, task_props = task_message(envelope, self._signing, due_at=self._broker.now())
+        await self._broker.publish(queue, body, task_props)
         self._broker.take(state)  # x-max-length=1: the new record replaces the old one
         await self._broker.publish(state, record.encode(), properties)
 
@@ -193,8 +204,14 @@ class MemoryBackend:
     """
 
     def __init__(
-        self, url: str, settings: Settings, app_name: str, busy: Callable[[], bool]
+        self,
+        url: str,
+        settings: Settings,
+        app_name: str,
+        busy: Callable[[], bool],
+        signing: SigningKeys | None = None,
     ) -> None:
+        self._signing = signing
         self.broker = memory_broker(url, settings)
         self._app_name = app_name
         self._busy = busy
@@ -209,7 +226,10 @@ class MemoryBackend:
     def open(self, identity: str) -> tuple[MemoryLease, MemorySlotStore]:
         """A lease to campaign with, and the store that fires through it."""
         lease = MemoryLease(self.broker, self._app_name, identity=identity)
-        return lease, MemorySlotStore(lease, self.broker, self._app_name, identity=identity)
+        store = MemorySlotStore(
+            lease, self.broker, self._app_name, identity=identity, signing=self._signing
+        )
+        return lease, store
 
     def close(self) -> None:
         self.broker.detach(self._busy)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from ..scheduler.cli import banner as scheduler_banner
 from ..settings import mask_url
 from .events import TaskLog
 from .lifecycle import Worker
+from .replay import REPLAY_GUARD_ENV, SharedReplayGuard
+from .supervisor import Supervisor
 
 if TYPE_CHECKING:  # aioqueue.metrics needs the metrics extra: imported only when asked for
     from aiohttp.web import AppRunner
@@ -53,6 +56,16 @@ def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
         default=100,
         help="most tasks running at once (default 100)",
     )
+    p.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="worker processes under one supervisor, each with its own event loop and "
+        "connection; 'auto' = the number of CPUs (default 1). --concurrency and --prefetch "
+        "are per process; --metrics-port P serves process I on port P+I; --scheduler and "
+        "--dashboard-port run in process 0 only",
+    )
+    p.add_argument("--process-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument(
         "--prefetch",
         type=_positive_int,
@@ -116,6 +129,18 @@ def parser(prog: str = "python -m aioqueue.worker") -> argparse.ArgumentParser:
     return p
 
 
+def _processes(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -130,6 +155,9 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worke
     app = app_from_args(args)
     if app is None:
         return 2
+    if args.processes > 1:  # checked here once, then N children (`aioqueue.worker.supervisor`)
+        return _supervise(args, list(sys.argv[1:] if argv is None else argv), app)
+    _as_child(args)
     scheduler = Scheduler(app) if args.scheduler else None
     if scheduler is not None:
         try:
@@ -153,6 +181,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worke
         shutdown_timeout=args.shutdown_timeout,
         observers=None if metrics is None else [TaskLog(), metrics[0]],
         events=False if args.no_events else None,
+        replay_guard=_shared_replay_guard(app),
     )
     dashboard = None
     if args.dashboard_port is not None:
@@ -166,6 +195,38 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worke
     finally:
         if metrics is not None:
             metrics[1].close()
+
+
+def _supervise(args: argparse.Namespace, argv: list[str], app: App) -> int:
+    refusal = _dashboard_refusal(args.dashboard_host) if args.dashboard_port else None
+    if refusal is not None:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    if app.signing is None:
+        return run(Supervisor(argv, args.processes).run())
+    # with signing keys, the children share one replay guard (`aioqueue.worker.replay`)
+    guard = SharedReplayGuard.create(app.settings.replay_guard_size)
+    try:
+        env = {REPLAY_GUARD_ENV: guard.spec}
+        return run(Supervisor(argv, args.processes, env=env).run())
+    finally:
+        guard.unlink()
+
+
+def _shared_replay_guard(app: App) -> SharedReplayGuard | None:
+    """A child's share of its supervisor's replay guard (``$AIOQUEUE_REPLAY_GUARD``), if any."""
+    spec = os.environ.get(REPLAY_GUARD_ENV)
+    return None if spec is None or app.signing is None else SharedReplayGuard.attach(spec)
+
+
+def _as_child(args: argparse.Namespace) -> None:
+    """Process I > 0 of a supervisor: no scheduler or dashboard; metrics on port P+I."""
+    if args.process_index == 0:
+        return
+    args.scheduler = False
+    args.dashboard_port = None
+    if args.metrics_port:
+        args.metrics_port += args.process_index
 
 
 def _dashboard_refusal(host: str) -> str | None:
@@ -260,7 +321,22 @@ def banner(worker: Worker, metrics_url: str | None = None) -> str:
         f"  concurrency:  {worker.concurrency} (threads for plain functions: {worker.threads})\n"
         f"  prefetch:     {_prefetch_line(worker)}\n"
         + (f"  metrics:      {metrics_url}\n" if metrics_url else "")
+        + f"  signing:      {_signing_line(worker)}\n"
         + f"  tasks:\n{tasks or '    (none registered)'}"
+    )
+
+
+def _signing_line(worker: Worker) -> str:
+    """Key ids only (never a secret), the window, and who shares the replay guard."""
+    keys, settings = worker.app.signing, worker.app.settings
+    if keys is None:
+        return "off (unsigned messages run; docs/security.md)"
+    shared = (
+        "shared by this worker's processes" if worker.replay_guard is not None else "this process"
+    )
+    return (
+        f"signs with {keys.signing_id!r}, accepts {', '.join(map(repr, keys.ids))}; "
+        f"window {settings.signature_window:g}s; replay guard: {shared}"
     )
 
 

@@ -16,6 +16,7 @@ from ..broker import Broker
 from ..errors import UnroutableError
 from ..message import Envelope, check_json_native, event_properties
 from ..message import dumps as json_dumps
+from ..message.signing import SigningKeys, sign
 from .events import notify
 
 __all__ = ["Emitter"]
@@ -27,9 +28,15 @@ class Emitter:
     """Publishes one run's progress and items, each confirmed by RabbitMQ."""
 
     def __init__(
-        self, broker: Broker, envelope: Envelope, *, observers: Sequence[object] = ()
+        self,
+        broker: Broker,
+        envelope: Envelope,
+        *,
+        observers: Sequence[object] = (),
+        signing: SigningKeys | None = None,
     ) -> None:
         self._broker = broker
+        self._signing = signing
         self._envelope = envelope
         self._observers = observers
         self._progress_seq = 0
@@ -67,4 +74,7 @@ class Emitter:
 
     async def _send(self, queue: str, kind: str, seq: int, data: Any) -> None:
         properties = event_properties(self._envelope.id, kind, seq)
-        await self._broker.publish(queue, json_dumps(data), properties)
+        body = json_dumps(data)
+        if self._signing is not None:
+            sign(properties, body, self._signing, due_at=self._broker.now())
+        await self._broker.publish(queue, body, properties)

@@ -32,6 +32,7 @@ from ..message import (
     reply_properties,
 )
 from ..message.celery import CeleryFields, encode_reply
+from ..message.signing import is_signed, sign, signed_due_at
 from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
@@ -106,6 +107,10 @@ class Handoff:
         the message at worst and never loses it. Returns False if it had to requeue instead.
         """
         copy = dead_letter_copy(delivery.properties, {H_DELIVERIES: deliveries})
+        keys = self.app.signing
+        if keys is not None and is_signed(copy.headers):  # the count is signed: sign anew,
+            due_at = signed_due_at(copy.headers)  # fresh as long as the message it copies
+            sign(copy, delivery.body, keys, due_at=self.broker.now() if due_at is None else due_at)
         try:
             await self.broker.publish(delivery.queue, delivery.body, copy)
         except PublishError as exc:
@@ -224,6 +229,8 @@ class Handoff:
             body, properties = encode_reply(outcome, parent_id=celery.parent_id)
         else:
             body, properties = outcome.encode(), reply_properties(outcome.task_id)
+            if self.app.signing is not None:  # a caller with keys drops unsigned replies
+                sign(properties, body, self.app.signing, due_at=self.broker.now())
         try:
             await self.broker.publish(reply_to, body, properties)
         except UnroutableError:

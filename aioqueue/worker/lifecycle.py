@@ -26,6 +26,7 @@ from ..topology import dlq_arguments, dlq_name, work_queue_arguments
 from .events import TaskLog, TaskObserver
 from .handoff import Handoff
 from .pipeline import Pipeline
+from .signature import SeenMessages
 from .task_events import TaskEvents
 
 __all__ = ["Worker", "WorkerStatistics", "split_prefetch"]
@@ -65,6 +66,9 @@ class Worker:
             one log line per task.
         events: Publish task events and heartbeats to the stream ``aioqueue.events``
             (`aioqueue.worker.task_events`); default: ``app.settings.events``.
+        replay_guard: With signing keys, where accepted messages are remembered (a
+            `aioqueue.worker.signature.SeenMessages`); default: a `ReplayGuard` of this
+            process. Processes of one worker share it by sharing this object's state.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Worker:
         max_deliveries: int = 5,
         observers: Sequence[TaskObserver] | None = None,
         events: bool | None = None,
+        replay_guard: SeenMessages | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -92,6 +97,7 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self.threads = threads or min(concurrency, 40)
         self.max_deliveries = max_deliveries
+        self.replay_guard = replay_guard
         self.observers: list[TaskObserver] = list(observers or [TaskLog()])
         self.events_enabled = app.settings.events if events is None else events
         self.events: TaskEvents | None = None  # while running with events on
@@ -146,6 +152,8 @@ class Worker:
             await self.app.connect()
         executor = ThreadPoolExecutor(self.threads, thread_name_prefix="aioqueue-task")
         observers = list(self.observers)
+        if self.app.tracing is not None:  # annotates each delivery's consumer span
+            observers.append(self.app.tracing.observer())
         if self.events_enabled:
             self.events = await self._start_events()
             observers.append(self.events)
@@ -157,6 +165,7 @@ class Worker:
             observers=observers,
             max_deliveries=self.max_deliveries,
             identity=self.identity,
+            replay_guard=self.replay_guard,
         )
         try:
             await self._run(self._pipeline)
@@ -170,7 +179,7 @@ class Worker:
     # -- task events and heartbeats ---------------------------------------------------------
 
     async def _start_events(self) -> TaskEvents:
-        publisher = EventPublisher(self.app.broker)
+        publisher = EventPublisher(self.app.broker, signing=self.app.signing)
         for observer in self.observers:  # a PrometheusObserver counts the drops
             dropped = getattr(observer, "events_dropped", None)
             if dropped is not None:
@@ -280,7 +289,7 @@ class Worker:
         and the books kept."""
         try:
             envelope = await pipeline.receive(delivery)  # before the slot: seen as queued
-            if envelope is None:  # unreadable: dead-lettered
+            if envelope is None:  # unreadable or refused: dead-lettered
                 self._processed += 1
                 return
             async with self._slots:
@@ -288,8 +297,13 @@ class Worker:
                     await settle(delivery, ack=False, requeue=True)
                     return
                 self._running += 1
+                tracing = self.app.tracing
                 try:
-                    await pipeline.process(delivery, envelope)
+                    if tracing is None:
+                        await pipeline.process(delivery, envelope)
+                    else:  # a consumer span, continuing the trace the message carries
+                        with tracing.consuming(delivery):
+                            await pipeline.process(delivery, envelope)
                 finally:
                     self._running -= 1
                     self._processed += 1

@@ -2,6 +2,8 @@
 
 `Pipeline.process` is the whole path of a message through a worker, in four readable steps:
 
+0. with signing keys, the signature (`aioqueue.worker.signature`): unsigned, forged, stale
+   or replayed messages are dead-lettered (reason ``signature``) before they are decoded;
 1. decode: an unreadable message is dead-lettered (reason ``decode``);
 2. guards: a redelivery of a run still going here waits for it; a redelivered message on a
    classic queue is re-published with its crash count, and poison is dead-lettered; a task
@@ -34,6 +36,7 @@ from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
+from .signature import SeenMessages, SignatureCheck
 
 __all__ = ["Pipeline", "Verdict", "judge"]
 
@@ -71,6 +74,7 @@ class Pipeline:
         observers: Sequence[TaskObserver],
         max_deliveries: int,
         identity: str,
+        replay_guard: SeenMessages | None = None,
     ) -> None:
         self.app = app
         self.handoff = handoff
@@ -87,11 +91,17 @@ class Pipeline:
         # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
         self.cancelled_ids: CancelledIds | None = None
         self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
+        # with signing keys: unsigned, forged, stale and replayed messages never get further
+        keys = app.signing
+        self.signature = None if keys is None else SignatureCheck(app, keys, handoff, replay_guard)
 
     async def receive(self, delivery: Delivery) -> Envelope | None:
-        """Decode, and tell the observers the task was received: the worker calls this as a
-        delivery arrives, before it waits for a concurrency slot, so a task in hand but not
-        yet started is seen (``task-received``: queued). None when it was dead-lettered."""
+        """(Signature →) decode, and tell the observers the task was received: the worker
+        calls this as a delivery arrives, before it waits for a concurrency slot, so a task in
+        hand but not yet started is seen (``task-received``: queued). None when it was
+        refused here (dead-lettered)."""
+        if self.signature is not None and not await self.signature.admit(delivery):
+            return None
         envelope = await self._decode(delivery)
         if envelope is not None:
             notify(
@@ -101,7 +111,8 @@ class Pipeline:
         return envelope
 
     async def process(self, delivery: Delivery, envelope: Envelope | None = None) -> None:
-        """Decode (unless `receive` did: ``envelope``) → guards → run → hand-off."""
+        """(Signature →) decode, unless `receive` did (``envelope``) → guards → run →
+        hand-off."""
         if envelope is None:
             envelope = await self.receive(delivery)
             if envelope is None:
@@ -154,7 +165,9 @@ class Pipeline:
         started = time.perf_counter()
         cancelled = threading.Event()
         try:
-            emitter = Emitter(self.app.broker, envelope, observers=self.observers)
+            emitter = Emitter(
+                self.app.broker, envelope, observers=self.observers, signing=self.app.signing
+            )
             run = asyncio.ensure_future(
                 execute(
                     task,

@@ -1,0 +1,150 @@
+"""``python -m bench.processes [--runs 3] [--tasks 400] [--broker-url URL]``: what
+``aioqueue worker --processes N`` buys.
+
+Two workloads, each with 1 and then 2 worker processes, interleaved run by run (medians):
+
+- ``cpu``: ``bench.burn``, a plain function that spends ~5 ms in pure Python (it holds the GIL:
+  threads of one process cannot run two at once, processes can). Figure: tasks/s until every
+  result is back. Target (issue 20): 2 processes ≥ 1.6 x 1 process.
+- ``fire``: ``bench.fire`` as in the main suite (20,000 confirmed submits, timed until executed).
+  Reported, not targeted: the broker shares the same cores.
+
+Prints a Markdown table on stdout and writes ``bench/results/processes.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .cli import broker
+from .loop import loop_name
+from .procs import ROOT, BenchError, bench_env, tail
+
+RESULTS = ROOT / "bench" / "results"
+TARGET = 1.6
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.processes", description=__doc__)
+    p.add_argument("--runs", type=int, default=3, help="runs of each (median; 3)")
+    p.add_argument("--tasks", type=int, default=400, help="cpu tasks per run (400)")
+    p.add_argument("--fire", type=int, default=20000, help="fire tasks per run (20,000)")
+    p.add_argument("--broker-url", help="use this broker instead of starting a private node")
+    p.add_argument("--json", type=Path, default=RESULTS / "processes.json")
+    return p.parse_args(argv)
+
+
+async def _start_worker(url: str, queue: str, processes: int, log: Path) -> Any:
+    out = log.open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        *(".venv/bin/python", "-m", "aioqueue.worker", "bench.tasks:app"),
+        *("--processes", str(processes), "--concurrency", "100"),
+        *("--log-level", "WARNING", "--broker-url", url),
+        cwd=ROOT,
+        env=bench_env(url, queue),
+        stdout=out,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while (await asyncio.to_thread(log.read_text, errors="replace")).count(" ready\n") < processes:
+        if proc.returncode is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise BenchError(f"worker with {processes} process(es) not ready:\n{tail(log)}")
+        await asyncio.sleep(0.05)  # sleep-ok: polling another process's log for its banner
+    return proc, out
+
+
+async def _stop(proc: Any, out: Any) -> None:
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        out.close()
+
+
+async def _cpu(app: Any, tasks: int) -> float:
+    started = time.perf_counter()
+    handles = [await app.submit("bench.burn", 5.0) for _ in range(tasks)]
+    for handle in handles:
+        await handle.result(timeout=300)
+    return tasks / (time.perf_counter() - started)
+
+
+async def _fire(app: Any, tasks: int) -> float:
+    started = time.perf_counter()
+    await asyncio.gather(*(app.submit("bench.fire") for _ in range(tasks)))
+    counts: dict[int, int] = {}
+    deadline = time.monotonic() + 300
+    while sum(counts.values()) < tasks:  # each process's latest count, by pid
+        if time.monotonic() > deadline:
+            raise BenchError(f"fire: {sum(counts.values())} of {tasks} executed")
+        pid, count = await (await app.submit("bench.executed")).result(timeout=300)
+        counts[pid] = count
+    return tasks / (time.perf_counter() - started)
+
+
+async def _one(url: str, processes: int, workload: str, args: argparse.Namespace) -> float:
+    from aioqueue import App
+
+    queue = f"bench.procs.{uuid.uuid4().hex[:8]}"
+    log = RESULTS / "logs" / f"processes-{workload}-{processes}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    proc, out = await _start_worker(url, queue, processes, log)
+    try:
+        async with App("bench-procs", broker_url=url, default_queue=queue) as app:
+            if workload == "cpu":
+                rate = await _cpu(app, args.tasks)
+            else:
+                rate = await _fire(app, args.fire)
+            await app.broker.delete_queue(queue)
+        return rate
+    finally:
+        await _stop(proc, out)
+
+
+async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    figures: dict[str, dict[int, list[float]]] = {"cpu": {1: [], 2: []}, "fire": {1: [], 2: []}}
+    for run in range(args.runs):
+        for workload, by_count in figures.items():
+            for processes in (1, 2) if run % 2 == 0 else (2, 1):  # interleaved
+                rate = await _one(url, processes, workload, args)
+                by_count[processes].append(rate)
+                print(f"run {run + 1} {workload} x{processes}: {rate:,.0f}/s", flush=True)
+    medians = {w: {n: statistics.median(v) for n, v in c.items()} for w, c in figures.items()}
+    return {"runs": figures, "median": medians, "loop": loop_name()}
+
+
+def table(result: dict[str, Any]) -> str:
+    m = result["median"]
+    rows = ["| workload | 1 process | 2 processes | ratio | target |", "|---|---|---|---|---|"]
+    for workload, target in (("cpu", f"≥ {TARGET}x"), ("fire", "reported")):
+        one, two = m[workload][1], m[workload][2]
+        rows.append(f"| {workload} | {one:,.0f}/s | {two:,.0f}/s | {two / one:.2f}x | {target} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from aioqueue.cli.common import run
+
+    with broker(args.broker_url) as (url, _pid):
+        result = run(measure(url, args))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    args.json.write_bytes(orjson.dumps(result, option=options))
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
