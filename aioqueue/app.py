@@ -118,6 +118,8 @@ class App:
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
         sensitive: bool = False,
+        rate_limit: str | None = None,
+        concurrency_limit: int | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -132,11 +134,15 @@ class App:
         retry: RetryPolicy | None = None,
         queue_type: QueueType | None = None,
         sensitive: bool = False,
+        rate_limit: str | None = None,
+        concurrency_limit: int | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register a function as a task: ``@app.task`` or ``@app.task(name=..., ...)``.
 
         ``async def`` functions run on the worker's event loop, plain functions in a thread.
         ``sensitive=True`` keeps its arguments, results and progress out of task events.
+        ``rate_limit="50/s"`` (also ``/m``, ``/h``) holds across all workers of the app;
+        ``concurrency_limit=N`` allows at most N runs at once in each worker.
         """
         decorator = TaskDecorator(
             self,
@@ -147,6 +153,8 @@ class App:
             retry=retry,
             queue_type=queue_type,
             sensitive=sensitive,
+            rate_limit=rate_limit,
+            concurrency_limit=concurrency_limit,
         )
         return decorator if fn is None else decorator(fn)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from .ratelimit import Rate, holding_queue_name, parse_rate
 from .retry import NO_RETRY, RetryPolicy
 from .topology import QueueType, check_queue_name
 
@@ -33,6 +34,9 @@ class TaskOptions:
         retry: The retry policy (default: no retries).
         queue_type: ``"classic"`` or ``"quorum"`` for this task's queue.
         sensitive: Task events leave its arguments, results and progress out (secrets).
+        rate_limit: At most this many runs per second/minute/hour across all workers of the
+            app (`aioqueue.ratelimit`); None: no limit.
+        concurrency_limit: At most this many runs at once in one worker; None: no limit.
     """
 
     name: str
@@ -42,6 +46,8 @@ class TaskOptions:
     retry: RetryPolicy = NO_RETRY
     queue_type: QueueType = "classic"
     sensitive: bool = False
+    rate_limit: Rate | None = None
+    concurrency_limit: int | None = None
 
 
 _MAX_SHAPES = 64
@@ -152,9 +158,19 @@ class TaskDecorator:
         retry: RetryPolicy | None,
         queue_type: QueueType | None,
         sensitive: bool = False,
+        rate_limit: str | None = None,
+        concurrency_limit: int | None = None,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        if concurrency_limit is not None and (
+            not isinstance(concurrency_limit, int)
+            or isinstance(concurrency_limit, bool)
+            or concurrency_limit < 1
+        ):
+            raise ValueError(f"concurrency_limit must be a positive int, not {concurrency_limit!r}")
+        self._rate = None if rate_limit is None else parse_rate(rate_limit)
+        self._concurrency_limit = concurrency_limit
         self._app = app
         self._name = name
         self._queue = None if queue is None else check_queue_name(queue)
@@ -179,7 +195,17 @@ class TaskDecorator:
             retry=self._retry,
             queue_type=self._queue_type or self._app.queue_type,
             sensitive=self._sensitive,
+            rate_limit=self._rate,
+            concurrency_limit=self._concurrency_limit,
         )
+        if self._rate is not None:
+            try:
+                check_queue_name(holding_queue_name(name))
+            except ValueError:
+                raise ValueError(
+                    f"task {name!r} has a rate_limit, and its name cannot name its holding "
+                    f"queue {holding_queue_name(name)!r}: give it a name=..."
+                ) from None
         task: Task[Any, Any] = Task(self._app, fn, options)
         self._app.register(task)
         return task

@@ -43,6 +43,11 @@ class AioqueueBench:
     async def send(self) -> None:
         await self.tasks.fire.submit()
 
+    async def limited(self) -> float:
+        handle = await self.tasks.limited.submit()
+        started: float = await handle.result()
+        return started
+
     async def executed(self) -> int:
         for pid, count in await asyncio.gather(*(self._ask() for _ in range(self.workers))):
             self._counts[pid] = max(count, self._counts.get(pid, 0))
@@ -71,6 +76,9 @@ class RawBench:
         value: int = await self.raw.call("executed")
         return value
 
+    async def limited(self) -> float:
+        raise NotImplementedError("the raw baseline has no rate limits")
+
 
 async def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
     sizes = Sizes(**spec["sizes"])
@@ -86,6 +94,8 @@ async def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
         return await workloads.fire(client, sizes.fire)
     if workload == "latency":
         return await workloads.latency(client, sizes.latency)
+    if workload == "ratelimit":
+        return await workloads.ratelimit(client, sizes.ratelimit)
     if workload == "soak":
         return await workloads.soak(
             client,
@@ -110,13 +120,19 @@ async def main(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             await raw.close()
         return {**result, "queues": [spec["queue"]]}
+    from aioqueue.ratelimit import holding_queue_name
+    from aioqueue.scheduler.records import leader_queue_name
     from aioqueue.topology import reply_queue_name
 
     bench = AioqueueBench(spec.get("workers", 1))
     app = bench.tasks.app
     async with app:
         result = await measure(bench, spec)
-    return {**result, "queues": [spec["queue"], reply_queue_name(app.client_id)]}
+    queues = [spec["queue"], reply_queue_name(app.client_id)]
+    if spec["workload"] == "ratelimit":
+        holding = holding_queue_name(bench.tasks.limited.name)
+        queues += [holding, leader_queue_name(app.name, "ratelimit")]
+    return {**result, "queues": queues}
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ FIRE_RATIO = 1.6  # aioqueue fire ≥ 1.6 x raw
 P50_MS = 0.6  # aioqueue latency p50 ≤ 0.6 ms
 SOAK_GROWTH_MB = 20.0  # worker RSS growth between the mark and the end
 BACKLOG_FLAT_MB = 5.0  # "flat": producer RSS growth between the mark and the end
+RATELIMIT_OFF = 0.10  # issue 18: 600 tasks at 50/s take 12 s within 10 %
 
 Runs = list[dict[str, Any]]
 Measurements = dict[str, dict[str, Runs]]  # workload → system → one result per run
@@ -85,6 +86,7 @@ def rows(measured: Measurements, sizes: Sizes) -> list[Row]:
         out.append(Row("latency: p99 ms", raw_p99, p99, _ratio(raw_p99, p99), digits=3))
     out += _soak_rows(measured.get("soak", {}).get("aioqueue", []), sizes)
     out += _backlog_rows(measured.get("backlog", {}).get("aioqueue", []), sizes)
+    out += _ratelimit_rows(measured.get("ratelimit", {}).get("aioqueue", []), sizes)
     return out
 
 
@@ -196,6 +198,33 @@ def _backlog_rows(runs: Runs, sizes: Sizes) -> list[Row]:
             digits=1,
         ),
         Row("backlog: sequential submits/s", None, _median(runs, "rate")),
+    ]
+
+
+def _ratelimit_rows(runs: Runs, sizes: Sizes) -> list[Row]:
+    if not runs:
+        return []
+    seconds, ideal = _median(runs, "seconds"), _median(runs, "ideal_seconds")
+    rate = _median(runs, "rate_limit")
+    most = _median(runs, "most_in_a_second")
+    low, high = (None, None) if ideal is None else (ideal * 0.9, ideal * 1.1)
+    what = f"{sizes.ratelimit:,} tasks at {rate or 0:g}/s, 2 workers"
+    return [
+        Row(
+            f"ratelimit: seconds ({what})",
+            None,
+            seconds,
+            target="—" if ideal is None else f"{ideal:.1f} s ± 10 %",
+            passed=None if low is None else _verdict(seconds, low=low, high=high),
+            digits=2,
+        ),
+        Row(
+            "ratelimit: most starts in any 1 s window",
+            None,
+            most,
+            target=f"≤ {rate or 0:g} + 1",
+            passed=None if rate is None else _verdict(most, high=rate + 1),
+        ),
     ]
 
 

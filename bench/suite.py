@@ -30,8 +30,16 @@ __all__ = ["CLUSTERED", "COMPARED", "ONCE", "Suite", "cluster_key"]
 
 COMPARED = ("rpc", "fire", "latency")  # both systems, median of the runs
 CLUSTERED = ("rpc", "fire")  # the cluster run's workloads
-ONCE = ("soak", "backlog")  # aioqueue alone, once
-PRODUCER_TIMEOUT = {"rpc": 300, "fire": 300, "latency": 300, "soak": 1200, "backlog": 1200}
+ONCE = ("soak", "backlog", "ratelimit")  # aioqueue alone, once
+PRODUCER_TIMEOUT = {
+    "rpc": 300,
+    "fire": 300,
+    "latency": 300,
+    "soak": 1200,
+    "backlog": 1200,
+    "ratelimit": 300,
+}
+WORKER_PROCESSES = {"ratelimit": 2}  # one otherwise: the limit is measured across two
 RAW_FIRE_PREFETCH = 1000  # raw's fire at its strongest (issue 20); rpc and latency: 100
 BUSY_CORES = 0.25  # other processes using more CPU than this meanwhile: an anomaly
 PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough samples
@@ -162,7 +170,7 @@ class Suite:
 
         ``workers``: one worker process per URL (default: one on the suite's URL).
         """
-        urls = workers or [self.url]
+        urls = workers or [self.url] * WORKER_PROCESSES.get(workload, 1)
         key = system if workers is None else cluster_key(system, len(urls))
         name = f"{self.prefix}{workload}-{key}-{run}"
         spec = self._spec(workload, system, name, self.sizes, len(urls))

@@ -43,6 +43,12 @@ async def fire() -> None:
     _executed += 1
 
 
+@app.task(name="bench.limited", rate_limit=os.environ.get("AIOQUEUE_BENCH_RATE", "50/s"))
+async def limited() -> float:
+    """The rate-limited task: returns when it started (wall time, for windows of starts)."""
+    return time.time()
+
+
 @app.task(name="bench.executed")
 async def executed() -> list[int]:
     """``[pid, count]``: this worker process and how many ``bench.fire`` tasks it has run so

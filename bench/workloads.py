@@ -14,7 +14,18 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-__all__ = ["Client", "Sizes", "backlog", "fire", "latency", "rpc", "rss_mb", "soak", "warm_up"]
+__all__ = [
+    "Client",
+    "Sizes",
+    "backlog",
+    "fire",
+    "latency",
+    "ratelimit",
+    "rpc",
+    "rss_mb",
+    "soak",
+    "warm_up",
+]
 
 
 class Client(Protocol):
@@ -28,6 +39,9 @@ class Client(Protocol):
 
     async def executed(self) -> int:
         """Ask the worker, through the queue, how many ``fire`` tasks it has run."""
+
+    async def limited(self) -> float:
+        """Submit the rate-limited task and wait for its reply: when it started (wall time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +60,12 @@ class Sizes:
     backlog: int = 100_000
     backlog_mark: int = 10_000
     backlog_every: int = 10_000
+    ratelimit: int = 600  # tasks of bench.limited (50/s) through two worker processes
 
     @classmethod
     def quick(cls) -> Sizes:
-        counts = {k: max(1, v // 10) for k, v in asdict(cls()).items() if k != "soak_rpc_every"}
+        keep = ("soak_rpc_every", "ratelimit")  # a rate limit's run is short anyway
+        counts = {k: max(1, v // 10) for k, v in asdict(cls()).items() if k not in keep}
         return cls(**counts)
 
 
@@ -214,6 +230,35 @@ async def backlog(client: Client, n: int, *, mark: int, every: int) -> dict[str,
         "producer_growth_mb": samples[-1]["producer_rss_mb"]
         - _at(samples, mark)["producer_rss_mb"],
         "samples": samples,
+    }
+
+
+RATE = 50.0  # bench.limited's rate_limit, runs per second
+
+
+async def ratelimit(client: Client, n: int, rate: float = RATE) -> dict[str, Any]:
+    """``n`` concurrent submits of a task limited to ``rate`` runs a second, run by two
+    worker processes: how long all take (ideally ``(n - 1) / rate``: the first runs at once)
+    and the most starts in any one-second window (ideally ``rate``, at most one more)."""
+    start = time.perf_counter()
+    started = sorted(await asyncio.gather(*(client.limited() for _ in range(n))))
+    seconds = time.perf_counter() - start
+    ideal = (n - 1) / rate
+    most = 0
+    first = 0
+    for last, t in enumerate(started):
+        while t - started[first] >= 1.0:
+            first += 1
+        most = max(most, last - first + 1)
+    return {
+        "tasks": n,
+        "rate_limit": rate,
+        "seconds": seconds,
+        "rate": n / seconds,
+        "ideal_seconds": ideal,
+        "starts_span": started[-1] - started[0],
+        "off_ideal": seconds / ideal - 1,
+        "most_in_a_second": most,
     }
 
 

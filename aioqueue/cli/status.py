@@ -23,6 +23,7 @@ from ..app import App
 from ..errors import AioqueueError
 from ..rabbit import RabbitBroker
 from ..rabbit.admin import purge_queue, queue_depths
+from ..ratelimit import holding_queue_name
 from ..scheduler.records import leader_queue_name
 from ..settings import mask_url
 from ..topology import dlq_name
@@ -97,6 +98,8 @@ async def run_command(app: App, args: argparse.Namespace, stdin: TextIO) -> int:
 
 async def _status(app: App, broker: RabbitBroker, args: argparse.Namespace) -> int:
     names = [name for queue in app.queues() for name in (queue, dlq_name(queue))]
+    # rate-limited tasks waiting for their turn (consumers: 1 while a pacer leads)
+    names += [holding_queue_name(t.name) for t in app.tasks.values() if t.options.rate_limit]
     leader = leader_queue_name(app.name) if app.schedules else None
     probe = [*names, leader] if leader else names
     first = await sample(broker, probe)

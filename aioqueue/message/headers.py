@@ -48,6 +48,11 @@ DEAD_PREFIX: Final = "aioqueue-dead-"
 # how many deliveries of a message on a classic queue killed a worker (poison detection)
 H_DELIVERIES: Final = "aioqueue-deliveries"
 
+# -- a rate-limited task (aioqueue.ratelimit): the work queue a message in a holding queue goes
+# back to, and the mark the pacer puts on it when its turn came (a worker runs it then)
+H_RATE_QUEUE: Final = "aioqueue-rate-queue"
+H_PACED: Final = "aioqueue-paced"
+
 # -- trace context, with the ``otel`` extra and a tracer provider (docs/observability.md): W3C
 # Trace Context, written and read by OpenTelemetry's propagator (its configured one: the default
 # also writes ``baggage``). Optional on every task message; a consumer that does not trace, or

@@ -43,6 +43,7 @@ from .headers import (
     H_EVENT,
     H_EVENTS,
     H_KEY_ID,
+    H_PACED,
     H_PROTOCOL,
     H_SCHEDULED_AT,
     H_SEQ,
@@ -77,6 +78,7 @@ SIGNED_HEADERS: Final = (
     H_SEQ,
     H_EVENTS,
     H_DELIVERIES,
+    H_PACED,  # the pacer's mark (aioqueue.ratelimit): added to a signed message, it breaks it
 )
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

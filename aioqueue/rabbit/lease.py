@@ -74,6 +74,8 @@ class Lease:
             network vanished loses the lease after about two to three of them.
         timeout: Seconds any single broker operation may take.
         queue_type: Type of the followers' beacon queue (the app's).
+        role: What the leader does; names the queues (``"scheduler"``, or ``"ratelimit"``
+            for the rate limits' pacer: ``aioqueue.ratelimit.<app>.lease``).
     """
 
     def __init__(
@@ -86,8 +88,10 @@ class Lease:
         heartbeat: int = 5,
         timeout: float = 10.0,
         queue_type: QueueType = "classic",
+        role: str = "scheduler",
     ) -> None:
         self._url = url
+        self._role = role
         self._nodes = NodeRing([URL(node) for node in broker_nodes(url)])
         self._beacon_arguments = leader_queue_arguments(queue_type)
         self._app_name = app_name
@@ -102,7 +106,8 @@ class Lease:
 
     def __repr__(self) -> str:
         state = "held" if self.held else "not held"
-        return f"<Lease {lease_queue_name(self._app_name)} {state} at {mask_url(self._url)}>"
+        name = lease_queue_name(self._app_name, self._role)
+        return f"<Lease {name} {state} at {mask_url(self._url)}>"
 
     @property
     def held(self) -> bool:
@@ -128,7 +133,7 @@ class Lease:
     def check(self) -> None:
         """Raise `LeaseLost` unless the lease is held right now."""
         if not self.held:
-            raise LeaseLost(f"lost the lease {lease_queue_name(self._app_name)}")
+            raise LeaseLost(f"lost the lease {lease_queue_name(self._app_name, self._role)}")
 
     def contended(self) -> bool:
         """Whether another instance may hold the lease: unless held here, a follower learns
@@ -165,7 +170,7 @@ class Lease:
                 await asyncio.sleep(self.poll_interval * random.uniform(0.8, 1.2))
             except CONNECTION_ERRORS as exc:
                 log.warning(
-                    "scheduler lease: broker unavailable (%s); retrying", self.describe(exc)
+                    "%s lease: broker unavailable (%s); retrying", self._role, self.describe(exc)
                 )
                 await self.release()
                 await asyncio.sleep(delay)
@@ -202,7 +207,7 @@ class Lease:
                 await asyncio.wait_for(connection.close(), self.timeout)
 
     async def _try_acquire(self) -> bool:
-        leader_queue = leader_queue_name(self._app_name)
+        leader_queue = leader_queue_name(self._app_name, self._role)
         ok = await self.declare(leader_queue, self._beacon_arguments)
         if ok.consumer_count:
             return False
@@ -210,7 +215,7 @@ class Lease:
         channel = await self._connection.channel(publisher_confirms=False, timeout=self.timeout)
         try:
             await channel.queue_declare(
-                lease_queue_name(self._app_name), exclusive=True, timeout=self.timeout
+                lease_queue_name(self._app_name, self._role), exclusive=True, timeout=self.timeout
             )
         except aiormq.exceptions.ChannelLockedResource:
             return False  # another instance was quicker
@@ -237,7 +242,7 @@ class Lease:
 
     async def _probe_channel(self) -> aiormq.abc.AbstractChannel:
         if self._connection is None or self._connection.is_closed:
-            name = f"aioqueue {self._app_name} scheduler lease {self._identity}"
+            name = f"aioqueue {self._app_name} {self._role} lease {self._identity}"
             self._connection = plain_connection(self._connect_url(), name=name)
             self._probe = None
             await asyncio.wait_for(self._connection.connect(), self.timeout)

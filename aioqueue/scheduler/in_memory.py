@@ -61,9 +61,11 @@ class MemoryLease:
         identity: This instance's name.
     """
 
-    def __init__(self, broker: MemoryBroker, app_name: str, *, identity: str) -> None:
+    def __init__(
+        self, broker: MemoryBroker, app_name: str, *, identity: str, role: str = "scheduler"
+    ) -> None:
         self._broker = broker
-        self._name = lease_queue_name(app_name)
+        self._name = lease_queue_name(app_name, role)
         self._identity = identity
         self._connected = False
         self._lost: asyncio.Event | None = None

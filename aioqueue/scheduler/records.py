@@ -34,14 +34,15 @@ class LeaseLost(AioqueueError):
     """The scheduler's lease connection closed: it must stop firing at once."""
 
 
-def lease_queue_name(app_name: str) -> str:
-    """The exclusive queue whose holder is the leader."""
-    return f"{INFRA_PREFIX}scheduler.{app_name}.lease"
+def lease_queue_name(app_name: str, role: str = "scheduler") -> str:
+    """The exclusive queue whose holder is the leader (of the scheduler, or of another
+    ``role``: ``"ratelimit"``, the rate limits' pacer)."""
+    return f"{INFRA_PREFIX}{role}.{app_name}.lease"
 
 
-def leader_queue_name(app_name: str) -> str:
+def leader_queue_name(app_name: str, role: str = "scheduler") -> str:
     """The queue the leader consumes, so followers can see that there is one."""
-    return f"{INFRA_PREFIX}scheduler.{app_name}.leader"
+    return f"{INFRA_PREFIX}{role}.{app_name}.leader"
 
 
 def describe_error(exc: BaseException) -> str:

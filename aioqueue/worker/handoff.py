@@ -25,6 +25,7 @@ from ..message import (
     H_DEAD_TRACEBACK,
     H_DEAD_WORKER,
     H_DELIVERIES,
+    H_RATE_QUEUE,
     Envelope,
     ErrorInfo,
     Outcome,
@@ -33,6 +34,7 @@ from ..message import (
 )
 from ..message.celery import CeleryFields, encode_reply
 from ..message.signing import is_signed, sign, signed_due_at
+from ..ratelimit import holding_queue_arguments, holding_queue_name
 from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
@@ -94,6 +96,27 @@ class Handoff:
                 envelope.id,
                 exc,
             )
+            await settle(delivery, ack=False, requeue=True)
+            return False
+        await settle(delivery, ack=True)
+        return True
+
+    async def hold(self, delivery: Delivery, task_name: str) -> bool:
+        """A rate-limited task that has not had its turn yet: move it to the task's holding
+        queue, where the pacer lets it back at the rate (`aioqueue.worker.pacer`); the copy
+        remembers its work queue. Confirmed, then acked; requeued if not confirmed."""
+        copy = dead_letter_copy(delivery.properties, {H_RATE_QUEUE: delivery.queue})
+        holding = holding_queue_name(task_name)
+        try:
+            try:
+                await self.broker.publish(holding, delivery.body, copy)
+            except UnroutableError:  # deleted under us: declare it again, publish once more
+                kind = self.app.tasks[task_name].options.queue_type
+                await self.app.producer.redeclare(holding, holding_queue_arguments(kind))
+                await self.broker.publish(holding, delivery.body, copy)
+        except PublishError as exc:
+            log.error("could not hold a message of %s for its rate limit (%s); requeued",
+                      task_name, exc)  # fmt: skip
             await settle(delivery, ack=False, requeue=True)
             return False
         await settle(delivery, ack=True)

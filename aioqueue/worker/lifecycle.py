@@ -22,9 +22,11 @@ from ..app import App
 from ..broker import Consumer, Delivery, settle
 from ..cancel import CancelListener
 from ..events import EventPublisher
+from ..ratelimit import holding_queue_arguments, holding_queue_name
 from ..topology import dlq_arguments, dlq_name, work_queue_arguments
 from .events import TaskLog, TaskObserver
 from .handoff import Handoff
+from .pacer import Pacer, limited_tasks
 from .pipeline import Pipeline
 from .signature import SeenMessages
 from .task_events import TaskEvents
@@ -101,6 +103,7 @@ class Worker:
         self.observers: list[TaskObserver] = list(observers or [TaskLog()])
         self.events_enabled = app.settings.events if events is None else events
         self.events: TaskEvents | None = None  # while running with events on
+        self.pacer: Pacer | None = None  # while running, if the app has rate-limited tasks
         self._pipeline: Pipeline | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._consumer_timeouts = 0
@@ -167,6 +170,7 @@ class Worker:
             identity=self.identity,
             replay_guard=self.replay_guard,
         )
+        self._pipeline.limits.worker_slots = self._slots
         try:
             await self._run(self._pipeline)
         finally:
@@ -233,6 +237,7 @@ class Worker:
             task.add_done_callback(tasks.discard)
 
         listener = CancelListener(broker, pipeline.cancel)
+        pacing: asyncio.Future[None] | None = None
         try:
             await listener.start()  # every cancellation published before now is known
             pipeline.cancelled_ids = listener.ids
@@ -240,6 +245,7 @@ class Worker:
                 kind = self.app.queue_type_of(queue)
                 await broker.declare_queue(queue, work_queue_arguments(kind))
                 await broker.declare_queue(dlq_name(queue), dlq_arguments(kind))
+            pacing = await self._start_pacer()
             for queue, share in zip(self.queues, self.prefetch_shares, strict=True):
                 subscriptions.append(
                     await broker.subscribe(
@@ -258,6 +264,21 @@ class Worker:
             for subscription in subscriptions:
                 await subscription.close()
             await listener.close()
+            if self.pacer is not None and pacing is not None:
+                self.pacer.stop()
+                await asyncio.gather(pacing, return_exceptions=True)
+
+    async def _start_pacer(self) -> asyncio.Future[None] | None:
+        """Declare the holding queues of the app's rate-limited tasks and campaign to pace
+        them (`aioqueue.worker.pacer`: one worker of the app leads)."""
+        limited = limited_tasks(self.app)
+        if not limited:
+            return None
+        for task in limited:
+            arguments = holding_queue_arguments(task.options.queue_type)
+            await self.app.broker.declare_queue(holding_queue_name(task.name), arguments)
+        self.pacer = Pacer(self.app, self.identity)
+        return asyncio.ensure_future(self.pacer.run())
 
     async def _drain(self, subscriptions: list[Consumer]) -> None:
         self._stopping = True

@@ -36,6 +36,7 @@ from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
+from .limits import ConcurrencyLimits, needs_pacing
 from .signature import SeenMessages, SignatureCheck
 
 __all__ = ["Pipeline", "Verdict", "judge"]
@@ -91,6 +92,7 @@ class Pipeline:
         # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
         self.cancelled_ids: CancelledIds | None = None
         self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
+        self.limits = ConcurrencyLimits()  # the worker gives it its slots
         # with signing keys: unsigned, forged, stale and replayed messages never get further
         keys = app.signing
         self.signature = None if keys is None else SignatureCheck(app, keys, handoff, replay_guard)
@@ -133,7 +135,12 @@ class Pipeline:
             envelope = await self._celery_guards(delivery, envelope)
             if envelope is None:
                 return
-        await self._run(delivery, envelope, redelivered)
+        task = self.app.tasks[envelope.task]
+        if needs_pacing(task, delivery):  # its turn comes from the pacer, in RabbitMQ
+            await self.handoff.hold(delivery, task.name)
+            return
+        async with self.limits.turn(task):
+            await self._run(delivery, envelope, redelivered)
 
     async def _celery_guards(self, delivery: Delivery, envelope: Envelope) -> Envelope | None:
         """A Celery message: wait for its ETA in the delay ladder, and fit kombu-typed
