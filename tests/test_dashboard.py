@@ -56,6 +56,23 @@ def test_a_task_goes_through_its_states_with_its_timeline() -> None:
     assert minute["failure_rate"] == 0.5
 
 
+@pytest.mark.parametrize("started", [False, True], ids=["queued", "running"])
+def test_a_cancelled_task_stays_cancelled_after_its_dead_letter(started: bool) -> None:
+    # Given a task received (queued), perhaps started
+    state = DashboardState()
+    state.apply(ev("task-received", 60.0, id="t1", name="a.b", queue="q"))
+    assert state.tasks["t1"].state == "queued"
+    if started:
+        state.apply(ev("task-started", 61.0, id="t1", attempt=1))
+    # When it is cancelled, then dead-lettered (reason "cancelled"), as a worker tells it
+    state.apply(ev("task-cancelled", 62.0, id="t1", attempt=1))
+    state.apply(ev("task-dead-lettered", 62.0, id="t1", reason="cancelled", queue="q"))
+    # Then it shows cancelled, with the dead letter's reason
+    task = state.tasks["t1"].detail()
+    assert (task["state"], task["reason"]) == ("cancelled", "cancelled")
+    assert [e["type"] for e in task["timeline"]][-2:] == ["task-cancelled", "task-dead-lettered"]
+
+
 def test_the_state_stays_bounded_whatever_the_volume() -> None:
     state = DashboardState(max_tasks=100, window_minutes=10, max_workers=5)
     for i in range(5_000):

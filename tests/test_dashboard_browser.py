@@ -1,7 +1,16 @@
 """The dashboard in a real browser (headless chromium): live updates, tracebacks, actions, auth.
 
 Each test runs a worker and the dashboard in this event loop, against a vhost of its own (the
-event stream is one per vhost), and saves a screenshot of its page under `ARTEFACTS`.
+event stream is one per vhost), and saves screenshots of its pages under `ARTEFACTS`
+(``.artefacts/dashboard/``, or ``$AIOQUEUE_ARTEFACTS/dashboard/``) only: a test run leaves the
+tree clean. The README's docs/dashboard.png is regenerated only when asked, from the overview
+of the first test::
+
+    AIOQUEUE_UPDATE_SCREENSHOT=1 .venv/bin/python -m pytest tests/test_dashboard_browser.py \
+        -k queued_to_succeeded
+
+The worker runs one task at a time (concurrency 1) and holds two (prefetch 2): the second task
+is in its hand, received but waiting for the slot, which the dashboard shows as queued.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from aioqueue import App, RetryPolicy
+from aioqueue import App, RetryPolicy, TaskCancelledError
 from aioqueue.settings import Settings
 from tests.conftest import running_worker
 from tests.rabbit import RabbitNode
@@ -32,6 +41,7 @@ pytestmark = [
     pytest.mark.skipif(not browser_available(), reason="chromium/chromedriver not installed"),
 ]
 REPO = Path(__file__).resolve().parent.parent
+UPDATE_SCREENSHOT = os.environ.get("AIOQUEUE_UPDATE_SCREENSHOT") == "1"
 
 
 @dataclass
@@ -41,6 +51,7 @@ class Setup:
     browser: Browser
     gate: asyncio.Event
     fixed: asyncio.Event
+    stopped: asyncio.Event  # the forever task's coroutine was cancelled
 
 
 @pytest.fixture
@@ -53,7 +64,9 @@ def vhost_url(rabbit: RabbitNode) -> Iterator[str]:
         rabbit.delete_vhost(vhost)
 
 
-def _app(url: str, queue: str, gate: asyncio.Event, fixed: asyncio.Event) -> App:
+def _app(
+    url: str, queue: str, gate: asyncio.Event, fixed: asyncio.Event, stopped: asyncio.Event
+) -> App:
     app = App(
         "dash",
         broker_url=url,
@@ -74,7 +87,11 @@ def _app(url: str, queue: str, gate: asyncio.Event, fixed: asyncio.Event) -> App
 
     @app.task(name="dash.forever")
     async def forever() -> None:
-        await asyncio.Event().wait()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
 
     return app
 
@@ -83,13 +100,14 @@ def _app(url: str, queue: str, gate: asyncio.Event, fixed: asyncio.Event) -> App
 async def setup(vhost_url: str, queue_name: str) -> AsyncIterator[Setup]:
     from aioqueue.dashboard.cli import start, url_of
 
-    gate, fixed = asyncio.Event(), asyncio.Event()
-    app = _app(vhost_url, queue_name, gate, fixed)
+    gate, fixed, stopped = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    app = _app(vhost_url, queue_name, gate, fixed, stopped)
     browser = await asyncio.to_thread(Browser)
-    async with app, running_worker(app, concurrency=1):
+    # one task runs at a time; a second one is in the worker's hand, waiting (queued)
+    async with app, running_worker(app, concurrency=1, prefetch=2):
         runner = await start(app, "127.0.0.1", 0)
         try:
-            yield Setup(app, url_of(runner), browser, gate, fixed)
+            yield Setup(app, url_of(runner), browser, gate, fixed, stopped)
         finally:
             gate.set()
             await browser.close()
@@ -100,28 +118,53 @@ async def test_a_submitted_task_goes_from_queued_to_succeeded_without_a_reload(
     setup: Setup,
 ) -> None:
     b = setup.browser
-    # Given the task list open, and a mark on the page's window (gone if it reloads)
+    # Given the task list open, a mark on the page's window (gone if it reloads), and a task
+    # holding the worker's only slot
     await b.get(setup.url + "#tasks")
     await b.wait(lambda: b.text("#live") == "live", "the live stream to connect")
     await b.script("window.__notReloaded = true")
-    # When a task is submitted and held running
+    await b.script(_RECORD_STATES)
+    hold = await setup.app.submit("dash.gated", "hold")
+    await b.wait(lambda: b.text(_state_cell(hold.id)) == "running", "the first task running")
+    # When a task is submitted behind it
     handle = await setup.app.submit("dash.gated", "a")
-    row = f'tr[data-task-id="{handle.id}"] td.state'
-    seen = await b.wait(lambda: b.text(row) in ("queued", "running") and b.text(row), "the row")
-    await b.screenshot("task-running")
-    # Then, released, it turns succeeded on the same page
+    row = _state_cell(handle.id)
+    # Then it shows up queued (received by the worker, waiting for the slot)
+    await b.wait(lambda: b.text(row) == "queued", "the row queued")
+    await b.screenshot("task-queued")
+    # and, released, it turns running then succeeded on the same page
     setup.gate.set()
     assert await handle.result(timeout=30) == "done a"
     await b.wait(lambda: b.text(row) == "succeeded", "the row to turn succeeded")
     assert await b.script("return window.__notReloaded === true")
-    print(f"states seen live: {seen} -> succeeded")
+    seen = await b.script("return window.__states[arguments[0]] || []", handle.id)
+    assert seen[0] == "queued" and seen[-1] == "succeeded", seen
+    assert seen.index("queued") < seen.index("succeeded")
+    print(f"states seen live: {' -> '.join(seen)}")
     await b.screenshot("task-succeeded")
-    # and the overview shows it in its counters and charts
+    # and the overview shows both in its counters and charts
     await b.get(setup.url + "#overview")
-    await b.wait(lambda: b.text("#count-succeeded") == "1", "the overview's succeeded count")
+    await b.wait(lambda: b.text("#count-succeeded") == "2", "the overview's succeeded count")
     await b.wait(lambda: len(b.driver.find_elements("css selector", ".uplot")) == 3, "3 charts")
     shot = await b.screenshot("overview")
-    shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
+    if UPDATE_SCREENSHOT:  # opt-in: a test run leaves the tree as it found it
+        shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
+
+
+def _state_cell(task_id: str) -> str:
+    return f'tr[data-task-id="{task_id}"] td.state'
+
+
+# every state each task row shows, in order, recorded in the page as the live updates land
+_RECORD_STATES = """
+window.__states = {};
+new MutationObserver(() => {
+  for (const cell of document.querySelectorAll("tr[data-task-id] td.state")) {
+    const id = cell.parentElement.dataset.taskId, seen = (window.__states[id] ||= []);
+    if (seen[seen.length - 1] !== cell.textContent) seen.push(cell.textContent);
+  }
+}).observe(document.getElementById("page"), { childList: true, subtree: true });
+"""
 
 
 async def test_a_failed_task_is_found_and_its_traceback_read(setup: Setup) -> None:
@@ -176,25 +219,38 @@ async def test_a_dead_letter_is_replayed_and_the_rest_purged_from_the_queues_pag
 
 
 async def test_queued_and_running_tasks_are_cancelled_from_their_pages(setup: Setup) -> None:
-    if not hasattr(setup.app, "cancel"):
-        pytest.skip("app.cancel (the cancel branch) is not merged yet")
     b = setup.browser
-    # Given one task running (concurrency 1) and one queued behind it
+    # Given one async task running (concurrency 1), one queued behind it in the worker's hand,
+    # and one still in RabbitMQ's queue (prefetch 2: no worker took it, no events yet)
     running = await setup.app.submit("dash.forever")
     await b.get(f"{setup.url}#task/{running.id}")
     await b.wait(lambda: b.text("#task-state") == "running", "the first task running")
     queued = await setup.app.submit("dash.gated", "q")
-    # When the queued one is cancelled from its page (no worker took it: no events yet)
+    waiting = await setup.app.submit("dash.gated", "w")
+    await b.get(f"{setup.url}#task/{queued.id}")
+    await b.wait(lambda: b.text("#task-state") == "queued", "the second task queued")
+    # When the queued one and the one not taken yet are cancelled from their pages
     await _cancel(b, f"{setup.url}#task/{queued.id}")
     await b.screenshot("cancel-queued")
+    await _cancel(b, f"{setup.url}#task/{waiting.id}")
     # and the running one from its own
     await _cancel(b, f"{setup.url}#task/{running.id}")
-    # Then each page shows its task cancelled
+    # Then its coroutine is cancelled, its caller gets TaskCancelledError, its page says so
+    await asyncio.wait_for(setup.stopped.wait(), 30)
+    with pytest.raises(TaskCancelledError, match="while it ran"):
+        await running.result(timeout=30)
     await b.wait(lambda: b.text("#task-state") == "cancelled", "the running task cancelled")
+    assert not await b.run(b.driver.find_elements, "css selector", "#cancel")  # nothing to do
     await b.screenshot("cancel-running")
-    await b.get(f"{setup.url}#task/{queued.id}")
-    await b.wait(lambda: b.text("#task-state") == "cancelled", "the queued task cancelled")
+    # and the other two never ran: cancelled for their callers and on their pages
+    for handle in (queued, waiting):
+        with pytest.raises(TaskCancelledError, match="before it ran"):
+            await handle.result(timeout=30)
+        await b.get(f"{setup.url}#task/{handle.id}")
+        await b.wait(lambda: b.text("#task-state") == "cancelled", "a queued task cancelled")
+        assert "task-started" not in await b.run(b.text, "#timeline")
     await b.screenshot("cancel-queued-done")
+    assert not setup.gate.is_set()
 
 
 async def _cancel(b: Browser, url: str) -> None:

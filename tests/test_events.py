@@ -139,6 +139,38 @@ async def test_events_of_succeeded_failed_retried_and_dead_lettered_tasks(
         assert nobody.get("reason") == "not_found"
 
 
+async def test_a_task_waiting_for_a_slot_is_received_before_it_starts(
+    make_app: Callable[..., App],
+) -> None:
+    # Given a worker running one task at a time that holds two (concurrency 1, prefetch 2),
+    # busy with a task that waits for a gate
+    app = make_app()
+    gate = asyncio.Event()
+
+    @app.task(name="ev.gated")
+    async def gated(key: str) -> str:
+        await gate.wait()
+        return key
+
+    async with app, running_worker(app, concurrency=1, prefetch=2) as worker:
+        since = time.time()
+        first = await gated.submit("first")
+        await wait_until(lambda: worker.statistics().running == 1, what="the first to run")
+        # When a second task is delivered while the slot is taken
+        second = await gated.submit("second")
+        # Then its task-received is published while it waits: a reader sees it queued
+        events = await events_of(
+            app, {second.id}, since=since, until=lambda seen: bool(types(seen, second.id))
+        )
+        assert types(events, second.id) == ["task-received"]
+        assert worker.statistics().running == 1 and not gate.is_set()
+        # and once the slot is free it starts and succeeds
+        gate.set()
+        assert [await h.result(timeout=30) for h in (first, second)] == ["first", "second"]
+        events = await events_of(app, {second.id}, since=since, until=has_end([second.id]))
+        assert types(events, second.id) == ["task-received", "task-started", "task-succeeded"]
+
+
 async def test_a_reader_started_later_replays_history(make_app: Callable[..., App]) -> None:
     # Given a task that ran before any reader existed
     app = make_app()

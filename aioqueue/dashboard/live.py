@@ -71,6 +71,9 @@ class Feed:
 
         since = time.time() - self.state.window_seconds
         while True:
+            if self.app._broker is None:  # closed under the dashboard: never reopened here
+                log.warning("the app's connection is closed: the dashboard stops reading events")
+                return
             try:
                 async with EventReader(self.app, since=since) as reader:
                     async for event in reader:

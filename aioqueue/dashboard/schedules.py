@@ -3,7 +3,9 @@
 The last fired slot is the schedule's `SlotRecord`, read from its state queue and left there
 (held unacked, then given back: the scheduler reads it the same way). Its ``by`` is the
 scheduler instance that fired it: the leader at that time. Whether some instance holds the
-lease now is read from the lease queue's consumers.
+lease now is read from the consumers of the leader's beacon queue, as followers read it: a
+passive declare of the lease queue itself, exclusive to the leader's connection, is refused
+(``RESOURCE_LOCKED``) exactly while a leader holds it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..cli.dlq import rabbit_of
 from ..errors import DecodeError
 from ..rabbit.admin import held_messages, queue_depths
 from ..scheduler import Schedule, next_run
-from ..scheduler.records import SlotRecord, lease_queue_name, state_queue_name
+from ..scheduler.records import SlotRecord, leader_queue_name, state_queue_name
 
 if TYPE_CHECKING:
     from ..app import App
@@ -37,8 +39,8 @@ async def _last_fired(app: App, schedule: Schedule) -> SlotRecord | None:
 
 async def schedule_rows(app: App) -> dict[str, Any]:
     now = datetime.now(UTC)
-    lease = lease_queue_name(app.name)
-    depth = (await queue_depths(rabbit_of(app), [lease]))[lease]
+    beacon = leader_queue_name(app.name)
+    depth = (await queue_depths(rabbit_of(app), [beacon]))[beacon]
     rows = []
     for schedule in app.schedules.values():
         last = await _last_fired(app, schedule)

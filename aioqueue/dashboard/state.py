@@ -241,8 +241,13 @@ class DashboardState:
         attempt = event.get("attempt")
         if isinstance(attempt, int) and not isinstance(attempt, bool):
             record.attempt = attempt
-        # a late event of an earlier step does not move a finished task back
-        if not (record.state in ("succeeded", "dead-lettered", "cancelled") and kind not in _ENDS):
+        # a late event of an earlier step does not move a finished task back; a cancelled
+        # task's dead letter (reason "cancelled", which follows its task-cancelled) keeps it
+        # cancelled
+        finished = record.state in ("succeeded", "dead-lettered", "cancelled")
+        if not (finished and kind not in _ENDS) and not (
+            record.state == "cancelled" and kind == "task-dead-lettered"
+        ):
             record.state = _STATES[kind]
         record.worker = event.worker or record.worker
         record.updated = event.time

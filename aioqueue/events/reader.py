@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..broker import Consumer, Delivery, settle
+from ..broker import Broker, Consumer, Delivery, settle
 from ..errors import DecodeError, SignatureError
 from ..message.events import Event, decode_batch
 from ..message.signing import verify
@@ -69,6 +69,7 @@ class EventReader:
         self._events: deque[Event] = deque()
         self._arrived = asyncio.Event()
         self._consumer: Consumer | None = None
+        self._broker: Broker | None = None  # whose consumer it is
         self._own_connection = False
 
     async def __aenter__(self) -> EventReader:
@@ -88,7 +89,7 @@ class EventReader:
         if self.app._broker is None:
             await self.app.connect()
             self._own_connection = True
-        broker = self.app.broker
+        broker = self._broker = self.app.broker
         await broker.declare_queue(EVENTS_STREAM, events_stream_arguments(self.app.settings))
         self._consumer = await broker.subscribe(
             EVENTS_STREAM, self._on_delivery, prefetch=self.prefetch, arguments=self._arguments
@@ -96,7 +97,9 @@ class EventReader:
 
     async def close(self) -> None:
         consumer, self._consumer = self._consumer, None
-        if consumer is not None:
+        # a consumer whose app closed its connection under it is gone with it (closing it
+        # again would wait for that connection to come back: for ever)
+        if consumer is not None and self.app._broker is self._broker:
             await consumer.close()
         self._batches.clear()
         if self._own_connection:

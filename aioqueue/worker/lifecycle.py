@@ -306,23 +306,15 @@ class Worker:
         self._idle.clear()
 
     async def _handle(self, delivery: Delivery, pipeline: Pipeline) -> None:
-        """One delivery in hand: a concurrency slot, the pipeline, and the books kept."""
+        """One delivery in hand, in a consumer span when tracing (from its arrival to its
+        settle, continuing the trace the message carries), and the books kept."""
         try:
-            async with self._slots:
-                if self._stopping:
-                    await settle(delivery, ack=False, requeue=True)
-                    return
-                self._running += 1
-                tracing = self.app.tracing
-                try:
-                    if tracing is None:
-                        await pipeline.process(delivery)
-                    else:  # a consumer span, continuing the trace the message carries
-                        with tracing.consuming(delivery):
-                            await pipeline.process(delivery)
-                finally:
-                    self._running -= 1
-                    self._processed += 1
+            tracing = self.app.tracing
+            if tracing is None:
+                await self._take(delivery, pipeline)
+            else:
+                with tracing.consuming(delivery):
+                    await self._take(delivery, pipeline)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await settle(delivery, ack=False, requeue=True)
@@ -335,6 +327,23 @@ class Worker:
             self._in_hand -= 1
             if self._in_hand == 0:
                 self._idle.set()
+
+    async def _take(self, delivery: Delivery, pipeline: Pipeline) -> None:
+        """Received (decoded, told: seen as queued), then a concurrency slot, then the rest."""
+        envelope = await pipeline.receive(delivery)
+        if envelope is None:  # unreadable or refused: dead-lettered
+            self._processed += 1
+            return
+        async with self._slots:
+            if self._stopping:
+                await settle(delivery, ack=False, requeue=True)
+                return
+            self._running += 1
+            try:
+                await pipeline.process(delivery, envelope)
+            finally:
+                self._running -= 1
+                self._processed += 1
 
     def _channel_lost(self, queue: str, exc: BaseException | None) -> None:
         """A consuming channel closed: its unacked deliveries are back in the queue."""

@@ -99,23 +99,28 @@ class Pipeline:
         keys = app.signing
         self.signature = None if keys is None else SignatureCheck(app, keys, handoff, replay_guard)
 
-    async def process(self, delivery: Delivery) -> None:
-        """(Signature →) decode → guards → run → hand-off."""
+    async def receive(self, delivery: Delivery) -> Envelope | None:
+        """(Signature →) decode, and tell the observers the task was received: the worker
+        calls this as a delivery arrives, before it waits for a concurrency slot, so a task in
+        hand but not yet started is seen (``task-received``: queued). None when it was
+        refused here (dead-lettered)."""
         if self.signature is not None and not await self.signature.admit(delivery):
-            return
+            return None
         envelope = await self._decode(delivery)
+        if envelope is not None:
+            notify(
+                self.observers, "received", envelope.task, envelope.id, envelope.attempt,
+                delivery.queue, envelope.args, envelope.kwargs,
+            )  # fmt: skip
+        return envelope
+
+    async def process(self, delivery: Delivery, envelope: Envelope | None = None) -> None:
+        """(Signature →) decode, unless `receive` did (``envelope``) → guards → run →
+        hand-off."""
         if envelope is None:
-            return
-        notify(
-            self.observers,
-            "received",
-            envelope.task,
-            envelope.id,
-            envelope.attempt,
-            delivery.queue,
-            envelope.args,
-            envelope.kwargs,
-        )
+            envelope = await self.receive(delivery)
+            if envelope is None:
+                return
         if await self._already_running(delivery, envelope):
             return
         if self._is_cancelled(envelope.id, envelope):  # queued, or out of the delay ladder

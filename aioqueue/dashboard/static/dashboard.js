@@ -24,7 +24,9 @@ async function act(path, body) {
   return api(path, { method: "POST", body: JSON.stringify(body || {}),
     headers: { "Content-Type": "application/json", "X-Aioqueue-Dashboard": "1" } });
 }
-function say(text) { const m = document.getElementById("message"); if (m) m.textContent = text; }
+// the last message of the current view: kept across its live redraws, cleared by a new view
+let said = "";
+function say(text) { said = text; const m = document.getElementById("message"); if (m) m.textContent = text; }
 
 // -- overview ----------------------------------------------------------------------------
 function chart(title, el, series, data, width) {
@@ -133,14 +135,14 @@ async function task(id) {
     try { t = await api("/api/tasks/" + encodeURIComponent(id)); } catch (e) {
       // a task still waiting in its queue has no events yet: it can be cancelled all the same
       page.innerHTML = `<p id="not-found">Task ${esc(id)}: ${esc(e.message)} (no worker has taken
-        it yet, or it is older than the dashboard's memory)</p><div id="message"></div>
+        it yet, or it is older than the dashboard's memory)</p><div id="message">${esc(said)}</div>
         <button id="cancel" class="danger">Cancel task ${esc(id)}</button>`;
       bindCancel(id);
       return;
     }
     const dead = t.dead_letter;
     const cancellable = ["queued", "running", "retrying"].includes(t.state);
-    page.innerHTML = `<h2>${esc(t.name)} <small>${esc(t.id)}</small></h2><div id="message"></div>
+    page.innerHTML = `<h2>${esc(t.name)} <small>${esc(t.id)}</small></h2><div id="message">${esc(said)}</div>
       <dl><dt>state</dt><dd id="task-state">${state(t.state)}</dd>
       <dt>queue</dt><dd>${esc(t.queue)}</dd><dt>attempt</dt><dd>${esc(t.attempt)} (retries ${esc(t.retries)})</dd>
       <dt>worker</dt><dd>${esc(t.worker)}</dd><dt>run time</dt><dd>${secs(t.duration)}</dd>
@@ -189,7 +191,7 @@ async function workers() {
 async function queues(arg) {
   const draw = async () => {
     const { queues } = await api("/api/queues");
-    page.innerHTML = `<div id="message"></div><table id="queues"><thead><tr><th>queue</th><th>depth</th>
+    page.innerHTML = `<div id="message">${esc(said)}</div><table id="queues"><thead><tr><th>queue</th><th>depth</th>
       <th>consumers</th><th>in / min</th><th>out / min</th><th>dead letters</th><th></th></tr></thead><tbody>
       ${queues.map((q) => `<tr data-queue="${esc(q.name)}"><td>${esc(q.name)}</td><td>${q.depth}</td>
         <td>${q.consumers}</td><td>${q.in_per_min}</td><td>${q.out_per_min}</td><td class="dead">${q.dead}</td>
@@ -238,6 +240,7 @@ async function schedules() {
 const VIEWS = { overview, tasks, task, workers, queues, schedules };
 async function route() {
   clearTimeout(overviewTimer);
+  said = "";
   const [name, ...rest] = (location.hash.slice(1) || "overview").split("/");
   const arg = decodeURIComponent(rest.join("/"));
   for (const a of document.querySelectorAll("header nav a")) a.classList.toggle("active", a.hash === "#" + name);
