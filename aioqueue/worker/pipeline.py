@@ -31,11 +31,11 @@ from ..cancel import CancelledIds
 from ..errors import DecodeError
 from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
 from ..message.celery import CeleryFields, RefusedMessage, conform_arguments, decode_task, is_celery
-from ..retry import Retry, RetryPolicy, next_delay
 from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
 from .handoff import Handoff
+from .judge import judge
 from .limits import ConcurrencyLimits, needs_pacing
 from .signature import SeenMessages, SignatureCheck
 from .workflow import Workflows
@@ -43,25 +43,6 @@ from .workflow import Workflows
 __all__ = ["Pipeline", "Verdict", "judge"]
 
 log = logging.getLogger("aioqueue.worker")
-
-
-def judge(
-    envelope: Envelope, outcome: Outcome, exc: BaseException | None, policy: RetryPolicy
-) -> Verdict:
-    """The verdict on a run of ``envelope`` that ended in ``outcome`` (raising ``exc``)."""
-    if outcome.error is None:
-        return Verdict("succeeded")
-    delay = None if exc is None else next_delay(policy, envelope.attempt, exc)
-    if delay is not None:
-        return Verdict("retried", retry_delay=delay)
-    error = outcome.error
-    if isinstance(exc, Retry) and exc.__cause__ is None:  # asked for an attempt not left
-        error = replace(
-            error,
-            message=f"{error.message}, but attempt {envelope.attempt} was the last that "
-            f"the task's retry policy allows (max_attempts={policy.max_attempts})",
-        )
-    return Verdict("timeout" if error.kind == "timeout" else "failed", error=error)
 
 
 class Pipeline:
