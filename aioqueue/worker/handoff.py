@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -38,13 +38,34 @@ from ..ratelimit import holding_queue_arguments, holding_queue_name
 from ..topology import dlq_arguments, dlq_name
 from .events import TaskObserver
 
-__all__ = ["Handoff"]
+__all__ = ["Handoff", "settle_after"]
 
 log = logging.getLogger("aioqueue.worker")
 
 MAX_HEADER_TRACEBACK = 4096
 DEAD_LETTER_BACKOFF = 0.5  # seconds a message waits before its requeue after a failed hand-off
 DEAD_LETTER_BACKOFF_MAX = 10.0  # ... doubling per failure in a row, up to this
+
+
+async def settle_after(
+    delivery: Delivery,
+    step: Awaitable[object],
+    failure: str,
+    *,
+    errors: tuple[type[BaseException], ...] = (PublishError,),
+    flush: bool = False,
+) -> bool:
+    """Await ``step`` (what must be confirmed first), then ack ``delivery``; if ``step`` raises
+    one of ``errors``, log ``failure`` with it and requeue the delivery instead (a crash in
+    between duplicates the message at worst, never loses it). Returns whether it was acked."""
+    try:
+        await step
+    except errors as exc:
+        log.error("%s (%s); requeued", failure, exc)
+        await settle(delivery, ack=False, requeue=True)
+        return False
+    await settle(delivery, ack=True, flush=flush)
+    return True
 
 
 class Handoff:
@@ -86,20 +107,11 @@ class Handoff:
     ) -> bool:
         """Publish ``envelope`` to the delivery's queue after ``delay``, then ack the delivery;
         requeue it instead if the publish is not confirmed."""
-        try:
-            await self.app.producer.publish(envelope, delivery.queue, delay=delay)
-        except PublishError as exc:
-            log.error(
-                "could not publish the %s of %s id=%s (%s); requeued",
-                what,
-                envelope.task,
-                envelope.id,
-                exc,
-            )
-            await settle(delivery, ack=False, requeue=True)
-            return False
-        await settle(delivery, ack=True)
-        return True
+        return await settle_after(
+            delivery,
+            self.app.producer.publish(envelope, delivery.queue, delay=delay),
+            f"could not publish the {what} of {envelope.task} id={envelope.id}",
+        )
 
     async def hold(self, delivery: Delivery, task_name: str) -> bool:
         """A rate-limited task that has not had its turn yet: move it to the task's holding
@@ -107,20 +119,17 @@ class Handoff:
         remembers its work queue. Confirmed, then acked; requeued if not confirmed."""
         copy = dead_letter_copy(delivery.properties, {H_RATE_QUEUE: delivery.queue})
         holding = holding_queue_name(task_name)
-        try:
+
+        async def publish() -> None:
             try:
                 await self.broker.publish(holding, delivery.body, copy)
             except UnroutableError:  # deleted under us: declare it again, publish once more
                 kind = self.app.tasks[task_name].options.queue_type
                 await self.app.producer.redeclare(holding, holding_queue_arguments(kind))
                 await self.broker.publish(holding, delivery.body, copy)
-        except PublishError as exc:
-            log.error("could not hold a message of %s for its rate limit (%s); requeued",
-                      task_name, exc)  # fmt: skip
-            await settle(delivery, ack=False, requeue=True)
-            return False
-        await settle(delivery, ack=True)
-        return True
+
+        failure = f"could not hold a message of {task_name} for its rate limit"
+        return await settle_after(delivery, publish(), failure)
 
     async def recount(self, delivery: Delivery, deliveries: int) -> bool:
         """Re-publish a redelivered message with its crash count, then ack the old copy.
@@ -134,15 +143,13 @@ class Handoff:
         if keys is not None and is_signed(copy.headers):  # the count is signed: sign anew,
             due_at = signed_due_at(copy.headers)  # fresh as long as the message it copies
             sign(copy, delivery.body, keys, due_at=self.broker.now() if due_at is None else due_at)
-        try:
-            await self.broker.publish(delivery.queue, delivery.body, copy)
-        except PublishError as exc:
-            log.error("could not re-publish a redelivered message (%s); requeued", exc)
-            await settle(delivery, ack=False, requeue=True)
-            return False
         # flushed: the old copy must be gone before the new one can kill this worker
-        await settle(delivery, ack=True, flush=True)
-        return True
+        return await settle_after(
+            delivery,
+            self.broker.publish(delivery.queue, delivery.body, copy),
+            "could not re-publish a redelivered message",
+            flush=True,
+        )
 
     async def finish(
         self,

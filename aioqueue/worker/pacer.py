@@ -35,7 +35,7 @@ from ..scheduler.in_memory import MemoryLease
 from ..scheduler.records import LeaseLost
 from ..task import Task
 from ..topology import INFRA_PREFIX, work_queue_arguments
-from .handoff import Handoff
+from .handoff import Handoff, settle_after
 from .signature import ReplayGuard
 
 __all__ = ["Pacer", "limited_tasks"]
@@ -270,7 +270,8 @@ class _Lane:
         if problem is not None:
             await self.pacer.refuse(delivery, target, problem)
             return
-        try:
+
+        async def publish() -> None:
             if not broker.is_declared(target):
                 kind = self.app.queue_type_of(target)
                 await broker.declare_queue(target, work_queue_arguments(kind))
@@ -279,10 +280,9 @@ class _Lane:
             if keys is not None and is_signed(copy.headers):  # due now: its turn came
                 sign(copy, delivery.body, keys, due_at=broker.now())
             await broker.publish(target, delivery.body, copy)
-        except (PublishError, *CONNECTION_ERRORS) as exc:
-            log.error("pacer: could not move a message of %s to %r (%s)", self.task.name,
-                      target, exc)  # fmt: skip
-            await settle(delivery, ack=False, requeue=True)
-            return
-        await settle(delivery, ack=True)
-        self.pacer.paced += 1
+
+        failure = f"pacer: could not move a message of {self.task.name} to {target!r}"
+        if await settle_after(
+            delivery, publish(), failure, errors=(PublishError, *CONNECTION_ERRORS)
+        ):
+            self.pacer.paced += 1

@@ -31,7 +31,7 @@ from ..message import Envelope, Outcome, dumps, loads
 from ..message.signing import sign, verify
 from ..message.workflow import Workflow, result_properties
 from ..topology import chord_queue_names
-from .handoff import Handoff
+from .handoff import Handoff, settle_after
 
 __all__ = ["Workflows", "decode_result"]
 
@@ -52,7 +52,9 @@ class Workflows:
         not be confirmed (the step runs again)."""
         workflow = envelope.workflow
         assert workflow is not None
-        try:
+
+        async def move_on() -> None:
+            assert workflow is not None
             if workflow.then:  # a chain's, or a member chain's, next step
                 await self._next_step(envelope, workflow, outcome.value)
             elif workflow.kind == "member":
@@ -61,18 +63,12 @@ class Workflows:
                 await self._reply(envelope.reply_to, replace(outcome, task_id=workflow.id))
                 if workflow.kind == "callback":  # ran: a second copy must not run it again
                     await self.app.broker.delete_queue(chord_queue_names(workflow.id)[2])
-        except Exception as exc:  # requeued: a message that keeps failing ends up poison
-            log.error(
-                "could not move workflow %s on after task %s id=%s (%r); requeued",
-                workflow.id,
-                envelope.task,
-                envelope.id,
-                exc,
-            )
-            await settle(delivery, ack=False, requeue=True)
-            return False
-        await settle(delivery, ack=True)
-        return True
+
+        # requeued on any error: a message that keeps failing ends up poison
+        failure = (
+            f"could not move workflow {workflow.id} on after task {envelope.task} id={envelope.id}"
+        )
+        return await settle_after(delivery, move_on(), failure, errors=(Exception,))
 
     async def run(
         self, delivery: Delivery, envelope: Envelope, run: Callable[[], Awaitable[bool]]
