@@ -19,6 +19,7 @@ that is not an outcome yet (RETRY, STARTED) is acked and ignored.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -43,6 +44,8 @@ from .topology import QueueType, reply_queue_arguments, reply_queue_name
 from .tracing import WaitSpan
 
 __all__ = ["ReplyConsumer", "ResultHandle"]
+
+_NO_SPAN: contextlib.AbstractContextManager[None] = contextlib.nullcontext()  # tracing off
 
 log = logging.getLogger("aioqueue.results")
 
@@ -268,21 +271,13 @@ class ResultHandle(Generic[R]):
                 task_name=self.task_name,
                 task_id=self.id,
             )
-        if self.wait_span is not None:
-            with self.wait_span():
-                return await self._result(self._future, timeout)
-        if self._future.done():
-            outcome = self._future.result()
-        else:
-            outcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
-        return self._unwrap(outcome)  # type: ignore[no-any-return]
-
-    async def _result(self, future: asyncio.Future[Outcome], timeout: float | None) -> R:
-        if future.done():
-            outcome = future.result()
-        else:
-            outcome = await asyncio.wait_for(asyncio.shield(future), timeout)
-        return self._unwrap(outcome)  # type: ignore[no-any-return]
+        # with tracing on, the wait is a span linked to the submit's (`aioqueue.tracing`)
+        with _NO_SPAN if self.wait_span is None else self.wait_span():
+            if self._future.done():
+                outcome = self._future.result()
+            else:
+                outcome = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+            return self._unwrap(outcome)  # type: ignore[no-any-return]
 
     async def cancel(self) -> None:
         """Cancel this task; returns once the cancellation is published (confirmed), without

@@ -36,13 +36,14 @@ class ConcurrencyLimits:
         self.worker_slots = worker_slots
         self._turns: dict[str, asyncio.Semaphore] = {}
 
-    @contextlib.asynccontextmanager
-    async def turn(self, task: Task[Any, Any]) -> AsyncIterator[None]:
-        """Hold one of ``task``'s turns for the block (at once when it has no limit)."""
+    def turn(self, task: Task[Any, Any]) -> contextlib.AbstractAsyncContextManager[None]:
+        """Hold one of ``task``'s turns for the block (at once when it has no limit: a shared
+        no-op, nothing built per delivery)."""
         limit = task.options.concurrency_limit
-        if limit is None:
-            yield
-            return
+        return _FREE if limit is None else self._limited(task, limit)
+
+    @contextlib.asynccontextmanager
+    async def _limited(self, task: Task[Any, Any], limit: int) -> AsyncIterator[None]:
         turns = self._turns.get(task.name)
         if turns is None:
             turns = self._turns[task.name] = asyncio.Semaphore(limit)
@@ -61,3 +62,6 @@ class ConcurrencyLimits:
             yield
         finally:
             turns.release()
+
+
+_FREE: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()

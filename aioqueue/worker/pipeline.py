@@ -214,8 +214,11 @@ class Pipeline:
 
     def _is_cancelled(self, task_id: str, envelope: Envelope | None = None) -> bool:
         """Whether ``task_id`` — or the workflow ``envelope`` is a step of — was cancelled."""
-        ids = {task_id, envelope.workflow.id} if envelope and envelope.workflow else {task_id}
-        return self.cancelled_ids is not None and any(i in self.cancelled_ids for i in ids)
+        ids = self.cancelled_ids
+        if ids is None:
+            return False
+        workflow = None if envelope is None else envelope.workflow
+        return task_id in ids or (workflow is not None and workflow.id in ids)
 
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
         self._tell_cancelled(envelope)  # before its dead letter, as for a running task
