@@ -18,24 +18,20 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
-import aiormq
 import orjson
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
 
-from aioqueue import App, Settings
 from aioqueue.errors import DecodeError
 from aioqueue.message.celery import conform_arguments, decode_reply, decode_task
 from aioqueue.topology import dlq_name
-from aioqueue.worker import Worker
-from tests.conftest import running_worker, wait_until
+from tests.conftest import wait_until
 from tests.fuzz_messages import (
     MAX_SIZE,
     TASK,
@@ -48,6 +44,7 @@ from tests.fuzz_messages import (
     texts,
 )
 from tests.rabbit import RabbitNode
+from tests.test_fuzz import Env, drain_dlq, fuzz_env
 
 BATCH = 10
 
@@ -229,46 +226,10 @@ def build(s: Spec, fid: str) -> Built:
 # -- against a worker ---------------------------------------------------------------------
 
 
-@dataclass
-class Env:
-    app: App
-    worker: Worker
-    raw: aiormq.Channel
-    queue: str
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-
-
 @pytest.fixture
 async def env(rabbit: RabbitNode) -> AsyncIterator[Env]:
-    queue = f"celery-fuzz.{uuid.uuid4().hex[:8]}"
-    app = App(
-        "celery-fuzz",
-        broker_url=rabbit.url,
-        default_queue=queue,
-        settings=Settings(max_message_size=MAX_SIZE),
-    )
-    calls: list[tuple[str, Any]] = []
-
-    @app.task(name=TASK)
-    async def record(key: str, payload: Any = None) -> str:
-        calls.append((key, payload))
-        return key
-
-    async with app, running_worker(app) as worker, await aio_pika.connect(rabbit.url) as conn:
-        channel = await conn.channel(publisher_confirms=False)
-        raw = await channel.get_underlay_channel()
-        assert isinstance(raw, aiormq.Channel)
-        yield Env(app, worker, raw, queue, calls)
-
-
-async def drain_dlq(env: Env) -> list[tuple[str, str]]:
-    found: list[tuple[str, str]] = []
-    while True:
-        message = await env.raw.basic_get(dlq_name(env.queue), no_ack=True)
-        if message.body is None or not isinstance(message.delivery, spec.Basic.GetOk):
-            return found
-        hdrs = message.header.properties.headers or {}
-        found.append((str(hdrs.get("fuzz-id")), str(hdrs.get("aioqueue-dead-reason"))))
+    async with fuzz_env(rabbit, "celery-fuzz") as env:
+        yield env
 
 
 async def _settled(env: Env, runs: int, dead: int) -> bool:

@@ -12,6 +12,7 @@ aiormq, which would add a ``message_id`` — to a queue that an in-process worke
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -46,15 +47,13 @@ class Env:
     calls: list[tuple[str, Any]] = field(default_factory=list)
 
 
-@pytest.fixture
-async def env(rabbit: RabbitNode) -> AsyncIterator[Env]:
-    queue = f"fuzz.{uuid.uuid4().hex[:8]}"
-    app = App(
-        "fuzz",
-        broker_url=rabbit.url,
-        default_queue=queue,
-        settings=Settings(max_message_size=MAX_SIZE),
-    )
+@contextlib.asynccontextmanager
+async def fuzz_env(rabbit: RabbitNode, prefix: str, **app_options: Any) -> AsyncIterator[Env]:
+    """A worker of ``TASK`` (recording its calls) on its own queue ``<prefix>.<hex>``, and a
+    raw aiormq channel to publish below the client; ``app_options`` go to the `App`."""
+    queue = f"{prefix}.{uuid.uuid4().hex[:8]}"
+    settings = Settings(max_message_size=MAX_SIZE, **app_options.pop("settings", {}))
+    app = App(prefix, broker_url=rabbit.url, default_queue=queue, settings=settings, **app_options)
     calls: list[tuple[str, Any]] = []
 
     @app.task(name=TASK)
@@ -67,6 +66,12 @@ async def env(rabbit: RabbitNode) -> AsyncIterator[Env]:
         raw = await channel.get_underlay_channel()
         assert isinstance(raw, aiormq.Channel)
         yield Env(app, worker, raw, queue, calls)
+
+
+@pytest.fixture
+async def env(rabbit: RabbitNode) -> AsyncIterator[Env]:
+    async with fuzz_env(rabbit, "fuzz") as env:
+        yield env
 
 
 async def drain_dlq(env: Env) -> list[tuple[str, str]]:

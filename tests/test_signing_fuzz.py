@@ -20,59 +20,29 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
-import aio_pika
-import aiormq
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from aioqueue import App, Settings, SigningKeys
+from aioqueue import SigningKeys
 from aioqueue.message.signing import sign
-from aioqueue.worker import Worker
-from tests.conftest import running_worker, wait_until
-from tests.fuzz_messages import KINDS, MAX_SIZE, TASK, Built, Spec, build, raw_publish, specs
+from tests.conftest import wait_until
+from tests.fuzz_messages import KINDS, TASK, Built, Spec, build, raw_publish, specs
 from tests.rabbit import RabbitNode
-from tests.test_fuzz import dlq_depth, drain_dlq
+from tests.test_fuzz import Env, dlq_depth, drain_dlq, fuzz_env
 
 KEYS = {"k2": b"2" * 32, "k1": b"1" * 32}
 MODES = ["signed", "signed", "signed", "unsigned", "forged", "unknown_key", "replayed"]
 BATCH = 10  # messages per example
 
 
-@dataclass
-class Env:
-    app: App
-    worker: Worker
-    raw: aiormq.Channel
-    queue: str
-    calls: list[tuple[str, Any]] = field(default_factory=list)
-
-
 @pytest.fixture
 async def env(rabbit: RabbitNode) -> AsyncIterator[Env]:
-    queue = f"sigfuzz.{uuid.uuid4().hex[:8]}"
-    app = App(
-        "fuzz",
-        broker_url=rabbit.url,
-        default_queue=queue,
-        settings=Settings(max_message_size=MAX_SIZE, signature_window=300.0),
-        signing_keys=KEYS,
-    )
-    calls: list[tuple[str, Any]] = []
-
-    @app.task(name=TASK)
-    async def record(key: str, payload: Any = None) -> str:
-        calls.append((key, payload))
-        return key
-
-    async with app, running_worker(app) as worker, await aio_pika.connect(rabbit.url) as conn:
-        channel = await conn.channel(publisher_confirms=False)
-        raw = await channel.get_underlay_channel()
-        assert isinstance(raw, aiormq.Channel)
-        yield Env(app, worker, raw, queue, calls)
+    async with fuzz_env(
+        rabbit, "sigfuzz", settings={"signature_window": 300.0}, signing_keys=KEYS
+    ) as env:
+        yield env
 
 
 def _apply(mode: str, message: Built) -> Built:
