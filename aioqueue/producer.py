@@ -20,9 +20,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
-from .message import Envelope, Outcome, check_json_native
+from .message import H_RATE_QUEUE, Envelope, Outcome, check_json_native
 from .message.celery import CeleryFields, encode_task
 from .message.properties import task_message
+from .ratelimit import holding_route
 from .results import ReplyConsumer, ResultHandle
 from .streams import EventSink, StreamReader
 from .task import TaskOptions
@@ -174,11 +175,13 @@ class Producer:
         timeout = app.settings.publish_timeout
         receiver = _Receiver()
         replies = app._replies
+        route = holding_route(app.tasks, envelope) if delay <= 0 else None
         warm = (
             delay <= 0
             and not stream
             and app._broker is not None
             and app._broker.is_declared(queue)
+            and (route is None or app._broker.is_declared(route[0]))
             and (not wants_reply or (replies is not None and replies.started))
         )
         try:
@@ -235,46 +238,58 @@ class Producer:
         self, envelope: Envelope, queue: str, *, delay: float = 0.0, timeout: float | None = None
     ) -> None:
         """Publish ``envelope`` to ``queue`` — through the delay ladder when ``delay`` > 0 —
-        and return once RabbitMQ confirmed it. Used for submits and for worker retries."""
+        and return once RabbitMQ confirmed it. Used for submits and for worker retries.
+
+        A task of this app with a ``rate_limit``, due now and in aioqueue's format, goes
+        straight to its holding queue, marked with ``queue`` (`holding_route`): the copy a
+        worker's `Handoff.hold` would make, one hop less. Anything else that is unpaced in a
+        work queue still takes the worker's hold."""
         broker = self.app.broker
         kind = self.app.queue_type_of(queue)
         if self.app.tracing is not None:  # the current span's context, in the headers
             envelope = self.app.tracing.stamp(envelope)
-        if not broker.is_declared(queue):
+        if not broker.is_declared(queue):  # also for a held task: the pacer's target
             await broker.declare_queue(queue, work_queue_arguments(kind))
         if envelope.celery is not None:  # Celery's format, read from or sent to Celery
             body, properties = encode_task(envelope, expiration=delay <= 0)
         else:  # signed with the app's keys, fresh from when it is due
             due_at = broker.now() + max(delay, 0.0)
             body, properties = task_message(envelope, self.app.signing, due_at=due_at)
-        if delay <= 0:
-            try:
-                await broker.publish(queue, body, properties, timeout=timeout)
-            except UnroutableError:
-                if not broker.is_declared(queue):
-                    raise
-                # declared here, so deleted since (RabbitMQ drops no queue of ours by itself):
-                # declare it again as it was, once, and publish once more
-                log.warning("queue %r was deleted; declaring it again", queue)
-                budget = self.app.settings.publish_timeout if timeout is None else timeout
-                try:
-                    async with asyncio.timeout(budget):
-                        await self.redeclare(queue, work_queue_arguments(kind))
-                        await broker.publish(queue, body, properties, timeout=timeout)
-                except TimeoutError:
-                    raise PublishError(
-                        f"queue {queue!r} was deleted; declaring it again and publishing once "
-                        f"more took over {budget:g}s"
-                    ) from None
+        if delay > 0:
+            units = delay_units(delay)
+            await broker.ensure_delay_route(queue, kind)
+            await broker.publish(
+                delay_routing_key(queue, units),
+                body,
+                properties,
+                exchange=delay_entry_exchange(kind),
+            )
             return
-        units = delay_units(delay)
-        await broker.ensure_delay_route(queue, kind)
-        await broker.publish(
-            delay_routing_key(queue, units),
-            body,
-            properties,
-            exchange=delay_entry_exchange(kind),
-        )
+        target, arguments = queue, None
+        route = holding_route(self.app.tasks, envelope)
+        if route is not None:  # (the work queue is not a signed header: no signing anew)
+            target, arguments = route
+            properties.headers = {**(properties.headers or {}), H_RATE_QUEUE: queue}
+            if not broker.is_declared(target):
+                await broker.declare_queue(target, arguments)
+        try:
+            await broker.publish(target, body, properties, timeout=timeout)
+        except UnroutableError:
+            if not broker.is_declared(target):
+                raise
+            # declared here, so deleted since (RabbitMQ drops no queue of ours by itself):
+            # declare it again as it was, once, and publish once more
+            log.warning("queue %r was deleted; declaring it again", target)
+            budget = self.app.settings.publish_timeout if timeout is None else timeout
+            try:
+                async with asyncio.timeout(budget):
+                    await self.redeclare(target, arguments or work_queue_arguments(kind))
+                    await broker.publish(target, body, properties, timeout=timeout)
+            except TimeoutError:
+                raise PublishError(
+                    f"queue {target!r} was deleted; declaring it again and publishing once "
+                    f"more took over {budget:g}s"
+                ) from None
 
     async def redeclare(self, queue: str, arguments: dict[str, Any]) -> None:
         """Declare ``queue`` again, although this connection declared it: it was deleted since

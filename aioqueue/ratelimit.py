@@ -1,8 +1,10 @@
 """Rate limits as values: ``"50/s"`` parsed, the holding queue named, the pacer's slots.
 
-A task with ``rate_limit`` does not run straight from its work queue. A worker that receives it
-unpaced moves it (confirmed, then acked) to the task's holding queue
-``aioqueue.ratelimit.<task>``; one elected process of the app, the pacer
+A task with ``rate_limit`` does not run straight from its work queue. A producer that knows the
+limit (the task is registered on its app) publishes it straight to the task's holding queue
+``aioqueue.ratelimit.<task>`` (`holding_route`); a worker that receives it unpaced in its work
+queue anyway (submitted by name only, from Celery, or after a delay) moves it there (confirmed,
+then acked). One elected process of the app, the pacer
 (`aioqueue.worker.pacer`), moves the messages of each holding queue back to their work queue
 at the rate, marked as paced; workers run paced messages. The wait is in RabbitMQ, never in a
 worker's slots. docs/rate-limits.md has the design and the measurements.
@@ -13,10 +15,15 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .topology import INFRA_PREFIX, QueueType
+
+if TYPE_CHECKING:
+    from .message import Envelope
+    from .task import Task
 
 __all__ = [
     "MAX_INTERVAL",
@@ -24,6 +31,7 @@ __all__ = [
     "SlotClock",
     "holding_queue_arguments",
     "holding_queue_name",
+    "holding_route",
     "parse_rate",
 ]
 
@@ -86,6 +94,20 @@ def holding_queue_name(task_name: str) -> str:
 def holding_queue_arguments(queue_type: QueueType = "classic") -> dict[str, Any]:
     """A holding queue is durable and of the task's queue type (quorum: replicated)."""
     return {"x-queue-type": queue_type}
+
+
+def holding_route(
+    tasks: Mapping[str, Task[Any, Any]], envelope: Envelope
+) -> tuple[str, dict[str, Any]] | None:
+    """Where a message due now goes instead of its work queue, and that queue's arguments:
+    the holding queue of a task in ``tasks`` (the producer's app) that has a ``rate_limit``.
+    None for any other task and for Celery's format (the worker's hold takes those)."""
+    if envelope.celery is not None:
+        return None
+    task = tasks.get(envelope.task)
+    if task is None or task.options.rate_limit is None:
+        return None
+    return holding_queue_name(task.name), holding_queue_arguments(task.options.queue_type)
 
 
 class SlotClock:
