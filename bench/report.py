@@ -225,6 +225,12 @@ def _ratelimit_rows(runs: Runs, sizes: Sizes) -> list[Row]:
             target=f"≤ {rate or 0:g} + 1",
             passed=None if rate is None else _verdict(most, high=rate + 1),
         ),
+        Row(
+            "ratelimit: busiest 1 s window begins (s after the first start)",
+            None,
+            _median(runs, "most_at"),
+            digits=2,
+        ),
     ]
 
 
@@ -262,6 +268,12 @@ def per_run(measured: Measurements, busy: float) -> str:
         for system, runs in measured.get(workload, {}).items():
             figures = ", ".join(_run_figure(run, key, digits, busy) for run in runs)
             lines.append(f"- {workload} {key} {system}: {figures}")
+    for run in measured.get("ratelimit", {}).get("aioqueue", []):
+        if "error" not in run:
+            lines.append(
+                f"- ratelimit aioqueue: {_run_figure(run, 'seconds', 2, busy)} s, most starts "
+                f"in 1 s {run.get('most_in_a_second')} (from {run.get('most_at', 0.0):.2f} s)"
+            )
     return "\n".join(lines)
 
 

@@ -239,17 +239,20 @@ RATE = 50.0  # bench.limited's rate_limit, runs per second
 async def ratelimit(client: Client, n: int, rate: float = RATE) -> dict[str, Any]:
     """``n`` concurrent submits of a task limited to ``rate`` runs a second, run by two
     worker processes: how long all take (ideally ``(n - 1) / rate``: the first runs at once)
-    and the most starts in any one-second window (ideally ``rate``, at most one more)."""
+    and the most starts in any one-second window (ideally ``rate``, at most one more), with
+    ``most_at``: where the first such window begins, in seconds after the first start."""
     start = time.perf_counter()
     started = sorted(await asyncio.gather(*(client.limited() for _ in range(n))))
     seconds = time.perf_counter() - start
     ideal = (n - 1) / rate
     most = 0
+    most_at = 0.0
     first = 0
     for last, t in enumerate(started):
         while t - started[first] >= 1.0:
             first += 1
-        most = max(most, last - first + 1)
+        if last - first + 1 > most:
+            most, most_at = last - first + 1, started[first] - started[0]
     return {
         "tasks": n,
         "rate_limit": rate,
@@ -259,6 +262,7 @@ async def ratelimit(client: Client, n: int, rate: float = RATE) -> dict[str, Any
         "starts_span": started[-1] - started[0],
         "off_ideal": seconds / ideal - 1,
         "most_in_a_second": most,
+        "most_at": most_at,
     }
 
 
