@@ -64,6 +64,27 @@ async def test_a_submit_waits_in_the_holding_queue_until_a_worker_paces_it(
         assert (await waiting(app, holding))[0] == 0
 
 
+async def test_a_submit_to_another_queue_is_paced_back_to_that_queue(
+    make_any_app: Any, queue_name: str
+) -> None:
+    # Given a rate-limited task submitted to a queue other than its own, no worker yet
+    app: App = make_any_app()
+    other = f"{queue_name}.other"
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="50/s")
+    async def limited(i: int) -> int:
+        return i
+
+    async with app:
+        handle = await limited.submit_with_options(args=(5,), queue=other)
+        # Then the held message names that queue
+        ready, headers = await waiting(app, holding_queue_name(limited.name))
+        assert ready == 1 and headers[0][H_RATE_QUEUE] == other
+        # And a worker of that queue runs it once paced
+        async with running_worker(app, queues=[other]):
+            assert await handle.result(timeout=30) == 5
+
+
 async def test_on_rabbitmq_the_queue_stats_show_the_task_in_the_holding_queue(
     make_app: Any, rabbit: RabbitNode, queue_name: str
 ) -> None:
