@@ -3,8 +3,9 @@
 `Producer.submit` checks the arguments against a registered task's signature and for JSON,
 works out delays and deadlines, registers for the reply, and publishes (`submit_celery` the same
 for a task a Celery worker runs, in Celery's format); `Producer.publish` is
-the one confirmed publish of a task message (to its queue, or through the delay ladder), used
-by submits and by the worker's retries. A queue this connection declared and someone deleted
+the one confirmed publish of a task message (to its queue, through the delay ladder, or for a
+rate-limited task of this app straight to its holding queue), used by submits and by the
+worker's retries. A queue this connection declared and someone deleted
 since is declared again once (`Producer.redeclare`; dead-letter queues too).
 """
 

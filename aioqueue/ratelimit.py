@@ -4,10 +4,10 @@ A task with ``rate_limit`` does not run straight from its work queue. A producer
 limit (the task is registered on its app) publishes it straight to the task's holding queue
 ``aioqueue.ratelimit.<task>`` (`holding_route`); a worker that receives it unpaced in its work
 queue anyway (submitted by name only, from Celery, or after a delay) moves it there (confirmed,
-then acked). One elected process of the app, the pacer
-(`aioqueue.worker.pacer`), moves the messages of each holding queue back to their work queue
-at the rate, marked as paced; workers run paced messages. The wait is in RabbitMQ, never in a
-worker's slots. docs/rate-limits.md has the design and the measurements.
+then acked). One elected process of the app, the pacer (`aioqueue.worker.pacer`), moves the
+messages of each holding queue back to their work queue at the rate, marked as paced; workers
+run paced messages. The wait is in RabbitMQ, never in a worker's slots. docs/rate-limits.md
+has the design and the measurements.
 """
 
 from __future__ import annotations

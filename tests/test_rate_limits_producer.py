@@ -143,9 +143,7 @@ async def test_a_delayed_submit_is_held_by_the_worker_once_due(
         # When one is submitted with a countdown
         handle = await limited.submit_with_options(args=(3,), countdown=0.2)
         # Then, once due, it comes out of the delay ladder into the work queue (unpaced)
-        await wait_until(
-            lambda: _ready_is(app, queue_name, 1), timeout=30, what="the due message"
-        )
+        await wait_until(lambda: _ready_is(app, queue_name, 1), timeout=30, what="the due message")
         assert (await waiting(app, holding_queue_name(limited.name)))[0] in (None, 0)
         # And a worker holds it, then runs it at its turn
         async with running_worker(app) as worker:

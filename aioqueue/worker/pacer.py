@@ -3,12 +3,14 @@
 Every worker of an app with rate-limited tasks runs a `Pacer`; they campaign for the lease
 ``aioqueue.ratelimit.<app>.lease`` (the scheduler's kind of lease, `aioqueue.rabbit.lease`: an
 exclusive queue held by one connection, free the moment its process dies) and exactly one leads.
-The leader consumes each holding queue ``aioqueue.ratelimit.<task>`` (where workers put the
-task's unpaced messages, `Handoff.hold`) and, for each message in its turn (`SlotClock`), publishes
-a copy marked ``aioqueue-paced`` to the work queue the message came from — confirmed — and only
-then acks it. A pacer killed at any point loses nothing: the messages it held go back to the
-holding queue, and a follower takes the lease over within about ``poll_interval``. A kill
-between a confirmed copy and its ack runs that one task twice (at-least-once, as everywhere).
+The leader consumes each holding queue ``aioqueue.ratelimit.<task>`` (where producers that
+know the limit publish the task's messages, and workers put the unpaced ones they receive,
+`Handoff.hold`) and, for each message in its turn (`SlotClock`), publishes a copy marked
+``aioqueue-paced`` to the work queue the message names (``aioqueue-rate-queue``) — confirmed
+— and only then acks it. A pacer killed at any point loses nothing: the messages it held go
+back to the holding queue, and a follower takes the lease over within about
+``poll_interval``. A kill between a confirmed copy and its ack runs that one task twice
+(at-least-once, as everywhere).
 
 On the in-memory broker the lease is `MemoryLease`, and turns are taken in wall time.
 """
