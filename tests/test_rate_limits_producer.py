@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from aioqueue import App, TaskCancelledError
+from aioqueue import App, TaskCancelledError, chain
 from aioqueue.message import H_PACED, H_RATE_QUEUE
 from aioqueue.ratelimit import holding_queue_name
 from tests.conftest import running_worker, wait_until
@@ -206,3 +206,26 @@ async def test_a_task_cancelled_while_in_its_holding_queue_never_runs(
     assert ran == [2]
     dead = await get_dead_letter(app.broker_url, f"{queue_name}.dlq")
     assert dead.headers["aioqueue-dead-reason"] == "cancelled"
+
+
+async def test_a_rate_limited_step_of_a_chain_is_paced(make_any_app: Any, queue_name: str) -> None:
+    # Given a chain whose second step is rate-limited
+    app: App = make_any_app()
+
+    @app.task(name=f"{queue_name}.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(name=f"{queue_name}.limited", rate_limit="50/s")
+    async def limited(x: int) -> int:
+        return x * 10
+
+    async with app, running_worker(app) as worker:
+        # When it runs
+        handle = await chain(add.s(1, 2), limited.s()).submit()
+        # Then the step went through the pacer (published to its holding queue by the worker
+        # that finished the first step) and the chain's result comes
+        assert await handle.result(timeout=30) == 30
+        pacer = worker.pacer
+        assert pacer is not None
+        await wait_until(lambda: pacer.paced == 1, timeout=30, what="one paced copy")
