@@ -37,6 +37,8 @@ from ..errors import BrokerConnectionError
 from ..settings import Settings, broker_nodes, mask_url, scrub
 from .errors import TRANSIENT
 from .inbound import read_leniently
+from .reader import WholeBufferReader
+from .reader import install as install_reader
 
 __all__ = [
     "CoalescingTransportFactory",
@@ -87,6 +89,8 @@ class CoalescingTransportFactory(TransportFactory):
         factory = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
         reader, writer = await factory.create(url, **kwargs)
         writer.__class__ = CoalescingWriter  # same object and state, coalescing `write`
+        reader.__class__ = WholeBufferReader  # read by `WholeBufferReceiver`, whole buffers
+        install_reader()
         read_leniently()  # frames pamqp cannot read, made readable (in this connection's tasks)
         return reader, writer
 

@@ -91,6 +91,25 @@ INTERNALS: Final = (
     ),
     Internal(pamqp.frame, "unmarshal", "function", "inbound.read_leniently wraps it"),
     Internal(
+        aiormq.connection,
+        "FrameReceiver",
+        "attribute",
+        "reader.install: Connection.connect builds its receiver from this module attribute",
+    ),
+    Internal(
+        aiormq.connection.Connection,
+        "FrameReceiver(reader)",
+        "source",
+        "reader.install: the receiver is built by name in connect (tests/test_reader.py)",
+    ),
+    Internal(
+        aiormq.Connection,
+        "_reader_task",
+        "attribute",
+        "reader: a direct consumer's delivery is read by its own connection's reader task",
+    ),
+    Internal(aiormq.abc.TaskWrapper, "task", "attribute", "reader: the wrapped reader task"),
+    Internal(
         aiormq.Connection, "__init__(transport_factory)", "parameter", "connection: our transport"
     ),
     # aio-pika's robust connection: channel buffers set before its channels are restored

@@ -17,6 +17,7 @@ from pamqp import commands as spec
 from ..broker import ConsumeArguments, Delivery, DeliveryCallback, LostCallback
 from .acks import Acker
 from .errors import FATAL_CHANNEL, TRANSIENT
+from .reader import consume_directly, stop_consuming_directly
 
 if TYPE_CHECKING:
     from .broker import RabbitBroker
@@ -50,6 +51,7 @@ class Subscription:
         self._recover_task: asyncio.Task[None] | None = None
         self._acker: Acker | None = None
         self._consuming_on: aiormq.Channel | None = None
+        self._handling: set[asyncio.Task[None]] = set()  # direct deliveries' callbacks
 
     async def start(self) -> None:
         self._channel = await self._broker.channel()
@@ -94,6 +96,9 @@ class Subscription:
         channel.closing.add_done_callback(self._on_close)
         self._acker = Acker(channel)
         arguments = self._arguments() if callable(self._arguments) else self._arguments
+        # read straight from the connection's frames (`aioqueue.rabbit.reader`); aiormq's
+        # consumer below gets what that does not take
+        consume_directly(channel, self._tag, self._on_direct)
         await channel.basic_consume(
             self.queue,
             self._on_message,
@@ -136,6 +141,27 @@ class Subscription:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    def _on_direct(
+        self, deliver: spec.Basic.Deliver, properties: spec.Basic.Properties, body: bytes
+    ) -> None:
+        assert self._acker is not None  # made before the consumer is registered
+        delivery = Delivery(
+            body=body,
+            properties=properties,
+            redelivered=bool(deliver.redelivered),
+            queue=self.queue,
+            delivery_tag=deliver.delivery_tag or 0,
+            acker=self._acker,
+        )
+        task = asyncio.ensure_future(self._callback(delivery))
+        self._handling.add(task)
+        task.add_done_callback(self._handled)
+
+    def _handled(self, task: asyncio.Task[None]) -> None:
+        self._handling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("consumer of %r failed", self.queue, exc_info=task.exception())
+
     async def _on_message(self, message: DeliveredMessage) -> None:
         delivery = message.delivery
         assert isinstance(delivery, spec.Basic.Deliver)
@@ -153,6 +179,7 @@ class Subscription:
     async def cancel(self) -> None:
         """Stop new deliveries; deliveries in hand can still be settled."""
         self._active = False
+        stop_consuming_directly(self._tag)
         if self._recover_task is not None:
             self._recover_task.cancel()
         if self._channel is None:

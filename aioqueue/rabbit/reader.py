@@ -1,0 +1,235 @@
+"""The read side of our connections: whole socket buffers parsed at once, deliveries handed
+straight to their consumer.
+
+aiormq reads a frame with three awaited ``readexactly`` calls under a lock, copies it through
+a ``BytesIO``, hands it to the channel's reader task through a queue, and starts a task per
+delivered message once the channel task has read its three frames (method, header, body). On
+a busy consumer that machinery costs more than the rest of a delivery.
+
+`WholeBufferReceiver` replaces aiormq's ``FrameReceiver`` for our connections only (those
+whose reader our transport factory made a `WholeBufferReader`; any other aiormq connection in
+the process keeps aiormq's receiver). It reads what the socket has (up to `READ_SIZE`), splits
+it into frames, and:
+
+- assembles a ``Basic.Deliver`` and its content for a consumer registered with
+  `consume_directly` (our `Subscription`) on this connection and channel, and calls it at once,
+  in the connection's reader task — no channel queue, no task per message;
+- yields every other frame to aiormq exactly as its own receiver would, in order: RPC replies,
+  confirms, heartbeats, closes, and deliveries for consumers aiormq knows alone.
+
+Frames are decoded by ``pamqp.frame.unmarshal`` — the module attribute, so the lenient reading
+of `aioqueue.rabbit.inbound` applies unchanged — except content bodies, which are their
+payload. A malformed frame ends the connection as aiormq's receiver would (InvalidFrameError),
+and so does a frame out of place inside a delivery. The hook (aiormq's module attribute
+``FrameReceiver``, looked up by ``Connection.connect``) and ``Connection._reader_task`` (a
+``TaskWrapper`` whose ``task`` reads the frames) are listed in `aioqueue.rabbit.internals`;
+``tests/test_reader.py`` checks this receiver against aiormq's own over the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final
+
+import aiormq
+import aiormq.connection
+import pamqp.frame
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp import commands as spec
+from pamqp.base import Frame
+from pamqp.body import ContentBody
+from pamqp.exceptions import PAMQPException
+from pamqp.header import ContentHeader
+
+__all__ = [
+    "READ_SIZE",
+    "DirectConsumer",
+    "WholeBufferReader",
+    "WholeBufferReceiver",
+    "consume_directly",
+    "install",
+    "stop_consuming_directly",
+]
+
+log = logging.getLogger("aioqueue.broker")
+
+READ_SIZE: Final = 256 * 1024  # bytes asked of the socket per read (it returns what it has)
+
+_HEADER: Final = struct.Struct(">BHI")  # frame type, channel, payload size
+_METHOD, _CONTENT_HEADER, _BODY = 1, 2, 3
+_FRAME_END: Final = 0xCE
+_DELIVER: Final = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+
+# consumer(deliver, properties, body): called in the connection's reader task; must not block
+DirectConsumer = Callable[[spec.Basic.Deliver, spec.Basic.Properties, bytes], None]
+
+
+class WholeBufferReader(asyncio.StreamReader):
+    """The `StreamReader` of a connection whose frames `WholeBufferReceiver` reads (the same
+    object, class switched by our transport factory: nothing else changes)."""
+
+
+class _Direct:
+    __slots__ = ("callback", "channel")
+
+    def __init__(self, channel: aiormq.Channel, callback: DirectConsumer) -> None:
+        self.channel = channel
+        self.callback = callback
+
+
+_DIRECT: dict[str, _Direct] = {}  # consumer tag -> its consumer (tags are unique per process)
+
+
+def consume_directly(channel: aiormq.Channel, consumer_tag: str, callback: DirectConsumer) -> None:
+    """Hand deliveries for ``consumer_tag`` on ``channel`` to ``callback`` as they are read.
+    Register before ``basic.consume``; deliveries on any other channel (or a connection not
+    read by `WholeBufferReceiver`) still reach the consumer aiormq was given."""
+    _DIRECT[consumer_tag] = _Direct(channel, callback)
+
+
+def stop_consuming_directly(consumer_tag: str) -> None:
+    """Deliveries for ``consumer_tag`` read from now on go to aiormq's consumer, if any (after
+    ``basic.cancel`` aiormq has none: they stay unacked until the channel closes)."""
+    _DIRECT.pop(consumer_tag, None)
+
+
+class _Assembly:
+    """A delivery whose content frames are still to come."""
+
+    __slots__ = ("body", "consumer", "deliver", "properties", "size")
+
+    def __init__(self, deliver: spec.Basic.Deliver, consumer: _Direct) -> None:
+        self.deliver = deliver
+        self.consumer = consumer
+        self.properties: spec.Basic.Properties | None = None
+        self.size = 0
+        self.body: list[bytes] = []
+
+
+class WholeBufferReceiver(aiormq.connection.FrameReceiver):
+    """aiormq's frame receiver, reading whole buffers for a `WholeBufferReader` (see the
+    module's doc); for any other reader, aiormq's own behaviour."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self._whole = isinstance(reader, WholeBufferReader)
+        self._buffer = bytearray()
+        self._frames: deque[tuple[int, int, Frame | ContentBody | Any]] = deque()
+        self._assembling: dict[int, _Assembly] = {}  # channel -> its delivery in progress
+
+    async def get_frame(self) -> tuple[int, int, Any]:
+        if not self._whole:
+            return await super().get_frame()
+        frames = self._frames
+        while True:
+            while not frames:
+                await self._fill()
+            weight, channel, frame = frames.popleft()
+            if self._assembling or type(frame) is spec.Basic.Deliver:
+                if self._direct(channel, frame):
+                    continue
+            return weight, channel, frame
+
+    async def _fill(self) -> None:
+        """Read what the socket has and split it into frames (at least one more, or raise)."""
+        reader = self.reader
+        try:
+            data = await reader.read(READ_SIZE)
+        except (ConnectionError, OSError) as exc:
+            raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+        buffer = self._buffer
+        if not data:
+            if buffer:
+                raise AMQPConnectionError(
+                    f"Server connection unexpectedly closed with {len(buffer)} bytes of a "
+                    "frame unread"
+                )
+            raise StopAsyncIteration
+        buffer += data
+        if not self.started:
+            if len(buffer) < 4:
+                return
+            if buffer[:4] == b"AMQP":
+                raise ProtocolSyntaxError("Unexpected AMQP protocol header")
+            self.started = True
+        self._split()
+
+    def _split(self) -> None:
+        buffer = self._buffer
+        size = len(buffer)
+        offset = 0
+        append = self._frames.append
+        unmarshal = pamqp.frame.unmarshal  # looked up now: lenient reading may wrap it
+        while size - offset >= 8:
+            kind, channel, length = _HEADER.unpack_from(buffer, offset)
+            end = offset + 7 + length
+            if end >= size:
+                break  # the rest of this frame is still on its way
+            if kind == _BODY:
+                if buffer[end] != _FRAME_END:
+                    raise InvalidFrameError("Last byte error")
+                append((end + 1 - offset, channel, ContentBody(bytes(buffer[offset + 7 : end]))))
+            else:
+                try:
+                    weight, channel, frame = unmarshal(bytes(buffer[offset : end + 1]))
+                except PAMQPException as exc:
+                    raise InvalidFrameError(str(exc)) from exc
+                append((weight, channel, frame))
+            offset = end + 1
+        if offset:
+            del buffer[:offset]
+
+    def _direct(self, channel: int, frame: Any) -> bool:
+        """Whether ``frame`` belongs to a delivery for a direct consumer (and was taken)."""
+        assembly = self._assembling.get(channel)
+        if assembly is None:
+            if type(frame) is not spec.Basic.Deliver:
+                return False
+            consumer = _DIRECT.get(frame.consumer_tag or "")
+            if consumer is None or not self._owns(consumer, channel):
+                return False
+            self._assembling[channel] = _Assembly(frame, consumer)
+            return True
+        if assembly.properties is None:
+            if type(frame) is not ContentHeader:
+                raise InvalidFrameError(f"Unexpected frame {frame!r} instead of ContentHeader")
+            assembly.properties = frame.properties
+            assembly.size = frame.body_size
+        elif type(frame) is ContentBody:
+            assembly.body.append(frame.value)
+            assembly.size -= len(frame.value)
+        else:
+            raise InvalidFrameError(f"Unexpected frame {frame!r} inside a delivery")
+        if assembly.size <= 0:
+            del self._assembling[channel]
+            body = assembly.body
+            self._deliver(assembly, body[0] if len(body) == 1 else b"".join(body))
+        return True
+
+    def _owns(self, consumer: _Direct, channel: int) -> bool:
+        """The consumer was registered on this very channel of this very connection."""
+        mine = consumer.channel
+        if mine.number != channel or mine.is_closed:
+            return False
+        # aiormq keeps its reader task wrapped (``TaskWrapper.task``)
+        reader_task = getattr(mine.connection, "_reader_task", None)
+        return getattr(reader_task, "task", reader_task) is asyncio.current_task()
+
+    @staticmethod
+    def _deliver(assembly: _Assembly, body: bytes) -> None:
+        assert assembly.properties is not None
+        try:
+            assembly.consumer.callback(assembly.deliver, assembly.properties, body)
+        except Exception:  # a consumer's failure must not end the connection
+            log.exception("consumer of %s failed", assembly.deliver.consumer_tag)
+
+
+def install() -> None:
+    """Make aiormq build a `WholeBufferReceiver` for every connection (harmless for
+    connections whose reader is not a `WholeBufferReader`: they read as before)."""
+    if aiormq.connection.FrameReceiver is not WholeBufferReceiver:
+        aiormq.connection.FrameReceiver = WholeBufferReceiver  # type: ignore[misc]
