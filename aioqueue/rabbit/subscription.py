@@ -145,15 +145,9 @@ class Subscription:
         self, deliver: spec.Basic.Deliver, properties: spec.Basic.Properties, body: bytes
     ) -> None:
         assert self._acker is not None  # made before the consumer is registered
-        delivery = Delivery(
-            body=body,
-            properties=properties,
-            redelivered=bool(deliver.redelivered),
-            queue=self.queue,
-            delivery_tag=deliver.delivery_tag or 0,
-            acker=self._acker,
+        task = asyncio.ensure_future(
+            self._callback(self._delivery(deliver, properties, body, self._acker))
         )
-        task = asyncio.ensure_future(self._callback(delivery))
         self._handling.add(task)
         task.add_done_callback(self._handled)
 
@@ -163,17 +157,28 @@ class Subscription:
             log.error("consumer of %r failed", self.queue, exc_info=task.exception())
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        delivery = message.delivery
-        assert isinstance(delivery, spec.Basic.Deliver)
+        """A delivery `aioqueue.rabbit.reader` did not take (aiormq's consumer path)."""
+        deliver = message.delivery
+        assert isinstance(deliver, spec.Basic.Deliver)
+        acker = self._acker or Acker(cast(aiormq.Channel, message.channel))
         await self._callback(
-            Delivery(
-                body=message.body,
-                properties=message.header.properties,
-                redelivered=bool(delivery.redelivered),
-                queue=self.queue,
-                delivery_tag=delivery.delivery_tag or 0,
-                acker=self._acker or Acker(cast(aiormq.Channel, message.channel)),
-            )
+            self._delivery(deliver, message.header.properties, message.body, acker)
+        )
+
+    def _delivery(
+        self,
+        deliver: spec.Basic.Deliver,
+        properties: spec.Basic.Properties,
+        body: bytes,
+        acker: Acker,
+    ) -> Delivery:
+        return Delivery(
+            body=body,
+            properties=properties,
+            redelivered=bool(deliver.redelivered),
+            queue=self.queue,
+            delivery_tag=deliver.delivery_tag or 0,
+            acker=acker,
         )
 
     async def cancel(self) -> None:

@@ -29,7 +29,7 @@ from ..broker import Delivery, settle
 from ..errors import DecodeError, PublishError, SignatureError, UnroutableError
 from ..message import Envelope, Outcome, dumps, loads
 from ..message.signing import sign, verify
-from ..message.workflow import Workflow, result_properties
+from ..message.workflow import Step, Workflow, result_properties
 from ..topology import chord_queue_names
 from .handoff import Handoff, settle_after
 
@@ -106,13 +106,20 @@ class Workflows:
         step = workflow.then[0]
         number = workflow.step + 1
         prefix = f"{workflow.id}.{workflow.index}" if workflow.kind == "member" else workflow.id
+        then = replace(workflow, step=number, then=workflow.then[1:])
+        await self._publish_step(step, f"{prefix}.{number}", value, envelope.reply_to, then)
+
+    async def _publish_step(
+        self, step: Step, task_id: str, first: Any, reply_to: str | None, workflow: Workflow
+    ) -> None:
+        """Publish ``step`` (a signature) as task ``task_id``, ``first`` its first argument."""
         nxt = Envelope(
-            id=f"{prefix}.{number}",
+            id=task_id,
             task=step.task,
-            args=(value, *step.args),
+            args=(first, *step.args),
             kwargs=step.kwargs,
-            reply_to=envelope.reply_to,
-            workflow=replace(workflow, step=number, then=workflow.then[1:]),
+            reply_to=reply_to,
+            workflow=workflow,
         )
         await self.app.producer.publish(nxt, step.queue)
 
@@ -182,15 +189,13 @@ class Workflows:
             outcome = Outcome(workflow.id, envelope.task, value=values)
             await self._reply(envelope.reply_to, outcome)
             return
-        nxt = Envelope(
-            id=f"{workflow.id}.cb",
-            task=callback.task,
-            args=(values, *callback.args),
-            kwargs=callback.kwargs,
-            reply_to=envelope.reply_to,
-            workflow=Workflow(workflow.id, "callback"),
+        await self._publish_step(
+            callback,
+            f"{workflow.id}.cb",
+            values,
+            envelope.reply_to,
+            Workflow(workflow.id, "callback"),
         )
-        await self.app.producer.publish(nxt, callback.queue)
 
 
 def decode_result(body: bytes, *, size: int, max_size: int) -> tuple[int, Any]:
