@@ -20,6 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .admission import Deadlines, Slots
 from .errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
 from .message import H_RATE_QUEUE, Envelope, Outcome, check_json_native
 from .message.celery import CeleryFields, encode_task
@@ -52,6 +53,15 @@ class Producer:
     def __init__(self, app: App) -> None:
         self.app = app
         self._redeclaring: dict[str, asyncio.Future[None]] = {}  # queue -> its declare again
+        self._gate: tuple[asyncio.AbstractEventLoop, Slots] | None = None
+
+    def _admission(self, loop: asyncio.AbstractEventLoop) -> Slots:
+        """Submits publishing at once, at most ``settings.max_inflight_publishes`` (the cap on
+        unconfirmed publishes, which each holds one of): more wait their turn, first come
+        first served, within their publish deadline. One gate per event loop."""
+        if self._gate is None or self._gate[0] is not loop:
+            self._gate = (loop, Slots(self.app.settings.max_inflight_publishes, Deadlines()))
+        return self._gate[1]
 
     async def submit(
         self,
@@ -174,29 +184,38 @@ class Producer:
     ) -> ResultHandle[Any]:
         app = self.app
         timeout = app.settings.publish_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        gate = self._admission(loop)
         receiver = _Receiver()
-        replies = app._replies
-        route = holding_route(app.tasks, envelope) if delay <= 0 else None
-        warm = (
-            delay <= 0
-            and not stream
-            and app._broker is not None
-            and app._broker.is_declared(queue)
-            and (route is None or app._broker.is_declared(route[0]))
-            and (not wants_reply or (replies is not None and replies.started))
-        )
         try:
-            if warm:
-                # Nothing to declare or subscribe first: the publish's own deadline is the
-                # submit's, without a timer of ours around it.
-                if wants_reply and replies is not None:
-                    envelope = receiver.expect(replies, envelope)
-                await self.publish(envelope, queue, timeout=timeout)
-            else:
-                async with asyncio.timeout(timeout):
-                    if wants_reply:
-                        envelope = await receiver.prepare(app, envelope, stream=stream)
-                    await self.publish(envelope, queue, delay=delay)
+            # a turn first, then the message is built: in a burst, the first messages go out
+            # while the rest wait their turn unbuilt, instead of all being built first
+            await gate.acquire(deadline)
+            try:
+                replies = app._replies
+                route = holding_route(app.tasks, envelope) if delay <= 0 else None
+                warm = (
+                    delay <= 0
+                    and not stream
+                    and app._broker is not None
+                    and app._broker.is_declared(queue)
+                    and (route is None or app._broker.is_declared(route[0]))
+                    and (not wants_reply or (replies is not None and replies.started))
+                )
+                if warm:
+                    # Nothing to declare or subscribe first: the publish's own deadline is
+                    # the submit's, without a timer of ours around it.
+                    if wants_reply and replies is not None:
+                        envelope = receiver.expect(replies, envelope)
+                    await self.publish(envelope, queue, timeout=deadline - loop.time())
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        if wants_reply:
+                            envelope = await receiver.prepare(app, envelope, stream=stream)
+                        await self.publish(envelope, queue, delay=delay)
+            finally:
+                gate.release()
         except BaseException as exc:
             if app._replies is not None:
                 app._replies.forget(envelope.id)

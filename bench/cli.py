@@ -53,8 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--broker-url", help="use this broker instead of starting a private node")
     p.add_argument(
         "--profile",
-        action="store_true",
-        help="also profile the aioqueue worker and producer during an extra rpc run (needs py-spy)",
+        nargs="?",
+        const="rpc",
+        choices=("rpc", "fire"),
+        help="also profile the aioqueue worker and producer during an extra run of this workload "
+        "(rpc if not given; needs py-spy)",
     )
     p.add_argument(
         "--quiet-wait",
@@ -245,7 +248,7 @@ def _profile_table(profile: dict[str, Any]) -> str:
 
 def _hot_table(process: str, profile: dict[str, Any]) -> list[str]:
     lines = [
-        f"Hottest functions of the aioqueue {process} during rpc (py-spy, "
+        f"Hottest functions of the aioqueue {process} during {profile['workload']} (py-spy, "
         f"{profile['samples']} samples; self = in the function's own code):",
         "",
         "| # | function | self % | total % |",
@@ -329,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.profile:
                 try:
-                    profile = suite.profile(RESULTS / "profile-rpc-aioqueue.txt")
+                    profile = suite.profile(
+                        RESULTS / f"profile-{args.profile}-aioqueue.txt", workload=args.profile
+                    )
                 except BenchError as exc:
                     suite.anomalies.append(f"profile: {exc}")
     clustered: dict[str, Any] | None = None

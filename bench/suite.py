@@ -226,26 +226,34 @@ class Suite:
             self._check_worker(who, w.proc.returncode, w.complaints())
         return result
 
-    def profile(self, out: Path, top: int = 15) -> dict[str, Any]:
-        """An extra, unscored aioqueue rpc run with py-spy on the worker and on the producer:
-        the hottest functions of each (the producer's stacks go next to ``out``)."""
-        sizes = Sizes(**{**asdict(self.sizes), "rpc": self.sizes.rpc * PROFILE_FACTOR})
-        spec = self._spec("rpc", "aioqueue", "profile", sizes)
+    def profile(self, out: Path, top: int = 15, *, workload: str = "rpc") -> dict[str, Any]:
+        """An extra, unscored aioqueue run of ``workload`` (rpc or fire) with py-spy on the
+        worker and on the producer: the hottest functions of each (the producer's stacks go
+        next to ``out``)."""
+        longer = getattr(self.sizes, workload) * PROFILE_FACTOR
+        sizes = Sizes(**{**asdict(self.sizes), workload: longer})
+        spec = self._spec(workload, "aioqueue", "profile", sizes)
         queue = spec["queue"]
         producer_out = out.with_name(f"{out.stem}-producer{out.suffix}")
         with start_worker("aioqueue", self.url, queue, self.logs / "profile.log") as worker:
             with profiled(worker.pid, out):
-                result = run_producer(spec, timeout=PRODUCER_TIMEOUT["rpc"], profile=producer_out)
+                result = run_producer(
+                    spec, timeout=PRODUCER_TIMEOUT[workload], profile=producer_out
+                )
         delete_queues(self.url, [queue, f"{queue}.dlq", *result.pop("queues", [])])
         samples, hot = hot_functions(out, top)
         producer_samples, producer_hot = hot_functions(producer_out, top)
-        progress(f"[profile] aioqueue worker: {samples} samples, rpc {headline('rpc', result)}")
+        progress(
+            f"[profile] aioqueue worker: {samples} samples, {workload} {headline(workload, result)}"
+        )
         return {
+            "workload": workload,
             "samples": samples,
-            "rpc": result,
+            workload: result,
             "file": str(out),
             "top": _as_dicts(hot),
             "producer": {
+                "workload": workload,
                 "samples": producer_samples,
                 "file": str(producer_out),
                 "top": _as_dicts(producer_hot),

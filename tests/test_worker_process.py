@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 
 from aioqueue import App
+from aioqueue.worker.cli import GC_ENV, GC_THRESHOLD
 from tests.conftest import WorkerProcess, wait_until
 from tests.rabbit import RabbitNode
 
@@ -166,5 +168,29 @@ async def test_banner_shows_the_prefetch_split_and_a_raised_prefetch(
         "prefetch:     3 in total (1 + 1 + 1 over the queues above), raised from 1: "
         "each of the 3 queues needs at least 1"
     ) in out
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await worker.wait_exit() == 0
+
+
+@pytest.mark.parametrize("setting", [None, "default"])
+async def test_the_worker_tunes_its_garbage_collector_unless_told_not_to(
+    spawn_worker: Any, rabbit: RabbitNode, queue_name: str, setting: str | None
+) -> None:
+    # Given a worker process, with AIOQUEUE_WORKER_GC unset or "default"
+    env = {} if setting is None else {GC_ENV: setting}
+    worker: WorkerProcess = spawn_worker("--broker-url", rabbit.url, env=env)
+    await worker.wait_ready()
+    async with client(rabbit, queue_name) as app:
+        # When a task reports the process's collector settings
+        handle = await app.submit_with_options("tests.gc_state")
+        gen0, gen1, gen2, frozen = await handle.result(timeout=30)
+    # Then by default the start-up objects are frozen and the young generation is collected
+    # less often; with "default", Python's own settings stand
+    if setting is None:
+        assert (gen0, gen1, gen2) == GC_THRESHOLD
+        assert frozen > 10_000
+    else:
+        assert (gen0, gen1, gen2) == gc.get_threshold() == (700, 10, 10)
+        assert frozen == 0
     worker.proc.send_signal(signal.SIGTERM)
     assert await worker.wait_exit() == 0

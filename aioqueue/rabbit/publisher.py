@@ -8,7 +8,7 @@ bookkeeping — the channel's delivery tags, its ``confirmations`` (which aiormq
 RabbitMQ's acks, nacks and returns) and its message-id map for returns — and replaces only the
 way there: the frames of every publish made during one iteration go to the writer queue as one
 frame set at its end (`aioqueue.rabbit.frames.FrameBatch`), tagged in the order they were written.
-`Deadlines` bounds the confirm waits with one timer for all of them.
+`Deadlines` (`aioqueue.admission`) bounds the confirm waits with one timer for all of them.
 
 Everything published on the channel must come through one `ChannelPublisher` (the delivery tags
 are counted here); aioqueue's publishing channel is its own.
@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
-import itertools
 import struct
 import uuid
-from collections import deque
 from typing import Any
 
 import aiormq
 import pamqp.frame
 from pamqp import commands as spec
 
+from ..admission import Deadlines, Slots
 from .frames import FrameBatch
 
-__all__ = ["ChannelPublisher", "Deadlines", "Slots", "publish_frames"]
+__all__ = ["ChannelPublisher", "Deadlines", "Slots", "publish_frames"]  # (the last two: ..slots)
 
 _FRAME = struct.Struct(">BHI")  # type, channel, size; then the payload and a frame end
 _HEADER = struct.Struct(">HHQ")  # class id, weight, body size; then the properties
@@ -130,83 +128,3 @@ class ChannelPublisher:
                 confirmation.set_exception(
                     error or aiormq.exceptions.ChannelInvalidStateError("channel closed")
                 )
-
-
-class Deadlines:
-    """Cancels each registered future still pending at its deadline (loop time), with one
-    timer for them all instead of one per future."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, asyncio.Future[Any]]] = []
-        self._order = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._armed_for = 0.0
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def add(self, future: asyncio.Future[Any], deadline: float) -> None:
-        heap = self._heap
-        while heap and heap[0][2].done():  # settled in time: the usual case
-            heapq.heappop(heap)
-        heapq.heappush(heap, (deadline, next(self._order), future))
-        if self._timer is None or deadline < self._armed_for:
-            self._arm()
-
-    def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._heap:
-            self._armed_for = self._heap[0][0]
-            self._timer = asyncio.get_running_loop().call_at(self._armed_for, self._expire)
-
-    def _expire(self) -> None:
-        self._timer = None
-        heap = self._heap
-        now = asyncio.get_running_loop().time()
-        while heap and (heap[0][2].done() or heap[0][0] <= now):
-            _, _, future = heapq.heappop(heap)
-            future.cancel()
-        self._arm()
-
-
-class Slots:
-    """A cap on publishes in flight, whose waits end at a deadline (`TimeoutError`).
-
-    Like `asyncio.Semaphore`, first come first served; but a release hands its slot straight
-    to the next waiter in O(1), where the semaphore scans from the first waiter on every
-    release: with thousands waiting and hundreds of confirms arriving in one iteration, that
-    scan was a tenth of a busy producer's time. Waits are bounded by `Deadlines`, not a timer
-    each.
-    """
-
-    def __init__(self, size: int, deadlines: Deadlines) -> None:
-        self._free = size
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._deadlines = deadlines
-
-    async def acquire(self, deadline: float) -> None:
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._deadlines.add(waiter, deadline)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # handed a slot, then cancelled: pass it on
-            task = asyncio.current_task()
-            if waiter.cancelled() and task is not None and not task.cancelling():
-                raise TimeoutError from None  # its deadline, not our caller
-            raise
-
-    def release(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():  # one cancelled (by its caller or deadline) takes nothing
-                waiter.set_result(None)
-                return
-        self._free += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -190,11 +191,32 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m aioqueue.worke
         if refusal is not None:
             print(f"error: {refusal}", file=sys.stderr)
             return 2
+    _tune_gc()
     try:
         return run(_serve(worker, scheduler, metrics, dashboard))
     finally:
         if metrics is not None:
             metrics[1].close()
+
+
+GC_ENV = "AIOQUEUE_WORKER_GC"  # "default": leave Python's collector as it is
+GC_THRESHOLD = (20_000, 20, 20)  # gen0 after 20,000 net allocations (Python's default: 700)
+
+
+def _tune_gc() -> None:
+    """Collect once, freeze what the worker was started with (modules, the app, its tasks) out
+    of the collector's reach, and collect the young generation 28 times less often.
+
+    A delivery allocates a few dozen short-lived objects; with Python's default threshold the
+    collector ran every ~15 deliveries and took ~10 % of a busy worker's CPU (0.145 s of the
+    fire benchmark's ~1.2 s; 0.018 s with this). Garbage in reference cycles waits longer to
+    be freed: at most ~20,000 objects. ``AIOQUEUE_WORKER_GC=default`` keeps Python's settings.
+    """
+    if os.environ.get(GC_ENV, "").strip().lower() == "default":
+        return
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def _supervise(args: argparse.Namespace, argv: list[str], app: App) -> int:

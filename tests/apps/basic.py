@@ -6,6 +6,7 @@ started; the test releases it), so no test needs to sleep for a fixed time.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -27,6 +28,12 @@ DIR = Path(os.environ.get("AIOQUEUE_TEST_DIR", "."))
 @app.task(name="tests.add")
 async def add(x: int, y: int) -> int:
     return x + y
+
+
+@app.task(name="tests.gc_state")
+async def gc_state() -> list[int]:
+    """The worker process's collector: [gen0, gen1, gen2 thresholds, objects frozen]."""
+    return [*gc.get_threshold(), gc.get_freeze_count()]
 
 
 @app.task(name="tests.gated")

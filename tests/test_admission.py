@@ -1,0 +1,162 @@
+"""Submits take a turn before their message is built: at most ``max_inflight_publishes`` at once.
+
+A burst of submits (``asyncio.gather`` of thousands) used to build every message before the
+first one left: all of them ran up to the wait for a publish slot in one event-loop iteration.
+Now each waits for its turn first (first come, first served, within its publish deadline), so
+the first messages reach RabbitMQ while the rest wait unbuilt. Against the real broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aio_pika
+import pytest
+
+from aioqueue import App, PublishError, Settings
+from aioqueue import testing as aioqueue_testing
+from tests.conftest import running_worker
+from tests.rabbit import RabbitNode
+
+
+def count_builds(app: App) -> dict[str, int]:
+    """Wrap the app's ``Producer.publish`` (where a task's message is built and published):
+    how many run at once now, and at most."""
+    producer = app.producer
+    original = producer.publish
+    seen = {"now": 0, "peak": 0, "calls": 0}
+
+    async def publish(*args: Any, **kwargs: Any) -> None:
+        seen["now"] += 1
+        seen["calls"] += 1
+        seen["peak"] = max(seen["peak"], seen["now"])
+        try:
+            await original(*args, **kwargs)
+        finally:
+            seen["now"] -= 1
+
+    producer.publish = publish  # type: ignore[method-assign]
+    return seen
+
+
+async def test_a_burst_beyond_the_cap_waits_its_turn_and_loses_nothing(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given an app whose cap on publishes in flight is 3, with a worker
+    app = App(
+        "tests",
+        broker_url=rabbit.url,
+        default_queue=queue_name,
+        settings=Settings(max_inflight_publishes=3),
+    )
+
+    @app.task(name=f"{queue_name}.double")
+    async def double(i: int) -> int:
+        return 2 * i
+
+    async with app, running_worker(app):
+        await double.submit(0)  # warm: queue declared, replies subscribed
+        seen = count_builds(app)
+        # When 60 are submitted at once
+        handles = await asyncio.gather(*(double.submit(i) for i in range(60)))
+        # Then never more than 3 were being built and published at once (and 3 were)
+        assert seen == {"now": 0, "peak": 3, "calls": 60}
+        # And every one ran, with its own result
+        results = await asyncio.gather(*(h.result(timeout=30) for h in handles))
+        assert results == [2 * i for i in range(60)]
+
+
+async def test_a_submit_waiting_for_its_turn_gives_up_at_its_publish_deadline(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given an app with one publish in flight at most, whose turn is held (as by a publish
+    # RabbitMQ does not confirm)
+    app = App(
+        "tests-client",
+        broker_url=rabbit.url,
+        default_queue=queue_name,
+        settings=Settings(max_inflight_publishes=1, publish_timeout=2.0),
+    )
+    async with app:
+        await app.submit_with_options("tests.x", ignore_result=True)  # warm
+        seen = count_builds(app)
+        loop = asyncio.get_running_loop()
+        gate = app.producer._admission(loop)
+        await gate.acquire(loop.time() + 1)
+        # When a submit waits for that turn
+        started = time.monotonic()
+        with pytest.raises(PublishError, match="not confirmed within 2s"):
+            await app.submit_with_options("tests.x", ignore_result=True)
+        # Then it gives up at its publish deadline, its message never built
+        assert 1.5 < time.monotonic() - started < 15
+        assert seen["calls"] == 0
+        # And once the turn is free the next submit goes through
+        gate.release()
+        await app.submit_with_options("tests.x", ignore_result=True)
+        assert seen == {"now": 0, "peak": 1, "calls": 1}
+        assert await app.broker.queue_depth(queue_name) == (2, 0)  # the warm one and this
+
+
+async def test_a_burst_whose_queue_nacks_ends_within_the_deadline_and_frees_its_turns(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given an app with one publish in flight at most, and a queue that nacks (full)
+    full = f"{queue_name}.full"
+    args = {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "reject-publish"}
+    app = App(
+        "tests-client",
+        broker_url=rabbit.url,
+        default_queue=queue_name,
+        settings=Settings(max_inflight_publishes=1, publish_timeout=2.0),
+    )
+    async with await aio_pika.connect(rabbit.url) as conn:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(full, durable=True, arguments=args)
+        await channel.default_exchange.publish(aio_pika.Message(b"{}"), routing_key=full)
+        try:
+            async with app:
+                broker: Any = app.broker
+                await broker.declare_queue(full, args)
+                # When three submits to it are made at once
+                started = time.monotonic()
+                done = await asyncio.gather(
+                    *(
+                        app.submit_with_options("tests.x", queue=full, ignore_result=True)
+                        for _ in range(3)
+                    ),
+                    return_exceptions=True,
+                )
+                # Then each ends with a PublishError within about its deadline, none hangs
+                assert all(isinstance(d, PublishError) for d in done), done
+                assert 1.5 < time.monotonic() - started < 15
+                # And the turn is free again: a submit to a queue with room goes through
+                await app.submit_with_options("tests.x", ignore_result=True)
+        finally:
+            await queue.delete(if_unused=False, if_empty=False)
+
+
+@pytest.mark.parametrize("cap", [1, 1000])
+def test_each_event_loop_has_its_own_turns(cap: int) -> None:
+    # Given an in-memory app used from two event loops in turn (as tests do)
+    url = f"memory://turns-{cap}"
+    app = App("tests", broker_url=url, settings=Settings(max_inflight_publishes=cap))
+
+    async def submit_some() -> int:
+        async with app:
+            handles = await asyncio.gather(
+                *(app.submit_with_options("t.x", ignore_result=True) for _ in range(5))
+            )
+            return len(handles)
+
+    # When each loop submits a burst, Then each goes through (no turn held by a loop gone)
+    try:
+        for _ in range(2):
+            loop = asyncio.new_event_loop()
+            try:
+                assert loop.run_until_complete(submit_some()) == 5
+            finally:
+                loop.close()
+    finally:
+        aioqueue_testing.reset(url)
