@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Coroutine
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -12,7 +11,26 @@ from typing import Any
 
 from .errors import AioqueueError
 
-__all__ = ["TaskContext", "task_context"]
+__all__ = ["CancelFlag", "TaskContext", "task_context"]
+
+
+class CancelFlag:
+    """Set once when a run is cancelled; read from the event loop or from the run's thread.
+
+    A ``threading.Event`` without its lock and condition (nobody waits on it): setting and
+    reading one attribute is atomic under the GIL, and a run makes one of these each.
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +57,7 @@ class TaskContext:
         default=None, repr=False, compare=False
     )
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
-    _cancelled: threading.Event | None = field(default=None, repr=False, compare=False)
+    _cancelled: CancelFlag | None = field(default=None, repr=False, compare=False)
 
     @property
     def cancelled(self) -> bool:

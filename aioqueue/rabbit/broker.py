@@ -40,15 +40,6 @@ log = logging.getLogger("aioqueue.broker")
 _T = TypeVar("_T")
 
 
-async def _by(deadline: float, awaitable: Awaitable[_T], *, blocks: bool) -> _T:
-    """``await awaitable``, bounded by ``deadline`` (loop time) only when it may block: a
-    timer per publish is a cost worth saving on the hot path."""
-    if not blocks:
-        return await awaitable
-    async with asyncio.timeout_at(deadline):
-        return await awaitable
-
-
 class RabbitBroker:
     """One robust connection to RabbitMQ with a confirmed publishing channel.
 
@@ -305,16 +296,20 @@ class RabbitBroker:
 
         The deadline is handed down instead of wrapping the whole in ``asyncio.timeout``
         (a timer per publish): `Deadlines` bounds the waits for a slot and for confirms with
-        one timer, and the wait for the channel is bounded only when it would block.
+        one timer, and the channel we last published on is taken as it is while open (the
+        wait for a channel, bounded by a timer, only when it is not).
         """
         loop = asyncio.get_running_loop()
         delay = 0.05
         robust = self._channel()
         while True:
             try:
-                ready = self._publisher_ready()
-                underlay = await _by(deadline, robust.get_underlay_channel(), blocks=not ready)
-                channel = cast(aiormq.Channel, underlay)
+                publisher = self._publisher
+                if publisher is not None and self._publisher_ready():
+                    channel = publisher.channel  # open: aio-pika would hand us the same
+                else:
+                    async with asyncio.timeout_at(deadline):  # it may wait for a reconnect
+                        channel = cast(aiormq.Channel, await robust.get_underlay_channel())
                 await self._inflight.acquire(deadline)
                 try:
                     confirm = await self._publish_once(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -19,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from ..context import TaskContext, _current
+from ..context import CancelFlag, TaskContext, _current
 from ..errors import EncodeError, TaskTimeoutError
 from ..message import Envelope, ErrorInfo, Outcome, check_json_native
 from ..retry import Retry
@@ -38,7 +37,7 @@ async def execute(
     redelivered: bool,
     threads: ThreadPoolExecutor,
     emitter: Emitter,
-    cancelled: threading.Event | None = None,
+    cancelled: CancelFlag | None = None,
 ) -> tuple[Outcome, BaseException | None]:
     """Run ``task`` with the envelope's arguments under the task's timeout (``cancelled``:
     what ``task_context().cancelled`` reads).

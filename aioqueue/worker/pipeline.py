@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from typing import Any
 from ..app import App
 from ..broker import Delivery, settle
 from ..cancel import CancelledIds
+from ..context import CancelFlag
 from ..errors import DecodeError
 from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
 from ..message.celery import CeleryFields, RefusedMessage, conform_arguments, decode_task, is_celery
@@ -74,7 +74,7 @@ class Pipeline:
         self._running_ids: dict[tuple[str, int], asyncio.Future[bool]] = {}
         # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
         self.cancelled_ids: CancelledIds | None = None
-        self._controls: dict[str, tuple[asyncio.Future[Any], threading.Event, bool]] = {}
+        self._controls: dict[str, tuple[asyncio.Future[Any], CancelFlag, bool]] = {}
         self.limits = ConcurrencyLimits()  # the worker gives it its slots
         # with signing keys: unsigned, forged, stale and replayed messages never get further
         keys = app.signing
@@ -156,7 +156,7 @@ class Pipeline:
         for observer in self.observers:
             observer.started(envelope.task, envelope.id, envelope.attempt)
         started = time.perf_counter()
-        cancelled = threading.Event()
+        cancelled = CancelFlag()
         try:
             emitter = Emitter(
                 self.app.broker, envelope, observers=self.observers, signing=self.app.signing
