@@ -17,13 +17,16 @@ it into frames, and:
 - yields every other frame to aiormq exactly as its own receiver would, in order: RPC replies,
   confirms, heartbeats, closes, and deliveries for consumers aiormq knows alone.
 
-Frames are decoded by ``pamqp.frame.unmarshal`` — the module attribute, so the lenient reading
-of `aioqueue.rabbit.inbound` applies unchanged — except content bodies, which are their
-payload. A malformed frame ends the connection as aiormq's receiver would (InvalidFrameError),
-and so does a frame out of place inside a delivery. The hook (aiormq's module attribute
-``FrameReceiver``, looked up by ``Connection.connect``) and ``Connection._reader_task`` (a
-``TaskWrapper`` whose ``task`` reads the frames) are listed in `aioqueue.rabbit.internals`;
-``tests/test_reader.py`` checks this receiver against aiormq's own over the same bytes.
+A delivery's ``Basic.Deliver`` and content header are read by `aioqueue.rabbit.decode`'s
+`fast_frame`, which builds exactly what pamqp would or declines; content bodies are their
+payload; every other frame, and any the fast read declines, is decoded by
+``pamqp.frame.unmarshal`` — the module attribute, so the lenient reading of
+`aioqueue.rabbit.inbound` applies unchanged. A malformed frame ends the connection as aiormq's
+receiver would (InvalidFrameError), and so does a frame out of place inside a delivery. The
+hook (aiormq's module attribute ``FrameReceiver``, looked up by ``Connection.connect``) and
+``Connection._reader_task`` (a ``TaskWrapper`` whose ``task`` reads the frames) are listed in
+`aioqueue.rabbit.internals`; ``tests/test_reader.py`` checks this receiver against aiormq's own
+over the same bytes, ``tests/test_reader_decode.py`` the fast read against pamqp's.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from pamqp.base import Frame
 from pamqp.body import ContentBody
 from pamqp.exceptions import PAMQPException
 from pamqp.header import ContentHeader
+
+from .decode import fast_frame
 
 __all__ = [
     "READ_SIZE",
@@ -174,6 +179,11 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
                     raise InvalidFrameError("Last byte error")
                 append((end + 1 - offset, channel, ContentBody(bytes(buffer[offset + 7 : end]))))
             else:
+                frame = fast_frame(kind, buffer, offset + 7, end)  # a delivery's, or None
+                if frame is not None:
+                    append((end + 1 - offset, channel, frame))
+                    offset = end + 1
+                    continue
                 try:
                     weight, channel, frame = unmarshal(bytes(buffer[offset : end + 1]))
                 except PAMQPException as exc:
