@@ -116,11 +116,17 @@ def _content_header(buffer: bytearray, pos: int, end: int) -> ContentHeader | No
 def _properties(buffer: bytearray, pos: int, end: int, flags: int) -> spec.Basic.Properties | None:
     properties = _new(spec.Basic.Properties)
     for bit, set_slot, read, default in _PROPERTIES:
-        if flags & bit:
+        if not flags & bit:
+            set_slot(properties, default)
+        elif read is _short_str:  # most properties: read here, a call less each
+            stop = pos + 1 + buffer[pos]
+            if stop > end:
+                return None
+            set_slot(properties, buffer[pos + 1 : stop].decode())
+            pos = stop
+        else:
             value, pos = read(buffer, pos, end)
             set_slot(properties, value)
-        else:
-            set_slot(properties, default)
     return properties if pos == end else None
 
 
@@ -154,8 +160,10 @@ def _table(buffer: bytearray, pos: int, end: int) -> tuple[dict[str, Any], int]:
     start, stop = _sized(buffer, pos, end)
     table: dict[str, Any] = {}
     while start < stop:
-        key, start = _short_str(buffer, start, stop)
-        table[key], start = _value(buffer, start, stop)
+        key_end = start + 1 + buffer[start]
+        if key_end > stop:
+            raise _Decline
+        table[buffer[start + 1 : key_end].decode()], start = _value(buffer, key_end, stop)
     return table, stop
 
 
@@ -163,7 +171,14 @@ def _value(buffer: bytearray, pos: int, end: int) -> tuple[Any, int]:
     """A field-table or array value whose type octet is at ``pos``, ending by ``end``."""
     if pos >= end:
         raise _Decline  # no room for the type
-    read = _VALUES.get(buffer[pos])
+    kind = buffer[pos]
+    number = _NUMBER_STRUCTS.get(kind)
+    if number is not None:  # the commonest values: read here, a call less each
+        stop = pos + 1 + number.size
+        if stop > end:
+            raise _Decline
+        return number.unpack_from(buffer, pos + 1)[0], stop
+    read = _VALUES.get(kind)
     if read is None:  # decimals, and any type pamqp may add: pamqp reads it
         used, value = decode.embedded_value(bytes(buffer[pos:end]))
         if used <= 0 or pos + used > end:
@@ -205,20 +220,9 @@ def _void(buffer: bytearray, pos: int, end: int) -> tuple[None, int]:
     return None, pos
 
 
-def _number(layout: str) -> Reader:
-    unpack_from, size = struct.Struct(layout).unpack_from, struct.calcsize(layout)
-
-    def read(buffer: bytearray, pos: int, end: int) -> tuple[Any, int]:
-        if pos + size > end:
-            raise _Decline
-        return unpack_from(buffer, pos)[0], pos + size
-
-    return read
-
-
 # field-table and array values by type octet, as pamqp.decode.TABLE_MAPPING reads them
+_NUMBER_STRUCTS: Final = {ord(kind): struct.Struct(layout) for kind, layout in _NUMBERS.items()}
 _VALUES: Final[dict[int, Reader]] = {
-    **{ord(kind): _number(layout) for kind, layout in _NUMBERS.items()},
     ord("S"): _long_str,
     ord("F"): _table,
     ord("A"): _array,
