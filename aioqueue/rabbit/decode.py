@@ -45,6 +45,7 @@ _I64 = struct.Struct(">q")
 _U64 = struct.Struct(">Q")
 
 _new = object.__new__
+_from_timestamp, _UTC = datetime.datetime.fromtimestamp, datetime.UTC
 
 Reader = Callable[[bytearray, int, int], tuple[Any, int]]  # (buffer, at, end) -> (value, next)
 
@@ -137,7 +138,7 @@ def _timestamp(buffer: bytearray, pos: int, end: int) -> tuple[datetime.datetime
     stamp: float = _U64.unpack_from(buffer, pos)[0]
     if stamp > 0xFFFFFFFF:
         stamp /= 1000.0
-    return datetime.datetime.fromtimestamp(stamp, tz=datetime.UTC), pos + 8
+    return _from_timestamp(stamp, tz=_UTC), pos + 8
 
 
 def _octet(buffer: bytearray, pos: int, end: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ import pamqp.frame
 from aio_pika.abc import UnderlayConnection
 from pamqp import commands as spec
 from pamqp import decode
+from pamqp.header import ContentHeader
 
 __all__ = ["INTERNALS", "Internal", "missing"]
 
@@ -133,8 +134,25 @@ INTERNALS: Final = (
     # pamqp: task properties encoded with direct dispatch, frames read leniently
     Internal(spec.Basic.Properties, "encode_property", "method", "message.TaskProperties"),
     Internal(decode, "field_table", "function", "inbound: header tables checked"),
-    Internal(decode, "embedded_value", "function", "inbound: header entries checked one by one"),
+    Internal(
+        decode,
+        "embedded_value",
+        "function",
+        "inbound: header entries checked one by one; decode: header types it does not read",
+    ),
     Internal(decode, "timestamp", "function", "inbound: timestamps checked"),
+    # pamqp: a delivery's frames built without __init__ by decode.fast_frame, exactly as pamqp's
+    # own read builds them (tests/test_reader_decode.py compares every attribute)
+    *(
+        Internal(ContentHeader, name, "attribute", "decode.fast_frame sets it")
+        for name in ("class_id", "weight", "body_size", "properties")
+    ),
+    Internal(spec.Basic.Properties, "flags", "attribute", "decode: the properties' flag bits"),
+    Internal(spec.Basic.Properties, "amqp_type", "method", "decode: each property's type"),
+    *(
+        Internal(spec.Basic.Deliver, name, "attribute", "decode.fast_frame sets its slots")
+        for name in ("consumer_tag", "delivery_tag", "redelivered", "exchange", "routing_key")
+    ),
 )
 
 
