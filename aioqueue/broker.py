@@ -94,6 +94,8 @@ class HeldQueue:
 
 
 HoldContext = AbstractAsyncContextManager[HeldQueue | None]  # what `Broker.hold` returns
+# called in a task of its own for each delivery, which no broker cancels (a closing channel
+# included): the callback may run the whole delivery in it
 DeliveryCallback = Callable[[Delivery], Awaitable[None]]
 LostCallback = Callable[[str, BaseException | None], None]
 # ``basic.consume`` arguments (e.g. ``x-stream-offset`` on a stream), or a function giving them

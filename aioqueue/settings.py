@@ -129,7 +129,9 @@ class Settings:
         connect_timeout: Seconds to keep trying to reach the broker at start-up.
         reply_queue_expires: Seconds an unused reply queue lives on (RabbitMQ ``x-expires``).
         max_message_size: Largest body accepted, in bytes, checked before decoding.
-        max_inflight_publishes: Cap on unconfirmed publishes per connection.
+        max_inflight_publishes: Cap on unconfirmed publishes per connection, and on submits
+            publishing at once per app: more wait their turn (first come, first served,
+            within their publish deadline) before their message is built.
         event_buffer: Per handle, most progress updates kept and most stream items held
             unacked in this process.
         reconnect_interval: Seconds between reconnection attempts after a connection is lost.

@@ -145,9 +145,12 @@ class Subscription:
         self, deliver: spec.Basic.Deliver, properties: spec.Basic.Properties, body: bytes
     ) -> None:
         assert self._acker is not None  # made before the consumer is registered
-        task = asyncio.ensure_future(
-            self._callback(self._delivery(deliver, properties, body, self._acker))
-        )
+        self._spawn(self._delivery(deliver, properties, body, self._acker))
+
+    def _spawn(self, delivery: Delivery) -> None:
+        """The callback for ``delivery``, in a task of its own (the broker seam's promise):
+        nothing cancels it when its channel closes."""
+        task = asyncio.ensure_future(self._callback(delivery))
         self._handling.add(task)
         task.add_done_callback(self._handled)
 
@@ -157,13 +160,12 @@ class Subscription:
             log.error("consumer of %r failed", self.queue, exc_info=task.exception())
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        """A delivery `aioqueue.rabbit.reader` did not take (aiormq's consumer path)."""
+        """A delivery `aioqueue.rabbit.reader` did not take (aiormq's consumer path, in a
+        task aiormq cancels when the channel closes: the callback gets one of its own)."""
         deliver = message.delivery
         assert isinstance(deliver, spec.Basic.Deliver)
         acker = self._acker or Acker(cast(aiormq.Channel, message.channel))
-        await self._callback(
-            self._delivery(deliver, message.header.properties, message.body, acker)
-        )
+        self._spawn(self._delivery(deliver, message.header.properties, message.body, acker))
 
     def _delivery(
         self,

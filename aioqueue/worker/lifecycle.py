@@ -221,20 +221,23 @@ class Worker:
     async def _run(self, pipeline: Pipeline) -> None:
         broker = self.app.broker
         subscriptions: list[Consumer] = []
-        loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()  # one per delivery in hand
 
         async def on_delivery(delivery: Delivery) -> None:
-            # aiormq runs this in a task of the channel's, cancelled if the channel closes:
-            # the delivery gets a task of its own, which outlives its channel
+            # the broker runs this in a task of its own per delivery, which outlives the
+            # delivery's channel (`DeliveryCallback`): the whole delivery is handled in it
             self._received()
             if self._stopping:
                 self._in_hand -= 1
                 await settle(delivery, ack=False, requeue=True)
                 return
-            task = loop.create_task(self._handle(delivery, pipeline))
+            task = asyncio.current_task()
+            assert task is not None
             tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            try:
+                await self._handle(delivery, pipeline)
+            finally:
+                tasks.discard(task)
 
         listener = CancelListener(broker, pipeline.cancel)
         pacing: asyncio.Future[None] | None = None
