@@ -122,6 +122,7 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
     def __init__(self, reader: asyncio.StreamReader) -> None:
         super().__init__(reader)
         self._whole = isinstance(reader, WholeBufferReader)
+        self._me: asyncio.Task[Any] | None = None
         self._buffer = bytearray()
         self._frames: deque[tuple[int, int, Frame | ContentBody | Any]] = deque()
         self._assembling: dict[int, _Assembly] = {}  # channel -> its delivery in progress
@@ -227,7 +228,9 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             return False
         # aiormq keeps its reader task wrapped (``TaskWrapper.task``)
         reader_task = getattr(mine.connection, "_reader_task", None)
-        return getattr(reader_task, "task", reader_task) is asyncio.current_task()
+        if self._me is None:  # the task reading this receiver: always the same one
+            self._me = asyncio.current_task()
+        return getattr(reader_task, "task", reader_task) is self._me
 
     @staticmethod
     def _deliver(assembly: _Assembly, body: bytes) -> None:
