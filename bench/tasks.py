@@ -57,11 +57,16 @@ async def executed() -> list[int]:
 
 
 @app.task(name="bench.burn")
-def burn(ms: float) -> int:
-    """A CPU-bound plain function: ~``ms`` milliseconds of pure Python, holding the GIL (so
-    only worker processes, not threads, run two at once: ``python -m bench.processes``)."""
-    deadline = time.perf_counter() + ms / 1000
-    spins = 0
-    while time.perf_counter() < deadline:
-        spins += sum(range(100))
-    return spins
+def burn(spins: int) -> int:
+    """A CPU-bound plain function: a fixed amount of pure Python (``spins`` rounds of
+    `spin`; ``python -m bench.processes`` calibrates them to ~5 ms of CPU), holding the GIL,
+    so only worker processes, not threads, run two at once. Fixed work, not a wall-clock
+    deadline: threads sharing one GIL must not each count the same milliseconds."""
+    return spin(spins)
+
+
+def spin(spins: int) -> int:
+    total = 0
+    for _ in range(spins):
+        total += sum(range(100))
+    return total
