@@ -29,6 +29,7 @@ import orjson
 from . import report
 from .admin import server_version
 from .cluster import NODES, cluster
+from .cpu import cpu_markdown
 from .loop import loop_name
 from .machine import listener_pid
 from .procs import ROOT, BenchError
@@ -201,6 +202,9 @@ def render(
             table = paired(suite.measured)
             if table:
                 parts += ["", table]
+        split = cpu_markdown(suite.measured, meta["cpus"] or 1)
+        if split:
+            parts += ["", split]
         runs = report.per_run(suite.measured, BUSY_CORES)
         if runs:
             parts += ["", f"Per run (* = other processes used > {BUSY_CORES} cores meanwhile):"]
@@ -229,6 +233,9 @@ def _cluster_section(clustered: dict[str, Any], meta: dict[str, Any]) -> str:
             "cores meanwhile):",
             report.per_run(clustered["measurements"], BUSY_CORES),
         ]
+        split = cpu_markdown(clustered["measurements"], meta["cpus"] or 1)
+        if split:
+            parts += ["", "Cluster (all three nodes on this machine): " + split]
     parts += ["", f"Cluster run wall time: {info['wall_seconds'] / 60:.1f} min"]
     return "\n".join(parts)
 

@@ -12,6 +12,8 @@ import os
 import time
 from types import TracebackType
 
+from .cpu import process_seconds
+
 __all__ = ["BrokerPids", "CpuWatch", "listener_pid", "wait_until_quiet"]
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -24,16 +26,6 @@ def _machine() -> tuple[float, float, float]:
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     busy = user + nice + system + irq + softirq
     return busy / TICK, steal / TICK, sum(fields) / TICK
-
-
-def _process(pid: int) -> float:
-    """CPU seconds of ``pid`` and its reaped children (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(v) for v in fields[11:15]) / TICK  # utime stime cutime cstime
 
 
 def listener_pid(port: int) -> int | None:
@@ -71,7 +63,7 @@ def _ours(broker_pid: BrokerPids) -> float:
     times = os.times()
     own = times.user + times.system + times.children_user + times.children_system
     pids = (broker_pid,) if isinstance(broker_pid, int) else broker_pid or ()
-    return own + sum(_process(pid) for pid in pids)
+    return own + sum(process_seconds(pid) for pid in pids)
 
 
 class CpuWatch:

@@ -9,12 +9,14 @@ stdout. The aioqueue side reads its queue and URL from the environment, as `benc
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
 import orjson
 
 from . import workloads
+from .cpu import CpuSplit
 from .loop import run
 from .raw import RawClient
 from .workloads import Client, Sizes
@@ -88,10 +90,13 @@ async def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
             client, sizes.backlog, mark=sizes.backlog_mark, every=sizes.backlog_every
         )
     await workloads.warm_up(client, sizes.warmup)
-    if workload == "rpc":
-        return await workloads.rpc(client, sizes.rpc)
-    if workload == "fire":
-        return await workloads.fire(client, sizes.fire)
+    if workload in ("rpc", "fire"):
+        split = _cpu_split(spec).start()
+        if workload == "rpc":
+            result = await workloads.rpc(client, sizes.rpc)
+        else:
+            result = await workloads.fire(client, sizes.fire)
+        return {**result, "cpu_us": split.per_task(result["tasks"])}
     if workload == "latency":
         return await workloads.latency(client, sizes.latency)
     if workload == "ratelimit":
@@ -107,6 +112,14 @@ async def measure(client: Client, spec: dict[str, Any]) -> dict[str, Any]:
             worker_pid=spec["worker_pid"],
         )
     raise ValueError(f"unknown workload {workload!r}")
+
+
+def _cpu_split(spec: dict[str, Any]) -> CpuSplit:
+    """The processes of this measurement whose CPU per task is reported (`bench.cpu`)."""
+    workers = spec.get("worker_pids") or [spec.get("worker_pid", 0)]
+    return CpuSplit(
+        {"broker": spec.get("broker_pids", []), "worker": workers, "producer": [os.getpid()]}
+    )
 
 
 async def main(spec: dict[str, Any]) -> dict[str, Any]:

@@ -220,7 +220,12 @@ class Suite:
                 )
                 for k, url in enumerate(urls, 1)
             ]
-            result = run_producer({**spec, "worker_pid": started[0].pid}, timeout=timeout)
+            pids = {
+                "worker_pid": started[0].pid,
+                "worker_pids": [w.pid for w in started],
+                "broker_pids": _pids(self.broker_pid),
+            }
+            result = run_producer({**spec, **pids}, timeout=timeout)
         for k, w in enumerate(started, 1):
             who = name if len(started) == 1 else f"{name} worker {k}"
             self._check_worker(who, w.proc.returncode, w.complaints())
@@ -274,6 +279,10 @@ class Suite:
         for queue, count in left.items():
             if count != expected.get(queue, 0):
                 self.anomalies.append(f"{name}: {count} message(s) left in {queue}")
+
+
+def _pids(broker: BrokerPids) -> list[int]:
+    return [broker] if isinstance(broker, int) else list(broker or ())
 
 
 def _as_dicts(hot: list[Hot]) -> list[dict[str, Any]]:
