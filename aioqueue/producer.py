@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Coroutine, Mapping
 from dataclasses import replace
 from datetime import datetime
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .admission import Deadlines, Slots
 from .errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
-from .message import H_RATE_QUEUE, Envelope, Outcome, check_json_native
+from .message import H_RATE_QUEUE, Envelope, Outcome, check_json_native, new_id
 from .message.celery import CeleryFields, encode_task
 from .message.properties import task_message
 from .ratelimit import holding_route
@@ -95,7 +94,7 @@ class Producer:
         target = queue or options.queue
         wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
         envelope = Envelope(
-            id=uuid.uuid4().hex,
+            id=new_id(),
             task=name,
             args=tuple(args),
             kwargs=kwargs,
@@ -135,7 +134,7 @@ class Producer:
         delay = _delay(now, countdown, eta, ladder=False)
         fields = CeleryFields(eta=now + delay if delay > 0 else None, ignore_result=ignore_result)
         envelope = Envelope(
-            id=uuid.uuid4().hex,
+            id=new_id(),
             task=name,
             args=tuple(args),
             kwargs=kwargs,

@@ -206,6 +206,49 @@ def test_non_json_values_raise_encode_error(value: Any, fragment: str) -> None:
     assert isinstance(info.value, TypeError)
 
 
+class _Str(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+_ATOMS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+    st.sampled_from([_Str("s"), _Int(3), b"bytes", 1j, object(), {1, 2}, 2**64, -(2**63) - 1]),
+)
+_VALUES = st.recursive(
+    _ATOMS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.tuples(inner, inner),
+        st.dictionaries(st.one_of(st.text(max_size=2), st.integers(0, 2)), inner, max_size=3),
+    ),
+    max_leaves=12,
+)
+
+
+@given(_VALUES, st.integers(min_value=0, max_value=4))
+def test_the_fast_json_check_agrees_with_the_full_walk(value: Any, depth: int) -> None:
+    from aioqueue.message.codec import _check
+
+    def verdict(check: Any) -> str | None:
+        try:
+            check()
+        except EncodeError as exc:
+            return str(exc)
+        return None
+
+    # the same error (message and path) or none, whichever way the value is checked
+    full = verdict(lambda: _check(value, "v", depth))
+    assert verdict(lambda: check_json_native(value, "v", max_depth=depth)) == full
+
+
 def test_envelope_round_trip_turns_tuples_into_lists_of_the_same_values() -> None:
     env = Envelope(
         id="i",

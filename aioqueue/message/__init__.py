@@ -16,6 +16,7 @@ from .codec import (
     check_json_native,
     dumps,
     loads,
+    new_id,
     refuse_unreadable,
 )
 from .headers import (
@@ -84,6 +85,7 @@ __all__ = [
     "encodable_headers",
     "event_properties",
     "loads",
+    "new_id",
     "refuse_unreadable",
     "replay_copy",
     "reply_properties",

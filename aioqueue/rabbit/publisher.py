@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import struct
-import uuid
 from typing import Any
 
 import aiormq
@@ -27,6 +26,7 @@ import pamqp.frame
 from pamqp import commands as spec
 
 from ..admission import Deadlines, Slots
+from ..message import new_id
 from .frames import FrameBatch
 
 __all__ = ["ChannelPublisher", "Deadlines", "Slots", "publish_frames"]  # (the last two: ..slots)
@@ -94,7 +94,7 @@ class ChannelPublisher:
         if channel.is_closed:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         if not properties.message_id:  # returns are matched to publishes by message id
-            properties.message_id = uuid.uuid4().hex
+            properties.message_id = new_id()
         self._frames.add(
             publish_frames(
                 channel.number,
