@@ -2,7 +2,8 @@
 
 `Deadlines` cancels each registered future still pending at its deadline with one timer for
 them all; `Slots` caps how many of something run at once (RabbitMQ's unconfirmed publishes
-per connection, the producer's submits in progress), its waits bounded by `Deadlines`. Plain
+per connection, the producer's submits in progress), its waits bounded by `Deadlines`; a
+`Turn` is one such slot with its deadline, given back once. Plain
 asyncio, used by the RabbitMQ package and by the producer alike.
 """
 
@@ -14,7 +15,7 @@ import itertools
 from collections import deque
 from typing import Any
 
-__all__ = ["Deadlines", "Slots"]
+__all__ = ["Deadlines", "Slots", "Turn"]
 
 
 class Deadlines:
@@ -95,3 +96,26 @@ class Slots:
                 waiter.set_result(None)
                 return
         self._free += 1
+
+
+class Turn:
+    """One turn of `Slots` (a submit's, to publish): waited for until its deadline, given
+    back once."""
+
+    __slots__ = ("deadline", "held", "slots")
+
+    def __init__(self, slots: Slots, deadline: float) -> None:
+        self.slots = slots
+        self.deadline = deadline  # loop time: the submit's publish deadline
+        self.held = False
+
+    async def take(self) -> None:
+        """Wait for the turn, unless held already (`TimeoutError` at the deadline)."""
+        if not self.held:
+            await self.slots.acquire(self.deadline)
+            self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()

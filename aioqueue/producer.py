@@ -19,14 +19,15 @@ from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .admission import Deadlines, Slots
+from .admission import Deadlines, Slots, Turn
 from .errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
-from .message import H_RATE_QUEUE, Envelope, Outcome, check_json_native, new_id
+from .message import H_RATE_QUEUE, Envelope, Outcome, new_id
 from .message.celery import CeleryFields, encode_task
 from .message.properties import task_message
 from .ratelimit import holding_route
 from .results import ReplyConsumer, ResultHandle
 from .streams import EventSink, StreamReader
+from .submit_options import check_arguments, deadline_of, delay_of
 from .task import TaskOptions
 from .topology import (
     delay_entry_exchange,
@@ -83,26 +84,44 @@ class Producer:
             PublishError: not confirmed within the publish deadline.
         """
         app = self.app
-        kwargs = dict(kwargs or {})
-        task = app.tasks.get(name)
-        if task is not None:
-            task.bind(tuple(args), kwargs)
-        _check_arguments(args, kwargs)
         now = app._broker.now() if app._broker is not None else time.time()
-        delay = _delay(now, countdown, eta)
-        options = task.options if task else TaskOptions(name=name, queue=app.default_queue)
-        target = queue or options.queue
-        wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
-        envelope = Envelope(
-            id=new_id(),
-            task=name,
-            args=tuple(args),
-            kwargs=kwargs,
-            deadline=_deadline(now, expires),
-        )
+        task_id = new_id()
+        # A turn first, then the checks and the message: in a burst (a `gather` of thousands)
+        # a submit beyond the cap waits at the cost of a future, and the first messages leave
+        # before the rest have been looked at.
+        turn = self._turn()
+        try:
+            await turn.take()
+        except TimeoutError:
+            timeout = app.settings.publish_timeout
+            raise PublishError(
+                f"task {name} was not confirmed within {timeout:g}s",
+                task_name=name,
+                task_id=task_id,
+            ) from None
+        try:
+            kwargs = dict(kwargs or {})
+            task = app.tasks.get(name)
+            if task is not None:
+                task.bind(tuple(args), kwargs)
+            check_arguments(args, kwargs)
+            delay = delay_of(now, countdown, eta)
+            options = task.options if task else TaskOptions(name=name, queue=app.default_queue)
+            target = queue or options.queue
+            wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
+            envelope = Envelope(
+                id=task_id,
+                task=name,
+                args=tuple(args),
+                kwargs=kwargs,
+                deadline=deadline_of(now, expires),
+            )
+        except BaseException:
+            turn.give_back()
+            raise
         stream = task is not None and task.is_generator
         return await self.send(
-            envelope, target, wants_reply=wants_reply, delay=delay, stream=stream
+            envelope, target, wants_reply=wants_reply, delay=delay, stream=stream, turn=turn
         )
 
     async def submit_celery(
@@ -129,16 +148,16 @@ class Producer:
             PublishError: not confirmed within the publish deadline.
         """
         kwargs = dict(kwargs or {})
-        _check_arguments(args, kwargs)
+        check_arguments(args, kwargs)
         now = self.app.broker.now()
-        delay = _delay(now, countdown, eta, ladder=False)
+        delay = delay_of(now, countdown, eta, ladder=False)
         fields = CeleryFields(eta=now + delay if delay > 0 else None, ignore_result=ignore_result)
         envelope = Envelope(
             id=new_id(),
             task=name,
             args=tuple(args),
             kwargs=kwargs,
-            deadline=_deadline(now, expires),
+            deadline=deadline_of(now, expires),
             celery=fields,
         )
         return await self.send(envelope, queue, wants_reply=not ignore_result)
@@ -151,6 +170,7 @@ class Producer:
         wants_reply: bool,
         delay: float = 0.0,
         stream: bool = False,
+        turn: Turn | None = None,
     ) -> Coroutine[Any, Any, ResultHandle[Any]]:
         """Publish a new task (registering for its reply first) and return its handle.
 
@@ -158,11 +178,14 @@ class Producer:
         a broker that stays away past it is a `PublishError`, never a hang. With tracing on,
         the submit is a producer span, and the handle's wait is linked to it. (A plain
         function returning the coroutine to await: tracing off adds no coroutine of its own.)
+        ``turn``: the submit's turn to publish (`Producer._turn`), when taken already; it is
+        given back when the publish ends.
         """
         tracing = self.app.tracing
+        turn = turn or self._turn()
         if tracing is None:
-            return self._send(envelope, queue, wants_reply, delay, stream)
-        return self._traced_send(tracing, envelope, queue, wants_reply, delay, stream)
+            return self._send(envelope, queue, wants_reply, delay, stream, turn)
+        return self._traced_send(tracing, envelope, queue, wants_reply, delay, stream, turn)
 
     async def _traced_send(
         self,
@@ -172,37 +195,57 @@ class Producer:
         wants_reply: bool,
         delay: float,
         stream: bool,
+        turn: Turn,
     ) -> ResultHandle[Any]:
-        with tracing.publishing(envelope, queue) as wait_span:
-            handle = await self._send(envelope, queue, wants_reply, delay, stream)
-            handle.wait_span = wait_span
-            return handle
+        try:
+            with tracing.publishing(envelope, queue) as wait_span:
+                handle = await self._send(envelope, queue, wants_reply, delay, stream, turn)
+                handle.wait_span = wait_span
+                return handle
+        finally:
+            turn.give_back()  # (if the span failed to open, `_send` never had it)
+
+    def _turn(self) -> Turn:
+        """A turn to publish, not yet taken, whose wait ends at the publish deadline."""
+        loop = asyncio.get_running_loop()
+        return Turn(self._admission(loop), loop.time() + self.app.settings.publish_timeout)
+
+    def _warm(
+        self, envelope: Envelope, queue: str, wants_reply: bool, delay: float, stream: bool
+    ) -> bool:
+        """Whether the publish needs nothing declared or subscribed first."""
+        app, broker, replies = self.app, self.app._broker, self.app._replies
+        route = holding_route(app.tasks, envelope) if delay <= 0 else None
+        return (
+            delay <= 0
+            and not stream
+            and broker is not None
+            and broker.is_declared(queue)
+            and (route is None or broker.is_declared(route[0]))
+            and (not wants_reply or (replies is not None and replies.started))
+        )
 
     async def _send(
-        self, envelope: Envelope, queue: str, wants_reply: bool, delay: float, stream: bool
+        self,
+        envelope: Envelope,
+        queue: str,
+        wants_reply: bool,
+        delay: float,
+        stream: bool,
+        turn: Turn,
     ) -> ResultHandle[Any]:
         app = self.app
         timeout = app.settings.publish_timeout
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        gate = self._admission(loop)
+        deadline = turn.deadline
         receiver = _Receiver()
         try:
-            # a turn first, then the message is built: in a burst, the first messages go out
-            # while the rest wait their turn unbuilt, instead of all being built first
-            await gate.acquire(deadline)
+            # a turn first (unless `submit` took it), then the message is built: in a burst,
+            # the first messages go out while the rest wait their turn unbuilt
+            await turn.take()
             try:
                 replies = app._replies
-                route = holding_route(app.tasks, envelope) if delay <= 0 else None
-                warm = (
-                    delay <= 0
-                    and not stream
-                    and app._broker is not None
-                    and app._broker.is_declared(queue)
-                    and (route is None or app._broker.is_declared(route[0]))
-                    and (not wants_reply or (replies is not None and replies.started))
-                )
-                if warm:
+                if self._warm(envelope, queue, wants_reply, delay, stream):
                     # Nothing to declare or subscribe first: the publish's own deadline is
                     # the submit's, without a timer of ours around it.
                     if wants_reply and replies is not None:
@@ -214,7 +257,7 @@ class Producer:
                             envelope = await receiver.prepare(app, envelope, stream=stream)
                         await self.publish(envelope, queue, delay=delay)
             finally:
-                gate.release()
+                turn.give_back()
         except BaseException as exc:
             if app._replies is not None:
                 app._replies.forget(envelope.id)
@@ -365,44 +408,3 @@ class _Receiver:
     async def abandon(self) -> None:
         if self.reader is not None:
             await self.reader.close()
-
-
-def _check_arguments(args: tuple[Any, ...] | list[Any], kwargs: dict[str, Any]) -> None:
-    """`EncodeError` unless every argument is JSON-native (before anything is published)."""
-    check_json_native(list(args), "args")
-    check_json_native(kwargs, "kwargs")
-
-
-def _delay(
-    now: float, countdown: float | None, eta: datetime | None, *, ladder: bool = True
-) -> float:
-    """Seconds from ``now`` until the task may run; `ValueError` for a bad option, or (with
-    ``ladder``) one beyond the longest delay aioqueue's delay ladder holds."""
-    if countdown is not None and eta is not None:
-        raise ValueError("give countdown or eta, not both")
-    delay = _raw_delay(now, countdown, eta)
-    if ladder:
-        delay_units(delay)  # raises ValueError beyond the longest delay the ladder holds
-    return delay
-
-
-def _raw_delay(now: float, countdown: float | None, eta: datetime | None) -> float:
-    if eta is not None:
-        if eta.tzinfo is None:
-            raise ValueError("eta must be an aware datetime (with a time zone)")
-        return max(0.0, eta.timestamp() - now)
-    if countdown is not None:
-        if countdown < 0:
-            raise ValueError("countdown must not be negative")
-        return float(countdown)
-    return 0.0
-
-
-def _deadline(now: float, expires: float | datetime | None) -> float | None:
-    if expires is None:
-        return None
-    if isinstance(expires, datetime):
-        if expires.tzinfo is None:
-            raise ValueError("expires must be an aware datetime (with a time zone)")
-        return expires.timestamp()
-    return now + float(expires)

@@ -137,6 +137,51 @@ async def test_a_burst_whose_queue_nacks_ends_within_the_deadline_and_frees_its_
             await queue.delete(if_unused=False, if_empty=False)
 
 
+async def test_a_submit_beyond_the_cap_checks_its_arguments_in_its_turn_and_gives_it_back(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given an app with one publish in flight at most, whose turn is held
+    app = App(
+        "tests-client",
+        broker_url=rabbit.url,
+        default_queue=queue_name,
+        settings=Settings(max_inflight_publishes=1, publish_timeout=20.0),
+    )
+
+    @app.task(name=f"{queue_name}.one")
+    async def one(i: int) -> int:
+        return i
+
+    async with app:
+        await one.submit(0)  # warm
+        seen = count_builds(app)
+        loop = asyncio.get_running_loop()
+        gate = app.producer._admission(loop)
+        await gate.acquire(loop.time() + 1)
+        # When a burst waits for it: good submits, one with arguments that do not fit the
+        # task, one with an argument that is not JSON, one with a bad countdown
+        burst = [one.submit(i) for i in range(1, 4)]
+        burst += [
+            one.submit("a", "b"),
+            one.submit(object()),
+            one.submit_with_options((4,), countdown=-1),
+        ]
+        waiting = asyncio.gather(*burst, return_exceptions=True)
+        await asyncio.sleep(0)
+        assert seen["calls"] == 0 and not waiting.done()  # all wait, none checked or built
+        # Then, once the turn is free, each gets its own outcome in its turn
+        gate.release()
+        done = await asyncio.wait_for(waiting, 30)
+        assert [type(d).__name__ for d in done] == [
+            "ResultHandle", "ResultHandle", "ResultHandle", "TypeError", "EncodeError",
+            "ValueError",
+        ]  # fmt: skip
+        assert seen == {"now": 0, "peak": 1, "calls": 3}  # the bad ones were never built
+        # And no turn was kept by the refused ones: the next submit goes straight through
+        await asyncio.wait_for(one.submit(5), 30)
+        assert app.producer._admission(loop)._free == 1
+
+
 @pytest.mark.parametrize("cap", [1, 1000])
 def test_each_event_loop_has_its_own_turns(cap: int) -> None:
     # Given an in-memory app used from two event loops in turn (as tests do)
