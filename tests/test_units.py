@@ -523,6 +523,49 @@ def test_task_properties_encode_exactly_as_pamqp(headers: dict[str, Any] | None)
     )
 
 
+_SHORT_TEXT = st.one_of(
+    st.just(""),
+    st.text(max_size=8),
+    st.text(alphabet="é", min_size=120, max_size=140),  # 240-280 bytes: around the limit
+    st.integers(0, 3),  # not a string: pamqp's own error
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "content_type": _SHORT_TEXT,
+            "content_encoding": _SHORT_TEXT,
+            "message_id": _SHORT_TEXT,
+            "correlation_id": _SHORT_TEXT,
+            "reply_to": _SHORT_TEXT,
+            "expiration": _SHORT_TEXT,
+            "type": _SHORT_TEXT,
+            "user_id": _SHORT_TEXT,
+            "app_id": _SHORT_TEXT,
+            "delivery_mode": st.sampled_from([1, 2]),
+            "priority": st.integers(0, 9),
+            "headers": st.dictionaries(
+                st.text(max_size=4), st.one_of(st.booleans(), st.integers(-5, 5), st.text())
+            ),
+        },
+    )
+)
+def test_task_properties_marshal_exactly_as_pamqp_or_fail_alike(fields: dict[str, Any]) -> None:
+    from pamqp import commands as spec
+
+    from aioqueue.message import TaskProperties
+
+    def outcome(cls: type[spec.Basic.Properties]) -> bytes | str:
+        try:
+            return cls(**fields).marshal()
+        except Exception as exc:  # the same error type either way
+            return type(exc).__name__
+
+    assert outcome(TaskProperties) == outcome(spec.Basic.Properties)
+
+
 @pytest.mark.parametrize(
     ("value", "deep"),
     [

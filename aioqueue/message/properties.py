@@ -192,17 +192,17 @@ _SIGNATURE_KEY = encode.short_string(H_SIGNATURE) + b"S"
 def _encode_plain(value: Any) -> bytes:
     if isinstance(value, dict):
         try:
-            # the type is part of the key: True == 1 == 1.0, but each encodes differently
-            return _header_table(tuple((k, type(v), v) for k, v in value.items()))
+            # the types are part of the key: True == 1 == 1.0, but each encodes differently
+            return _header_table((tuple(value.items()), tuple(map(type, value.values()))))
         except TypeError:  # an unhashable value: not one of ours, encode it as it is
             pass
     return encode.field_table(value)
 
 
 @functools.lru_cache(maxsize=1024)
-def _header_table(items: tuple[tuple[str, type, Any], ...]) -> bytes:
+def _header_table(key: tuple[tuple[tuple[str, Any], ...], tuple[type, ...]]) -> bytes:
     # most task messages of one task share their headers (name, attempt, protocol)
-    return encode.field_table({key: value for key, _, value in items})
+    return encode.field_table(dict(key[0]))
 
 
 _ENCODERS: dict[str, Callable[[Any], bytes]] = {
@@ -229,3 +229,33 @@ class TaskProperties(spec.Basic.Properties):
         if encoder is None:
             return super().encode_property(name, value)
         return encoder(value)
+
+    def marshal(self) -> bytes:
+        """pamqp's `marshal` (same fields, order, flags and bytes), with short strings
+        written here; anything else, and any string pamqp would refuse, through
+        `encode_property`, so errors are pamqp's too."""
+        flags = 0
+        parts = []
+        for name, flag, short in _LAYOUT:
+            value = getattr(self, name)
+            if value is None or value == "":
+                continue
+            flags |= flag
+            if short and type(value) is str:
+                data = value.encode()
+                if len(data) <= _SHORT_MAX:
+                    parts.append(_BYTE.pack(len(data)) + data)
+                    continue
+            parts.append(self.encode_property(name, value))
+        return _FLAGS.pack(flags & 0xFFFE) + b"".join(parts)
+
+
+# Each property in pamqp's order: its name, its flag bit, whether it is a short string.
+# (Basic's flags fit in one 16-bit word, so pamqp writes no continuation word.)
+_LAYOUT: tuple[tuple[str, int, bool], ...] = tuple(
+    (name, spec.Basic.Properties.flags[name], spec.Basic.Properties.amqp_type(name) == "shortstr")
+    for name in spec.Basic.Properties.__slots__
+)
+assert max(flag for _, flag, _ in _LAYOUT) <= 0xFFFF
+_BYTE, _FLAGS = struct.Struct(">B"), struct.Struct(">H")
+_SHORT_MAX = 255
