@@ -109,11 +109,14 @@ class Producer:
             options = task.options if task else TaskOptions(name=name, queue=app.default_queue)
             target = queue or options.queue
             wants_reply = not (options.ignore_result if ignore_result is None else ignore_result)
+            replies = app._replies
             envelope = Envelope(
                 id=task_id,
                 task=name,
                 args=tuple(args),
                 kwargs=kwargs,
+                # where the reply goes, already (no copy of the envelope to add it later)
+                reply_to=replies.queue if wants_reply and replies is not None else None,
                 deadline=deadline_of(now, expires),
             )
         except BaseException:
@@ -403,6 +406,8 @@ class _Receiver:
         """Register for the outcome of ``envelope``, sent with this client's reply queue."""
         celery_task = envelope.task if envelope.celery is not None else None
         self.future, self.sink = replies.expect(envelope.id, celery_task=celery_task)
+        if envelope.reply_to == replies.queue:
+            return envelope
         return replace(envelope, reply_to=replies.queue)
 
     async def abandon(self) -> None:
