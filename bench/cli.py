@@ -207,7 +207,7 @@ def render(
             parts += ["", split]
         runs = report.per_run(suite.measured, BUSY_CORES)
         if runs:
-            parts += ["", f"Per run (* = other processes used > {BUSY_CORES} cores meanwhile):"]
+            parts += ["", f"Per run ({_MARKS}):"]
             parts += [runs]
         anomalies += suite.anomalies
     if profile:
@@ -221,6 +221,12 @@ def render(
     return "\n".join(parts)
 
 
+_MARKS = (
+    f"* = other processes used > {BUSY_CORES} cores meanwhile, † = the hypervisor stole "
+    f"> {report.STOLEN_PCT:g} % of the CPU time (steal, /proc/stat)"
+)
+
+
 def _cluster_section(clustered: dict[str, Any], meta: dict[str, Any]) -> str:
     info = clustered["meta"]
     sizes = Sizes(**meta["sizes"])
@@ -229,8 +235,7 @@ def _cluster_section(clustered: dict[str, Any], meta: dict[str, Any]) -> str:
     if clustered["measurements"]:
         parts += [
             "",
-            f"Cluster per run ({info['runs']} run(s), * = other processes used > {BUSY_CORES} "
-            "cores meanwhile):",
+            f"Cluster per run ({info['runs']} run(s), {_MARKS}):",
             report.per_run(clustered["measurements"], BUSY_CORES),
         ]
         split = cpu_markdown(clustered["measurements"], meta["cpus"] or 1)

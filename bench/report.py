@@ -303,7 +303,8 @@ def markdown(table: list[Row]) -> str:
 
 def per_run(measured: Measurements, busy: float) -> str:
     """Each run's figure, to judge the spread behind the medians; * marks a contended run
-    (other processes used more than ``busy`` cores on average meanwhile)."""
+    (other processes used more than ``busy`` cores on average meanwhile), † one during which
+    the hypervisor stole more than `STOLEN_PCT` % of the machine's CPU time."""
     keys = {"rpc": ("rate", 0), "fire": ("rate", 0), "latency": ("p50_ms", 3)}
     lines = []
     for workload, (key, digits) in keys.items():
@@ -319,11 +320,16 @@ def per_run(measured: Measurements, busy: float) -> str:
     return "\n".join(lines)
 
 
+STOLEN_PCT = 5.0  # the hypervisor took more of the machine's CPU time than this: marked †
+
+
 def _run_figure(run: dict[str, Any], key: str, digits: int, busy: float) -> str:
     if "error" in run:
         return "error"
-    other = run.get("machine", {}).get("other_cores", 0.0)
-    return _number(run.get(key), digits) + ("*" if other > busy else "")
+    machine = run.get("machine", {})
+    other, stolen = machine.get("other_cores", 0.0), machine.get("steal_pct", 0.0)
+    marks = ("*" if other > busy else "") + ("†" if stolen > STOLEN_PCT else "")
+    return _number(run.get(key), digits) + marks
 
 
 CLUSTER_NOTE = (

@@ -23,7 +23,7 @@ from .admin import delete_queues
 from .machine import BrokerPids, CpuWatch, wait_until_quiet
 from .procs import BenchError, System, profiled, run_producer, start_worker
 from .profile import Hot, hot_functions
-from .report import Measurements
+from .report import STOLEN_PCT, Measurements
 from .workloads import Sizes
 
 __all__ = ["CLUSTERED", "COMPARED", "ONCE", "Suite", "cluster_key"]
@@ -185,6 +185,11 @@ class Suite:
                 result = self._take(spec, name, urls)
             queues += result.pop("queues", [])
             result["machine"] = machine = watch.summary()
+            if machine["steal_pct"] > STOLEN_PCT:
+                self.anomalies.append(
+                    f"{name}: the hypervisor stole {machine['steal_pct']:.1f} % of the CPU time "
+                    "meanwhile (figures skewed)"
+                )
             if machine["other_cores"] > BUSY_CORES:
                 self.anomalies.append(
                     f"{name}: other processes used {machine['other_cores']:.2f} cores on "
