@@ -14,7 +14,13 @@ from types import TracebackType
 
 from .cpu import process_seconds
 
-__all__ = ["BrokerPids", "CpuWatch", "listener_pid", "wait_until_quiet"]
+__all__ = [
+    "BrokerPids",
+    "CpuWatch",
+    "listener_pid",
+    "stolen_and_total",
+    "wait_until_quiet",
+]
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -26,6 +32,12 @@ def _machine() -> tuple[float, float, float]:
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     busy = user + nice + system + irq + softirq
     return busy / TICK, steal / TICK, sum(fields) / TICK
+
+
+def stolen_and_total() -> tuple[float, float]:
+    """(steal, total) CPU seconds of all CPUs since boot: what the hypervisor took."""
+    _busy, steal, total = _machine()
+    return steal, total
 
 
 def listener_pid(port: int) -> int | None:

@@ -30,7 +30,9 @@ import orjson
 
 from .cli import broker
 from .loop import loop_name
+from .machine import stolen_and_total
 from .procs import ROOT, BenchError, bench_env, tail
+from .report import STOLEN_PCT
 
 RESULTS = ROOT / "bench" / "results"
 TARGET = 1.6
@@ -149,9 +151,15 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     for run in range(args.runs):
         for workload, by_count in figures.items():
             for processes in (1, 2) if run % 2 == 0 else (2, 1):  # interleaved
+                before = stolen_and_total()
                 rate = await _one(url, processes, workload, args, spins)
+                after = stolen_and_total()
+                stolen = 100 * (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
                 by_count[processes].append(rate)
-                print(f"run {run + 1} {workload} x{processes}: {rate:,.0f}/s", flush=True)
+                mark = f" † the hypervisor stole {stolen:.1f} % of the CPU time" * (
+                    stolen > STOLEN_PCT
+                )
+                print(f"run {run + 1} {workload} x{processes}: {rate:,.0f}/s{mark}", flush=True)
     medians = {w: {n: statistics.median(v) for n, v in c.items()} for w, c in figures.items()}
     return {"runs": figures, "median": medians, "loop": loop_name(), "burn_spins": spins}
 
