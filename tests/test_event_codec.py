@@ -125,3 +125,31 @@ async def test_batches_hold_at_most_batch_size_events() -> None:
             assert [len(decode_batch(e.body, 1 << 20)) for e in stream.entries] == [4, 4, 2]
     finally:
         testing.reset(url)
+
+
+_FIELDS = st.dictionaries(
+    st.text(max_size=6).filter(lambda k: k not in ("type", "time", "worker")),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.text(max_size=8)),
+    max_size=5,
+)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["task-started", "task-received"]), _FIELDS), max_size=6))
+async def test_events_emitted_from_fields_are_the_bytes_of_the_same_events(
+    emitted: list[tuple[str, dict[str, object]]],
+) -> None:
+    # Given a publisher (no broker needed to buffer) and the same events made two ways
+    publisher = EventPublisher(object())  # type: ignore[arg-type]
+    events = []
+    for i, (kind, fields) in enumerate(emitted):
+        events.append(Event(kind, 1.5 + i, "h:1", dict(fields)))
+        if i % 2:
+            publisher.emit(events[-1])
+        else:
+            publisher.emit_fields(kind, 1.5 + i, "h:1", dict(fields))
+    # When the buffer is encoded as one batch, Then it is `encode_batch` of those events
+    rows = publisher._take()
+    from aioqueue.message import dumps
+
+    assert dumps(rows) == encode_batch(events)
+    assert decode_batch(dumps(rows), 1 << 20) == events

@@ -19,14 +19,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from pamqp import commands as spec
 
 from ..broker import Broker
 from ..errors import UnroutableError
-from ..message import CONTENT_TYPE
-from ..message.events import Event, batch_headers, encode_batch
+from ..message import CONTENT_TYPE, dumps
+from ..message.events import Event, batch_headers
 from ..message.signing import SigningKeys, sign
 from ..topology import EVENTS_STREAM, events_stream_arguments
 
@@ -79,7 +79,8 @@ class EventPublisher:
         self._signing = signing
         self.flush_interval = flush_interval
         self.batch_size = batch_size
-        self._buffer: deque[Event] = deque()
+        # each event as its object of the wire format (`Event.to_json`), ready to encode
+        self._buffer: deque[dict[str, Any]] = deque()
         self._limit = buffer
         self._publish_timeout = publish_timeout
         self._waiting = asyncio.Event()
@@ -117,17 +118,30 @@ class EventPublisher:
 
     def emit(self, event: Event) -> None:
         """Queue ``event`` for sending; never blocks, never raises."""
+        self._append(event.to_json())
+
+    def emit_fields(self, kind: str, at: float, worker: str, fields: dict[str, Any]) -> None:
+        """`emit` of ``Event(kind, at, worker, fields)``, without making the `Event`: the
+        worker's own events, one per task step. ``fields`` (JSON-native, without ``type``,
+        ``time`` or ``worker``) becomes the event's object of the wire format: it is the
+        caller's no more."""
+        fields["type"], fields["time"], fields["worker"] = kind, at, worker
+        self._append(fields)
+
+    def _append(self, row: dict[str, Any]) -> None:
         if self._closing and self._task is None:
             self._drop(1, "the publisher is closed")
             return
         self._emitted += 1
-        self._buffer.append(event)
-        if len(self._buffer) > self._limit:
-            self._buffer.popleft()
+        buffer = self._buffer
+        buffer.append(row)
+        size = len(buffer)
+        if size > self._limit:
+            buffer.popleft()
             self._drop(1, f"the buffer of {self._limit} events is full")
-        if not self._waiting.is_set():
+        if size == 1:  # (`_run` clears it only when the buffer is empty)
             self._waiting.set()
-        if len(self._buffer) >= self.batch_size and not self._full.is_set():
+        if size >= self.batch_size and not self._full.is_set():
             self._full.set()
 
     async def close(self, timeout: float = 5.0) -> None:
@@ -167,13 +181,13 @@ class EventPublisher:
             while self._buffer:
                 await self._send(self._take())
 
-    def _take(self) -> list[Event]:
+    def _take(self) -> list[dict[str, Any]]:
         count = min(self.batch_size, len(self._buffer))
         return [self._buffer.popleft() for _ in range(count)]
 
-    async def _send(self, batch: list[Event]) -> None:
+    async def _send(self, batch: list[dict[str, Any]]) -> None:
         try:
-            body = encode_batch(batch)
+            body = dumps(batch)  # as `encode_batch` writes the same events
             properties = spec.Basic.Properties(
                 content_type=CONTENT_TYPE,
                 delivery_mode=2,

@@ -1,11 +1,11 @@
 """`TaskEvents`: a `TaskObserver` that turns a worker's task events into stream events.
 
-Each hook builds an `Event` and hands it to the `EventPublisher`, which only buffers it: nothing
-here waits or raises on the task's path. Arguments, results and progress go out as bounded
-reprs, and not at all for a task registered with ``sensitive=True``. Progress is sampled: at
-most one ``task-progress`` per task per second. A failed run is dead-lettered before the
-observers hear its verdict: its ``task-dead-lettered`` waits for the ``task-failed``, so a
-reader sees them in the order they mean.
+Each hook builds an event's fields and hands them to the `EventPublisher`, which only buffers
+them: nothing here waits or raises on the task's path. Arguments, results and progress go out
+as bounded reprs, and not at all for a task registered with ``sensitive=True``. Progress is
+sampled: at most one ``task-progress`` per task per second. A failed run is dead-lettered
+before the observers hear its verdict: its ``task-dead-lettered`` waits for the
+``task-failed``, so a reader sees them in the order they mean.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from ..message import Outcome
 from ..message.events import (
     MAX_ERROR,
     MAX_TRACEBACK,
-    Event,
     bounded,
     bounded_repr,
     call_repr,
@@ -58,7 +57,11 @@ class TaskEvents:
         self._dead: dict[str, dict[str, Any]] = {}  # task id -> its dead letter, until reported
 
     def emit(self, kind: str, **fields: Any) -> None:
-        self.publisher.emit(Event(kind, self._now(), self.identity, fields))
+        self._emit(kind, fields)
+
+    def _emit(self, kind: str, fields: dict[str, Any]) -> None:
+        """Send an event whose ``fields`` are a dict of its own (it is handed over)."""
+        self.publisher.emit_fields(kind, self._now(), self.identity, fields)
 
     def _sensitive(self, task: str) -> bool:
         registered = self.app.tasks.get(task)
@@ -75,14 +78,14 @@ class TaskEvents:
         self._queues[(task_id, attempt)] = queue
         if len(self._queues) > _MAX_REMEMBERED:
             self._queues.popitem(last=False)
-        self.emit("task-received", **fields)
+        self._emit("task-received", fields)
 
     def started(self, task: str, task_id: str, attempt: int) -> None:
         fields: dict[str, Any] = {"id": task_id, "name": task, "attempt": attempt}
         queue = self._queues.pop((task_id, attempt), None)
         if queue is not None:
             fields["queue"] = queue
-        self.emit("task-started", **fields)
+        self._emit("task-started", fields)
         self.running[(task_id, attempt)] = {
             "id": task_id,
             "name": task,
@@ -99,7 +102,7 @@ class TaskEvents:
         fields: dict[str, Any] = {"id": task_id, "name": task, "attempt": attempt}
         if not self._sensitive(task):
             fields["progress"] = bounded_repr(value)
-        self.emit("task-progress", **fields)
+        self._emit("task-progress", fields)
 
     def outcome(
         self,
@@ -129,7 +132,7 @@ class TaskEvents:
                 tb = error.traceback
                 fields["traceback"] = tb if len(tb) <= MAX_TRACEBACK else tb[-MAX_TRACEBACK:]
         self._end(task_id, attempt)
-        self.emit(_END_EVENTS[verdict.result], **fields)
+        self._emit(_END_EVENTS[verdict.result], fields)
         dead = self._dead.pop(task_id, None)
         if dead is not None:
             self.emit("task-dead-lettered", **dead, attempt=attempt)
