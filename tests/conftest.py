@@ -8,7 +8,9 @@ may restart theirs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -116,7 +118,7 @@ class WorkerProcess:
         self.proc = subprocess.Popen(
             [*program, app_spec, *args],
             cwd=cwd,
-            env={**os.environ, **env},
+            env={"PYTHONFAULTHANDLER": "1", **os.environ, **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -133,7 +135,18 @@ class WorkerProcess:
         assert self.proc.poll() is None, f"worker exited early:\n{self.output()}"
 
     async def wait_exit(self, timeout: float = 60) -> int:
-        await wait_until(lambda: self.proc.poll() is not None, timeout=timeout, what="worker exit")
+        try:
+            await wait_until(
+                lambda: self.proc.poll() is not None, timeout=timeout, what="worker exit"
+            )
+        except AssertionError as exc:
+            # Where is it stuck? faulthandler (PYTHONFAULTHANDLER, set at spawn) writes every
+            # thread's stack to the log on SIGABRT; the log's end goes into the failure.
+            self.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            tail = "\n".join(self.output().splitlines()[-60:])
+            raise AssertionError(f"{exc}; the process's log ends with:\n{tail}") from None
         self._log.close()
         return self.proc.returncode
 
