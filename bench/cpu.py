@@ -15,7 +15,7 @@ import statistics
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["CpuSplit", "cpu_markdown", "process_seconds"]
+__all__ = ["CpuSplit", "children", "cpu_markdown", "process_seconds"]
 
 TICK = os.sysconf("SC_CLK_TCK")
 ROLES = ("broker", "worker", "producer")
@@ -29,6 +29,21 @@ def process_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return sum(int(v) for v in fields[11:15]) / TICK  # utime stime cutime cstime
+
+
+def children(pid: int) -> list[int]:
+    """The pids of the processes whose parent is ``pid`` (from ``/proc``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == pid:
+                found.append(int(entry))
+    return found
 
 
 class CpuSplit:
@@ -47,9 +62,13 @@ class CpuSplit:
         self._start = self._now()
         return self
 
-    def per_task(self, tasks: int) -> dict[str, float]:
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds each role spent since `start`."""
         end = self._now()
-        return {role: (end[role] - self._start[role]) * 1e6 / tasks for role in self._start}
+        return {role: end[role] - self._start[role] for role in self._start}
+
+    def per_task(self, tasks: int) -> dict[str, float]:
+        return {role: spent * 1e6 / tasks for role, spent in self.seconds().items()}
 
 
 def cpu_markdown(measured: Mapping[str, Mapping[str, list[dict[str, Any]]]], cpus: int) -> str:

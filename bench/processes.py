@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import time
 import uuid
@@ -29,6 +30,7 @@ from typing import Any
 import orjson
 
 from .cli import broker
+from .cpu import CpuSplit, children
 from .loop import loop_name
 from .machine import stolen_and_total
 from .procs import ROOT, BenchError, bench_env, tail
@@ -121,8 +123,10 @@ async def _fire(app: Any, tasks: int) -> float:
 
 
 async def _one(
-    url: str, processes: int, workload: str, args: argparse.Namespace, spins: int
-) -> float:
+    url: str, processes: int, workload: str, args: argparse.Namespace, spins: int, broker: int
+) -> tuple[float, dict[str, float]]:
+    """The rate of one run, and the cores each part used meanwhile (workers: the supervisor
+    and its processes; the broker; this process, the producer)."""
     from aioqueue import App
 
     queue = f"bench.procs.{uuid.uuid4().hex[:8]}"
@@ -134,34 +138,52 @@ async def _one(
     proc, out = await _start_worker(url, queue, processes, log, concurrency)
     try:
         async with App("bench-procs", broker_url=url, default_queue=queue) as app:
+            workers = [proc.pid, *children(proc.pid)]
+            split = CpuSplit({"workers": workers, "broker": [broker], "producer": [os.getpid()]})
+            started = time.perf_counter()
+            split.start()
             if workload == "cpu":
                 rate = await _cpu(app, args.tasks, spins)
             else:
                 rate = await _fire(app, args.fire)
+            wall = time.perf_counter() - started
+            cores = {role: spent / wall for role, spent in split.seconds().items()}
             await app.broker.delete_queue(queue)
-        return rate
+        return rate, cores
     finally:
         await _stop(proc, out)
 
 
-async def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
+async def measure(url: str, args: argparse.Namespace, broker: int = 0) -> dict[str, Any]:
     figures: dict[str, dict[int, list[float]]] = {"cpu": {1: [], 2: []}, "fire": {1: [], 2: []}}
+    used: list[dict[str, Any]] = []  # the cores each part used, run by run
     spins = calibrate()
     print(f"cpu task: bench.burn({spins:,}), ~5 ms of CPU here", flush=True)
     for run in range(args.runs):
         for workload, by_count in figures.items():
             for processes in (1, 2) if run % 2 == 0 else (2, 1):  # interleaved
                 before = stolen_and_total()
-                rate = await _one(url, processes, workload, args, spins)
+                rate, cores = await _one(url, processes, workload, args, spins, broker)
+                used.append({"run": run + 1, "workload": workload, "processes": processes, **cores})
                 after = stolen_and_total()
                 stolen = 100 * (after[0] - before[0]) / max(after[1] - before[1], 1e-9)
                 by_count[processes].append(rate)
                 mark = f" † the hypervisor stole {stolen:.1f} % of the CPU time" * (
                     stolen > STOLEN_PCT
                 )
-                print(f"run {run + 1} {workload} x{processes}: {rate:,.0f}/s{mark}", flush=True)
+                shares = ", ".join(f"{role} {n:.2f}" for role, n in cores.items())
+                print(
+                    f"run {run + 1} {workload} x{processes}: {rate:,.0f}/s (cores: {shares}){mark}",
+                    flush=True,
+                )
     medians = {w: {n: statistics.median(v) for n, v in c.items()} for w, c in figures.items()}
-    return {"runs": figures, "median": medians, "loop": loop_name(), "burn_spins": spins}
+    return {
+        "runs": figures,
+        "median": medians,
+        "cores": used,
+        "loop": loop_name(),
+        "burn_spins": spins,
+    }
 
 
 def table(result: dict[str, Any]) -> str:
@@ -177,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from aioqueue.cli.common import run
 
-    with broker(args.broker_url) as (url, _pid):
-        result = run(measure(url, args))
+    with broker(args.broker_url) as (url, pid):
+        result = run(measure(url, args, pid or 0))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
     args.json.write_bytes(orjson.dumps(result, option=options))
