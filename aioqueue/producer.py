@@ -93,12 +93,7 @@ class Producer:
         try:
             await turn.take()
         except TimeoutError:
-            timeout = app.settings.publish_timeout
-            raise PublishError(
-                f"task {name} was not confirmed within {timeout:g}s",
-                task_name=name,
-                task_id=task_id,
-            ) from None
+            raise _not_confirmed(name, task_id, app.settings.publish_timeout) from None
         try:
             kwargs = dict(kwargs or {})
             task = app.tasks.get(name)
@@ -266,11 +261,7 @@ class Producer:
                 app._replies.forget(envelope.id)
             await receiver.abandon()
             if isinstance(exc, TimeoutError):
-                raise PublishError(
-                    f"task {envelope.task} was not confirmed within {timeout:g}s",
-                    task_name=envelope.task,
-                    task_id=envelope.id,
-                ) from None
+                raise _not_confirmed(envelope.task, envelope.id, timeout) from None
             if isinstance(exc, BrokerConnectionError) and app._broker is not None:
                 # the connection gave out under this submit (e.g. a declare while RabbitMQ
                 # is away): not confirmed, as a publish past its deadline
@@ -413,3 +404,9 @@ class _Receiver:
     async def abandon(self) -> None:
         if self.reader is not None:
             await self.reader.close()
+
+
+def _not_confirmed(task: str, task_id: str, timeout: float) -> PublishError:
+    return PublishError(
+        f"task {task} was not confirmed within {timeout:g}s", task_name=task, task_id=task_id
+    )

@@ -26,7 +26,7 @@ from pamqp import commands as spec
 from ..broker import Broker
 from ..errors import UnroutableError
 from ..message import CONTENT_TYPE, dumps
-from ..message.events import Event, batch_headers
+from ..message.events import Event, batch_headers, wire_object
 from ..message.signing import SigningKeys, sign
 from ..topology import EVENTS_STREAM, events_stream_arguments
 
@@ -125,8 +125,7 @@ class EventPublisher:
         worker's own events, one per task step. ``fields`` (JSON-native, without ``type``,
         ``time`` or ``worker``) becomes the event's object of the wire format: it is the
         caller's no more."""
-        fields["type"], fields["time"], fields["worker"] = kind, at, worker
-        self._append(fields)
+        self._append(wire_object(fields, kind, at, worker))
 
     def _append(self, row: dict[str, Any]) -> None:
         if self._closing and self._task is None:

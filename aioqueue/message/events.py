@@ -31,6 +31,7 @@ __all__ = [
     "call_repr",
     "decode_batch",
     "encode_batch",
+    "wire_object",
 ]
 
 TASK_EVENTS: Final = frozenset(
@@ -78,7 +79,14 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         """The event as one object of the wire format."""
-        return {**self.fields, "type": self.type, "time": self.time, "worker": self.worker}
+        return wire_object(dict(self.fields), self.type, self.time, self.worker)
+
+
+def wire_object(fields: dict[str, Any], kind: str, at: float, worker: str) -> dict[str, Any]:
+    """``fields`` made into an event's object of the wire format, in place: its ``type``,
+    ``time`` and ``worker`` added after the event's own fields."""
+    fields["type"], fields["time"], fields["worker"] = kind, at, worker
+    return fields
 
 
 def encode_batch(events: list[Event]) -> bytes:
