@@ -17,6 +17,7 @@ import pytest
 
 from aioqueue import App, PublishError, Settings
 from aioqueue import testing as aioqueue_testing
+from aioqueue.admission import Slots
 from tests.conftest import running_worker
 from tests.rabbit import RabbitNode
 
@@ -39,6 +40,25 @@ def count_builds(app: App) -> dict[str, int]:
 
     producer.publish = publish  # type: ignore[method-assign]
     return seen
+
+
+def one_at_a_time(rabbit: RabbitNode, queue_name: str, publish_timeout: float) -> App:
+    """An app with one publish in flight at most."""
+    return App(
+        "tests-client",
+        broker_url=rabbit.url,
+        default_queue=queue_name,
+        settings=Settings(max_inflight_publishes=1, publish_timeout=publish_timeout),
+    )
+
+
+async def hold_the_turn(app: App) -> Slots:
+    """Take the app's one turn (as a publish RabbitMQ does not confirm would hold it); the
+    gate, to release it."""
+    loop = asyncio.get_running_loop()
+    gate = app.producer._admission(loop)
+    await gate.acquire(loop.time() + 1)
+    return gate
 
 
 async def test_a_burst_beyond_the_cap_waits_its_turn_and_loses_nothing(
@@ -73,18 +93,11 @@ async def test_a_submit_waiting_for_its_turn_gives_up_at_its_publish_deadline(
 ) -> None:
     # Given an app with one publish in flight at most, whose turn is held (as by a publish
     # RabbitMQ does not confirm)
-    app = App(
-        "tests-client",
-        broker_url=rabbit.url,
-        default_queue=queue_name,
-        settings=Settings(max_inflight_publishes=1, publish_timeout=2.0),
-    )
+    app = one_at_a_time(rabbit, queue_name, publish_timeout=2.0)
     async with app:
         await app.submit_with_options("tests.x", ignore_result=True)  # warm
         seen = count_builds(app)
-        loop = asyncio.get_running_loop()
-        gate = app.producer._admission(loop)
-        await gate.acquire(loop.time() + 1)
+        gate = await hold_the_turn(app)
         # When a submit waits for that turn
         started = time.monotonic()
         with pytest.raises(PublishError, match="not confirmed within 2s"):
@@ -105,12 +118,7 @@ async def test_a_burst_whose_queue_nacks_ends_within_the_deadline_and_frees_its_
     # Given an app with one publish in flight at most, and a queue that nacks (full)
     full = f"{queue_name}.full"
     args = {"x-queue-type": "classic", "x-max-length": 1, "x-overflow": "reject-publish"}
-    app = App(
-        "tests-client",
-        broker_url=rabbit.url,
-        default_queue=queue_name,
-        settings=Settings(max_inflight_publishes=1, publish_timeout=2.0),
-    )
+    app = one_at_a_time(rabbit, queue_name, publish_timeout=2.0)
     async with await aio_pika.connect(rabbit.url) as conn:
         channel = await conn.channel()
         queue = await channel.declare_queue(full, durable=True, arguments=args)
@@ -141,12 +149,7 @@ async def test_a_submit_beyond_the_cap_checks_its_arguments_in_its_turn_and_give
     rabbit: RabbitNode, queue_name: str
 ) -> None:
     # Given an app with one publish in flight at most, whose turn is held
-    app = App(
-        "tests-client",
-        broker_url=rabbit.url,
-        default_queue=queue_name,
-        settings=Settings(max_inflight_publishes=1, publish_timeout=20.0),
-    )
+    app = one_at_a_time(rabbit, queue_name, publish_timeout=20.0)
 
     @app.task(name=f"{queue_name}.one")
     async def one(i: int) -> int:
@@ -155,9 +158,7 @@ async def test_a_submit_beyond_the_cap_checks_its_arguments_in_its_turn_and_give
     async with app:
         await one.submit(0)  # warm
         seen = count_builds(app)
-        loop = asyncio.get_running_loop()
-        gate = app.producer._admission(loop)
-        await gate.acquire(loop.time() + 1)
+        gate = await hold_the_turn(app)
         # When a burst waits for it: good submits, one with arguments that do not fit the
         # task, one with an argument that is not JSON, one with a bad countdown
         burst = [one.submit(i) for i in range(1, 4)]
@@ -179,7 +180,7 @@ async def test_a_submit_beyond_the_cap_checks_its_arguments_in_its_turn_and_give
         assert seen == {"now": 0, "peak": 1, "calls": 3}  # the bad ones were never built
         # And no turn was kept by the refused ones: the next submit goes straight through
         await asyncio.wait_for(one.submit(5), 30)
-        assert app.producer._admission(loop)._free == 1
+        assert gate._free == 1
 
 
 @pytest.mark.parametrize("cap", [1, 1000])
