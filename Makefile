@@ -78,7 +78,7 @@ fuzz: install
 # cluster table shows ratios to the single-node figures; about 6-7 minutes on 2 cores
 bench: install
 	$(BROKER) install
-	$(BIN)/python -m bench --with-cluster --cluster-runs 1
+	$(BIN)/python -m bench --with-cluster --cluster-runs 1 --lean
 	$(BIN)/python -m bench.processes
 
 clean:

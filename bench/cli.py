@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(aioqueue-no-events), for the cost of task events",
     )
     p.add_argument(
+        "--lean",
+        action="store_true",
+        help="also run rpc/fire/latency with bench/lean.py, the thinnest client with the same "
+        "wire guarantees: where this broker's limit is on this machine",
+    )
+    p.add_argument(
         "--signing",
         action="store_true",
         help="also run rpc/fire/latency with signing keys on producer and worker "
@@ -198,7 +204,12 @@ def render(
     anomalies: list[str] = []
     if suite is not None:
         parts += ["", report.markdown(report.rows(suite.measured, suite.sizes))]
-        for paired in (report.events_markdown, report.signing_markdown, report.otel_markdown):
+        for paired in (
+            report.lean_markdown,
+            report.events_markdown,
+            report.signing_markdown,
+            report.otel_markdown,
+        ):
             table = paired(suite.measured)
             if table:
                 parts += ["", table]
@@ -340,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             meta = environment(url, args, sizes)
             suite = Suite(url, sizes, logs, broker_pid=broker_pid, quiet_wait=args.quiet_wait)
             suite.run(
-                args.only, args.runs, events=args.events, signing=args.signing, otel=args.otel
+                args.only,
+                args.runs,
+                events=args.events,
+                signing=args.signing,
+                otel=args.otel,
+                lean=args.lean,
             )
             if args.profile:
                 try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import statistics
 import time
@@ -111,7 +112,10 @@ async def _cpu(app: Any, tasks: int, spins: int) -> float:
 
 async def _fire(app: Any, tasks: int) -> float:
     started = time.perf_counter()
-    await asyncio.gather(*(app.submit("bench.fire") for _ in range(tasks)))
+    # by name from an app that did not register it: without ignore_result each would ask for
+    # a reply (and this would measure round trips, not fire)
+    fire = functools.partial(app.submit_with_options, "bench.fire", ignore_result=True)
+    await asyncio.gather(*(fire() for _ in range(tasks)))
     counts: dict[int, int] = {}
     deadline = time.monotonic() + 300
     while sum(counts.values()) < tasks:  # each process's latest count, by pid

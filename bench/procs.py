@@ -43,7 +43,9 @@ STOP_TIMEOUT = 60.0
 # "aioqueue-no-events": the aioqueue worker with --no-events (python -m bench --events);
 # "aioqueue-signed": producer and worker with signing keys (python -m bench --signing);
 # "aioqueue-otel": worker and producer with a tracer provider configured (python -m bench --otel)
-System = Literal["raw", "aioqueue", "aioqueue-no-events", "aioqueue-signed", "aioqueue-otel"]
+System = Literal[
+    "raw", "lean", "aioqueue", "aioqueue-no-events", "aioqueue-signed", "aioqueue-otel"
+]
 # the benchmark's signing keys (not a secret: they sign only its own messages)
 SIGNING_KEYS = f"bench2:{'b2' * 32},bench1:{'b1' * 32}"
 
@@ -84,7 +86,9 @@ class Worker:
         queue_type: str = "classic",
         raw_prefetch: int = 100,
     ) -> None:
-        if system != "raw":
+        if system == "lean":
+            command = ["-m", "bench.lean", url, queue]
+        elif system != "raw":
             command = [
                 *("-m", "aioqueue.worker", "bench.tasks:app"),
                 *("--concurrency", "100", "--log-level", "WARNING", "--broker-url", url),

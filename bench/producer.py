@@ -17,6 +17,7 @@ import orjson
 
 from . import workloads
 from .cpu import CpuSplit
+from .lean import LeanClient
 from .loop import run
 from .raw import RawClient
 from .workloads import Client, Sizes
@@ -62,9 +63,9 @@ class AioqueueBench:
 
 
 class RawBench:
-    """`Client` on the naive aio-pika baseline."""
+    """`Client` on the naive aio-pika baseline (or on `bench.lean`'s client, its twin)."""
 
-    def __init__(self, raw: RawClient) -> None:
+    def __init__(self, raw: RawClient | LeanClient) -> None:
         self.raw = raw
 
     async def call(self, i: int) -> int:
@@ -124,6 +125,13 @@ def _cpu_split(spec: dict[str, Any]) -> CpuSplit:
 
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
     """Connect the system's producer, measure, and name the queues it created (for cleanup)."""
+    if spec["system"] == "lean":
+        lean = await LeanClient.connect(spec["url"], spec["queue"])
+        try:
+            result = await measure(RawBench(lean), spec)
+        finally:
+            await lean.close()
+        return {**result, "queues": [spec["queue"], lean.reply_queue]}
     if spec["system"] == "raw":
         raw = await RawClient.connect(
             spec["url"], spec["queue"], quorum=spec.get("queue_type") == "quorum"

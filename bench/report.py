@@ -15,6 +15,7 @@ __all__ = [
     "cluster_markdown",
     "cluster_rows",
     "events_markdown",
+    "lean_markdown",
     "markdown",
     "per_run",
     "rows",
@@ -142,6 +143,42 @@ def events_markdown(measured: Measurements) -> str:
         "|---|---:|---:|---:|",
     ]
     return _paired(measured, "aioqueue", "aioqueue-no-events", head)
+
+
+def lean_markdown(measured: Measurements) -> str:
+    """Where this broker's limit is: `bench.lean` (the thinnest client with aioqueue's wire
+    guarantees), raw and aioqueue, medians of the same runs, with what the targets ask as a
+    share of lean's rate; empty unless ``--lean`` measured it."""
+    lines = []
+    for workload, target in (("rpc", RPC_RATIO), ("fire", FIRE_RATIO)):
+        systems = measured.get(workload, {})
+        raw, ours, lean = (_median(systems.get(s, []), "rate") for s in ("raw", "aioqueue", "lean"))
+        if raw is None or ours is None or lean is None or not raw or not lean:
+            continue
+        lines.append(
+            f"| {workload} tasks/s | {raw:,.0f} | {ours:,.0f} | {lean:,.0f} | {lean / raw:.2f}x "
+            f"| {ours / lean:.0%} | {target}x raw = {target * raw / lean:.0%} of lean |"
+        )
+    for key, unit in (("p50_ms", "p50 ms"), ("p99_ms", "p99 ms")):
+        systems = measured.get("latency", {})
+        raw, ours, lean = (_median(systems.get(s, []), key) for s in ("raw", "aioqueue", "lean"))
+        if raw is None or ours is None or lean is None or not ours:
+            continue
+        target = f"{P50_RATIO}x raw = {P50_RATIO * raw:.3f} ms" if key == "p50_ms" else "—"
+        lines.append(
+            f"| latency {unit} | {raw:.3f} | {ours:.3f} | {lean:.3f} | {raw / lean:.2f}x ¹ "
+            f"| {lean / ours:.0%} ¹ | {target} |"
+        )
+    if not lines:
+        return ""
+    head = [
+        "The broker's limit here: `lean` (`bench/lean.py`), the thinnest client with aioqueue's "
+        "wire guarantees and none of its features (medians; ¹ latency: raw/lean, lean/aioqueue):",
+        "",
+        "| figure | raw | aioqueue | lean | lean vs raw | aioqueue vs lean | target |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    return "\n".join(head + lines)
 
 
 def signing_markdown(measured: Measurements) -> str:

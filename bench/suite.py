@@ -97,6 +97,7 @@ class Suite:
         events: bool = False,
         signing: bool = False,
         otel: bool = False,
+        lean: bool = False,
     ) -> None:
         """The compared workloads interleaved run by run, then the once-only ones.
 
@@ -108,6 +109,8 @@ class Suite:
         """
         compared = [w for w in COMPARED if w in workloads]
         systems: list[System] = ["raw", "aioqueue"]
+        if lean:
+            systems.append("lean")
         if events:
             systems.append("aioqueue-no-events")
         if signing:
@@ -220,6 +223,7 @@ class Suite:
                         queue,
                         self.logs / (f"{name}.log" if len(urls) == 1 else f"{name}-w{k}.log"),
                         self.queue_type,
+                        # raw and lean
                         raw_prefetch=RAW_FIRE_PREFETCH if spec["workload"] == "fire" else 100,
                     )
                 )
