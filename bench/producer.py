@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from . import workloads
 from .cpu import CpuSplit
-from .lean import LeanClient
 from .loop import run
 from .raw import RawClient
 from .workloads import Client, Sizes
+
+if TYPE_CHECKING:  # imported where used: the other systems' producers do not load it
+    from .lean import LeanClient
 
 
 class AioqueueBench:
@@ -126,6 +128,8 @@ def _cpu_split(spec: dict[str, Any]) -> CpuSplit:
 async def main(spec: dict[str, Any]) -> dict[str, Any]:
     """Connect the system's producer, measure, and name the queues it created (for cleanup)."""
     if spec["system"] == "lean":
+        from .lean import LeanClient
+
         lean = await LeanClient.connect(spec["url"], spec["queue"])
         try:
             result = await measure(RawBench(lean), spec)
