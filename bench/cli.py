@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         nargs="?",
         const="rpc",
-        choices=("rpc", "fire"),
+        choices=("rpc", "fire", "latency"),
         help="also profile the aioqueue worker and producer during an extra run of this workload "
         "(rpc if not given; needs py-spy)",
     )
