@@ -277,7 +277,7 @@ class App:
         An unknown or finished id changes nothing. See `aioqueue.cancel`.
         """
         await self.connect()
-        await publish_cancellations(self.broker, (task_id, *more))
+        await publish_cancellations(self.broker, (task_id, *more), self.signing)
 
     # -- periodic tasks: aioqueue.scheduler, docs/scheduler.md ------------------------------
 

@@ -8,6 +8,13 @@ bounded, time-expiring `CancelledIds`. Before consuming its work queues a worker
 marker of its own to the stream and waits (bounded) until it reads it back: every cancellation
 published before it started is known by then.
 
+With signing keys (``App(..., signing_keys=...)``) every message to the stream is signed, and a
+worker applies only those whose signature verifies: an unsigned or forged cancellation is
+ignored, warned and counted (`CancelListener.refused`), so whoever can publish to the broker
+but holds no key cannot stop tasks. There is no freshness check: a cancellation is read back
+for ``Settings.cancellations_max_age`` by design, and replaying one cancels the same ids again
+(its signed ``time`` keeps their expiry).
+
 What a worker does with a cancelled id is in `aioqueue.worker.pipeline`: a queued (or delayed)
 delivery is dead-lettered with reason ``cancelled``; a running ``async def`` task has its
 coroutine cancelled; a running plain function sees ``task_context().cancelled``. Cancelling an
@@ -28,6 +35,8 @@ from datetime import UTC, datetime
 from pamqp import commands as spec
 
 from .broker import Broker, Consumer, Delivery, settle
+from .errors import SignatureError
+from .message.signing import SigningKeys, sign, verify
 from .topology import CANCELLATIONS_STREAM, cancellations_stream_arguments
 
 __all__ = ["CancelListener", "CancelledIds", "publish_cancellations"]
@@ -43,14 +52,20 @@ async def declare_stream(broker: Broker) -> None:
     await broker.declare_queue(CANCELLATIONS_STREAM, arguments)
 
 
-def _properties() -> spec.Basic.Properties:
-    return spec.Basic.Properties(
+def _properties(body: bytes, signing: SigningKeys | None) -> spec.Basic.Properties:
+    properties = spec.Basic.Properties(
         content_type="application/json", delivery_mode=2, message_id=uuid.uuid4().hex
     )
+    if signing is not None:
+        sign(properties, body, signing, due_at=time.time())
+    return properties
 
 
-async def publish_cancellations(broker: Broker, task_ids: Iterable[str]) -> None:
-    """Publish (confirmed) the cancellation of ``task_ids`` to ``aioqueue.cancellations``."""
+async def publish_cancellations(
+    broker: Broker, task_ids: Iterable[str], signing: SigningKeys | None = None
+) -> None:
+    """Publish (confirmed) the cancellation of ``task_ids`` to ``aioqueue.cancellations``,
+    signed with ``signing``'s first key when given."""
     ids = [str(task_id) for task_id in task_ids]
     for task_id in ids:
         if not task_id or len(task_id) > 255:
@@ -59,7 +74,7 @@ async def publish_cancellations(broker: Broker, task_ids: Iterable[str]) -> None
     for start in range(0, len(ids), MAX_IDS_PER_MESSAGE):
         chunk = ids[start : start + MAX_IDS_PER_MESSAGE]
         body = json.dumps({"ids": chunk, "time": time.time()}).encode()
-        await broker.publish(CANCELLATIONS_STREAM, body, _properties())
+        await broker.publish(CANCELLATIONS_STREAM, body, _properties(body, signing))
     log.info("published the cancellation of %d task(s): %s", len(ids), ", ".join(ids[:10]))
 
 
@@ -92,10 +107,20 @@ class CancelledIds:
 
 
 class CancelListener:
-    """A worker's reader of ``aioqueue.cancellations``: fills `ids`, calls ``on_cancel(id)``."""
+    """A worker's reader of ``aioqueue.cancellations``: fills `ids`, calls ``on_cancel(id)``.
 
-    def __init__(self, broker: Broker, on_cancel: Callable[[str], None]) -> None:
+    With ``signing``, only messages whose signature verifies are read (its own marker is
+    signed too); `refused` counts the others."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        on_cancel: Callable[[str], None],
+        signing: SigningKeys | None = None,
+    ) -> None:
         self.broker = broker
+        self.signing = signing
+        self.refused = 0
         self.ids = CancelledIds(broker.settings.cancellations_max_age)
         self._on_cancel = on_cancel
         self._consumer: Consumer | None = None
@@ -146,7 +171,7 @@ class CancelListener:
 
     async def _catch_up(self, timeout: float) -> None:
         body = json.dumps({"ids": [], "marker": self._marker, "time": time.time()}).encode()
-        await self.broker.publish(CANCELLATIONS_STREAM, body, _properties())
+        await self.broker.publish(CANCELLATIONS_STREAM, body, _properties(body, self.signing))
         try:
             await asyncio.wait_for(self._caught_up.wait(), timeout)
         except TimeoutError:
@@ -156,7 +181,17 @@ class CancelListener:
 
     async def _on_message(self, delivery: Delivery) -> None:
         try:
+            if self.signing is not None:
+                verify(delivery.properties, delivery.body, self.signing)
             self._read(delivery.body)
+        except SignatureError as exc:
+            self.refused += 1
+            log.warning(
+                "ignored a cancellation that is not signed with one of this app's keys "
+                "(%s; %d so far): it cancels nothing",
+                exc,
+                self.refused,
+            )
         except Exception as exc:  # a broken message must never stop the reader
             log.warning("skipped an unreadable message of %s: %s", CANCELLATIONS_STREAM, exc)
         await settle(delivery, ack=True)

@@ -271,3 +271,58 @@ async def test_a_worker_that_cannot_read_the_stream_still_runs_tasks(
                 assert await (await ok.submit()).result(timeout=30) == 1
     finally:
         reset(url)
+
+
+async def test_with_signing_keys_only_a_signed_cancellation_cancels(
+    make_any_app: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import time
+
+    from pamqp import commands as spec
+
+    from aioqueue.message.signing import SigningKeys, sign
+    from aioqueue.topology import CANCELLATIONS_STREAM
+
+    app: App = make_any_app(signing_keys={"k1": b"1" * 32})
+    release = asyncio.Event()
+    started: list[str] = []
+
+    @app.task(name="t.held")
+    async def held(name: str) -> str:
+        started.append(name)
+        await release.wait()
+        return name
+
+    async def forge(task_id: str, keys: SigningKeys | None) -> None:
+        """Publish a cancellation of ``task_id`` straight to the stream, as someone without
+        this app's keys could: unsigned, or signed with a key of their own."""
+        body = json.dumps({"ids": [task_id], "time": time.time()}).encode()
+        properties = spec.Basic.Properties(content_type="application/json", delivery_mode=2)
+        if keys is not None:
+            sign(properties, body, keys, due_at=time.time())
+        await app.broker.publish(CANCELLATIONS_STREAM, body, properties)
+
+    async with app, running_worker(app):
+        # Given two tasks running in a worker of an app with signing keys
+        target = await held.submit("target")
+        witness = await held.submit("witness")
+        await wait_until(lambda: len(started) == 2, what="both tasks to start")
+        # When the target's cancellation is published unsigned, then signed with another key
+        # (other tests' unsigned cancellations in the stream were read, and ignored, as the
+        # worker started: only what comes after counts here)
+        caplog.clear()
+        await forge(target.id, None)
+        await forge(target.id, SigningKeys({"other": b"9" * 32}))
+        # and then the witness is cancelled the ordinary way (signed), after both on the stream
+        await witness.cancel()
+        with pytest.raises(TaskCancelledError):
+            await witness.result(timeout=30)
+        # Then the worker read the forged ones first and ignored them, warning each time
+        ignored = [r for r in caplog.records if "ignored a cancellation" in r.getMessage()]
+        assert len(ignored) == 2
+        assert "not signed" in ignored[0].getMessage()
+        assert "unknown key id 'other'" in ignored[1].getMessage()
+        # and the target runs on to its result
+        release.set()
+        assert await target.result(timeout=30) == "target"
