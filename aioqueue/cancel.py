@@ -106,6 +106,10 @@ class CancelledIds:
         return True
 
 
+def _worth_a_warning(count: int) -> bool:
+    return count <= 10 or count % 1000 == 0
+
+
 class CancelListener:
     """A worker's reader of ``aioqueue.cancellations``: fills `ids`, calls ``on_cancel(id)``.
 
@@ -186,7 +190,11 @@ class CancelListener:
             self._read(delivery.body)
         except SignatureError as exc:
             self.refused += 1
-            log.warning(
+            # warned for the first few, then every thousandth: a stream full of them (keys
+            # just turned on) must not flood the log at each worker start
+            level = logging.WARNING if _worth_a_warning(self.refused) else logging.DEBUG
+            log.log(
+                level,
                 "ignored a cancellation that is not signed with one of this app's keys "
                 "(%s; %d so far): it cancels nothing",
                 exc,

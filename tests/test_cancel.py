@@ -312,13 +312,14 @@ async def test_with_signing_keys_only_a_signed_cancellation_cancels(
         # (other tests' unsigned cancellations in the stream were read, and ignored, as the
         # worker started: only what comes after counts here)
         caplog.clear()
+        caplog.set_level("DEBUG", logger="aioqueue.cancel")  # past the first ten: debug
         await forge(target.id, None)
         await forge(target.id, SigningKeys({"other": b"9" * 32}))
         # and then the witness is cancelled the ordinary way (signed), after both on the stream
         await witness.cancel()
         with pytest.raises(TaskCancelledError):
             await witness.result(timeout=30)
-        # Then the worker read the forged ones first and ignored them, warning each time
+        # Then the worker read the forged ones first and ignored them, saying so
         ignored = [r for r in caplog.records if "ignored a cancellation" in r.getMessage()]
         assert len(ignored) == 2
         assert "not signed" in ignored[0].getMessage()
@@ -326,3 +327,10 @@ async def test_with_signing_keys_only_a_signed_cancellation_cancels(
         # and the target runs on to its result
         release.set()
         assert await target.result(timeout=30) == "target"
+
+
+def test_ignored_cancellations_are_warned_ten_times_then_every_thousandth() -> None:
+    from aioqueue.cancel import _worth_a_warning
+
+    warned = [n for n in range(1, 3001) if _worth_a_warning(n)]
+    assert warned == [*range(1, 11), 1000, 2000, 3000]
