@@ -334,3 +334,41 @@ def test_ignored_cancellations_are_warned_ten_times_then_every_thousandth() -> N
 
     warned = [n for n in range(1, 3001) if _worth_a_warning(n)]
     assert warned == [*range(1, 11), 1000, 2000, 3000]
+
+
+async def test_a_task_cancelled_before_it_has_a_slot_is_refused_without_waiting_for_one(
+    make_any_app: Any,
+) -> None:
+    app: App = make_any_app()
+    release = asyncio.Event()
+    started: list[str] = []
+
+    @app.task(name="t.hold")
+    async def hold(name: str) -> str:
+        started.append(name)
+        await release.wait()
+        return name
+
+    # Given a worker that runs one task at a time and holds two messages
+    async with app, running_worker(app, concurrency=1, prefetch=2) as worker:
+        # its one slot taken by a long task, the second message in hand waiting for it,
+        long = await hold.submit("long")
+        await wait_until(lambda: started == ["long"], what="the long task to start")
+        waiting = await hold.submit("waiting")
+        await wait_until(lambda: worker.statistics().in_hand == 2, what="a second in hand")
+        # and a third message not delivered yet (the prefetch is full)
+        queued = await hold.submit("queued")
+        # When the third is cancelled, then the one waiting for the slot
+        await queued.cancel()
+        await waiting.cancel()
+        # Then both are refused while the long task still holds the slot: the waiting one
+        # when its cancel came, the third as it was delivered (its cancel known by then)
+        for handle in (waiting, queued):
+            with pytest.raises(TaskCancelledError):
+                await handle.result(timeout=30)
+        assert not release.is_set() and started == ["long"]
+        # and the slot still works: the long task finishes, the next one runs
+        release.set()
+        assert await long.result(timeout=30) == "long"
+        assert await (await hold.submit("next")).result(timeout=30) == "next"
+        await wait_until(lambda: worker.statistics().running == 0, what="the runs to end")

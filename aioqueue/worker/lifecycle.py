@@ -29,6 +29,7 @@ from .handoff import Handoff
 from .pacer import Pacer, limited_tasks
 from .pipeline import Pipeline
 from .signature import SeenMessages
+from .slots import take_slot
 from .task_events import TaskEvents
 
 __all__ = ["Worker", "WorkerStatistics", "split_prefetch"]
@@ -334,10 +335,10 @@ class Worker:
     async def _take(self, delivery: Delivery, pipeline: Pipeline) -> None:
         """Received (decoded, told: seen as queued), then a concurrency slot, then the rest."""
         envelope = await pipeline.receive(delivery)
-        if envelope is None:  # unreadable or refused: dead-lettered
-            self._processed += 1
+        if envelope is None or not await take_slot(self._slots, delivery, envelope, pipeline):
+            self._processed += 1  # unreadable, refused or cancelled: dead-lettered
             return
-        async with self._slots:
+        try:
             if self._stopping:
                 await settle(delivery, ack=False, requeue=True)
                 return
@@ -347,6 +348,8 @@ class Worker:
             finally:
                 self._running -= 1
                 self._processed += 1
+        finally:
+            self._slots.release()
 
     def _channel_lost(self, queue: str, exc: BaseException | None) -> None:
         """A consuming channel closed: its unacked deliveries are back in the queue."""

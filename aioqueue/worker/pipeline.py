@@ -38,6 +38,7 @@ from .handoff import Handoff
 from .judge import judge
 from .limits import ConcurrencyLimits, needs_pacing
 from .signature import SeenMessages, SignatureCheck
+from .slots import Waiters
 from .workflow import Workflows
 
 __all__ = ["Pipeline", "Verdict", "judge"]
@@ -75,6 +76,7 @@ class Pipeline:
         # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
         self.cancelled_ids: CancelledIds | None = None
         self._controls: dict[str, tuple[asyncio.Future[Any], CancelFlag, bool]] = {}
+        self.waiters = Waiters()  # deliveries waiting for a concurrency slot (`slots.py`)
         self.limits = ConcurrencyLimits()  # the worker gives it its slots
         # with signing keys: unsigned, forged, stale and replayed messages never get further
         keys = app.signing
@@ -203,6 +205,7 @@ class Pipeline:
         ``async def`` task's coroutine is cancelled, a thread sees ``task_context().cancelled``.
         A workflow's id stops its steps in hand here (their ids are ``<workflow id>.<...>``).
         """
+        self.waiters.wake(task_id)
         for key in [k for k in self._controls if k == task_id or k.startswith(f"{task_id}.")]:
             run, flag, cancellable = self._controls[key]
             if run.done():
@@ -211,6 +214,14 @@ class Pipeline:
             log.info("task id=%s cancelled while running", key)
             if cancellable:
                 run.cancel()
+
+    async def refuse_if_cancelled(self, delivery: Delivery, envelope: Envelope) -> bool:
+        """Refuse a cancelled task not running here before it has a slot; True if so."""
+        running = (envelope.id, envelope.attempt) in self._running_ids
+        if running or not self._is_cancelled(envelope.id, envelope):
+            return False
+        await self._refuse_cancelled(delivery, envelope)
+        return True
 
     def _is_cancelled(self, task_id: str, envelope: Envelope | None = None) -> bool:
         """Whether ``task_id`` — or the workflow ``envelope`` is a step of — was cancelled."""
