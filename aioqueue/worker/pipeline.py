@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -215,13 +215,13 @@ class Pipeline:
             if cancellable:
                 run.cancel()
 
-    async def refuse_if_cancelled(self, delivery: Delivery, envelope: Envelope) -> bool:
-        """Refuse a cancelled task not running here before it has a slot; True if so."""
+    def refusal(self, delivery: Delivery, envelope: Envelope) -> Awaitable[None] | None:
+        """For a cancelled task not running here, before it has a slot: its refusal to await
+        (None otherwise: no coroutine made per delivery)."""
         running = (envelope.id, envelope.attempt) in self._running_ids
         if running or not self._is_cancelled(envelope.id, envelope):
-            return False
-        await self._refuse_cancelled(delivery, envelope)
-        return True
+            return None
+        return self._refuse_cancelled(delivery, envelope)
 
     def _is_cancelled(self, task_id: str, envelope: Envelope | None = None) -> bool:
         """Whether ``task_id`` — or the workflow ``envelope`` is a step of — was cancelled."""

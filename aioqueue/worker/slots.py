@@ -49,7 +49,9 @@ async def take_slot(
 ) -> bool:
     """Take one of ``slots``; False (and no slot) when the task was refused as cancelled
     before it got one."""
-    if await pipeline.refuse_if_cancelled(delivery, envelope):
+    refusal = pipeline.refusal(delivery, envelope)  # (no coroutine unless cancelled)
+    if refusal is not None:
+        await refusal
         return False
     if not slots.locked():
         await slots.acquire()  # free: at once
@@ -62,7 +64,9 @@ async def take_slot(
             if acquiring.done():
                 owned = True  # (a cancel that came meanwhile: `Pipeline.process` refuses it)
                 return True
-            if await pipeline.refuse_if_cancelled(delivery, envelope):
+            refusal = pipeline.refusal(delivery, envelope)
+            if refusal is not None:
+                await refusal
                 return False
     finally:
         if not owned:  # refused, or this task was cancelled: a slot that comes late goes back
