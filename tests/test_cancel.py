@@ -273,6 +273,21 @@ async def test_a_worker_that_cannot_read_the_stream_still_runs_tasks(
         reset(url)
 
 
+def holding_task(app: App) -> tuple[Any, asyncio.Event, list[str]]:
+    """A task ``t.hold(name)`` that records its start and returns ``name`` once ``release``
+    is set: (the task, ``release``, the names started so far)."""
+    release = asyncio.Event()
+    started: list[str] = []
+
+    @app.task(name="t.hold")
+    async def hold(name: str) -> str:
+        started.append(name)
+        await release.wait()
+        return name
+
+    return hold, release, started
+
+
 async def test_with_signing_keys_only_a_signed_cancellation_cancels(
     make_any_app: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -285,14 +300,7 @@ async def test_with_signing_keys_only_a_signed_cancellation_cancels(
     from aioqueue.topology import CANCELLATIONS_STREAM
 
     app: App = make_any_app(signing_keys={"k1": b"1" * 32})
-    release = asyncio.Event()
-    started: list[str] = []
-
-    @app.task(name="t.held")
-    async def held(name: str) -> str:
-        started.append(name)
-        await release.wait()
-        return name
+    held, release, started = holding_task(app)
 
     async def forge(task_id: str, keys: SigningKeys | None) -> None:
         """Publish a cancellation of ``task_id`` straight to the stream, as someone without
@@ -340,14 +348,7 @@ async def test_a_task_cancelled_before_it_has_a_slot_is_refused_without_waiting_
     make_any_app: Any,
 ) -> None:
     app: App = make_any_app()
-    release = asyncio.Event()
-    started: list[str] = []
-
-    @app.task(name="t.hold")
-    async def hold(name: str) -> str:
-        started.append(name)
-        await release.wait()
-        return name
+    hold, release, started = holding_task(app)
 
     # Given a worker that runs one task at a time and holds two messages
     async with app, running_worker(app, concurrency=1, prefetch=2) as worker:
