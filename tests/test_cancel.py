@@ -373,3 +373,90 @@ async def test_a_task_cancelled_before_it_has_a_slot_is_refused_without_waiting_
         assert await long.result(timeout=30) == "long"
         assert await (await hold.submit("next")).result(timeout=30) == "next"
         await wait_until(lambda: worker.statistics().running == 0, what="the runs to end")
+
+
+async def test_a_task_that_swallows_its_cancellation_is_still_reported_cancelled(
+    make_any_app: Any, queue_name: str
+) -> None:
+    # A run executes in its delivery's own task: a cancellation the task's code catches and
+    # ignores must not stay pending there, nor stop the hand-off that follows.
+    app: App = make_any_app()
+    started = asyncio.Event()
+
+    @app.task(name="t.stubborn")
+    async def stubborn() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # swallowed
+        await asyncio.sleep(0)  # and it goes on awaiting
+        return "finished anyway"
+
+    @app.task(name="t.next")
+    async def after(x: int) -> int:
+        await asyncio.sleep(0)
+        return x
+
+    async with app, running_worker(app) as worker:
+        handle = await stubborn.submit()
+        await asyncio.wait_for(started.wait(), 30)
+        await handle.cancel()
+        # Then whatever the run did after its cancellation, its caller learns it was cancelled
+        with pytest.raises(TaskCancelledError):
+            await handle.result(timeout=30)
+        dead = await get_dead_letter(app.broker_url, f"{queue_name}.dlq")
+        assert dead.headers["aioqueue-dead-reason"] == "cancelled"
+        # and the worker goes on running tasks
+        assert await (await after.submit(7)).result(timeout=30) == 7
+        await wait_until(lambda: worker.statistics().running == 0, what="the runs to end")
+
+
+async def test_a_run_control_tells_its_own_cancellation_from_a_shutdown() -> None:
+    from aioqueue.worker.controls import RunControls
+
+    controls = RunControls()
+    results: dict[str, object] = {}
+    entered = asyncio.Event()
+
+    async def run(key: str, *, swallow: bool = False, cancellable: bool = True) -> None:
+        control = controls.start(key, cancellable=cancellable)
+        try:
+            try:
+                entered.set()
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                if not swallow:
+                    raise
+            finally:
+                controls.end(key, control)
+                ours = control.ours()
+        except asyncio.CancelledError:
+            results[key] = ("raised", ours, asyncio.current_task().cancelling())  # type: ignore[union-attr]
+            raise
+        results[key] = ("returned", ours, asyncio.current_task().cancelling())  # type: ignore[union-attr]
+
+    async def case(key: str, *, shutdown: bool, **options: bool) -> asyncio.Task[None]:
+        entered.clear()
+        task = asyncio.ensure_future(run(key, **options))
+        await entered.wait()
+        controls.cancel(key)
+        if shutdown:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return task
+
+    # our cancellation alone: ours, and taken back (nothing pending in the task)
+    await case("a", shutdown=False)
+    assert results["a"] == ("raised", True, 0)
+    # ours and the worker's shutdown together: not ours alone, the shutdown stays pending
+    await case("b", shutdown=True)
+    assert results["b"] == ("raised", False, 1)
+    # a coroutine that swallows ours: taken back all the same
+    await case("c", shutdown=False, swallow=True)
+    assert results["c"] == ("returned", True, 0)
+    # a thread task is never cancelled by us: a CancelledError there is the shutdown's
+    await case("d", shutdown=True, cancellable=False)
+    assert results["d"] == ("raised", False, 1)
+    # a cancellation after the run ended stops nothing
+    controls.cancel("a")

@@ -45,7 +45,8 @@ async def execute(
     Returns the outcome and, when the task raised, the exception (for the retry decision).
     """
     scheduled = envelope.scheduled_at
-    _current.set(
+    # (in the delivery's own task: reset after the run, so the hand-off does not see it)
+    token = _current.set(
         TaskContext(
             id=envelope.id,
             name=envelope.task,
@@ -57,7 +58,10 @@ async def execute(
             _cancelled=cancelled,
         )
     )
-    outcome, exc = await _run(task, envelope, threads, emitter)
+    try:
+        outcome, exc = await _run(task, envelope, threads, emitter)
+    finally:
+        _current.reset(token)
     if task.is_generator:
         outcome = replace(outcome, items=emitter.items)
     return outcome, exc

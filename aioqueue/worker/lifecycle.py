@@ -244,7 +244,7 @@ class Worker:
         pacing: asyncio.Future[None] | None = None
         try:
             await listener.start()  # every cancellation published before now is known
-            pipeline.cancelled_ids = listener.ids
+            pipeline.controls.ids = listener.ids
             for queue in self.queues:
                 kind = self.app.queue_type_of(queue)
                 await broker.declare_queue(queue, work_queue_arguments(kind))

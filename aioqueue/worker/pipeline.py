@@ -26,11 +26,10 @@ from typing import Any
 
 from ..app import App
 from ..broker import Delivery, settle
-from ..cancel import CancelledIds
-from ..context import CancelFlag
 from ..errors import DecodeError
 from ..message import H_DELIVERIES, H_TASK, Envelope, ErrorInfo, Outcome
 from ..message.celery import CeleryFields, RefusedMessage, conform_arguments, decode_task, is_celery
+from .controls import RunControls, cancelled_error
 from .emit import Emitter
 from .events import TaskObserver, Verdict, notify
 from .execute import execute
@@ -38,7 +37,6 @@ from .handoff import Handoff
 from .judge import judge
 from .limits import ConcurrencyLimits, needs_pacing
 from .signature import SeenMessages, SignatureCheck
-from .slots import Waiters
 from .workflow import Workflows
 
 __all__ = ["Pipeline", "Verdict", "judge"]
@@ -73,10 +71,8 @@ class Pipeline:
         # runs in hand by (task id, attempt): a retry is the same id with the next attempt,
         # and may arrive (with no delay) before the attempt that published it is settled
         self._running_ids: dict[tuple[str, int], asyncio.Future[bool]] = {}
-        # cancelled ids, kept by the worker's `CancelListener`; and each run's way to stop it
-        self.cancelled_ids: CancelledIds | None = None
-        self._controls: dict[str, tuple[asyncio.Future[Any], CancelFlag, bool]] = {}
-        self.waiters = Waiters()  # deliveries waiting for a concurrency slot (`slots.py`)
+        # cancelled ids (the worker's `CancelListener` keeps them), each run's way to stop it
+        self.controls = RunControls()
         self.limits = ConcurrencyLimits()  # the worker gives it its slots
         # with signing keys: unsigned, forged, stale and replayed messages never get further
         keys = app.signing
@@ -106,7 +102,7 @@ class Pipeline:
                 return
         if await self._already_running(delivery, envelope):
             return
-        if self._is_cancelled(envelope.id, envelope):  # queued, or out of the delay ladder
+        if self.controls.is_cancelled(envelope.id, envelope):  # queued, or from the ladder
             await self._refuse_cancelled(delivery, envelope)
             return
         redelivered = await self._count_delivery(delivery, envelope)
@@ -158,35 +154,32 @@ class Pipeline:
         for observer in self.observers:
             observer.started(envelope.task, envelope.id, envelope.attempt)
         started = time.perf_counter()
-        cancelled = CancelFlag()
         try:
             emitter = Emitter(
                 self.app.broker, envelope, observers=self.observers, signing=self.app.signing
             )
-            run = asyncio.ensure_future(
-                execute(
-                    task,
-                    envelope,
-                    redelivered=redelivered,
-                    threads=self.executor,
-                    emitter=emitter,
-                    cancelled=cancelled,
-                )
-            )
-            control = (run, cancelled, task.is_async or task.is_generator)
-            self._controls[envelope.id] = control
+            # in this delivery's own task (`controls.py`: how a cancellation reaches it)
+            cancellable = task.is_async or task.is_generator
+            control = self.controls.start(envelope.id, cancellable=cancellable)
             try:
-                outcome, exc = await run
+                try:
+                    outcome, exc = await execute(
+                        task,
+                        envelope,
+                        redelivered=redelivered,
+                        threads=self.executor,
+                        emitter=emitter,
+                        cancelled=control.flag,
+                    )
+                finally:
+                    self.controls.end(envelope.id, control)
+                    ours = control.ours()
             except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if not cancelled.is_set() or (current is not None and current.cancelling()):
-                    raise  # the worker's own shutdown, not a cancellation
-            finally:
-                if self._controls.get(envelope.id) is control:
-                    del self._controls[envelope.id]
+                if not ours:
+                    raise  # the worker's own shutdown, not (only) a cancellation
             duration = time.perf_counter() - started
-            if cancelled.is_set():  # whatever the run did after it was cancelled
-                verdict = Verdict("cancelled", error=_cancelled_error(envelope, running=True))
+            if control.flag.is_set():  # whatever the run did after it was cancelled
+                verdict = Verdict("cancelled", error=cancelled_error(envelope, running=True))
                 outcome = Outcome(envelope.id, envelope.task, error=verdict.error)
             else:
                 verdict = judge(envelope, outcome, exc, task.options.retry)
@@ -201,39 +194,20 @@ class Pipeline:
                 handed_off.set_result(False)
 
     def cancel(self, task_id: str) -> None:
-        """A cancellation arrived: stop the run of ``task_id`` in hand here, if any — an
-        ``async def`` task's coroutine is cancelled, a thread sees ``task_context().cancelled``.
-        A workflow's id stops its steps in hand here (their ids are ``<workflow id>.<...>``).
-        """
-        self.waiters.wake(task_id)
-        for key in [k for k in self._controls if k == task_id or k.startswith(f"{task_id}.")]:
-            run, flag, cancellable = self._controls[key]
-            if run.done():
-                continue
-            flag.set()
-            log.info("task id=%s cancelled while running", key)
-            if cancellable:
-                run.cancel()
+        """A cancellation arrived (`RunControls.cancel`)."""
+        self.controls.cancel(task_id)
 
     def refusal(self, delivery: Delivery, envelope: Envelope) -> Awaitable[None] | None:
         """For a cancelled task not running here, before it has a slot: its refusal to await
         (None otherwise: no coroutine made per delivery)."""
         running = (envelope.id, envelope.attempt) in self._running_ids
-        if running or not self._is_cancelled(envelope.id, envelope):
+        if running or not self.controls.is_cancelled(envelope.id, envelope):
             return None
         return self._refuse_cancelled(delivery, envelope)
 
-    def _is_cancelled(self, task_id: str, envelope: Envelope | None = None) -> bool:
-        """Whether ``task_id`` — or the workflow ``envelope`` is a step of — was cancelled."""
-        ids = self.cancelled_ids
-        if ids is None:
-            return False
-        workflow = None if envelope is None else envelope.workflow
-        return task_id in ids or (workflow is not None and workflow.id in ids)
-
     async def _refuse_cancelled(self, delivery: Delivery, envelope: Envelope) -> None:
         self._tell_cancelled(envelope)  # before its dead letter, as for a running task
-        error = _cancelled_error(envelope, running=False)
+        error = cancelled_error(envelope, running=False)
         await self._dead_letter(delivery, envelope, "cancelled", error)
 
     def _tell_cancelled(self, envelope: Envelope) -> None:
@@ -391,12 +365,6 @@ class Pipeline:
             message = f"task {envelope.task} expired before it started"
             return "expired", ErrorInfo("dead_lettered", "expired", message)
         return "", None
-
-
-def _cancelled_error(envelope: Envelope, *, running: bool) -> ErrorInfo:
-    when = "while it ran" if running else "before it ran"
-    message = f"task {envelope.task} was cancelled {when}"
-    return ErrorInfo("cancelled", "TaskCancelledError", message)
 
 
 def _unreadable(exc: DecodeError) -> tuple[str, ErrorInfo]:

@@ -60,7 +60,7 @@ async def take_slot(
     owned = False
     try:
         while True:
-            await pipeline.waiters.wait(envelope.id, acquiring)
+            await pipeline.controls.waiters.wait(envelope.id, acquiring)
             if acquiring.done():
                 owned = True  # (a cancel that came meanwhile: `Pipeline.process` refuses it)
                 return True
