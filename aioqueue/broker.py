@@ -32,6 +32,8 @@ __all__ = [
     "LostCallback",
     "Settler",
     "StaleDelivery",
+    "ack_soon",
+    "run_callback",
     "settle",
 ]
 
@@ -94,9 +96,11 @@ class HeldQueue:
 
 
 HoldContext = AbstractAsyncContextManager[HeldQueue | None]  # what `Broker.hold` returns
-# called in a task of its own for each delivery, which no broker cancels (a closing channel
-# included): the callback may run the whole delivery in it
-DeliveryCallback = Callable[[Delivery], Awaitable[None]]
+# Called with each delivery. What it returns to await runs in a task of its own, which no
+# broker cancels (a closing channel included): the callback may run the whole delivery in it.
+# A callback that returns None handled the delivery at once (settled it, or will): a broker may
+# then make no task for it (the reply consumer: one event-loop hop less per reply).
+DeliveryCallback = Callable[[Delivery], Awaitable[None] | None]
 LostCallback = Callable[[str, BaseException | None], None]
 # ``basic.consume`` arguments (e.g. ``x-stream-offset`` on a stream), or a function giving them
 # afresh each time the consumer starts (again after a reconnect: a stream reader resumes after
@@ -148,6 +152,24 @@ class Broker(Protocol):
         on_lost: LostCallback | None = None,
         arguments: ConsumeArguments | None = None,
     ) -> Consumer: ...
+
+
+async def run_callback(callback: DeliveryCallback, delivery: Delivery) -> None:
+    """``callback(delivery)``, and what it returns to await, if anything: for a broker that
+    runs every callback in a task."""
+    pending = callback(delivery)
+    if pending is not None:
+        await pending
+
+
+def ack_soon(delivery: Delivery) -> None:
+    """Ack a delivery with the acks of this event-loop iteration (batched, see
+    `aioqueue.rabbit.acks`), without awaiting anything; a stale one is dropped."""
+    try:
+        delivery.acker.ack(delivery.delivery_tag)
+    except StaleDelivery as exc:
+        log.debug("dropped stale ack of delivery %s on %r (%s)", delivery.delivery_tag,
+                  delivery.queue, exc)  # fmt: skip
 
 
 async def settle(

@@ -24,7 +24,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from .broker import Broker, Consumer, Delivery, settle
+from .broker import Broker, Consumer, Delivery, ack_soon
 from .errors import (
     AioqueueError,
     BrokerConnectionError,
@@ -146,7 +146,8 @@ class ReplyConsumer:
         except DecodeError as exc:
             self._unreadable(task_id, "progress event", exc.message)
 
-    async def _on_reply(self, delivery: Delivery) -> None:
+    def _on_reply(self, delivery: Delivery) -> None:
+        """A reply or a progress event, read and acked at once (no task per reply)."""
         task_id = delivery.properties.correlation_id or ""
         headers = delivery.properties.headers or {}
         try:
@@ -161,7 +162,7 @@ class ReplyConsumer:
                 self._on_progress(task_id, delivery)
             else:
                 self._on_outcome(task_id, delivery)
-        await settle(delivery, ack=True)
+        ack_soon(delivery)
 
     def _on_outcome(self, task_id: str, delivery: Delivery) -> None:
         future = self._pending.get(task_id)

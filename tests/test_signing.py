@@ -685,14 +685,14 @@ async def test_a_caller_with_keys_still_reads_celery_workers_replies() -> None:
     body, props = encode_reply(Outcome("t1", "tasks.add", value=5))
     props.correlation_id = "t1"
     delivery = Delivery(body, props, False, "q", 1, Acker())  # type: ignore[arg-type]
-    await replies._on_reply(delivery)
+    replies._on_reply(delivery)
     # Then it resolves the handle; an unsigned aioqueue reply would not
     assert future.done() and future.result().value == 5
     plain, _ = replies.expect("t2")
     unsigned = Delivery(
         Outcome("t2", "x", value=1).encode(), reply_properties("t2"), False, "q", 2, Acker()
     )  # type: ignore[arg-type]
-    await replies._on_reply(unsigned)
+    replies._on_reply(unsigned)
     assert not plain.done() and replies.unreadable == 1
 
 

@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 
 from aioqueue import App, Settings
-from aioqueue.broker import Delivery, settle
+from aioqueue.broker import Delivery, ack_soon, settle
 from aioqueue.rabbit import RabbitBroker
 from tests.conftest import running_worker, wait_until
 from tests.proxy import Proxy
@@ -125,3 +125,44 @@ async def test_results_arrive_after_a_reconnect_that_finds_the_reply_queue_gone(
             # declared the queue, consuming meets a missing queue; the other order is fine.)
             await wait_until(lambda: consumers(rabbit, queue), timeout=60, what="re-consuming")
             assert await (await client.submit("s.double", 21)).result(timeout=60) == 42
+
+
+async def test_a_callback_that_returns_nothing_handles_each_delivery_at_once(
+    rabbit: RabbitNode,
+    queue_name: str,
+    admin: aio_pika.abc.AbstractChannel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Given a subscription whose callback is a plain function (as the reply consumer's)
+    await admin.declare_queue(queue_name, durable=True)
+    broker = RabbitBroker(rabbit.url, Settings(), connection_name="subscription")
+    await broker.connect()
+    bodies: list[bytes] = []
+    tasks: set[asyncio.Task[object] | None] = set()
+
+    def on_delivery(delivery: Delivery) -> None:
+        tasks.add(asyncio.current_task())
+        ack_soon(delivery)
+        if delivery.body == b"boom":
+            raise RuntimeError("a consumer's bug")
+        bodies.append(delivery.body)
+
+    caplog.set_level(logging.ERROR, logger="aioqueue.broker")
+    try:
+        subscription = await broker.subscribe(queue_name, on_delivery, prefetch=2)
+        # When messages arrive, one of which makes the callback raise
+        for body in (b"1", b"boom", b"2", b"3", b"4"):
+            await admin.default_exchange.publish(aio_pika.Message(body), routing_key=queue_name)
+        # Then every delivery is handled, each acked (prefetch 2: five arrive only if acked),
+        await wait_until(lambda: len(bodies) == 4, timeout=60, what="four deliveries")
+        assert bodies == [b"1", b"2", b"3", b"4"]
+        # all in the one task that reads the connection (no task made per delivery),
+        assert len(tasks) == 1 and None not in tasks
+        # and the callback's failure was logged, not raised into the connection
+        assert any("consumer of" in r.getMessage() for r in caplog.records)
+        await subscription.close()
+        declared = await admin.declare_queue(queue_name, durable=True, passive=True)
+        assert declared.declaration_result.message_count == 0
+    finally:
+        await broker.close()
+        await admin.queue_delete(queue_name)

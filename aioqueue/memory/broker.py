@@ -29,6 +29,7 @@ from ..broker import (
     DeliveryCallback,
     HeldQueue,
     LostCallback,
+    run_callback,
 )
 from ..clock import BrokerClock, SystemClock
 from ..errors import BrokerConnectionError, UnroutableError
@@ -369,7 +370,7 @@ class _Subscription:
             delivery_tag=tag,
             acker=self,
         )
-        task = asyncio.ensure_future(self._callback(delivery))
+        task = asyncio.ensure_future(run_callback(self._callback, delivery))
         self._broker.pending_callbacks.add(task)
         task.add_done_callback(self._broker.pending_callbacks.discard)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from pamqp import commands as spec
 
-from ..broker import Delivery, DeliveryCallback
+from ..broker import Delivery, DeliveryCallback, run_callback
 
 __all__ = ["MemoryStream", "StreamConsumer"]
 
@@ -107,7 +107,7 @@ class StreamConsumer:
             tag = next(self._tags)
             self.unacked.add(tag)
             delivery = Delivery(entry.body, entry.properties, False, self.queue, tag, self)
-            self._track(asyncio.ensure_future(self._callback(delivery)))
+            self._track(asyncio.ensure_future(run_callback(self._callback, delivery)))
 
     def ack(self, tag: int) -> None:
         self.unacked.discard(tag)

@@ -148,9 +148,16 @@ class Subscription:
         self._spawn(self._delivery(deliver, properties, body, self._acker))
 
     def _spawn(self, delivery: Delivery) -> None:
-        """The callback for ``delivery``, in a task of its own (the broker seam's promise):
-        nothing cancels it when its channel closes."""
-        task = asyncio.ensure_future(self._callback(delivery))
+        """The callback for ``delivery``; what it returns to await in a task of its own (the
+        broker seam's promise): nothing cancels it when its channel closes."""
+        try:
+            pending = self._callback(delivery)
+        except Exception:  # a consumer's bug must not end the connection's reader
+            log.exception("consumer of %r failed", self.queue)
+            return
+        if pending is None:  # handled at once
+            return
+        task = asyncio.ensure_future(pending)
         self._handling.add(task)
         task.add_done_callback(self._handled)
 
