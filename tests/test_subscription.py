@@ -166,3 +166,45 @@ async def test_a_callback_that_returns_nothing_handles_each_delivery_at_once(
     finally:
         await broker.close()
         await admin.queue_delete(queue_name)
+
+
+async def test_a_connection_that_only_receives_deliveries_is_not_taken_for_stuck(
+    rabbit: RabbitNode,
+    queue_name: str,
+    admin: aio_pika.abc.AbstractChannel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiormq closes a connection that handed it no frame for 3 * (heartbeat + 1) seconds, and
+    # RabbitMQ sends no heartbeat while it sends deliveries: a consumer whose deliveries are
+    # all taken by our reader, and that publishes nothing (so no confirms come back), was
+    # closed every 6 s here, its unacked messages redelivered.
+    await admin.declare_queue(queue_name, durable=True)
+    broker = RabbitBroker(rabbit.url, Settings(heartbeat=1), connection_name="deliveries-only")
+    await broker.connect()
+    received: asyncio.Queue[Delivery] = asyncio.Queue()
+
+    async def on_delivery(delivery: Delivery) -> None:
+        await settle(delivery, ack=True)
+        await received.put(delivery)
+
+    caplog.set_level(logging.INFO)
+    try:
+        subscription = await broker.subscribe(queue_name, on_delivery, prefetch=10)
+        loop = asyncio.get_running_loop()
+        grace = 3 * (1 + 1)
+        # When only deliveries reach it, one after another, for longer than that grace
+        until, sent = loop.time() + 1.5 * grace, 0
+        while loop.time() < until:
+            body = str(sent).encode()
+            await admin.default_exchange.publish(aio_pika.Message(body), routing_key=queue_name)
+            sent += 1
+            delivery = await asyncio.wait_for(received.get(), 30)
+            # Then each arrives once, never redelivered by a reconnect
+            assert delivery.body == body and not delivery.redelivered
+        assert sent > 100
+        stuck = [r for r in caplog.records if "was stuck" in r.getMessage()]
+        assert stuck == []
+        await subscription.close()
+    finally:
+        await broker.close()
+        await admin.queue_delete(queue_name)

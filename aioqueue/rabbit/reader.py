@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
@@ -47,10 +48,12 @@ from pamqp.base import Frame
 from pamqp.body import ContentBody
 from pamqp.exceptions import PAMQPException
 from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
 
 from .decode import fast_frame
 
 __all__ = [
+    "KEEPALIVE",
     "READ_SIZE",
     "DirectConsumer",
     "WholeBufferReader",
@@ -68,6 +71,10 @@ _HEADER: Final = struct.Struct(">BHI")  # frame type, channel, payload size
 _METHOD, _CONTENT_HEADER, _BODY = 1, 2, 3
 _FRAME_END: Final = 0xCE
 _DELIVER: Final = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
+# Seconds of deliveries taken here after which aiormq is handed a heartbeat (`_quiet`): well
+# inside the shortest grace aiormq allows, 3 * (1 + 1) seconds for a heartbeat of 1 s.
+KEEPALIVE: Final = 1.0
+_ALIVE: Final = (8, 0, Heartbeat())  # a heartbeat frame as aiormq's receiver yields it
 
 # consumer(deliver, properties, body): called in the connection's reader task; must not block
 DirectConsumer = Callable[[spec.Basic.Deliver, spec.Basic.Properties, bytes], None]
@@ -126,6 +133,7 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
         self._buffer = bytearray()
         self._frames: deque[tuple[int, int, Frame | ContentBody | Any]] = deque()
         self._assembling: dict[int, _Assembly] = {}  # channel -> its delivery in progress
+        self._told = time.monotonic()  # when aiormq was last handed a frame (`_quiet`)
 
     async def get_frame(self) -> tuple[int, int, Any]:
         if not self._whole:
@@ -137,8 +145,27 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             weight, channel, frame = frames.popleft()
             if self._assembling or type(frame) is spec.Basic.Deliver:
                 if self._direct(channel, frame):
+                    if self._quiet():  # aiormq has seen no frame for a while: tell it
+                        return _ALIVE
                     continue
+            self._told = time.monotonic()
             return weight, channel, frame
+
+    def _quiet(self) -> bool:
+        """Whether aiormq was told of no frame for `KEEPALIVE` seconds, though frames came.
+
+        aiormq counts the time since the last frame it was handed: past three heartbeat
+        intervals it calls the connection stuck and closes it. RabbitMQ sends no heartbeat
+        while it sends deliveries, so a connection that only receives deliveries taken here
+        (a worker with events off running fire-and-forget tasks, an event reader) would be
+        closed every ``3 * (heartbeat + 1)`` seconds, its unacked messages redelivered. A
+        heartbeat frame handed to aiormq now and then is what RabbitMQ's own would be: read
+        and ignored, the connection known alive."""
+        now = time.monotonic()
+        if now - self._told < KEEPALIVE:
+            return False
+        self._told = now
+        return True
 
     async def _fill(self) -> None:
         """Read what the socket has and split it into frames (at least one more, or raise)."""
