@@ -126,7 +126,11 @@ async def test_a_worker_or_the_pacer_stopping_loses_nothing(
     assert "leads the rate limits" in survivor.output()
     runs = Counter(key for _, key, _ in starts(tmp_path))
     assert set(runs) == {f"p{i}" for i in range(30)}
-    assert max(runs.values()) <= 2  # at-least-once: a run in hand of the killed one again
+    # at-least-once: a run in hand of the killed one runs again; a killed pacer also had the
+    # held copy of a task it had just let back (confirmed) but not yet acked, which it lets back
+    # again (pacer.py): one task can then run three times — in the killed worker, from the work
+    # queue's redelivery and from the holding queue's (seen once in a full run)
+    assert max(runs.values()) <= (3 if stop == "kill the pacer" else 2)
     assert sum(runs.values()) <= 30 + 2
     assert rabbit.queue_stats()[f"aioqueue.ratelimit.{queue_name}.limited"]["messages"] == 0
 
