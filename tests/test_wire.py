@@ -67,3 +67,38 @@ async def test_drain_and_close_send_what_is_pending_first() -> None:
     writer.write(b"y")
     writer.close()
     assert transport.writes == [b"x", b"y"] and transport.closed
+
+
+async def test_following_its_writer_queue_a_write_that_empties_it_is_sent_at_once() -> None:
+    # aiormq's writer task writes every frame set of its queue in one step
+    transport = _Transport()
+    writer = _writer(transport)
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    writer.follow(queue)
+    # a lone frame set (the queue empty behind it): sent at once, not an iteration later
+    writer.write(b"a")
+    assert transport.writes == [b"a"]
+    # several queued: held while more are queued, then sent together with the last one
+    for item in (b"b", b"c", b"d"):
+        queue.put_nowait(item)
+    while not queue.empty():
+        writer.write(queue.get_nowait())
+        assert transport.writes == [b"a"] or queue.empty()
+    assert transport.writes == [b"a", b"bcd"]
+    await _next_iteration()  # and the flush scheduled for the first of them sends nothing more
+    assert transport.writes == [b"a", b"bcd"]
+    writer.close()
+
+
+async def test_each_connection_follows_its_own_writer_queue(rabbit: Any) -> None:
+    from aioqueue import Settings
+    from aioqueue.rabbit.connection import connect
+
+    connection = await connect(rabbit.url, Settings(), name="follows")
+    try:
+        aiormq_connection = connection.transport.connection  # type: ignore[union-attr]
+        factory = connection.kwargs["transport_factory"]
+        assert factory.writer is not None
+        assert factory.writer._queue is aiormq_connection.write_queue
+    finally:
+        await connection.close()

@@ -25,7 +25,7 @@ import functools
 import logging
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -53,16 +53,30 @@ log = logging.getLogger("aioqueue.broker")
 
 
 class CoalescingWriter(asyncio.StreamWriter):
-    """A `StreamWriter` whose writes leave together once per event-loop iteration."""
+    """A `StreamWriter` whose writes leave together once per event-loop iteration.
+
+    aiormq's writer task, the one caller, writes every frame set its queue holds in one step:
+    once it `follow`s that queue, the write that empties it sends at once, instead of one
+    iteration later (the same batching: what is queued after it wakes the writer again)."""
 
     _pending: list[bytes] | None = None
+    _queue: asyncio.Queue[Any] | None = None
+
+    def follow(self, queue: asyncio.Queue[Any]) -> None:
+        """Send as soon as a write leaves ``queue`` (the connection's writer queue) empty."""
+        self._queue = queue
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        queue = self._queue
         if self._pending is None:
             self._pending = [bytes(data)]
-            asyncio.get_running_loop().call_soon(self.flush)
+            if queue is None or not queue.empty():
+                asyncio.get_running_loop().call_soon(self.flush)
+                return
         else:
             self._pending.append(bytes(data))
+        if queue is not None and queue.empty():  # the writer's last frame set for now
+            self.flush()
 
     def flush(self) -> None:
         """Hand what was written so far to the transport, in one write."""
@@ -81,7 +95,10 @@ class CoalescingWriter(asyncio.StreamWriter):
 
 class CoalescingTransportFactory(TransportFactory):
     """aiormq's TCP or TLS transport (by the URL's scheme) with a `CoalescingWriter`, for a
-    connection that reads frames leniently (`aioqueue.rabbit.inbound`)."""
+    connection that reads frames leniently (`aioqueue.rabbit.inbound`). ``writer``: the last
+    one made (its connection makes it follow its writer queue once connected)."""
+
+    writer: CoalescingWriter | None = None
 
     async def create(
         self, url: URL, **kwargs: Any
@@ -89,6 +106,7 @@ class CoalescingTransportFactory(TransportFactory):
         factory = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
         reader, writer = await factory.create(url, **kwargs)
         writer.__class__ = CoalescingWriter  # same object and state, coalescing `write`
+        self.writer = cast(CoalescingWriter, writer)
         reader.__class__ = WholeBufferReader  # read by `WholeBufferReceiver`, whole buffers
         install_reader()
         read_leniently()  # frames pamqp cannot read, made readable (in this connection's tasks)
@@ -163,6 +181,9 @@ class RobustConnection(aio_pika.RobustConnection):
         transport = self.transport
         if transport is not None:
             connection = transport.connection
+            writer = self.kwargs["transport_factory"].writer
+            if writer is not None:  # this connection's, just made
+                writer.follow(connection.write_queue)
             connection.channel = functools.partial(  # type: ignore[method-assign]
                 type(connection).channel, connection, frame_buffer_size=CHANNEL_FRAME_BUFFER
             )
