@@ -9,6 +9,7 @@ channel's reopen callback: a consumer that re-consumed there stayed silently dea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -127,6 +128,25 @@ async def test_results_arrive_after_a_reconnect_that_finds_the_reply_queue_gone(
             assert await (await client.submit("s.double", 21)).result(timeout=60) == 42
 
 
+@contextlib.asynccontextmanager
+async def own_broker(
+    rabbit: RabbitNode,
+    admin: aio_pika.abc.AbstractChannel,
+    queue: str,
+    settings: Settings,
+    name: str,
+) -> AsyncIterator[RabbitBroker]:
+    """A connected broker of its own, and ``queue`` declared for it; both gone afterwards."""
+    await admin.declare_queue(queue, durable=True)
+    broker = RabbitBroker(rabbit.url, settings, connection_name=name)
+    await broker.connect()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+        await admin.queue_delete(queue)
+
+
 async def test_a_callback_that_returns_nothing_handles_each_delivery_at_once(
     rabbit: RabbitNode,
     queue_name: str,
@@ -134,9 +154,6 @@ async def test_a_callback_that_returns_nothing_handles_each_delivery_at_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Given a subscription whose callback is a plain function (as the reply consumer's)
-    await admin.declare_queue(queue_name, durable=True)
-    broker = RabbitBroker(rabbit.url, Settings(), connection_name="subscription")
-    await broker.connect()
     bodies: list[bytes] = []
     tasks: set[asyncio.Task[object] | None] = set()
 
@@ -148,7 +165,7 @@ async def test_a_callback_that_returns_nothing_handles_each_delivery_at_once(
         bodies.append(delivery.body)
 
     caplog.set_level(logging.ERROR, logger="aioqueue.broker")
-    try:
+    async with own_broker(rabbit, admin, queue_name, Settings(), "plain-callback") as broker:
         subscription = await broker.subscribe(queue_name, on_delivery, prefetch=2)
         # When messages arrive, one of which makes the callback raise
         for body in (b"1", b"boom", b"2", b"3", b"4"):
@@ -156,16 +173,13 @@ async def test_a_callback_that_returns_nothing_handles_each_delivery_at_once(
         # Then every delivery is handled, each acked (prefetch 2: five arrive only if acked),
         await wait_until(lambda: len(bodies) == 4, timeout=60, what="four deliveries")
         assert bodies == [b"1", b"2", b"3", b"4"]
-        # all in the one task that reads the connection (no task made per delivery),
+        # with no task made per delivery (they run in the task that reads the connection),
         assert len(tasks) == 1 and None not in tasks
         # and the callback's failure was logged, not raised into the connection
         assert any("consumer of" in r.getMessage() for r in caplog.records)
         await subscription.close()
         declared = await admin.declare_queue(queue_name, durable=True, passive=True)
         assert declared.declaration_result.message_count == 0
-    finally:
-        await broker.close()
-        await admin.queue_delete(queue_name)
 
 
 async def test_a_connection_that_only_receives_deliveries_is_not_taken_for_stuck(
@@ -178,9 +192,6 @@ async def test_a_connection_that_only_receives_deliveries_is_not_taken_for_stuck
     # RabbitMQ sends no heartbeat while it sends deliveries: a consumer whose deliveries are
     # all taken by our reader, and that publishes nothing (so no confirms come back), was
     # closed every 6 s here, its unacked messages redelivered.
-    await admin.declare_queue(queue_name, durable=True)
-    broker = RabbitBroker(rabbit.url, Settings(heartbeat=1), connection_name="deliveries-only")
-    await broker.connect()
     received: asyncio.Queue[Delivery] = asyncio.Queue()
 
     async def on_delivery(delivery: Delivery) -> None:
@@ -188,7 +199,8 @@ async def test_a_connection_that_only_receives_deliveries_is_not_taken_for_stuck
         await received.put(delivery)
 
     caplog.set_level(logging.INFO)
-    try:
+    settings = Settings(heartbeat=1)
+    async with own_broker(rabbit, admin, queue_name, settings, "deliveries-only") as broker:
         subscription = await broker.subscribe(queue_name, on_delivery, prefetch=10)
         loop = asyncio.get_running_loop()
         grace = 3 * (1 + 1)
@@ -205,6 +217,3 @@ async def test_a_connection_that_only_receives_deliveries_is_not_taken_for_stuck
         stuck = [r for r in caplog.records if "was stuck" in r.getMessage()]
         assert stuck == []
         await subscription.close()
-    finally:
-        await broker.close()
-        await admin.queue_delete(queue_name)
