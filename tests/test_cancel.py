@@ -460,3 +460,45 @@ async def test_a_run_control_tells_its_own_cancellation_from_a_shutdown() -> Non
     assert results["d"] == ("raised", False, 1)
     # a cancellation after the run ended stops nothing
     controls.cancel("a")
+
+
+async def test_a_worker_stopping_while_a_cancelled_task_lingers_returns_it_to_its_queue(
+    make_app: Any, queue_name: str, rabbit: RabbitNode
+) -> None:
+    # A run's own cancellation and the worker's shutdown both cancel the delivery's task: the
+    # shutdown must win (the message goes back to its queue), not pass for the cancellation.
+    from aioqueue.worker import Worker
+
+    app: App = make_app()
+    started, swallowed = asyncio.Event(), asyncio.Event()
+
+    @app.task(name="t.lingering")
+    async def lingering() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.Event().wait()  # it goes on after its cancellation, until the shutdown
+        return "never"
+
+    async with app:
+        worker = Worker(app, shutdown_timeout=0.5)
+        run = asyncio.ensure_future(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 30)
+        handle = await lingering.submit()
+        await asyncio.wait_for(started.wait(), 30)
+        await handle.cancel()
+        await asyncio.wait_for(swallowed.wait(), 30)
+        # When the worker stops, its shutdown timeout passing with the task still running
+        worker.stop()
+        await asyncio.wait_for(run, 60)
+
+    # Then the message is back in its queue, and nothing was dead-lettered as cancelled
+    def settled() -> dict[str, dict[str, int]] | None:
+        stats = rabbit.queue_stats()
+        back = stats.get(queue_name, {}).get("messages_ready") == 1
+        return stats if back else None
+
+    stats = await wait_until(settled, timeout=30, what="the message back in its queue")
+    assert stats.get(f"{queue_name}.dlq", {}).get("messages", 0) == 0
