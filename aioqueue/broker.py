@@ -168,8 +168,7 @@ def ack_soon(delivery: Delivery) -> None:
     try:
         delivery.acker.ack(delivery.delivery_tag)
     except StaleDelivery as exc:
-        log.debug("dropped stale ack of delivery %s on %r (%s)", delivery.delivery_tag,
-                  delivery.queue, exc)  # fmt: skip
+        _dropped(delivery, exc)
 
 
 async def settle(
@@ -177,22 +176,25 @@ async def settle(
 ) -> None:
     """Ack (or reject) a delivery on its own channel; a stale one is dropped, never raised.
 
-    Acks are batched per channel (see `aioqueue.rabbit.acks`); ``flush`` sends this one on its own
-    and waits until it is written to the socket.
+    Acks are batched per channel (`ack_soon`); ``flush`` sends this one on its own and waits
+    until it is written to the socket.
     """
-    acker = delivery.acker
-    tag = delivery.delivery_tag
+    if ack and not flush:
+        ack_soon(delivery)
+        return
     try:
-        if ack and not flush:
-            acker.ack(tag)
-        elif ack:
-            await acker.ack_now(tag)
+        if ack:
+            await delivery.acker.ack_now(delivery.delivery_tag)
         else:
-            await acker.reject(tag, requeue=requeue, flush=flush)
+            await delivery.acker.reject(delivery.delivery_tag, requeue=requeue, flush=flush)
     except StaleDelivery as exc:
-        log.debug(
-            "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",
-            delivery.delivery_tag,
-            delivery.queue,
-            exc,
-        )
+        _dropped(delivery, exc)
+
+
+def _dropped(delivery: Delivery, exc: StaleDelivery) -> None:
+    log.debug(
+        "dropped stale settle of delivery %s on %r (%s): RabbitMQ redelivers it",
+        delivery.delivery_tag,
+        delivery.queue,
+        exc,
+    )
