@@ -21,11 +21,40 @@ from typing import Any
 from ..cancel import CancelledIds
 from ..context import CancelFlag
 from ..message import Envelope, ErrorInfo
-from .slots import Waiters
 
-__all__ = ["RunControl", "RunControls", "cancelled_error"]
+__all__ = ["RunControl", "RunControls", "Waiters", "cancelled_error"]
 
 log = logging.getLogger("aioqueue.worker")
+
+
+def _cancelled_by(key: str, task_id: str) -> bool:
+    """Whether the cancellation of ``task_id`` covers the run or delivery ``key``: the task
+    itself, or a step of the workflow ``task_id`` (step ids are ``<workflow id>.<...>``)."""
+    return key == task_id or key.startswith(f"{task_id}.")
+
+
+class Waiters:
+    """The task ids of deliveries waiting for a concurrency slot (`slots.py`), each with the
+    future a cancellation sets."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[asyncio.Future[None], str] = {}
+
+    def wake(self, task_id: str) -> None:
+        """A cancellation of ``task_id`` came: wake the waiters it covers; each asks again
+        whether it is cancelled."""
+        for waiter, key in self._waiting.items():
+            if _cancelled_by(key, task_id) and not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, task_id: str, acquiring: asyncio.Future[Any]) -> None:
+        """Until ``acquiring`` is done or a cancellation that may be ``task_id``'s came."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[woken] = task_id
+        try:
+            await asyncio.wait((acquiring, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            del self._waiting[woken]
 
 
 class RunControl:
@@ -93,9 +122,8 @@ class RunControls:
         whether it is cancelled, and its run in hand here, if any, is stopped. A workflow's
         id stops its steps too (their ids are ``<workflow id>.<...>``)."""
         self.waiters.wake(task_id)
-        step = f"{task_id}."
         for key, control in list(self._runs.items()):
-            if key == task_id or key.startswith(step):
+            if _cancelled_by(key, task_id):
                 log.info("task id=%s cancelled while running", key)
                 control.stop()
 

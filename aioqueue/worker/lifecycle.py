@@ -240,7 +240,7 @@ class Worker:
             finally:
                 tasks.discard(task)
 
-        listener = CancelListener(broker, pipeline.cancel, self.app.signing)
+        listener = CancelListener(broker, pipeline.controls.cancel, self.app.signing)
         pacing: asyncio.Future[None] | None = None
         try:
             await listener.start()  # every cancellation published before now is known

@@ -193,10 +193,6 @@ class Pipeline:
             if not handed_off.done():
                 handed_off.set_result(False)
 
-    def cancel(self, task_id: str) -> None:
-        """A cancellation arrived (`RunControls.cancel`)."""
-        self.controls.cancel(task_id)
-
     def refusal(self, delivery: Delivery, envelope: Envelope) -> Awaitable[None] | None:
         """For a cancelled task not running here, before it has a slot: its refusal to await
         (None otherwise: no coroutine made per delivery)."""

@@ -4,7 +4,7 @@ A worker holds up to ``--prefetch`` deliveries but runs ``--concurrency`` at onc
 for a slot. A task cancelled before it got one is refused (dead-lettered, reason
 ``cancelled``; its caller gets `TaskCancelledError`) at once, not once a slot comes free —
 behind long tasks that could be minutes. Whether it is cancelled already is asked first; while
-it waits, `Pipeline.cancel` wakes its `Waiters` entry and it asks again.
+it waits, `RunControls.cancel` wakes its `Waiters` entry (`controls.py`) and it asks again.
 """
 
 from __future__ import annotations
@@ -18,30 +18,7 @@ from ..message import Envelope
 if TYPE_CHECKING:
     from .pipeline import Pipeline
 
-__all__ = ["Waiters", "take_slot"]
-
-
-class Waiters:
-    """The task ids of deliveries waiting for a slot, each with the future a cancel sets."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[asyncio.Future[None], str] = {}
-
-    def wake(self, task_id: str) -> None:
-        """A cancellation of ``task_id`` came: wake its waiters (and its workflow's steps',
-        ``<task id>.<...>``); each asks again whether it is cancelled."""
-        for waiter, key in self._waiting.items():
-            if (key == task_id or key.startswith(f"{task_id}.")) and not waiter.done():
-                waiter.set_result(None)
-
-    async def wait(self, task_id: str, acquiring: asyncio.Future[Any]) -> None:
-        """Until ``acquiring`` is done or a cancellation that may be ``task_id``'s came."""
-        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting[woken] = task_id
-        try:
-            await asyncio.wait((acquiring, woken), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            del self._waiting[woken]
+__all__ = ["take_slot"]
 
 
 async def take_slot(
