@@ -71,8 +71,9 @@ _HEADER: Final = struct.Struct(">BHI")  # frame type, channel, payload size
 _METHOD, _CONTENT_HEADER, _BODY = 1, 2, 3
 _FRAME_END: Final = 0xCE
 _DELIVER: Final = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
-# Seconds of deliveries taken here after which aiormq is handed a heartbeat (`_quiet`): well
-# inside the shortest grace aiormq allows, 3 * (1 + 1) seconds for a heartbeat of 1 s.
+# After deliveries taken here, a read hands aiormq a heartbeat at most this often
+# (`_keep_alive`): well inside the shortest grace aiormq allows, 3 * (1 + 1) s for a 1 s
+# heartbeat.
 KEEPALIVE: Final = 1.0
 _ALIVE: Final = (8, 0, Heartbeat())  # a heartbeat frame as aiormq's receiver yields it
 
@@ -133,7 +134,8 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
         self._buffer = bytearray()
         self._frames: deque[tuple[int, int, Frame | ContentBody | Any]] = deque()
         self._assembling: dict[int, _Assembly] = {}  # channel -> its delivery in progress
-        self._told = time.monotonic()  # when aiormq was last handed a frame (`_quiet`)
+        self._took = False  # deliveries were taken here since the last `_keep_alive` frame
+        self._alive_at = time.monotonic()  # ... which was then
 
     async def get_frame(self) -> tuple[int, int, Any]:
         if not self._whole:
@@ -145,27 +147,8 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             weight, channel, frame = frames.popleft()
             if self._assembling or type(frame) is spec.Basic.Deliver:
                 if self._direct(channel, frame):
-                    if self._quiet():  # aiormq has seen no frame for a while: tell it
-                        return _ALIVE
                     continue
-            self._told = time.monotonic()
             return weight, channel, frame
-
-    def _quiet(self) -> bool:
-        """Whether aiormq was told of no frame for `KEEPALIVE` seconds, though frames came.
-
-        aiormq counts the time since the last frame it was handed: past three heartbeat
-        intervals it calls the connection stuck and closes it. RabbitMQ sends no heartbeat
-        while it sends deliveries, so a connection that only receives deliveries taken here
-        (a worker with events off running fire-and-forget tasks, an event reader) would be
-        closed every ``3 * (heartbeat + 1)`` seconds, its unacked messages redelivered. A
-        heartbeat frame handed to aiormq now and then is what RabbitMQ's own would be: read
-        and ignored, the connection known alive."""
-        now = time.monotonic()
-        if now - self._told < KEEPALIVE:
-            return False
-        self._told = now
-        return True
 
     async def _fill(self) -> None:
         """Read what the socket has and split it into frames (at least one more, or raise)."""
@@ -190,6 +173,23 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
                 raise ProtocolSyntaxError("Unexpected AMQP protocol header")
             self.started = True
         self._split()
+        if self._took:
+            self._keep_alive()
+
+    def _keep_alive(self) -> None:
+        """After deliveries taken here, hand aiormq a heartbeat frame, at most every
+        `KEEPALIVE` seconds.
+
+        aiormq closes a connection that handed it no frame for three heartbeat intervals, and
+        RabbitMQ sends no heartbeat while it sends deliveries: a connection that only received
+        deliveries taken here (a worker with events off running fire-and-forget tasks, an
+        event reader) was closed every ``3 * (heartbeat + 1)`` seconds, its unacked messages
+        redelivered. The frame is what RabbitMQ's own heartbeat would be: read and ignored, the
+        connection known alive."""
+        now = time.monotonic()
+        if now - self._alive_at >= KEEPALIVE:
+            self._alive_at, self._took = now, False
+            self._frames.append(_ALIVE)
 
     def _split(self) -> None:
         buffer = self._buffer
@@ -244,6 +244,7 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             raise InvalidFrameError(f"Unexpected frame {frame!r} inside a delivery")
         if assembly.size <= 0:
             del self._assembling[channel]
+            self._took = True
             body = assembly.body
             self._deliver(assembly, body[0] if len(body) == 1 else b"".join(body))
         return True
