@@ -68,14 +68,14 @@ class CoalescingWriter(asyncio.StreamWriter):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         queue = self._queue
+        last = queue is not None and queue.empty()  # the writer's last frame set for now
         if self._pending is None:
             self._pending = [bytes(data)]
-            if queue is None or not queue.empty():
+            if not last:
                 asyncio.get_running_loop().call_soon(self.flush)
-                return
         else:
             self._pending.append(bytes(data))
-        if queue is not None and queue.empty():  # the writer's last frame set for now
+        if last:
             self.flush()
 
     def flush(self) -> None:
