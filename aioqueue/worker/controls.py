@@ -84,7 +84,7 @@ class RunControl:
         if self._requested and self._task is not None:
             self._requested = False
             return self._task.uncancel() == 0
-        task = self._task or asyncio.current_task()
+        task = asyncio.current_task()  # a thread task's: never cancelled by us
         return task is None or task.cancelling() == 0
 
 
