@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiormq
 import pytest
 from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
@@ -20,7 +21,7 @@ from pamqp.header import ContentHeader
 from aioqueue.errors import PublishError, UnroutableError
 from aioqueue.message import TaskProperties
 from aioqueue.rabbit import RabbitBroker
-from aioqueue.rabbit.publisher import Deadlines, Slots, publish_frames
+from aioqueue.rabbit.publisher import ChannelPublisher, Deadlines, Slots, publish_frames
 from aioqueue.settings import Settings
 from tests.conftest import wait_until
 from tests.rabbit import RabbitNode
@@ -135,6 +136,80 @@ async def test_an_unroutable_publish_is_returned_as_unroutable(broker: RabbitBro
         await broker.publish(f"nowhere.{uuid.uuid4().hex}", b"{}", props)
     publishing = await broker._channel().get_underlay_channel()
     assert props.message_id not in publishing.message_id_delivery_tag
+
+
+@pytest.fixture
+def aiormq_confirms(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The confirm frames aiormq's channel task resolves (those our reader did not take)."""
+    seen: list[Any] = []
+    original = aiormq.Channel._on_confirm_frame
+
+    async def counting(self: aiormq.Channel, frame: Any) -> None:
+        seen.append(frame)
+        await original(self, frame)
+
+    monkeypatch.setattr(aiormq.Channel, "_on_confirm_frame", counting)
+    return seen
+
+
+async def _publisher(broker: RabbitBroker) -> ChannelPublisher:
+    publisher = broker._publisher
+    assert publisher is not None
+    return publisher
+
+
+async def test_confirms_are_taken_by_our_reader_in_publish_order(
+    broker: RabbitBroker, queue_name: str, aiormq_confirms: list[Any]
+) -> None:
+    await broker.declare_queue(queue_name, {})
+    for i in range(20):  # one by one: single confirms
+        await broker.publish(queue_name, b"%d" % i, _props())
+    # bursts: RabbitMQ confirms many at once (multiple=True)
+    for _ in range(3):
+        await asyncio.gather(*(broker.publish(queue_name, b"b", _props()) for _ in range(500)))
+    publisher = await _publisher(broker)
+    assert aiormq_confirms == []  # none went through aiormq's channel task
+    assert not publisher.channel.confirmations and not publisher._tags
+    assert (await broker.queue_depth(queue_name))[0] == 1520
+    await broker.delete_queue(queue_name)
+
+
+async def test_a_nack_taken_by_our_reader_is_a_refusal(
+    broker: RabbitBroker, queue_name: str, aiormq_confirms: list[Any]
+) -> None:
+    await broker.declare_queue(queue_name, {"x-max-length": 0, "x-overflow": "reject-publish"})
+    with pytest.raises(PublishError, match="nacked"):
+        await broker.publish(queue_name, b"{}", _props(), timeout=0.3)
+    assert aiormq_confirms == []
+    assert not (await _publisher(broker)).channel.confirmations
+    await broker.delete_queue(queue_name)
+
+
+async def test_a_return_amid_confirms_taken_by_our_reader_still_fails_its_publish(
+    broker: RabbitBroker, queue_name: str, aiormq_confirms: list[Any]
+) -> None:
+    """RabbitMQ sends a ``Basic.Return`` right before the confirm of the same publish: the
+    return must be applied first, or the unroutable publish passes as confirmed."""
+    await broker.declare_queue(queue_name, {})
+    await broker.publish(queue_name, b"first", _props())  # the reader takes the confirms
+    assert aiormq_confirms == []
+    nowhere = f"nowhere.{uuid.uuid4().hex}"
+    keys = [queue_name, nowhere, queue_name, nowhere, queue_name] * 20  # one write, mixed
+    outcomes = await asyncio.gather(
+        *(broker.publish(key, b"{}", _props()) for key in keys), return_exceptions=True
+    )
+    for key, outcome in zip(keys, outcomes, strict=True):
+        if key == nowhere:
+            assert isinstance(outcome, UnroutableError), outcome
+        else:
+            assert outcome is None, outcome
+    # after a return the channel's confirms go to aiormq, which keeps them behind returns
+    await broker.publish(queue_name, b"last", _props())
+    assert aiormq_confirms
+    publisher = await _publisher(broker)
+    assert publisher._tags is None and not publisher.channel.confirmations
+    assert (await broker.queue_depth(queue_name))[0] == 62
+    await broker.delete_queue(queue_name)
 
 
 async def test_a_refused_publish_fails_at_once_and_the_channel_comes_back(

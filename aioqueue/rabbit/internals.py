@@ -16,6 +16,7 @@ from typing import Any, Final
 import aio_pika
 import aiormq
 import aiormq.abc
+import aiormq.channel
 import aiormq.connection
 import pamqp.frame
 from aio_pika.abc import UnderlayConnection
@@ -69,6 +70,12 @@ INTERNALS: Final = (
         aiormq.Channel, "message_id_delivery_tag", "attribute", "publisher: returns by message id"
     ),
     Internal(aiormq.Channel, "max_content_size", "attribute", "publisher: body frame size"),
+    Internal(
+        aiormq.channel,
+        "Returning",
+        "attribute",
+        "publisher.take_confirm: aiormq's placeholder for a returned publish's confirm",
+    ),
     Internal(
         aiormq.Channel,
         "on_consumer_cancel_callbacks",

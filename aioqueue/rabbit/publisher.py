@@ -10,6 +10,11 @@ way there: the frames of every publish made during one iteration go to the write
 frame set at its end (`aioqueue.rabbit.frames.FrameBatch`), tagged in the order they were written.
 `Deadlines` (`aioqueue.admission`) bounds the confirm waits with one timer for all of them.
 
+RabbitMQ's confirms come back the same short way: our connection's reader hands them to
+`ChannelPublisher.take_confirm` as it reads them (`aioqueue.rabbit.reader.take_confirms_directly`),
+which pops the confirmed tags in publish order, no scan of the outstanding ones. After a
+``Basic.Return`` on the channel, aiormq takes its confirms again, in order behind the return.
+
 Everything published on the channel must come through one `ChannelPublisher` (the delivery tags
 are counted here); aioqueue's publishing channel is its own.
 """
@@ -18,16 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import struct
+from collections import deque
 from typing import Any
 
 import aiormq
 import pamqp.frame
+from aiormq.channel import Returning
 from pamqp import commands as spec
 
 from ..admission import Deadlines, Slots
 from ..message import new_id
 from .frames import FrameBatch
+from .reader import stop_taking_confirms, take_confirms_directly
 
 __all__ = ["ChannelPublisher", "Deadlines", "Slots", "publish_frames"]  # (the last two: ..slots)
 
@@ -37,6 +46,8 @@ _FRAME_HEADER = 2
 _FRAME_BODY = 3
 _FRAME_END = b"\xce"
 _BASIC_CLASS = 60
+
+log = logging.getLogger("aioqueue.broker")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -78,7 +89,10 @@ class ChannelPublisher:
         self.channel = channel
         self._loop = asyncio.get_running_loop()
         self._frames = FrameBatch(channel)
+        self._tags: deque[int] | None = deque()  # unconfirmed tags in publish order, or None
+        # once aiormq takes the confirms
         channel.closing.add_done_callback(self._on_closing)
+        take_confirms_directly(self)
 
     def publish(
         self, exchange: str, routing_key: str, body: bytes, properties: spec.Basic.Properties
@@ -111,7 +125,26 @@ class ChannelPublisher:
         future: asyncio.Future[Any] = self._loop.create_future()
         channel.confirmations[tag] = future
         channel.message_id_delivery_tag[properties.message_id] = tag
+        if self._tags is not None:
+            self._tags.append(tag)
         return tag, future
+
+    def take_confirm(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        """Resolve the publishes a confirm covers, as aiormq would (an ack's result is the
+        frame; a nack is aiormq's `DeliveryError`). Called by the connection's reader."""
+        confirmations, tags = self.channel.confirmations, self._tags
+        assert tags is not None
+        tag = frame.delivery_tag
+        if frame.multiple:
+            while tags and tags[0] <= tag:
+                _resolve(confirmations.pop(tags.popleft(), None), frame)
+            return
+        _resolve(confirmations.pop(tag, None), frame)
+        while tags and tags[0] not in confirmations:  # those confirmed one by one
+            tags.popleft()
+
+    def confirms_elsewhere(self) -> None:
+        self._tags = None  # aiormq resolves this channel's confirms from its own map
 
     def forget(self, tag: int, message_id: str) -> None:
         """Drop the message id of a publish that has its outcome (only returns look it up)."""
@@ -121,6 +154,7 @@ class ChannelPublisher:
     def _on_closing(self, closing: asyncio.Future[Any]) -> None:
         """Fail the confirms still pending with the channel's close reason, as aiormq does
         for the publishes it made itself."""
+        stop_taking_confirms(self)
         reason = None if closing.cancelled() else closing.exception()
         error = reason if isinstance(reason, Exception) else None
         for confirmation in self.channel.confirmations.values():
@@ -128,3 +162,14 @@ class ChannelPublisher:
                 confirmation.set_exception(
                     error or aiormq.exceptions.ChannelInvalidStateError("channel closed")
                 )
+
+
+def _resolve(confirmation: Any, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+    if confirmation is None or isinstance(confirmation, Returning):
+        return  # confirmed before, or aiormq's placeholder for a returned publish
+    if confirmation.done():  # its deadline passed, or its publisher was cancelled
+        log.debug("confirm %r of a publish no longer awaited", frame)
+    elif type(frame) is spec.Basic.Ack:
+        confirmation.set_result(frame)
+    else:
+        confirmation.set_exception(aiormq.exceptions.DeliveryError(None, frame))

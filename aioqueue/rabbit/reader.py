@@ -14,8 +14,15 @@ it into frames, and:
 - assembles a ``Basic.Deliver`` and its content for a consumer registered with
   `consume_directly` (our `Subscription`) on this connection and channel, and calls it at once,
   in the connection's reader task — no channel queue, no task per message;
+- hands RabbitMQ's publisher confirms (``Basic.Ack``, ``Basic.Nack``) for a channel registered
+  with `take_confirms_directly` (our `ChannelPublisher`'s) to it at once, in the same task:
+  aiormq's way costs a put on the channel's queue, a turn of its reader task, a scan of every
+  outstanding publish and a ``call_soon`` per confirmed one before the publisher's future is
+  resolved. A ``Basic.Return`` on such a channel goes to aiormq, which matches it to its
+  publish, and so does every later confirm of that channel, in order: a return must be applied
+  before the confirm that follows it, or an unroutable publish would pass as confirmed;
 - yields every other frame to aiormq exactly as its own receiver would, in order: RPC replies,
-  confirms, heartbeats, closes, and deliveries for consumers aiormq knows alone.
+  returns, heartbeats, closes, and deliveries for consumers aiormq knows alone.
 
 A delivery's ``Basic.Deliver`` and content header are read by `aioqueue.rabbit.decode`'s
 `fast_frame`, which builds exactly what pamqp would or declines; content bodies are their
@@ -37,7 +44,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiormq
 import aiormq.connection
@@ -55,12 +62,15 @@ from .decode import fast_frame
 __all__ = [
     "KEEPALIVE",
     "READ_SIZE",
+    "ConfirmTaker",
     "DirectConsumer",
     "WholeBufferReader",
     "WholeBufferReceiver",
     "consume_directly",
     "install",
     "stop_consuming_directly",
+    "stop_taking_confirms",
+    "take_confirms_directly",
 ]
 
 log = logging.getLogger("aioqueue.broker")
@@ -79,6 +89,20 @@ _ALIVE: Final = (8, 0, Heartbeat())  # a heartbeat frame as aiormq's receiver yi
 
 # consumer(deliver, properties, body): called in the connection's reader task; must not block
 DirectConsumer = Callable[[spec.Basic.Deliver, spec.Basic.Properties, bytes], None]
+_CONFIRM_KINDS: Final = (spec.Basic.Ack, spec.Basic.Nack, spec.Basic.Return)
+
+
+class ConfirmTaker(Protocol):
+    """What takes a channel's publisher confirms as they are read (`take_confirms_directly`)."""
+
+    @property
+    def channel(self) -> aiormq.Channel: ...
+
+    def take_confirm(self, frame: spec.Basic.Ack | spec.Basic.Nack) -> None:
+        """Resolve the publishes ``frame`` confirms (called in the connection's reader task)."""
+
+    def confirms_elsewhere(self) -> None:
+        """From now on aiormq resolves this channel's confirms (a return was read)."""
 
 
 class WholeBufferReader(asyncio.StreamReader):
@@ -110,6 +134,25 @@ def stop_consuming_directly(consumer_tag: str) -> None:
     _DIRECT.pop(consumer_tag, None)
 
 
+_TAKERS: dict[int, list[ConfirmTaker]] = {}  # channel number -> takers (of any connection)
+
+
+def take_confirms_directly(taker: ConfirmTaker) -> None:
+    """Hand the confirms of ``taker.channel`` to ``taker.take_confirm`` as they are read, until
+    a ``Basic.Return`` is read on it (then `ConfirmTaker.confirms_elsewhere`) or
+    `stop_taking_confirms`. Every publish on the channel must be the taker's."""
+    _TAKERS.setdefault(taker.channel.number, []).append(taker)
+
+
+def stop_taking_confirms(taker: ConfirmTaker) -> None:
+    """Confirms for ``taker``'s channel read from now on go to aiormq."""
+    takers = _TAKERS.get(taker.channel.number, [])
+    if taker in takers:
+        takers.remove(taker)
+        if not takers:
+            del _TAKERS[taker.channel.number]
+
+
 class _Assembly:
     """A delivery whose content frames are still to come."""
 
@@ -134,6 +177,7 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
         self._buffer = bytearray()
         self._frames: deque[tuple[int, int, Frame | ContentBody | Any]] = deque()
         self._assembling: dict[int, _Assembly] = {}  # channel -> its delivery in progress
+        self._takers: dict[int, ConfirmTaker] = {}  # channel -> its confirm taker, once found
         self._took = False  # deliveries were taken here since the last `_keep_alive` frame
         self._alive_at = time.monotonic()  # ... which was then
 
@@ -145,9 +189,12 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             while not frames:
                 await self._fill()
             weight, channel, frame = frames.popleft()
-            if self._assembling or type(frame) is spec.Basic.Deliver:
+            kind = type(frame)
+            if self._assembling or kind is spec.Basic.Deliver:
                 if self._direct(channel, frame):
                     continue
+            if kind in _CONFIRM_KINDS and self._confirm(channel, frame):
+                continue
             return weight, channel, frame
 
     async def _fill(self) -> None:
@@ -228,7 +275,7 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             if type(frame) is not spec.Basic.Deliver:
                 return False
             consumer = _DIRECT.get(frame.consumer_tag or "")
-            if consumer is None or not self._owns(consumer, channel):
+            if consumer is None or not self._owns(consumer.channel, channel):
                 return False
             self._assembling[channel] = _Assembly(frame, consumer)
             return True
@@ -249,9 +296,30 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             self._deliver(assembly, body[0] if len(body) == 1 else b"".join(body))
         return True
 
-    def _owns(self, consumer: _Direct, channel: int) -> bool:
-        """The consumer was registered on this very channel of this very connection."""
-        mine = consumer.channel
+    def _confirm(self, channel: int, frame: Any) -> bool:
+        """Whether ``frame``, a confirm or a return, was taken by its channel's taker."""
+        taker = self._takers.get(channel)
+        if taker is None or taker.channel.is_closed:
+            self._takers.pop(channel, None)
+            taker = next(
+                (t for t in _TAKERS.get(channel, ()) if self._owns(t.channel, channel)), None
+            )
+            if taker is None:
+                return False
+            self._takers[channel] = taker
+        if type(frame) is spec.Basic.Return:  # aiormq applies it, then every later confirm
+            del self._takers[channel]
+            stop_taking_confirms(taker)
+            taker.confirms_elsewhere()
+            return False
+        try:
+            taker.take_confirm(frame)
+        except Exception:  # a taker's failure must not end the connection
+            log.exception("taking a confirm on channel %d failed", channel)
+        return True
+
+    def _owns(self, mine: aiormq.Channel, channel: int) -> bool:
+        """``mine`` is this very channel of this very connection."""
         if mine.number != channel or mine.is_closed:
             return False
         # aiormq keeps its reader task wrapped (``TaskWrapper.task``)
