@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pamqp.frame
 import pytest
+from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
 
 from aioqueue.rabbit.acks import Acker
-from aioqueue.rabbit.frames import ack_frame, reject_frame
+from aioqueue.rabbit.connection import CoalescingWriter
+from aioqueue.rabbit.frames import FrameBatch, ack_frame, reject_frame
+
+from tests.waiting import wait_until
 
 
 class Channel:
@@ -34,21 +38,24 @@ class Channel:
     async def _write(self) -> None:
         while True:
             frame = await self.write_queue.get()
-            payload = frame.payload
-            while payload:
-                used, channel, method = pamqp.frame.unmarshal(payload)
-                payload = payload[used:]
-                assert channel == self.number
-                if isinstance(method, spec.Basic.Ack):
-                    self._settle("ack", method.delivery_tag, method.multiple)
-                else:
-                    assert isinstance(method, spec.Basic.Reject)
-                    self._settle("reject", method.delivery_tag, False)
+            self.receive(frame.payload)
             if frame.drain_future is not None:
                 frame.drain_future.set_result(None)
             if self.slow:  # a writer that falls behind: the queue fills up
                 for _ in range(5):
                     await asyncio.sleep(0)  # sleep-ok: five iterations per frame set
+
+    def receive(self, payload: bytes) -> None:
+        """What RabbitMQ reads: each settle checked against the outstanding tags."""
+        while payload:
+            used, channel, method = pamqp.frame.unmarshal(payload)
+            payload = payload[used:]
+            assert channel == self.number
+            if isinstance(method, spec.Basic.Ack):
+                self._settle("ack", method.delivery_tag, method.multiple)
+            else:
+                assert isinstance(method, spec.Basic.Reject)
+                self._settle("reject", method.delivery_tag, False)
 
     def _settle(self, kind: str, tag: int, multiple: bool) -> None:
         if tag not in self.outstanding:
@@ -134,6 +141,133 @@ async def test_settles_reach_the_writer_in_order_while_its_queue_is_full() -> No
         assert channel.errors == []
         assert not channel.outstanding
         assert sum(1 for kind, _, _ in channel.frames if kind == "reject") == 142
+    finally:
+        await channel.close()
+
+
+class _Socket(asyncio.Transport):
+    """The socket under a `CoalescingWriter`: RabbitMQ reads each write at once."""
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__()
+        self.channel = channel
+
+    def write(self, data: Any) -> None:
+        self.channel.receive(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class ConnectedChannel(Channel):
+    """A channel of a connection as ours are: a `CoalescingWriter` follows its writer queue
+    (so frames may go past the queue while it is empty), and the writer task writes what it
+    takes from the queue to that writer, as aiormq's does."""
+
+    def __init__(self, *, queue_size: int, slow: bool) -> None:
+        loop = asyncio.get_running_loop()
+        protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader())
+        socket = _Socket(self)
+        protocol.connection_made(socket)
+        self.writer = asyncio.StreamWriter(socket, protocol, None, loop)
+        self.writer.__class__ = CoalescingWriter
+        self.queued = 0  # frame sets that went through the writer queue
+        self.running = asyncio.Event()  # the writer task takes frame sets while set
+        self.running.set()
+        super().__init__(queue_size=queue_size, slow=slow)
+        cast(CoalescingWriter, self.writer).follow(self.write_queue)
+
+    async def _write(self) -> None:
+        while True:
+            await self.running.wait()
+            frame = await self.write_queue.get()
+            self.queued += 1
+            self.writer.write(frame.payload)
+            if frame.drain_future is not None:
+                await self.writer.drain()
+                frame.drain_future.set_result(None)
+            if self.slow:
+                for _ in range(5):
+                    await asyncio.sleep(0)  # sleep-ok: five iterations per frame set
+
+
+async def test_settles_past_the_writer_queue_and_through_it_stay_in_order() -> None:
+    # Given a channel whose settles go straight to the socket while its writer queue is
+    # empty, and through the queue (2 deep, slow to empty) while it is not
+    channel = ConnectedChannel(queue_size=2, slow=True)
+    acker = Acker(channel)  # type: ignore[arg-type]
+    try:
+        # When tasks finish out of order for many iterations, some rejections waited for
+        # (their frame set goes through the queue), the rest not
+        for start in range(0, 1000, 50):
+            for tag in reversed(range(start + 1, start + 51)):
+                if tag % 7 == 0:
+                    await acker.reject(tag, requeue=True, flush=tag % 3 == 0)
+                else:
+                    acker.ack(tag)
+                if tag % 10 == 0:
+                    await asyncio.sleep(0)  # sleep-ok: the next iteration, a flush between
+        await asyncio.wait_for(acker.flush(), 30)
+        # Then RabbitMQ saw every tag settled once, none unknown, in either way
+        assert channel.errors == []
+        assert not channel.outstanding
+        assert sum(1 for kind, _, _ in channel.frames if kind == "reject") == 142
+        assert channel.queued > 0
+        assert len(channel.frames) > channel.queued  # and many frames never went through it
+    finally:
+        await channel.close()
+
+
+def _read(channel: Channel) -> int:
+    """Settles RabbitMQ has read (refused ones included)."""
+    return len(channel.frames) + len(channel.errors)
+
+
+async def test_frames_never_go_past_what_waits_in_the_writer_queue() -> None:
+    # Given a writer queue holding a frame set of aiormq's (its writer task held up)
+    channel = ConnectedChannel(queue_size=10, slow=False)
+    channel.running.clear()
+    batch = FrameBatch(channel)  # type: ignore[arg-type]
+    try:
+        channel.write_queue.put_nowait(
+            ChannelFrame(payload=reject_frame(3, 5, requeue=True), should_close=False)
+        )
+        # When a batch adds a frame that settles the same tag, and the writer resumes later
+        batch.add(ack_frame(3, 5, multiple=False))
+        await asyncio.sleep(0)  # sleep-ok: the iteration the batch's frame would leave in
+        channel.running.set()
+        await wait_until(lambda: _read(channel) >= 2, timeout=10, interval=0)
+        # Then RabbitMQ read aiormq's frame first, and the ack after it (an unknown tag then)
+        assert channel.frames == [("reject", 5, False)]
+        assert channel.errors == ["PRECONDITION_FAILED - unknown delivery tag 5"]
+    finally:
+        await channel.close()
+
+
+async def test_a_batchs_frames_held_back_are_never_overtaken_by_its_later_ones() -> None:
+    # Given a batch whose frame waits for room in a full writer queue (1 deep)
+    channel = ConnectedChannel(queue_size=1, slow=False)
+    channel.running.clear()
+    batch = FrameBatch(channel)  # type: ignore[arg-type]
+    try:
+        channel.write_queue.put_nowait(
+            ChannelFrame(payload=ack_frame(3, 1, multiple=False), should_close=False)
+        )
+        batch.add(reject_frame(3, 7, requeue=True))
+        await asyncio.sleep(0)  # sleep-ok: its flush finds the queue full, and retries later
+        assert batch._retrying
+        # When the queue empties before the retry, and the batch adds another frame
+        channel.running.set()
+        await wait_until(lambda: channel.write_queue.empty(), timeout=10, interval=0)
+        assert batch._retrying
+        batch.add(ack_frame(3, 10, multiple=True))
+        await wait_until(lambda: _read(channel) >= 3, timeout=10, interval=0)
+        # Then the later frame followed the held one: the reject first, the ack after it
+        assert channel.frames == [("ack", 1, False), ("reject", 7, False), ("ack", 10, True)]
+        assert channel.errors == []
     finally:
         await channel.close()
 

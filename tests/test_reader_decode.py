@@ -292,10 +292,49 @@ def test_deliveries_written_byte_by_byte_read_as_pamqp_or_declined(
     check(wire_frame(1, payload), must_read=True)
 
 
+@SETTINGS
+@given(
+    ack=st.builds(spec.Basic.Ack, delivery_tag=st.integers(0, 2**63 - 1), multiple=st.booleans()),
+    channel=st.integers(0, 2**16 - 1),
+)
+def test_confirms_pamqp_writes_are_read_as_pamqp_reads_them(
+    ack: spec.Basic.Ack, channel: int
+) -> None:
+    # Given a publisher confirm (Basic.Ack) marshalled by pamqp
+    data = pamqp.frame.marshal(ack, channel)
+    # When the fast path reads it, Then it is pamqp's own read (never declined)
+    assert check(data, must_read=True) is not None
+
+
+@SETTINGS
+@given(tag=st.binary(min_size=8, max_size=8), bits=st.binary(min_size=1, max_size=1))
+def test_confirms_written_byte_by_byte_read_as_pamqp_reads_them(tag: bytes, bits: bytes) -> None:
+    # Given a Basic.Ack with any tag (past 2**63 too) and any bits (those pamqp ignores too)
+    payload = b"\x00\x3c\x00\x50" + tag + bits
+    # When / Then: pamqp's read exactly
+    assert check(wire_frame(1, payload), must_read=True) is not None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x00\x3c\x00\x50" + bytes(8),  # no bits octet: pamqp's read decides
+        b"\x00\x3c\x00\x50" + bytes(9) + b"+",  # trailing
+        b"\x00\x3c\x00\x78" + bytes(9),  # Basic.Nack: pamqp reads it
+    ],
+    ids=["short", "trailing", "nack"],
+)
+def test_unusual_confirms_are_declined(payload: bytes) -> None:
+    assert fast(wire_frame(1, payload)) is None
+
+
 # -- arbitrary bytes ---------------------------------------------------------------------------
 
 prefixes = st.sampled_from(
-    [b"", b"\x00\x3c\x00\x3c", b"\x00\x3c\x00\x00", b"\x00\x3c\x00\x3c\x03abc", b"\x00\x3c"]
+    [
+        *(b"", b"\x00\x3c\x00\x3c", b"\x00\x3c\x00\x00", b"\x00\x3c\x00\x3c\x03abc"),
+        *(b"\x00\x3c", b"\x00\x3c\x00\x50", b"\x00\x3c\x00\x50" + bytes(8)),
+    ]
 )
 
 

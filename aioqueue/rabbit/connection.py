@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import random
+import weakref
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -47,6 +48,7 @@ __all__ = [
     "RobustConnection",
     "connect",
     "plain_connection",
+    "writer_for",
 ]
 
 log = logging.getLogger("aioqueue.broker")
@@ -63,8 +65,20 @@ class CoalescingWriter(asyncio.StreamWriter):
     _queue: asyncio.Queue[Any] | None = None
 
     def follow(self, queue: asyncio.Queue[Any]) -> None:
-        """Send as soon as a write leaves ``queue`` (the connection's writer queue) empty."""
+        """Send as soon as a write leaves ``queue`` (the connection's writer queue) empty; and
+        take frames for this iteration's send past it while it is empty (`writer_for`)."""
         self._queue = queue
+        _FOLLOWING[queue] = self
+
+    def write_soon(self, data: bytes) -> None:
+        """Send ``data`` with whatever else is written during this event-loop iteration (not
+        through aiormq's writer queue: only while that queue is empty, so nothing of
+        aiormq's is overtaken, see `aioqueue.rabbit.frames`)."""
+        if self._pending is None:
+            self._pending = [data]
+            asyncio.get_running_loop().call_soon(self.flush)
+        else:
+            self._pending.append(data)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         queue = self._queue
@@ -91,6 +105,24 @@ class CoalescingWriter(asyncio.StreamWriter):
     def close(self) -> None:
         self.flush()
         super().close()
+
+
+# the writer following each connection's writer queue (weakly: a closed connection's go)
+_FOLLOWING: weakref.WeakKeyDictionary[asyncio.Queue[Any], CoalescingWriter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def writer_for(queue: asyncio.Queue[Any]) -> CoalescingWriter | None:
+    """The `CoalescingWriter` that frames for ``queue`` may be written to directly right
+    now: ``queue`` is empty (everything put there before is written) and the socket is
+    open. None: put them in ``queue``, as aiormq does."""
+    if not queue.empty():
+        return None
+    writer = _FOLLOWING.get(queue)
+    if writer is None or writer.transport.is_closing():
+        return None
+    return writer
 
 
 class CoalescingTransportFactory(TransportFactory):

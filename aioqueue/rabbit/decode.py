@@ -1,11 +1,13 @@
-"""A fast read of the two frames every delivery brings: ``Basic.Deliver`` and its content header.
+"""A fast read of the frames every delivery brings — ``Basic.Deliver`` and its content
+header — and of every publisher confirm, ``Basic.Ack``.
 
 pamqp decodes a frame generically: it builds a default object (running its ``validate``), then
 walks the attribute list through ``decode.by_type``, slicing a fresh ``bytes`` per field. On a
-busy worker that is a tenth of its CPU. `fast_frame` reads those two frames with ``struct``
-straight from the receive buffer and builds the same objects pamqp builds — a
-``spec.Basic.Deliver`` and a ``ContentHeader`` whose ``Basic.Properties`` are set slot by slot,
-without ``__init__`` (pamqp's unmarshal does not validate either).
+busy worker that is a tenth of its CPU, and 2.5 µs per confirm on a publisher. `fast_frame`
+reads those frames with ``struct`` straight from the receive buffer and builds the same objects
+pamqp builds — a ``spec.Basic.Deliver``, a ``ContentHeader`` whose ``Basic.Properties`` are set
+slot by slot, a ``spec.Basic.Ack`` — without ``__init__`` (pamqp's unmarshal does not validate
+either).
 
 The rule is exactness: `fast_frame` returns what ``pamqp.frame.unmarshal`` returns for the same
 bytes (equal objects, every attribute of the same type), or None, and then the generic call runs,
@@ -34,6 +36,8 @@ _METHOD, _CONTENT_HEADER = 1, 2
 _FRAME_END: Final = 0xCE
 _DELIVER: Final = 0x003C003C  # class 60 (basic), method 60 (deliver)
 _BASIC: Final = 60
+_ACK: Final = 0x003C0050  # class 60 (basic), method 80 (ack): a publisher confirm
+_ACK_SIZE: Final = 4 + 8 + 1  # method id, delivery tag, one octet of bits
 
 _U32 = struct.Struct(">I")
 _HEAD = struct.Struct(">HHQH")  # class id, weight, body size, property flags
@@ -61,12 +65,21 @@ def fast_frame(kind: int, buffer: bytearray, start: int, end: int) -> Any:
         if buffer[end] != _FRAME_END:
             return None
         if kind == _METHOD:
+            if end - start == _ACK_SIZE and _U32.unpack_from(buffer, start)[0] == _ACK:
+                return _ack(buffer, start + 4)
             return _deliver(buffer, start, end)
         if kind == _CONTENT_HEADER:
             return _content_header(buffer, start, end)
     except Exception:  # _Decline, and anything else: pamqp's read decides (and raises)
         return None
     return None
+
+
+def _ack(buffer: bytearray, pos: int) -> spec.Basic.Ack:
+    ack = _new(spec.Basic.Ack)
+    ack.delivery_tag = _I64.unpack_from(buffer, pos)[0]
+    ack.multiple = buffer[pos + 8] & 1 != 0
+    return ack
 
 
 def _short_str(buffer: bytearray, pos: int, end: int) -> tuple[str, int]:
