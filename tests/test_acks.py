@@ -15,7 +15,6 @@ from pamqp import commands as spec
 from aioqueue.rabbit.acks import Acker
 from aioqueue.rabbit.connection import CoalescingWriter
 from aioqueue.rabbit.frames import FrameBatch, ack_frame, reject_frame
-
 from tests.waiting import wait_until
 
 
