@@ -102,11 +102,12 @@ class Turn:
     """One turn of `Slots` (a submit's, to publish): waited for until its deadline, given
     back once."""
 
-    __slots__ = ("deadline", "held", "slots")
+    __slots__ = ("deadline", "held", "loop", "slots")
 
-    def __init__(self, slots: Slots, deadline: float) -> None:
+    def __init__(self, slots: Slots, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
         self.slots = slots
-        self.deadline = deadline  # loop time: the submit's publish deadline
+        self.deadline = deadline  # ``loop``'s time: the submit's publish deadline
+        self.loop = loop  # the running loop of the submit
         self.held = False
 
     async def take(self) -> None:

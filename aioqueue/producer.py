@@ -206,7 +206,8 @@ class Producer:
     def _turn(self) -> Turn:
         """A turn to publish, not yet taken, whose wait ends at the publish deadline."""
         loop = asyncio.get_running_loop()
-        return Turn(self._admission(loop), loop.time() + self.app.settings.publish_timeout)
+        deadline = loop.time() + self.app.settings.publish_timeout
+        return Turn(self._admission(loop), deadline, loop)
 
     def _warm(
         self, envelope: Envelope, queue: str, wants_reply: bool, delay: float, stream: bool
@@ -234,7 +235,7 @@ class Producer:
     ) -> ResultHandle[Any]:
         app = self.app
         timeout = app.settings.publish_timeout
-        loop = asyncio.get_running_loop()
+        loop = turn.loop
         deadline = turn.deadline
         receiver = _Receiver()
         try:

@@ -43,6 +43,7 @@ class Acker:
         self._settled: set[int] = set()  # settled tags above the floor
         self._unsent: set[int] = set()  # acked by us, not yet sent to RabbitMQ
         self._scheduled = False
+        self._loop = asyncio.get_running_loop()  # once: each lookup is a system call
 
     def _first_settle(self, tag: int) -> bool:
         """False (and a warning) if ``tag`` was settled before: RabbitMQ would close the
@@ -60,7 +61,7 @@ class Acker:
         self._unsent.add(tag)
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def settled_elsewhere(self, tag: int) -> None:
         """``tag`` was rejected, or acked on its own: it only counts towards contiguity."""

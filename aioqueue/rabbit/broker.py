@@ -66,6 +66,9 @@ class RabbitBroker:
         self._ladders: set[str] = set()
         self._delay_routes: set[str] = set()
         self._deliver: aio_pika.abc.AbstractRobustExchange | None = None
+        # the loop of the connection: looked up once (each lookup checks the process, a
+        # system call), used only while connected
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"<RabbitBroker {mask_url(self._url)}>"
@@ -84,6 +87,7 @@ class RabbitBroker:
 
     async def connect(self) -> None:
         """Connect, retrying with back-off for ``settings.connect_timeout`` seconds."""
+        self._loop = asyncio.get_running_loop()
         self._connection = await connect(self._url, self.settings, name=self._connection_name)
         self._publish_channel = await self.channel(publisher_confirms=True)
 
@@ -276,9 +280,13 @@ class RabbitBroker:
         (default ``settings.publish_timeout``); then `PublishError`.
         """
         timeout = self.settings.publish_timeout if timeout is None else timeout
-        deadline = asyncio.get_running_loop().time() + timeout
+        loop = self._loop if self._connection is not None else None
+        loop = loop or asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            await self._publish_until_confirmed(exchange, routing_key, body, properties, deadline)
+            await self._publish_until_confirmed(
+                exchange, routing_key, body, properties, deadline, loop
+            )
         except TimeoutError:
             raise PublishError(
                 f"no confirm for a publish to {routing_key!r} within {timeout:g}s"
@@ -291,15 +299,15 @@ class RabbitBroker:
         body: bytes,
         properties: spec.Basic.Properties,
         deadline: float,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """Publish until confirmed, refused, or ``deadline`` (loop time): `TimeoutError`.
+        """Publish until confirmed, refused, or ``deadline`` (``loop``'s time): `TimeoutError`.
 
         The deadline is handed down instead of wrapping the whole in ``asyncio.timeout``
         (a timer per publish): `Deadlines` bounds the waits for a slot and for confirms with
         one timer, and the channel we last published on is taken as it is while open (the
         wait for a channel, bounded by a timer, only when it is not).
         """
-        loop = asyncio.get_running_loop()
         delay = 0.05
         robust = self._channel()
         while True:

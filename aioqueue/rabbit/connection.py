@@ -63,11 +63,13 @@ class CoalescingWriter(asyncio.StreamWriter):
 
     _pending: list[bytes] | None = None
     _queue: asyncio.Queue[Any] | None = None
+    _loop_followed: asyncio.AbstractEventLoop | None = None  # the loop `follow` ran in
 
     def follow(self, queue: asyncio.Queue[Any]) -> None:
         """Send as soon as a write leaves ``queue`` (the connection's writer queue) empty; and
         take frames for this iteration's send past it while it is empty (`writer_for`)."""
         self._queue = queue
+        self._loop_followed = asyncio.get_running_loop()
         _FOLLOWING[queue] = self
 
     def write_soon(self, data: bytes) -> None:
@@ -76,7 +78,7 @@ class CoalescingWriter(asyncio.StreamWriter):
         aiormq's is overtaken, see `aioqueue.rabbit.frames`)."""
         if self._pending is None:
             self._pending = [data]
-            asyncio.get_running_loop().call_soon(self.flush)
+            (self._loop_followed or asyncio.get_running_loop()).call_soon(self.flush)
         else:
             self._pending.append(data)
 
@@ -86,7 +88,7 @@ class CoalescingWriter(asyncio.StreamWriter):
         if self._pending is None:
             self._pending = [bytes(data)]
             if not last:
-                asyncio.get_running_loop().call_soon(self.flush)
+                (self._loop_followed or asyncio.get_running_loop()).call_soon(self.flush)
         else:
             self._pending.append(bytes(data))
         if last:

@@ -52,6 +52,7 @@ class Subscription:
         self._acker: Acker | None = None
         self._consuming_on: aiormq.Channel | None = None
         self._handling: set[asyncio.Task[None]] = set()  # direct deliveries' callbacks
+        self._loop = asyncio.get_running_loop()
 
     async def start(self) -> None:
         self._channel = await self._broker.channel()
@@ -157,7 +158,12 @@ class Subscription:
             return
         if pending is None:  # handled at once
             return
-        task = asyncio.ensure_future(pending)
+        # `ensure_future` would look the loop up again (a system call, to check the process)
+        loop = self._loop
+        if asyncio.iscoroutine(pending):
+            task = loop.create_task(pending)
+        else:
+            task = asyncio.ensure_future(pending, loop=loop)
         self._handling.add(task)
         task.add_done_callback(self._handled)
 

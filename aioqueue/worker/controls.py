@@ -105,10 +105,13 @@ class RunControls:
         workflow = None if envelope is None else envelope.workflow
         return task_id in ids or (workflow is not None and workflow.id in ids)
 
-    def start(self, task_id: str, *, cancellable: bool) -> RunControl:
+    def start(
+        self, task_id: str, *, cancellable: bool, loop: asyncio.AbstractEventLoop | None = None
+    ) -> RunControl:
         """The control of a run starting now in the current task (cancellable: an ``async
-        def`` task or generator, whose coroutine runs in it)."""
-        control = RunControl(asyncio.current_task() if cancellable else None)
+        def`` task or generator, whose coroutine runs in it) of ``loop`` (default: the
+        running one)."""
+        control = RunControl(asyncio.current_task(loop) if cancellable else None)
         self._runs[task_id] = control
         return control
 

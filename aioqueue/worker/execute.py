@@ -38,9 +38,10 @@ async def execute(
     threads: ThreadPoolExecutor,
     emitter: Emitter,
     cancelled: CancelFlag | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> tuple[Outcome, BaseException | None]:
     """Run ``task`` with the envelope's arguments under the task's timeout (``cancelled``:
-    what ``task_context().cancelled`` reads).
+    what ``task_context().cancelled`` reads; ``loop``: the running loop, if known).
 
     Returns the outcome and, when the task raised, the exception (for the retry decision).
     """
@@ -54,7 +55,7 @@ async def execute(
             redelivered=redelivered,
             scheduled_at=datetime.fromtimestamp(scheduled, UTC) if scheduled else None,
             _emit=emitter.progress,
-            _loop=asyncio.get_running_loop(),  # for progress_sync() from a thread task
+            _loop=loop or asyncio.get_running_loop(),  # for progress_sync() from a thread task
             _cancelled=cancelled,
         )
     )

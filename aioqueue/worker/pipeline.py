@@ -65,6 +65,8 @@ class Pipeline:
         self.observers = observers
         self.max_deliveries = max_deliveries
         self.identity = identity
+        # this worker's loop: looked up once (each lookup checks the process, a system call)
+        self.loop = asyncio.get_running_loop()
         # (queue, task, task id) of each run in hand, for a lost channel's log line
         self.current: dict[int, tuple[str, str, str]] = {}
         self._recounting: dict[str, asyncio.Event] = {}
@@ -148,7 +150,7 @@ class Pipeline:
         """Run the task and hand its outcome off; whether the hand-off was confirmed."""
         task = self.app.tasks[envelope.task]
         self.current[id(delivery)] = (delivery.queue, envelope.task, envelope.id)
-        handed_off = asyncio.get_running_loop().create_future()
+        handed_off = self.loop.create_future()
         run_key = (envelope.id, envelope.attempt)
         self._running_ids[run_key] = handed_off
         for observer in self.observers:
@@ -160,7 +162,7 @@ class Pipeline:
             )
             # in this delivery's own task (`controls.py`: how a cancellation reaches it)
             cancellable = task.is_async or task.is_generator
-            control = self.controls.start(envelope.id, cancellable=cancellable)
+            control = self.controls.start(envelope.id, cancellable=cancellable, loop=self.loop)
             try:
                 try:
                     outcome, exc = await execute(
@@ -170,6 +172,7 @@ class Pipeline:
                         threads=self.executor,
                         emitter=emitter,
                         cancelled=control.flag,
+                        loop=self.loop,
                     )
                 finally:
                     self.controls.end(envelope.id, control)
