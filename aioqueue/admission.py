@@ -67,16 +67,19 @@ class Slots:
     each.
     """
 
-    def __init__(self, size: int, deadlines: Deadlines) -> None:
+    def __init__(
+        self, size: int, deadlines: Deadlines, loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
         self._free = size
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._deadlines = deadlines
+        self._loop = loop  # where its waits are (if known: a lookup is a system call)
 
     async def acquire(self, deadline: float) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
         self._waiters.append(waiter)
         self._deadlines.add(waiter, deadline)
         try:

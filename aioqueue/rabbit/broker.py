@@ -66,9 +66,7 @@ class RabbitBroker:
         self._ladders: set[str] = set()
         self._delay_routes: set[str] = set()
         self._deliver: aio_pika.abc.AbstractRobustExchange | None = None
-        # the loop of the connection: looked up once (each lookup checks the process, a
-        # system call), used only while connected
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the connection's (a lookup: getpid)
 
     def __repr__(self) -> str:
         return f"<RabbitBroker {mask_url(self._url)}>"
@@ -280,8 +278,7 @@ class RabbitBroker:
         (default ``settings.publish_timeout``); then `PublishError`.
         """
         timeout = self.settings.publish_timeout if timeout is None else timeout
-        loop = self._loop if self._connection is not None else None
-        loop = loop or asyncio.get_running_loop()
+        loop = (self._connection and self._loop) or asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
             await self._publish_until_confirmed(
