@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from aioqueue.rabbit.connection import CoalescingWriter
+from tests.waiting import wait_until
 
 
 class _Transport(asyncio.Transport):
@@ -100,5 +101,38 @@ async def test_each_connection_follows_its_own_writer_queue(rabbit: Any) -> None
         factory = connection.kwargs["transport_factory"]
         assert factory.writer is not None
         assert factory.writer._queue is aiormq_connection.write_queue
+    finally:
+        await connection.close()
+
+
+async def test_aiormqs_writer_has_written_all_it_took_once_its_queue_is_empty(rabbit: Any) -> None:
+    # What frames written past the queue rely on (`aioqueue.rabbit.frames`): when aiormq's
+    # writer queue is empty, its writer task has handed every frame set it took to our writer
+    from aiormq.abc import ChannelFrame
+
+    from aioqueue import Settings
+    from aioqueue.rabbit.connection import connect, writer_for
+
+    connection = await connect(rabbit.url, Settings(), name="written")
+    try:
+        aiormq_connection = connection.transport.connection  # type: ignore[union-attr]
+        queue = aiormq_connection.write_queue
+        writer = connection.kwargs["transport_factory"].writer
+        written: list[bytes] = []
+        original = writer.write
+
+        def write(data: Any) -> None:
+            written.append(bytes(data))
+            original(data)
+
+        writer.write = write  # type: ignore[method-assign]
+        heartbeat = b"\x08\x00\x00\x00\x00\x00\x00\xce"  # a heartbeat frame, harmless
+        frames = [heartbeat * (i + 1) for i in range(5)]
+        for frame in frames:
+            queue.put_nowait(ChannelFrame(payload=frame, should_close=False))
+        assert writer_for(queue) is None  # frames wait in the queue: nothing goes past them
+        await wait_until(queue.empty, timeout=10, interval=0)  # looked at every iteration
+        assert written == frames  # all taken is all written, in order, at once
+        assert writer_for(queue) is writer
     finally:
         await connection.close()

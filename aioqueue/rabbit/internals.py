@@ -83,6 +83,20 @@ INTERNALS: Final = (
         "subscription: a server Basic.Cancel",
     ),
     Internal(aiormq.abc.ChannelFrame, "payload", "field", "frames: raw frame bytes"),
+    Internal(
+        aiormq.connection.Connection,
+        "writer.write(channel_frame.payload)",
+        "source",
+        "frames.FrameBatch: aiormq's writer task writes each frame set as it takes it from the "
+        "queue (no await between), so an empty queue means all of it is written and frames may "
+        "go straight to the writer (tests/test_wire.py checks it on a live connection)",
+    ),
+    Internal(
+        aiormq.connection.FrameGenerator,
+        "await self.queue.get()",
+        "source",
+        "frames.FrameBatch: the writer task takes frame sets one at a time from the queue",
+    ),
     Internal(aiormq.abc.ChannelFrame, "drain_future", "field", "frames: written() waits on it"),
     Internal(
         aiormq.Connection,
