@@ -20,6 +20,7 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from aioqueue.message import H_UNDECODABLE
+from aioqueue.rabbit import decode
 from aioqueue.rabbit.decode import fast_frame
 from aioqueue.rabbit.inbound import read_leniently
 from aioqueue.rabbit.reader import WholeBufferReader, WholeBufferReceiver
@@ -275,6 +276,40 @@ def test_headers_of_every_type_are_read_as_pamqp_reads_them(table: bytes) -> Non
     data = wire_frame(2, struct.pack(">HHQH", 60, 0, 1, 0x2000) + table)
     # When the fast path reads it, Then it is pamqp's own read (never declined)
     assert check(data, must_read=True) is not None
+
+
+@SETTINGS
+@given(table=raw_tables(utf8, readable_stamps))
+def test_a_header_table_read_again_is_read_as_pamqp_reads_it(table: bytes) -> None:
+    # Given a content header read once (its table now known, if its values are immutable)
+    data = wire_frame(2, struct.pack(">HHQH", 60, 0, 1, 0x2000) + table)
+    first = fast(data)
+    assert first is not None
+    # When a delivery with the same header is read again, after the first one's headers were
+    # changed by their reader (a nested value too, where there is one)
+    for value in first.properties.headers.values():
+        if isinstance(value, dict | list | bytearray):
+            value.clear()
+    first.properties.headers["added"] = 1
+    # Then the second read is still pamqp's own, in objects of its own
+    second = check(data, must_read=True)
+    assert second.properties.headers is not first.properties.headers
+
+
+def test_known_header_tables_start_over_when_too_many() -> None:
+    # Given more distinct header tables than the cache keeps (one value differs in each)
+    frames = [
+        wire_frame(
+            2,
+            struct.pack(">HHQH", 60, 0, 1, 0x2000)
+            + long(short(b"n") + b"I" + struct.pack(">i", i)),
+        )
+        for i in range(decode._TABLES_MAX + 10)
+    ]
+    # When all are read, Then each is read as pamqp reads it and the cache stays bounded
+    for data in frames:
+        assert check(data, must_read=True) is not None
+        assert len(decode._TABLES) <= decode._TABLES_MAX
 
 
 @SETTINGS

@@ -181,6 +181,32 @@ def _table(buffer: bytearray, pos: int, end: int) -> tuple[dict[str, Any], int]:
     return table, stop
 
 
+# Header tables already read, by their bytes (length included): the messages of one task
+# carry the same few headers (name, attempt, protocol). Only tables of immutable values are
+# kept, and each read gets a dict of its own; a full cache starts over, so tables unique to
+# one message (a deadline, a signature, a trace id) cost a lookup and nothing more.
+_TABLES: dict[bytes, dict[str, Any]] = {}
+_TABLES_MAX: Final = 256
+_IMMUTABLE: Final = frozenset({str, int, float, bool, bytes, type(None), datetime.datetime})
+
+
+def _headers(buffer: bytearray, pos: int, end: int) -> tuple[dict[str, Any], int]:
+    """`_table` for the ``headers`` property, through `_TABLES`."""
+    _, stop = _sized(buffer, pos, end)
+    raw = bytes(buffer[pos:stop])
+    known = _TABLES.get(raw)
+    if known is not None:
+        return dict(known), stop
+    table, stop = _table(buffer, pos, end)
+    for value in table.values():
+        if type(value) not in _IMMUTABLE:
+            return table, stop  # a nested table, an array, a byte array: read every time
+    if len(_TABLES) >= _TABLES_MAX:
+        _TABLES.clear()
+    _TABLES[raw] = table
+    return dict(table), stop
+
+
 def _value(buffer: bytearray, pos: int, end: int) -> tuple[Any, int]:
     """A field-table or array value whose type octet is at ``pos``, ending by ``end``."""
     if pos >= end:
@@ -258,7 +284,7 @@ _PROPERTIES: Final = tuple(
     (
         spec.Basic.Properties.flags[name],
         getattr(spec.Basic.Properties, name).__set__,
-        _READERS[spec.Basic.Properties.amqp_type(name)],
+        _headers if name == "headers" else _READERS[spec.Basic.Properties.amqp_type(name)],
         getattr(_DEFAULT, name),
     )
     for name in spec.Basic.Properties.__slots__
