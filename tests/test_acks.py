@@ -4,7 +4,7 @@ them as RabbitMQ would: an ack or reject of a tag no longer outstanding closes t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import pamqp.frame
@@ -118,6 +118,30 @@ async def test_a_second_settle_of_a_tag_is_ignored(channel: Channel) -> None:
     assert channel.frames == [("ack", 1, True)] and channel.errors == []
 
 
+async def _settle_out_of_order(
+    acker: Acker, *, waited: Callable[[int], bool] = lambda tag: False
+) -> None:
+    """Settle tags 1 to 1,000 in blocks of 50, the highest of each first (each above a gap),
+    every 7th rejected (waiting until written where ``waited``), the next iteration after
+    every 10th; then flush the rest."""
+    for start in range(0, 1000, 50):
+        for tag in reversed(range(start + 1, start + 51)):
+            if tag % 7 == 0:
+                await acker.reject(tag, requeue=True, flush=waited(tag))
+            else:
+                acker.ack(tag)
+            if tag % 10 == 0:
+                await asyncio.sleep(0)  # sleep-ok: the next iteration, a flush between
+    await asyncio.wait_for(acker.flush(), 30)
+
+
+def _settled_once(channel: Channel) -> None:
+    """RabbitMQ saw every tag settled once, none unknown, 142 of them rejected."""
+    assert channel.errors == []
+    assert not channel.outstanding
+    assert sum(1 for kind, _, _ in channel.frames if kind == "reject") == 142
+
+
 async def test_settles_reach_the_writer_in_order_while_its_queue_is_full() -> None:
     # Given a writer that falls behind, so that its 2-deep queue stays full
     channel = Channel(queue_size=2, slow=True)
@@ -125,21 +149,9 @@ async def test_settles_reach_the_writer_in_order_while_its_queue_is_full() -> No
     try:
         # When tasks finish out of order for many iterations — tags above gaps acked alone,
         # rejections in between, later multiple acks covering all of them
-        tags = list(range(1, 1001))
-        for start in range(0, 1000, 50):
-            block = tags[start : start + 50]
-            for tag in reversed(block):  # the highest first: each above a gap
-                if tag % 7 == 0:
-                    await acker.reject(tag, requeue=True)
-                else:
-                    acker.ack(tag)
-                if tag % 10 == 0:
-                    await asyncio.sleep(0)  # sleep-ok: the next iteration, a flush between
-        await asyncio.wait_for(acker.flush(), 30)
+        await _settle_out_of_order(acker)
         # Then RabbitMQ would have seen every tag settled once, none unknown
-        assert channel.errors == []
-        assert not channel.outstanding
-        assert sum(1 for kind, _, _ in channel.frames if kind == "reject") == 142
+        _settled_once(channel)
     finally:
         await channel.close()
 
@@ -201,19 +213,9 @@ async def test_settles_past_the_writer_queue_and_through_it_stay_in_order() -> N
     try:
         # When tasks finish out of order for many iterations, some rejections waited for
         # (their frame set goes through the queue), the rest not
-        for start in range(0, 1000, 50):
-            for tag in reversed(range(start + 1, start + 51)):
-                if tag % 7 == 0:
-                    await acker.reject(tag, requeue=True, flush=tag % 3 == 0)
-                else:
-                    acker.ack(tag)
-                if tag % 10 == 0:
-                    await asyncio.sleep(0)  # sleep-ok: the next iteration, a flush between
-        await asyncio.wait_for(acker.flush(), 30)
+        await _settle_out_of_order(acker, waited=lambda tag: tag % 3 == 0)
         # Then RabbitMQ saw every tag settled once, none unknown, in either way
-        assert channel.errors == []
-        assert not channel.outstanding
-        assert sum(1 for kind, _, _ in channel.frames if kind == "reject") == 142
+        _settled_once(channel)
         assert channel.queued > 0
         assert len(channel.frames) > channel.queued  # and many frames never went through it
     finally:
@@ -225,15 +227,19 @@ def _read(channel: Channel) -> int:
     return len(channel.frames) + len(channel.errors)
 
 
+def _held_up(queue_size: int, queued: bytes) -> tuple[ConnectedChannel, FrameBatch]:
+    """A channel whose writer queue holds ``queued`` (a frame set of aiormq's) while its
+    writer task is held up (until ``channel.running`` is set), and a batch on it."""
+    channel = ConnectedChannel(queue_size=queue_size, slow=False)
+    channel.running.clear()
+    channel.write_queue.put_nowait(ChannelFrame(payload=queued, should_close=False))
+    return channel, FrameBatch(channel)  # type: ignore[arg-type]
+
+
 async def test_frames_never_go_past_what_waits_in_the_writer_queue() -> None:
     # Given a writer queue holding a frame set of aiormq's (its writer task held up)
-    channel = ConnectedChannel(queue_size=10, slow=False)
-    channel.running.clear()
-    batch = FrameBatch(channel)  # type: ignore[arg-type]
+    channel, batch = _held_up(10, reject_frame(3, 5, requeue=True))
     try:
-        channel.write_queue.put_nowait(
-            ChannelFrame(payload=reject_frame(3, 5, requeue=True), should_close=False)
-        )
         # When a batch adds a frame that settles the same tag, and the writer resumes later
         batch.add(ack_frame(3, 5, multiple=False))
         await asyncio.sleep(0)  # sleep-ok: the iteration the batch's frame would leave in
@@ -248,13 +254,8 @@ async def test_frames_never_go_past_what_waits_in_the_writer_queue() -> None:
 
 async def test_a_batchs_frames_held_back_are_never_overtaken_by_its_later_ones() -> None:
     # Given a batch whose frame waits for room in a full writer queue (1 deep)
-    channel = ConnectedChannel(queue_size=1, slow=False)
-    channel.running.clear()
-    batch = FrameBatch(channel)  # type: ignore[arg-type]
+    channel, batch = _held_up(1, ack_frame(3, 1, multiple=False))
     try:
-        channel.write_queue.put_nowait(
-            ChannelFrame(payload=ack_frame(3, 1, multiple=False), should_close=False)
-        )
         batch.add(reject_frame(3, 7, requeue=True))
         await asyncio.sleep(0)  # sleep-ok: its flush finds the queue full, and retries later
         assert batch._retrying
