@@ -67,19 +67,18 @@ class Slots:
     each.
     """
 
-    def __init__(
-        self, size: int, deadlines: Deadlines, loop: asyncio.AbstractEventLoop | None = None
-    ) -> None:
+    def __init__(self, size: int, deadlines: Deadlines) -> None:
         self._free = size
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._deadlines = deadlines
-        self._loop = loop  # where its waits are (if known: a lookup is a system call)
 
-    async def acquire(self, deadline: float) -> None:
+    async def acquire(self, deadline: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """A slot, waited for until ``deadline`` (``loop``: the running loop, if the caller
+        has it at hand: a lookup is a system call)."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
             return
-        waiter: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
+        waiter: asyncio.Future[None] = (loop or asyncio.get_running_loop()).create_future()
         self._waiters.append(waiter)
         self._deadlines.add(waiter, deadline)
         try:
@@ -116,7 +115,7 @@ class Turn:
     async def take(self) -> None:
         """Wait for the turn, unless held already (`TimeoutError` at the deadline)."""
         if not self.held:
-            await self.slots.acquire(self.deadline)
+            await self.slots.acquire(self.deadline, self.loop)
             self.held = True
 
     def give_back(self) -> None:

@@ -60,8 +60,7 @@ class Producer:
         unconfirmed publishes, which each holds one of): more wait their turn, first come
         first served, within their publish deadline. One gate per event loop."""
         if self._gate is None or self._gate[0] is not loop:
-            slots = Slots(self.app.settings.max_inflight_publishes, Deadlines(), loop)
-            self._gate = (loop, slots)
+            self._gate = (loop, Slots(self.app.settings.max_inflight_publishes, Deadlines()))
         return self._gate[1]
 
     async def submit(

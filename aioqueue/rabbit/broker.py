@@ -93,7 +93,7 @@ class RabbitBroker:
         return scrub(f"{type(exc).__name__}: {exc}", self._url)
 
     async def close(self) -> None:
-        connection, self._connection = self._connection, None
+        connection, self._connection, self._loop = self._connection, None, None
         self._declared.clear()
         self._ladders.clear()
         self._delay_routes.clear()
@@ -278,7 +278,7 @@ class RabbitBroker:
         (default ``settings.publish_timeout``); then `PublishError`.
         """
         timeout = self.settings.publish_timeout if timeout is None else timeout
-        loop = (self._connection and self._loop) or asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
             await self._publish_until_confirmed(
@@ -315,7 +315,7 @@ class RabbitBroker:
                 else:
                     async with asyncio.timeout_at(deadline):  # it may wait for a reconnect
                         channel = cast(aiormq.Channel, await robust.get_underlay_channel())
-                await self._inflight.acquire(deadline)
+                await self._inflight.acquire(deadline, loop)
                 try:
                     confirm = await self._publish_once(
                         channel, exchange, routing_key, body, properties, deadline

@@ -84,15 +84,11 @@ class CoalescingWriter(asyncio.StreamWriter):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         queue = self._queue
-        last = queue is not None and queue.empty()  # the writer's last frame set for now
-        if self._pending is None:
-            self._pending = [bytes(data)]
-            if not last:
-                (self._loop_followed or asyncio.get_running_loop()).call_soon(self.flush)
-        else:
-            self._pending.append(bytes(data))
-        if last:
+        if queue is not None and queue.empty():  # the writer's last frame set for now: at once
+            self._pending = [*(self._pending or ()), bytes(data)]
             self.flush()
+        else:
+            self.write_soon(bytes(data))
 
     def flush(self) -> None:
         """Hand what was written so far to the transport, in one write."""

@@ -223,7 +223,6 @@ class Worker:
         broker = self.app.broker
         subscriptions: list[Consumer] = []
         tasks: set[asyncio.Task[None]] = set()  # one per delivery in hand
-        loop = asyncio.get_running_loop()  # (looked up once: each lookup is a system call)
 
         async def on_delivery(delivery: Delivery) -> None:
             # the broker runs this in a task of its own per delivery, which outlives the
@@ -233,7 +232,7 @@ class Worker:
                 self._in_hand -= 1
                 await settle(delivery, ack=False, requeue=True)
                 return
-            task = asyncio.current_task(loop)
+            task = asyncio.current_task(pipeline.loop)
             assert task is not None
             tasks.add(task)
             try:
