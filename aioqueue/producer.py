@@ -90,10 +90,15 @@ class Producer:
         # a submit beyond the cap waits at the cost of a future, and the first messages leave
         # before the rest have been looked at.
         turn = self._turn()
-        try:
-            await turn.take()
-        except TimeoutError:
-            raise _not_confirmed(name, task_id, app.settings.publish_timeout) from None
+        waiter = turn.enter()
+        if waiter is not None:  # awaited here, not in a coroutine of its own
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if turn.slots.timed_out(waiter):
+                    raise _not_confirmed(name, task_id, app.settings.publish_timeout) from None
+                raise
+            turn.granted()
         try:
             kwargs = dict(kwargs or {})
             task = app.tasks.get(name)
@@ -241,7 +246,8 @@ class Producer:
         try:
             # a turn first (unless `submit` took it), then the message is built: in a burst,
             # the first messages go out while the rest wait their turn unbuilt
-            await turn.take()
+            if not turn.held:
+                await turn.take()
             try:
                 replies = app._replies
                 if self._warm(envelope, queue, wants_reply, delay, stream):

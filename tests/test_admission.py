@@ -17,9 +17,10 @@ import pytest
 
 from aioqueue import App, PublishError, Settings
 from aioqueue import testing as aioqueue_testing
-from aioqueue.admission import Slots
+from aioqueue.admission import Deadlines, Slots
 from tests.conftest import running_worker
 from tests.rabbit import RabbitNode
+from tests.waiting import wait_until
 
 
 def count_builds(app: App) -> dict[str, int]:
@@ -206,3 +207,54 @@ def test_each_event_loop_has_its_own_turns(cap: int) -> None:
                 loop.close()
     finally:
         aioqueue_testing.reset(url)
+
+
+async def test_a_submit_cancelled_while_waiting_for_its_turn_passes_it_on(
+    rabbit: RabbitNode, queue_name: str
+) -> None:
+    # Given an app with one publish in flight at most, whose turn is held, and two submits
+    # waiting for it in line
+    app = one_at_a_time(rabbit, queue_name, publish_timeout=20.0)
+    async with app:
+        await app.submit_with_options("tests.x", ignore_result=True)  # warm
+        seen = count_builds(app)
+        gate = await hold_the_turn(app)
+        first = asyncio.ensure_future(app.submit_with_options("tests.x", ignore_result=True))
+        second = asyncio.ensure_future(app.submit_with_options("tests.x", ignore_result=True))
+        await wait_until(lambda: len(gate._waiters) == 2, timeout=10)
+        # When the turn is handed to the first, and its caller cancels it before it runs on
+        gate.release()
+        first.cancel()
+        # Then the first ends cancelled, never built, and the second gets the turn
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await asyncio.wait_for(second, 30)
+        assert seen == {"now": 0, "peak": 1, "calls": 1}
+        # And no turn is kept: the next submit goes straight through, the gate whole again
+        await asyncio.wait_for(app.submit_with_options("tests.x", ignore_result=True), 30)
+        assert gate._free == 1 and not gate._waiters
+        assert await app.broker.queue_depth(queue_name) == (3, 0)
+
+
+async def test_slots_handed_out_first_come_first_served_without_a_coroutine() -> None:
+    # Given a cap of one, taken (`try_acquire` takes a free slot at once, no coroutine)
+    loop = asyncio.get_running_loop()
+    slots = Slots(1, Deadlines())
+    assert slots.try_acquire() is True
+    assert slots.try_acquire() is False
+    # When two wait in line with `enter`, and a third waits with a deadline already past
+    first, second = slots.enter(loop.time() + 30), slots.enter(loop.time() + 30)
+    late = slots.enter(loop.time() - 1)
+    assert first is not None and second is not None and late is not None
+    with pytest.raises(asyncio.CancelledError):
+        await late  # its deadline cancels it
+    assert slots.timed_out(late) is True
+    # Then a release goes to the first in line, and the next to the second
+    slots.release()
+    assert first.done() and not second.done()
+    slots.release()
+    assert second.done()
+    # And with nobody waiting, a release frees the slot for `try_acquire` or `enter`
+    slots.release()
+    assert slots.enter(loop.time() + 30) is None
+    assert slots.try_acquire() is False

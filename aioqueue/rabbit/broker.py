@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 import aio_pika
@@ -25,12 +25,12 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, Abstra
 from pamqp import commands as spec
 
 from ..broker import ConsumeArguments, DeliveryCallback, LostCallback
-from ..errors import AioqueueError, BrokerConnectionError, PublishError, UnroutableError
+from ..errors import AioqueueError, BrokerConnectionError, PublishError
 from ..settings import Settings, broker_nodes, mask_url, scrub
 from ..topology import DELIVER_EXCHANGE, QueueType, delay_ladder, deliver_pattern
 from .connection import connect
 from .declare import declare, hold_queue, probe
-from .errors import FATAL_CHANNEL, TRANSIENT
+from .errors import FATAL_CHANNEL, TRANSIENT, publish_retry, unconfirmed
 from .publisher import ChannelPublisher, Deadlines, Slots
 from .subscription import Subscription
 
@@ -262,7 +262,7 @@ class RabbitBroker:
         ok = await channel.queue_declare(name, passive=True)
         return ok.message_count or 0, ok.consumer_count or 0
 
-    async def publish(
+    def publish(
         self,
         routing_key: str,
         body: bytes,
@@ -270,24 +270,19 @@ class RabbitBroker:
         *,
         exchange: str = "",
         timeout: float | None = None,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         """Publish to the default exchange and return once RabbitMQ confirmed it.
 
         The message is ``mandatory``: an unroutable message is a `PublishError`, not a silent
         drop. Connection trouble is retried on the recovered channel until ``timeout``
-        (default ``settings.publish_timeout``); then `PublishError`.
+        (default ``settings.publish_timeout``); then `PublishError`. (A plain function that
+        returns the one coroutine to await: a publish in flight keeps no other alive.)
         """
         timeout = self.settings.publish_timeout if timeout is None else timeout
         loop = self._loop or asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            await self._publish_until_confirmed(
-                exchange, routing_key, body, properties, deadline, loop
-            )
-        except TimeoutError:
-            raise PublishError(
-                f"no confirm for a publish to {routing_key!r} within {timeout:g}s"
-            ) from None
+        return self._publish_until_confirmed(
+            exchange, routing_key, body, properties, loop.time() + timeout, loop, timeout
+        )
 
     async def _publish_until_confirmed(
         self,
@@ -297,8 +292,10 @@ class RabbitBroker:
         properties: spec.Basic.Properties,
         deadline: float,
         loop: asyncio.AbstractEventLoop,
+        timeout: float,
     ) -> None:
-        """Publish until confirmed, refused, or ``deadline`` (``loop``'s time): `TimeoutError`.
+        """Publish until confirmed, refused, or ``deadline`` (``loop``'s time, ``timeout``
+        after the start): then `PublishError`.
 
         The deadline is handed down instead of wrapping the whole in ``asyncio.timeout``
         (a timer per publish): `Deadlines` bounds the waits for a slot and for confirms with
@@ -315,42 +312,36 @@ class RabbitBroker:
                 else:
                     async with asyncio.timeout_at(deadline):  # it may wait for a reconnect
                         channel = cast(aiormq.Channel, await robust.get_underlay_channel())
-                await self._inflight.acquire(deadline, loop)
+                if not self._inflight.try_acquire():
+                    await self._inflight.acquire(deadline, loop)
                 try:
-                    confirm = await self._publish_once(
-                        channel, exchange, routing_key, body, properties, deadline
-                    )
+                    # one publish and its confirm, cancelled at the deadline (awaited here,
+                    # not in a coroutine of its own: a publish in flight keeps one alive)
+                    publisher = self._publisher_on(channel)
+                    tag, confirm = publisher.publish(exchange, routing_key, body, properties)
+                    self._deadlines.add(confirm, deadline)
+                    try:
+                        acked = await confirm
+                    except BaseException as exc:
+                        failure = unconfirmed(exc, confirm, channel)
+                        if failure is exc:
+                            raise
+                        raise failure from None
+                    finally:
+                        publisher.forget(tag, properties.message_id or "")
                 finally:
                     self._inflight.release()
-            except aiormq.exceptions.PublishError as exc:
-                reply_text = exc.args[0] if exc.args else "NO_ROUTE"  # `reason` is a template
-                raise UnroutableError(
-                    f"message to {routing_key!r} was returned unroutable: {reply_text}"
-                ) from None
-            except aiormq.exceptions.DeliveryError:
-                # not stored: a quorum queue without a leader (a node just went, an election
-                # runs) or a majority, or a full queue that rejects publishes. Each passes or
-                # not within the deadline: publish again until then.
-                if loop.time() + delay >= deadline:
-                    raise PublishError(
-                        f"RabbitMQ refused (nacked) a message to {routing_key!r} until the "
-                        "publish deadline (a quorum queue without a leader or a majority of "
-                        "its nodes, or a full queue that rejects publishes)"
-                    ) from None
-                log.info("publish to %r nacked by RabbitMQ; publishing again", routing_key)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            except FATAL_CHANNEL as exc:
-                raise PublishError(f"publish to {routing_key!r} refused: {exc}") from None
-            except TRANSIENT as exc:
-                if isinstance(exc, TimeoutError) and loop.time() >= deadline:
+            except Exception as exc:
+                left = deadline - loop.time()
+                pause = publish_retry(
+                    exc, routing_key, left=left, delay=delay, timeout=timeout, describe=self._scrub
+                )
+                if pause is None:
                     raise
-                log.info("publish to %r interrupted (%s); retrying", routing_key, self._scrub(exc))
-                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                await asyncio.sleep(pause)
                 delay = min(delay * 2, 1.0)
                 continue
-            if not isinstance(confirm, spec.Basic.Ack):
+            if not isinstance(acked, spec.Basic.Ack):
                 raise PublishError(f"RabbitMQ did not confirm a message to {routing_key!r}")
             return
 
@@ -367,36 +358,11 @@ class RabbitBroker:
             and not publisher.channel.is_closed
         )
 
-    async def _publish_once(
-        self,
-        channel: aiormq.Channel,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        properties: spec.Basic.Properties,
-        deadline: float,
-    ) -> Any:
-        """One publish and its confirm, cancelled at ``deadline``: `TimeoutError`."""
+    def _publisher_on(self, channel: aiormq.Channel) -> ChannelPublisher:
         publisher = self._publisher
         if publisher is None or publisher.channel is not channel:
             publisher = self._publisher = ChannelPublisher(channel)
-        tag, confirm = publisher.publish(exchange, routing_key, body, properties)
-        self._deadlines.add(confirm, deadline)
-        try:
-            return await confirm
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if confirm.cancelled() and task is not None and not task.cancelling():
-                raise TimeoutError from None  # cancelled by its deadline, not our caller
-            raise
-        except Exception as exc:
-            # a channel closed without a reason fails its pending confirms with a bare
-            # Exception: that is connection trouble too, not a refusal
-            if type(exc) is Exception and channel.is_closed:
-                raise aiormq.exceptions.ChannelInvalidStateError("closed") from None
-            raise
-        finally:
-            publisher.forget(tag, properties.message_id or "")
+        return publisher
 
     async def subscribe(
         self,
