@@ -87,12 +87,14 @@ class Pipeline:
         refused here (dead-lettered)."""
         if self.signature is not None and not await self.signature.admit(delivery):
             return None
-        envelope = await self._decode(delivery)
-        if envelope is not None:
-            notify(
-                self.observers, "received", envelope.task, envelope.id, envelope.attempt,
-                delivery.queue, envelope.args, envelope.kwargs,
-            )  # fmt: skip
+        envelope = self._read(delivery)
+        if isinstance(envelope, DecodeError):
+            await self._refuse_unreadable(delivery, envelope)
+            return None
+        notify(
+            self.observers, "received", envelope.task, envelope.id, envelope.attempt,
+            delivery.queue, envelope.args, envelope.kwargs,
+        )  # fmt: skip
         return envelope
 
     async def process(self, delivery: Delivery, envelope: Envelope | None = None) -> None:
@@ -102,14 +104,12 @@ class Pipeline:
             envelope = await self.receive(delivery)
             if envelope is None:
                 return
-        if await self._already_running(delivery, envelope):
-            return
-        if self.controls.is_cancelled(envelope.id, envelope):  # queued, or from the ladder
-            await self._refuse_cancelled(delivery, envelope)
-            return
-        redelivered = await self._count_delivery(delivery, envelope)
-        if redelivered is None:
-            return
+        redelivered = False
+        if not self._plainly_first(delivery, envelope):  # (the usual case: no coroutine)
+            counted = await self._redelivery(delivery, envelope)
+            if counted is None:
+                return
+            redelivered = counted
         reason, error = self._refuse(envelope)
         if error is not None:
             await self._dead_letter(delivery, envelope, reason, error)
@@ -121,6 +121,9 @@ class Pipeline:
         task = self.app.tasks[envelope.task]
         if needs_pacing(task, delivery):  # its turn comes from the pacer, in RabbitMQ
             await self.handoff.hold(delivery, task.name)
+            return
+        if task.options.concurrency_limit is None and envelope.workflow is None:
+            await self._run(delivery, envelope, redelivered)  # (no turn, no claim to hold)
             return
         async with self.limits.turn(task):  # a chord's callback runs only with its claim
             await self.workflows.run(
@@ -260,14 +263,13 @@ class Pipeline:
 
     # -- decode and guards --------------------------------------------------------------------
 
-    async def _decode(self, delivery: Delivery) -> Envelope | None:
+    def _read(self, delivery: Delivery) -> Envelope | DecodeError:
         """The delivery's envelope — an aioqueue message, or a Celery protocol-2 message (told
-        by its ``task`` header) — or None when it could not be read and was dead-lettered."""
+        by its ``task`` header) — or why it cannot be read."""
         props = delivery.properties
         max_size = self.app.settings.max_message_size
-        celery = is_celery(props.headers)
         try:
-            if celery:
+            if is_celery(props.headers):
                 return decode_task(delivery.body, props, max_size=max_size)
             return Envelope.decode(
                 delivery.body,
@@ -278,24 +280,29 @@ class Pipeline:
                 max_size=max_size,
             )
         except DecodeError as exc:
-            reason, error = _unreadable(exc)
-            headers = props.headers or {}
-            if celery:  # tell a Celery caller, unless it asked for no result
-                task_id, name = _header_str(headers, "id"), _header_str(headers, "task")
-                reply_to = None if headers.get("ignore_result") is True else props.reply_to
-            else:
-                task_id = props.correlation_id or props.message_id or ""
-                name, reply_to = _header_str(headers, H_TASK), props.reply_to
-            await self.handoff.dead_letter(
-                delivery,
-                reason=reason,
-                error=error,
-                task_id=task_id,
-                task_name=name,
-                reply_to=reply_to,
-                celery=CeleryFields() if celery else None,
-            )
-            return None
+            return exc
+
+    async def _refuse_unreadable(self, delivery: Delivery, exc: DecodeError) -> None:
+        """Dead-letter a message that could not be read, and tell its caller if it has one."""
+        props = delivery.properties
+        reason, error = _unreadable(exc)
+        headers = props.headers or {}
+        celery = is_celery(props.headers)
+        if celery:  # tell a Celery caller, unless it asked for no result
+            task_id, name = _header_str(headers, "id"), _header_str(headers, "task")
+            reply_to = None if headers.get("ignore_result") is True else props.reply_to
+        else:
+            task_id = props.correlation_id or props.message_id or ""
+            name, reply_to = _header_str(headers, H_TASK), props.reply_to
+        await self.handoff.dead_letter(
+            delivery,
+            reason=reason,
+            error=error,
+            task_id=task_id,
+            task_name=name,
+            reply_to=reply_to,
+            celery=CeleryFields() if celery else None,
+        )
 
     async def _already_running(self, delivery: Delivery, envelope: Envelope) -> bool:
         """A redelivery of a message this worker is still running (its channel was closed, e.g.
@@ -312,6 +319,30 @@ class Pipeline:
             await settle(delivery, ack=True)
             return True
         return False
+
+    def _plainly_first(self, delivery: Delivery, envelope: Envelope) -> bool:
+        """A first delivery of a run not in hand here, not cancelled, without a crash count,
+        and no copy of it being recounted: what `_redelivery` would pass as not redelivered
+        (without its coroutine)."""
+        headers = delivery.properties.headers or {}
+        return (
+            not delivery.redelivered
+            and (envelope.id, envelope.attempt) not in self._running_ids
+            and envelope.id not in self._recounting
+            and _header_int(headers, H_DELIVERIES) == 0
+            and self.max_deliveries > 0
+            and not self.controls.is_cancelled(envelope.id, envelope)
+        )
+
+    async def _redelivery(self, delivery: Delivery, envelope: Envelope) -> bool | None:
+        """Whether this is a redelivery, or None when it was handled here: a run of it in
+        hand here waited for, a cancelled task refused, a crash count taken."""
+        if await self._already_running(delivery, envelope):
+            return None
+        if self.controls.is_cancelled(envelope.id, envelope):  # queued, or from the ladder
+            await self._refuse_cancelled(delivery, envelope)
+            return None
+        return await self._count_delivery(delivery, envelope)
 
     async def _count_delivery(self, delivery: Delivery, envelope: Envelope) -> bool | None:
         """Count deliveries that were never settled; poison goes to the DLQ.
