@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import traceback
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -88,23 +89,29 @@ async def _run(
     return Outcome(task_id=envelope.id, task_name=envelope.task, value=value), None
 
 
-async def _call(
+def _call(
     task: Task[Any, Any], envelope: Envelope, threads: ThreadPoolExecutor, emitter: Emitter
-) -> Any:
+) -> Awaitable[Any]:
+    """What to await for the task's value: its own coroutine (no other around it), its
+    stream, or its thread's result."""
     if task.is_generator:
-        # an async generator streams its items; its result is how many it yielded
-        async for item in task.fn(*envelope.args, **envelope.kwargs):
-            await emitter.item(item)
-        return emitter.items
+        return _stream(task, envelope, emitter)
     if task.is_async:
-        return await task.fn(*envelope.args, **envelope.kwargs)
+        return cast(Awaitable[Any], task.fn(*envelope.args, **envelope.kwargs))
     context = contextvars.copy_context()
     future = asyncio.get_running_loop().run_in_executor(
         threads, lambda: context.run(task.fn, *envelope.args, **envelope.kwargs)
     )
     # Shielded: a timeout stops our wait, not the thread; its late result is dropped.
     future.add_done_callback(_discard)
-    return await asyncio.shield(future)
+    return asyncio.shield(future)
+
+
+async def _stream(task: Task[Any, Any], envelope: Envelope, emitter: Emitter) -> int:
+    """An async generator streams its items; its result is how many it yielded."""
+    async for item in task.fn(*envelope.args, **envelope.kwargs):
+        await emitter.item(item)
+    return emitter.items
 
 
 def _discard(future: asyncio.Future[Any]) -> None:
