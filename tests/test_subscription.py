@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import aio_pika
 import pytest
+from pamqp import commands as spec
 
 from aioqueue import App, Settings
 from aioqueue.broker import Delivery, ack_soon, settle
@@ -217,3 +218,30 @@ async def test_a_connection_that_only_receives_deliveries_is_not_taken_for_stuck
         stuck = [r for r in caplog.records if "was stuck" in r.getMessage()]
         assert stuck == []
         await subscription.close()
+
+
+async def test_a_connection_that_only_publishes_is_not_taken_for_stuck(
+    rabbit: RabbitNode,
+    queue_name: str,
+    admin: aio_pika.abc.AbstractChannel,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Our reader takes publisher confirms before aiormq sees them: a connection that only
+    # published (a producer submitting one task after another, nothing consumed) handed aiormq
+    # no frame at all, was closed as stuck after 3 * (heartbeat + 1) seconds, and the publish
+    # in flight went out twice (found as 100,001 messages after the 100,000 of `backlog`).
+    caplog.set_level(logging.INFO)
+    settings = Settings(heartbeat=1)
+    async with own_broker(rabbit, admin, queue_name, settings, "publishes-only") as broker:
+        loop = asyncio.get_running_loop()
+        grace = 3 * (1 + 1)
+        # When it only publishes, each confirmed before the next, for longer than that grace
+        until, sent = loop.time() + 1.5 * grace, 0
+        while loop.time() < until:
+            await broker.publish(queue_name, str(sent).encode(), spec.Basic.Properties())
+            sent += 1
+        assert sent > 100
+        # Then it was never taken for stuck, and each message is in the queue once
+        stuck = [r for r in caplog.records if "was stuck" in r.getMessage()]
+        assert stuck == []
+        assert await broker.queue_depth(queue_name) == (sent, 0)

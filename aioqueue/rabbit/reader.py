@@ -81,7 +81,7 @@ _HEADER: Final = struct.Struct(">BHI")  # frame type, channel, payload size
 _METHOD, _CONTENT_HEADER, _BODY = 1, 2, 3
 _FRAME_END: Final = 0xCE
 _DELIVER: Final = b"\x00\x3c\x00\x3c"  # class 60 (basic), method 60 (deliver)
-# After deliveries taken here, a read hands aiormq a heartbeat at most this often
+# After deliveries or confirms taken here, a read hands aiormq a heartbeat at most this often
 # (`_keep_alive`): well inside the shortest grace aiormq allows, 3 * (1 + 1) s for a 1 s
 # heartbeat.
 KEEPALIVE: Final = 1.0
@@ -178,7 +178,7 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
         self._frames: deque[tuple[int, int, Frame | ContentBody | Any]] = deque()
         self._assembling: dict[int, _Assembly] = {}  # channel -> its delivery in progress
         self._takers: dict[int, ConfirmTaker] = {}  # channel -> its confirm taker, once found
-        self._took = False  # deliveries were taken here since the last `_keep_alive` frame
+        self._took = False  # deliveries or confirms taken here since the last keep-alive
         self._alive_at = time.monotonic()  # ... which was then
 
     async def get_frame(self) -> tuple[int, int, Any]:
@@ -224,15 +224,16 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             self._keep_alive()
 
     def _keep_alive(self) -> None:
-        """After deliveries taken here, hand aiormq a heartbeat frame, at most every
-        `KEEPALIVE` seconds.
+        """After deliveries or confirms taken here, hand aiormq a heartbeat frame, at most
+        every `KEEPALIVE` seconds.
 
         aiormq closes a connection that handed it no frame for three heartbeat intervals, and
-        RabbitMQ sends no heartbeat while it sends deliveries: a connection that only received
-        deliveries taken here (a worker with events off running fire-and-forget tasks, an
-        event reader) was closed every ``3 * (heartbeat + 1)`` seconds, its unacked messages
-        redelivered. The frame is what RabbitMQ's own heartbeat would be: read and ignored, the
-        connection known alive."""
+        RabbitMQ sends no heartbeat while it sends deliveries or confirms: a connection that
+        only received deliveries taken here (a worker with events off running fire-and-forget
+        tasks, an event reader) was closed every ``3 * (heartbeat + 1)`` seconds, its unacked
+        messages redelivered; one that only published (a producer submitting task after task)
+        too, its publish in flight sent twice. The frame is what RabbitMQ's own heartbeat
+        would be: read and ignored, the connection known alive."""
         now = time.monotonic()
         if now - self._alive_at >= KEEPALIVE:
             self._alive_at, self._took = now, False
@@ -312,6 +313,7 @@ class WholeBufferReceiver(aiormq.connection.FrameReceiver):
             stop_taking_confirms(taker)
             taker.confirms_elsewhere()
             return False
+        self._took = True  # (aiormq never sees it: `_keep_alive`)
         try:
             taker.take_confirm(frame)
         except Exception:  # a taker's failure must not end the connection
