@@ -72,14 +72,6 @@ class TaskObserver(Protocol):
 class TaskLog:
     """One structured log line per finished task (``logging``, logger ``aioqueue.task``)."""
 
-    # the optional hooks, as no-ops: `notify` finds them at once (a missing attribute costs
-    # an exception raised and caught inside ``getattr``, per task)
-    def received(self, *args: Any) -> None:
-        return None
-
-    def outcome(self, *args: Any) -> None:
-        return None
-
     def started(self, task: str, task_id: str, attempt: int) -> None:
         log.debug("task %s id=%s attempt=%d started", task, task_id, attempt)
 
@@ -87,8 +79,6 @@ class TaskLog:
         self, task: str, task_id: str, attempt: int, outcome: RunResult, duration: float
     ) -> None:
         level = logging.INFO if outcome in ("succeeded", "retried") else logging.WARNING
-        if not log.isEnabledFor(level):  # (no record's fields built for nothing)
-            return
         log.log(
             level,
             "task %s id=%s attempt=%d %s in %.3fs",
