@@ -104,12 +104,14 @@ class Pipeline:
             envelope = await self.receive(delivery)
             if envelope is None:
                 return
-        redelivered = False
-        if not self._plainly_first(delivery, envelope):  # (the usual case: no coroutine)
-            counted = await self._redelivery(delivery, envelope)
-            if counted is None:
-                return
-            redelivered = counted
+        if await self._already_running(delivery, envelope):
+            return
+        if self.controls.is_cancelled(envelope.id, envelope):  # queued, or from the ladder
+            await self._refuse_cancelled(delivery, envelope)
+            return
+        redelivered = await self._count_delivery(delivery, envelope)
+        if redelivered is None:
+            return
         reason, error = self._refuse(envelope)
         if error is not None:
             await self._dead_letter(delivery, envelope, reason, error)
@@ -121,9 +123,6 @@ class Pipeline:
         task = self.app.tasks[envelope.task]
         if needs_pacing(task, delivery):  # its turn comes from the pacer, in RabbitMQ
             await self.handoff.hold(delivery, task.name)
-            return
-        if task.options.concurrency_limit is None and envelope.workflow is None:
-            await self._run(delivery, envelope, redelivered)  # (no turn, no claim to hold)
             return
         async with self.limits.turn(task):  # a chord's callback runs only with its claim
             await self.workflows.run(
@@ -319,30 +318,6 @@ class Pipeline:
             await settle(delivery, ack=True)
             return True
         return False
-
-    def _plainly_first(self, delivery: Delivery, envelope: Envelope) -> bool:
-        """A first delivery of a run not in hand here, not cancelled, without a crash count,
-        and no copy of it being recounted: what `_redelivery` would pass as not redelivered
-        (without its coroutine)."""
-        headers = delivery.properties.headers or {}
-        return (
-            not delivery.redelivered
-            and (envelope.id, envelope.attempt) not in self._running_ids
-            and envelope.id not in self._recounting
-            and _header_int(headers, H_DELIVERIES) == 0
-            and self.max_deliveries > 0
-            and not self.controls.is_cancelled(envelope.id, envelope)
-        )
-
-    async def _redelivery(self, delivery: Delivery, envelope: Envelope) -> bool | None:
-        """Whether this is a redelivery, or None when it was handled here: a run of it in
-        hand here waited for, a cancelled task refused, a crash count taken."""
-        if await self._already_running(delivery, envelope):
-            return None
-        if self.controls.is_cancelled(envelope.id, envelope):  # queued, or from the ladder
-            await self._refuse_cancelled(delivery, envelope)
-            return None
-        return await self._count_delivery(delivery, envelope)
 
     async def _count_delivery(self, delivery: Delivery, envelope: Envelope) -> bool | None:
         """Count deliveries that were never settled; poison goes to the DLQ.
