@@ -130,39 +130,19 @@ class Turn:
 
     __slots__ = ("deadline", "held", "loop", "slots")
 
-    def __init__(self, slots: Slots, deadline: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, slots: Slots, deadline: float, loop: asyncio.AbstractEventLoop, *, held: bool = False
+    ) -> None:
         self.slots = slots
         self.deadline = deadline  # ``loop``'s time: the submit's publish deadline
         self.loop = loop  # the running loop of the submit
-        self.held = False
-
-    def enter(self) -> asyncio.Future[None] | None:
-        """Take the turn at once (None: held now, or already), else the future to await for
-        it; then `granted`, or `Slots.timed_out` if that wait is cancelled. (`take`
-        without a coroutine: what a submit waiting in a burst keeps alive is that future.)"""
-        if self.held:
-            return None
-        waiter = self.slots.enter(self.deadline, self.loop)
-        if waiter is None:
-            self.held = True
-        return waiter
-
-    def granted(self) -> None:
-        """The future from `enter` is done: the turn is held."""
-        self.held = True
+        self.held = held  # (a submit that waited on `Slots.enter` itself holds it already)
 
     async def take(self) -> None:
         """Wait for the turn, unless held already (`TimeoutError` at the deadline)."""
-        waiter = self.enter()
-        if waiter is None:
-            return
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if self.slots.timed_out(waiter):
-                raise TimeoutError from None
-            raise
-        self.held = True
+        if not self.held:
+            await self.slots.acquire(self.deadline, self.loop)
+            self.held = True
 
     def give_back(self) -> None:
         if self.held:

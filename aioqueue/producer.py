@@ -87,18 +87,19 @@ class Producer:
         now = app._broker.now() if app._broker is not None else time.time()
         task_id = new_id()
         # A turn first, then the checks and the message: in a burst (a `gather` of thousands)
-        # a submit beyond the cap waits at the cost of a future, and the first messages leave
-        # before the rest have been looked at.
-        turn = self._turn()
-        waiter = turn.enter()
-        if waiter is not None:  # awaited here, not in a coroutine of its own
+        # a submit beyond the cap waits at the cost of a future (no coroutine or `Turn` of its
+        # own meanwhile), and the first messages leave before the rest have been looked at.
+        loop = asyncio.get_running_loop()
+        slots, deadline = self._admission(loop), loop.time() + app.settings.publish_timeout
+        waiter = slots.enter(deadline, loop)
+        if waiter is not None:
             try:
                 await waiter
             except asyncio.CancelledError:
-                if turn.slots.timed_out(waiter):
+                if slots.timed_out(waiter):
                     raise _not_confirmed(name, task_id, app.settings.publish_timeout) from None
                 raise
-            turn.granted()
+        turn = Turn(slots, deadline, loop, held=True)
         try:
             kwargs = dict(kwargs or {})
             task = app.tasks.get(name)
@@ -211,8 +212,7 @@ class Producer:
     def _turn(self) -> Turn:
         """A turn to publish, not yet taken, whose wait ends at the publish deadline."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.app.settings.publish_timeout
-        return Turn(self._admission(loop), deadline, loop)
+        return Turn(self._admission(loop), loop.time() + self.app.settings.publish_timeout, loop)
 
     def _warm(
         self, envelope: Envelope, queue: str, wants_reply: bool, delay: float, stream: bool
