@@ -53,6 +53,14 @@ def one_at_a_time(rabbit: RabbitNode, queue_name: str, publish_timeout: float) -
     )
 
 
+async def warm_then_hold(app: App) -> tuple[dict[str, int], Slots]:
+    """One submit to warm up (queue declared), then the builds counted from here and the
+    app's one turn held: (the count, the gate)."""
+    await app.submit_with_options("tests.x", ignore_result=True)
+    seen = count_builds(app)
+    return seen, await hold_the_turn(app)
+
+
 async def hold_the_turn(app: App) -> Slots:
     """Take the app's one turn (as a publish RabbitMQ does not confirm would hold it); the
     gate, to release it."""
@@ -96,9 +104,7 @@ async def test_a_submit_waiting_for_its_turn_gives_up_at_its_publish_deadline(
     # RabbitMQ does not confirm)
     app = one_at_a_time(rabbit, queue_name, publish_timeout=2.0)
     async with app:
-        await app.submit_with_options("tests.x", ignore_result=True)  # warm
-        seen = count_builds(app)
-        gate = await hold_the_turn(app)
+        seen, gate = await warm_then_hold(app)
         # When a submit waits for that turn
         started = time.monotonic()
         with pytest.raises(PublishError, match="not confirmed within 2s"):
@@ -216,9 +222,7 @@ async def test_a_submit_cancelled_while_waiting_for_its_turn_passes_it_on(
     # waiting for it in line
     app = one_at_a_time(rabbit, queue_name, publish_timeout=20.0)
     async with app:
-        await app.submit_with_options("tests.x", ignore_result=True)  # warm
-        seen = count_builds(app)
-        gate = await hold_the_turn(app)
+        seen, gate = await warm_then_hold(app)
         first = asyncio.ensure_future(app.submit_with_options("tests.x", ignore_result=True))
         second = asyncio.ensure_future(app.submit_with_options("tests.x", ignore_result=True))
         await wait_until(lambda: len(gate._waiters) == 2, timeout=10)
