@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..app import App
-from ..broker import Delivery, ack_soon, settle
+from ..broker import Delivery, settle
 from ..errors import PublishError, UnroutableError
 from ..message import (
     H_DEAD_AT,
@@ -160,9 +160,6 @@ class Handoff:
         celery: CeleryFields | None = None,
     ) -> bool:
         """Send the outcome to the caller (if it waits for one), then ack."""
-        if not reply_to:  # nobody waits for it: the ack alone (no coroutine for either)
-            ack_soon(delivery)
-            return True
         ok = await self._reply(reply_to, outcome, celery)
         await settle(delivery, ack=ok, requeue=not ok)
         return ok
