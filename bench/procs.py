@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUEUE_ENV = "AIOQUEUE_BENCH_QUEUE"  # the measurement's queue, for bench/tasks.py
 QUEUE_TYPE_ENV = "AIOQUEUE_BENCH_QUEUE_TYPE"  # "classic" (default) or "quorum", both systems
 OTEL_ENV = "AIOQUEUE_BENCH_OTEL"  # "1": bench/tasks.py configures a tracer provider
-RAW_PREFETCH_ENV = "AIOQUEUE_BENCH_RAW_PREFETCH"  # raw's prefetch (bench/raw.py)
+RAW_PREFETCH_ENV = "AIOQUEUE_BENCH_RAW_PREFETCH"  # raw's and lean's prefetch (bench/raw.py)
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
 
@@ -91,7 +91,8 @@ class Worker:
         elif system != "raw":
             command = [
                 *("-m", "aioqueue.worker", "bench.tasks:app"),
-                *("--concurrency", "100", "--log-level", "WARNING", "--broker-url", url),
+                *("--concurrency", "100", "--prefetch", str(raw_prefetch)),
+                *("--log-level", "WARNING", "--broker-url", url),
                 *(["--no-events"] if system == "aioqueue-no-events" else []),
             ]
         else:

@@ -40,7 +40,8 @@ PRODUCER_TIMEOUT = {
     "ratelimit": 300,
 }
 WORKER_PROCESSES = {"ratelimit": 2}  # one otherwise: the limit is measured across two
-RAW_FIRE_PREFETCH = 1000  # raw's fire at its strongest (issue 20); rpc and latency: 100
+RAW_FIRE_PREFETCH = 1000  # raw's fire at its strongest (issue 20), and every other system's
+# worker's in fire too (aioqueue's with --concurrency 100); rpc and latency: 100
 BUSY_CORES = 0.25  # other processes using more CPU than this meanwhile: an anomaly
 PROFILE_FACTOR = 4  # the profiled rpc run is this many times longer, for enough samples
 
@@ -223,7 +224,7 @@ class Suite:
                         queue,
                         self.logs / (f"{name}.log" if len(urls) == 1 else f"{name}-w{k}.log"),
                         self.queue_type,
-                        # raw and lean
+                        # every system's worker alike (aioqueue's: --prefetch)
                         raw_prefetch=RAW_FIRE_PREFETCH if spec["workload"] == "fire" else 100,
                     )
                 )
