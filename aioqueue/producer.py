@@ -54,6 +54,7 @@ class Producer:
         self.app = app
         self._redeclaring: dict[str, asyncio.Future[None]] = {}  # queue -> its declare again
         self._gate: tuple[asyncio.AbstractEventLoop, Slots] | None = None
+        self._cancel = app.cancel  # every handle's canceller: one bound method, not one each
 
     def _admission(self, loop: asyncio.AbstractEventLoop) -> Slots:
         """Submits publishing at once, at most ``settings.max_inflight_publishes`` (the cap on
@@ -287,7 +288,7 @@ class Producer:
             receiver.future,
             receiver.sink,
             receiver.reader,
-            canceller=self.app.cancel,
+            canceller=self._cancel,
         )
 
     def _submitted(self, task: str) -> None:

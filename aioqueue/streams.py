@@ -57,16 +57,25 @@ class EventSink:
     """The progress updates of one handle, bounded, newest kept.
 
     Made for every submit that waits for its outcome, so it stays cheap until used: the
-    event a reader waits on exists only once somebody reads ``handle.events()``.
+    updates' deque exists once the first one came or somebody looks, the event a reader waits
+    on once somebody reads ``handle.events()``.
     """
 
-    __slots__ = ("_changed", "dropped", "events", "last_seq")
+    __slots__ = ("_bound", "_changed", "_events", "dropped", "last_seq")
 
     def __init__(self, bound: int) -> None:
-        self.events: deque[Progress] = deque(maxlen=bound)
+        self._bound = bound
+        self._events: deque[Progress] | None = None
         self._changed: asyncio.Event | None = None
         self.last_seq = 0
         self.dropped = 0
+
+    @property
+    def events(self) -> deque[Progress]:
+        """The updates not read yet, oldest first (at most ``bound``; the oldest dropped)."""
+        if self._events is None:
+            self._events = deque(maxlen=self._bound)
+        return self._events
 
     @property
     def changed(self) -> asyncio.Event:
@@ -91,9 +100,10 @@ class EventSink:
             return  # a redelivered or retried run repeating itself
         data = loads(delivery.body, max_size=max_size)
         self.last_seq = seq
-        if len(self.events) == self.events.maxlen:
+        events = self.events
+        if len(events) == events.maxlen:
             self.dropped += 1
-        self.events.append(Progress(seq, data))
+        events.append(Progress(seq, data))
         self.notify()
 
 

@@ -244,6 +244,44 @@ async def test_result_timeout_raises_builtin_timeout_and_handle_stays_usable(
         assert await handle.result(timeout=30) == "done"
 
 
+async def test_a_cancelled_or_timed_out_result_wait_leaves_the_handle_as_it_was(
+    make_any_app: Any,
+) -> None:
+    """`result` waits as ``wait_for(shield(...))`` would: cancelling a wait, or its timeout,
+    neither cancels the handle nor leaves a callback of that wait on the handle's future."""
+    app: App = make_any_app()
+    gate = asyncio.Event()
+
+    @app.task(name="t.wait_cancelled")
+    async def wait() -> str:
+        await gate.wait()
+        return "done"
+
+    async with app, running_worker(app):
+        handle = await wait.submit()
+        outcome = handle._future
+        assert outcome is not None
+
+        def listening() -> int:  # callbacks on the handle's future (None when there are none)
+            return len(outcome._callbacks or ())
+
+        for _ in range(3):
+            waiting = asyncio.ensure_future(handle.result())
+            await wait_until(lambda: listening() == 1, what="the wait to listen")
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            with pytest.raises(TimeoutError):
+                await handle.result(timeout=0.05)
+        assert listening() == 0  # no wait left listening
+        assert not handle.done()
+        waiters = [asyncio.ensure_future(handle.result()) for _ in range(2)]
+        await wait_until(lambda: listening() == 2, what="two waits to listen")
+        gate.set()
+        assert await asyncio.gather(*waiters) == ["done", "done"]
+        assert await handle.result() == "done"
+
+
 async def test_ignore_result_handle_raises_at_once(make_any_app: Any) -> None:
     app: App = make_any_app()
     ran = asyncio.Event()
