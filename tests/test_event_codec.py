@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import pytest
@@ -12,6 +14,7 @@ import aioqueue.testing as testing
 from aioqueue import App, Settings
 from aioqueue.errors import DecodeError
 from aioqueue.events import EventPublisher, EventReader
+from aioqueue.events.publisher import IN_FLIGHT
 from aioqueue.message.events import (
     Event,
     bounded_repr,
@@ -20,6 +23,7 @@ from aioqueue.message.events import (
     encode_batch,
 )
 from aioqueue.topology import EVENTS_STREAM, events_stream_arguments
+from tests.waiting import wait_until
 
 
 def test_a_batch_round_trips() -> None:
@@ -153,3 +157,93 @@ async def test_events_emitted_from_fields_are_the_bytes_of_the_same_events(
 
     assert dumps(rows) == encode_batch(events)
     assert decode_batch(dumps(rows), 1 << 20) == events
+
+
+class _ConfirmingStream:
+    """A stand-in for the broker under `EventPublisher`'s scheduling: each stream publish
+    waits until the test confirms it (what RabbitMQ's confirm latency does to the
+    publisher; delivery itself is tested against RabbitMQ in tests/test_events.py)."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        self.confirmed: list[bytes] = []
+
+    def now(self) -> float:
+        return time.time()
+
+    def is_declared(self, name: str) -> bool:
+        return True
+
+    async def redeclare_queue(self, name: str, arguments: object) -> None:
+        return None
+
+    async def publish(self, queue: str, body: bytes, properties: object, **_: object) -> None:
+        confirm = asyncio.get_running_loop().create_future()
+        self.waiting.append((body, confirm))
+        await confirm
+        self.confirmed.append(body)
+
+    def confirm_oldest(self) -> None:
+        _, confirm = self.waiting.pop(0)
+        confirm.set_result(None)
+
+
+async def test_batches_await_their_confirms_in_flight_at_most_in_flight_at_once() -> None:
+    stream = _ConfirmingStream()
+    publisher = EventPublisher(stream, batch_size=2, flush_interval=60.0)  # type: ignore[arg-type]
+    await publisher.start()
+    sent = 2 * (IN_FLIGHT + 3)
+    for i in range(sent):
+        publisher.emit(Event("task-received", float(i), "h:1", {"id": str(i)}))
+    # batches go out without waiting for the confirms before them, up to IN_FLIGHT
+    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT, what="IN_FLIGHT batches out")
+    assert publisher.statistics().buffered == 2 * 3
+    stream.confirm_oldest()
+    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT and len(stream.confirmed) == 1)
+    while stream.waiting or publisher.statistics().buffered:
+        if stream.waiting:
+            stream.confirm_oldest()
+        await asyncio.sleep(0)  # sleep-ok: one turn of the loop for the publisher's tasks
+    await publisher.close()
+    ids = [e.fields["id"] for body in stream.confirmed for e in decode_batch(body, 1 << 20)]
+    assert ids == [str(i) for i in range(sent)]  # every event, in the order emitted
+    statistics = publisher.statistics()
+    assert (statistics.published, statistics.batches, statistics.dropped) == (sent, sent // 2, 0)
+
+
+async def test_batches_cut_short_by_close_are_counted_as_dropped() -> None:
+    stream = _ConfirmingStream()
+    publisher = EventPublisher(stream, batch_size=3, flush_interval=60.0)  # type: ignore[arg-type]
+    await publisher.start()
+    emitted = 3 * (IN_FLIGHT + 2) + 1
+    for i in range(emitted):
+        publisher.emit(Event("task-received", float(i), "h:1", {"id": str(i)}))
+    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT, what="IN_FLIGHT batches out")
+    stream.confirm_oldest()
+    await wait_until(lambda: publisher.statistics().published == 3, what="one batch confirmed")
+    # no confirm comes any more: close gives up on the batches in flight and the rest
+    await publisher.close(timeout=0.2)
+    statistics = publisher.statistics()
+    assert statistics.published == 3
+    assert statistics.dropped == emitted - 3
+    assert statistics.buffered == 0
+
+
+async def test_a_batch_over_the_readers_size_limit_goes_as_smaller_ones() -> None:
+    limit = 4096
+    stream = _ConfirmingStream(Settings(max_message_size=limit))
+    publisher = EventPublisher(stream, batch_size=64, flush_interval=60.0)  # type: ignore[arg-type]
+    for i in range(20):  # ~500 bytes each: 20 of them are 10 KB, over the 4 KB limit
+        publisher.emit(Event("task-failed", float(i), "h:1", {"id": str(i), "tb": "x" * 480}))
+    flushing = asyncio.ensure_future(publisher.flush())
+    while not flushing.done():
+        if stream.waiting:
+            stream.confirm_oldest()
+        await asyncio.sleep(0)  # sleep-ok: one turn of the loop for the publisher's tasks
+    await flushing
+    sizes = [len(body) for body in stream.confirmed]
+    assert len(sizes) > 1 and max(sizes) <= limit
+    ids = [e.fields["id"] for body in stream.confirmed for e in decode_batch(body, limit)]
+    assert ids == [str(i) for i in range(20)]
+    assert publisher.statistics().dropped == 0
