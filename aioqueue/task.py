@@ -106,16 +106,19 @@ class Task(Generic[P, R]):
         (`aioqueue.chain`, `group`, `chord`); checked when the workflow is submitted."""
         return Signature(self, args, dict(kwargs))
 
-    async def submit(self, *args: P.args, **kwargs: P.kwargs) -> ResultHandle[R]:
-        """Send the task to a worker; returns once RabbitMQ confirmed the message.
+    def submit(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, ResultHandle[R]]:
+        """Send the task to a worker (``await task.submit(...)``); returns once RabbitMQ
+        confirmed the message.
+
+        A plain function returning the producer's coroutine, which does all the work when
+        awaited: a submit waiting for its turn holds that one coroutine, not two.
 
         Raises:
             TypeError: the arguments do not fit the signature (nothing is published).
             EncodeError: an argument is not JSON-native (nothing is published).
             PublishError: RabbitMQ refused the message or did not confirm it in time.
         """
-        # straight to the producer: a submit waiting its turn keeps one coroutine fewer
-        return await self.app.producer.submit(self.name, args, kwargs)
+        return self.app.producer.submit(self.name, args, kwargs)
 
     async def submit_with_options(
         self,
