@@ -3,8 +3,9 @@
 `emit` only appends to a bounded buffer — it never waits, never raises — so a task's path never
 waits for an event. A background task sends the buffer as batches: as soon as ``batch_size``
 events wait, else ``flush_interval`` after the first one came; one confirmed publish per batch,
-up to `IN_FLIGHT` of them awaiting their confirms at once (written in order), so that a busy
-worker's events keep up with it. A
+up to `IN_FLIGHT` of them awaiting their confirms at once, so that a busy worker's events
+keep up with it. They are written in order; those a lost connection makes go again may
+arrive in another order (readers already take late events: several workers' interleave). A
 batch whose body would be over ``Settings.max_message_size`` (the most a reader accepts) is
 sent as halves, as often as needed. A full buffer drops its oldest event; a batch the stream
 refuses or cannot take (the stream is missing, the broker nacks it, no confirm in time) is
