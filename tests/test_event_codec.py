@@ -247,3 +247,23 @@ async def test_a_batch_over_the_readers_size_limit_goes_as_smaller_ones() -> Non
     ids = [e.fields["id"] for body in stream.confirmed for e in decode_batch(body, limit)]
     assert ids == [str(i) for i in range(20)]
     assert publisher.statistics().dropped == 0
+
+
+async def test_a_flush_racing_the_publisher_for_room_sends_no_empty_batch() -> None:
+    stream = _ConfirmingStream()
+    publisher = EventPublisher(stream, batch_size=2, flush_interval=60.0)  # type: ignore[arg-type]
+    await publisher.start()
+    sent = 2 * (IN_FLIGHT + 1)
+    for i in range(sent):
+        publisher.emit(Event("task-received", float(i), "h:1", {"id": str(i)}))
+    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT, what="IN_FLIGHT batches out")
+    flushing = asyncio.ensure_future(publisher.flush())  # waits for room too, one batch left
+    while not flushing.done():
+        if stream.waiting:
+            stream.confirm_oldest()
+        await asyncio.sleep(0)  # sleep-ok: one turn of the loop for the publisher's tasks
+    await flushing
+    await publisher.close()
+    assert all(decode_batch(body, 1 << 20) for body in stream.confirmed)  # none empty
+    assert publisher.statistics().batches == IN_FLIGHT + 1
+    assert publisher.statistics().published == sent

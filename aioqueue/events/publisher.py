@@ -207,6 +207,9 @@ class EventPublisher:
     async def _send_next(self) -> None:
         """Start sending the next batch, once fewer than `IN_FLIGHT` await their confirms."""
         await self._room.acquire()
+        if not self._buffer:  # (a `flush` took them while this waited for room)
+            self._room.release()
+            return
         rows = self._take()
         unsent = _Unsent(len(rows))
         sending = asyncio.get_running_loop().create_task(self._send(rows, unsent))
