@@ -224,17 +224,23 @@ async def test_submit_checks_signature_and_json_before_publishing(
     assert stats[queue_name]["messages"] == 1
 
 
-async def test_result_timeout_raises_builtin_timeout_and_handle_stays_usable(
-    make_any_app: Any,
-) -> None:
-    app: App = make_any_app()
+def gated_task(app: App, name: str) -> tuple[Any, asyncio.Event]:
+    """A task of ``app`` that returns "done" once the event it comes with is set."""
     gate = asyncio.Event()
 
-    @app.task(name="t.wait")
+    @app.task(name=name)
     async def wait() -> str:
         await gate.wait()
         return "done"
 
+    return wait, gate
+
+
+async def test_result_timeout_raises_builtin_timeout_and_handle_stays_usable(
+    make_any_app: Any,
+) -> None:
+    app: App = make_any_app()
+    wait, gate = gated_task(app, "t.wait")
     async with app, running_worker(app):
         handle = await wait.submit()
         with pytest.raises(TimeoutError):
@@ -250,13 +256,7 @@ async def test_a_cancelled_or_timed_out_result_wait_leaves_the_handle_as_it_was(
     """`result` waits as ``wait_for(shield(...))`` would: cancelling a wait, or its timeout,
     neither cancels the handle nor leaves a callback of that wait on the handle's future."""
     app: App = make_any_app()
-    gate = asyncio.Event()
-
-    @app.task(name="t.wait_cancelled")
-    async def wait() -> str:
-        await gate.wait()
-        return "done"
-
+    wait, gate = gated_task(app, "t.wait_cancelled")
     async with app, running_worker(app):
         handle = await wait.submit()
         outcome = handle._future

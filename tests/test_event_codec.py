@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -188,38 +189,49 @@ class _ConfirmingStream:
         _, confirm = self.waiting.pop(0)
         confirm.set_result(None)
 
+    async def confirm_until(self, done: Callable[[], bool]) -> None:
+        """Confirm each publish as it comes, until ``done()``."""
+        while not done():
+            if self.waiting:
+                self.confirm_oldest()
+            await asyncio.sleep(0)  # sleep-ok: one turn of the loop for the publisher's tasks
+
+    def ids(self, limit: int = 1 << 20) -> list[object]:
+        """The ids of the events confirmed, in the order they were published."""
+        return [e.fields["id"] for body in self.confirmed for e in decode_batch(body, limit)]
+
+
+async def _with_batches_out(
+    batch_size: int, events: int
+) -> tuple[_ConfirmingStream, EventPublisher]:
+    """A started publisher that was handed ``events`` events and has `IN_FLIGHT` batches
+    waiting for their confirms."""
+    stream = _ConfirmingStream()
+    publisher = EventPublisher(stream, batch_size=batch_size, flush_interval=60.0)  # type: ignore[arg-type]
+    await publisher.start()
+    for i in range(events):
+        publisher.emit(Event("task-received", float(i), "h:1", {"id": str(i)}))
+    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT, what="IN_FLIGHT batches out")
+    return stream, publisher
+
 
 async def test_batches_await_their_confirms_in_flight_at_most_in_flight_at_once() -> None:
-    stream = _ConfirmingStream()
-    publisher = EventPublisher(stream, batch_size=2, flush_interval=60.0)  # type: ignore[arg-type]
-    await publisher.start()
     sent = 2 * (IN_FLIGHT + 3)
-    for i in range(sent):
-        publisher.emit(Event("task-received", float(i), "h:1", {"id": str(i)}))
     # batches go out without waiting for the confirms before them, up to IN_FLIGHT
-    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT, what="IN_FLIGHT batches out")
+    stream, publisher = await _with_batches_out(2, sent)
     assert publisher.statistics().buffered == 2 * 3
     stream.confirm_oldest()
     await wait_until(lambda: len(stream.waiting) == IN_FLIGHT and len(stream.confirmed) == 1)
-    while stream.waiting or publisher.statistics().buffered:
-        if stream.waiting:
-            stream.confirm_oldest()
-        await asyncio.sleep(0)  # sleep-ok: one turn of the loop for the publisher's tasks
+    await stream.confirm_until(lambda: not stream.waiting and not publisher.statistics().buffered)
     await publisher.close()
-    ids = [e.fields["id"] for body in stream.confirmed for e in decode_batch(body, 1 << 20)]
-    assert ids == [str(i) for i in range(sent)]  # every event, in the order emitted
+    assert stream.ids() == [str(i) for i in range(sent)]  # every event, in the order emitted
     statistics = publisher.statistics()
     assert (statistics.published, statistics.batches, statistics.dropped) == (sent, sent // 2, 0)
 
 
 async def test_batches_cut_short_by_close_are_counted_as_dropped() -> None:
-    stream = _ConfirmingStream()
-    publisher = EventPublisher(stream, batch_size=3, flush_interval=60.0)  # type: ignore[arg-type]
-    await publisher.start()
     emitted = 3 * (IN_FLIGHT + 2) + 1
-    for i in range(emitted):
-        publisher.emit(Event("task-received", float(i), "h:1", {"id": str(i)}))
-    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT, what="IN_FLIGHT batches out")
+    stream, publisher = await _with_batches_out(3, emitted)
     stream.confirm_oldest()
     await wait_until(lambda: publisher.statistics().published == 3, what="one batch confirmed")
     # no confirm comes any more: close gives up on the batches in flight and the rest
@@ -237,31 +249,19 @@ async def test_a_batch_over_the_readers_size_limit_goes_as_smaller_ones() -> Non
     for i in range(20):  # ~500 bytes each: 20 of them are 10 KB, over the 4 KB limit
         publisher.emit(Event("task-failed", float(i), "h:1", {"id": str(i), "tb": "x" * 480}))
     flushing = asyncio.ensure_future(publisher.flush())
-    while not flushing.done():
-        if stream.waiting:
-            stream.confirm_oldest()
-        await asyncio.sleep(0)  # sleep-ok: one turn of the loop for the publisher's tasks
+    await stream.confirm_until(flushing.done)
     await flushing
     sizes = [len(body) for body in stream.confirmed]
     assert len(sizes) > 1 and max(sizes) <= limit
-    ids = [e.fields["id"] for body in stream.confirmed for e in decode_batch(body, limit)]
-    assert ids == [str(i) for i in range(20)]
+    assert stream.ids(limit) == [str(i) for i in range(20)]
     assert publisher.statistics().dropped == 0
 
 
 async def test_a_flush_racing_the_publisher_for_room_sends_no_empty_batch() -> None:
-    stream = _ConfirmingStream()
-    publisher = EventPublisher(stream, batch_size=2, flush_interval=60.0)  # type: ignore[arg-type]
-    await publisher.start()
     sent = 2 * (IN_FLIGHT + 1)
-    for i in range(sent):
-        publisher.emit(Event("task-received", float(i), "h:1", {"id": str(i)}))
-    await wait_until(lambda: len(stream.waiting) == IN_FLIGHT, what="IN_FLIGHT batches out")
+    stream, publisher = await _with_batches_out(2, sent)
     flushing = asyncio.ensure_future(publisher.flush())  # waits for room too, one batch left
-    while not flushing.done():
-        if stream.waiting:
-            stream.confirm_oldest()
-        await asyncio.sleep(0)  # sleep-ok: one turn of the loop for the publisher's tasks
+    await stream.confirm_until(flushing.done)
     await flushing
     await publisher.close()
     assert all(decode_batch(body, 1 << 20) for body in stream.confirmed)  # none empty
