@@ -241,8 +241,8 @@ class _Relay:
             return
         if future.cancelled():
             self.waiter.cancel()
-        elif future.exception() is not None:
-            self.waiter.set_exception(future.exception())  # type: ignore[arg-type]
+        elif (error := future.exception()) is not None:
+            self.waiter.set_exception(error)
         else:
             self.waiter.set_result(future.result())
 
