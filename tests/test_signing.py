@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -630,6 +631,65 @@ def test_the_shared_replay_guard_is_one_table_for_every_process() -> None:
         other.close()
         guard.unlink()
     assert not os.path.exists(guard.path)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux: /proc/self/fd")
+def test_the_shared_replay_guard_has_no_name_to_leave_behind() -> None:
+    # Given a table as a supervisor makes it
+    guard = SharedReplayGuard.create(messages=8)
+    try:
+        # Then its file was unlinked at once: it lives only as long as a process holds it
+        target = os.readlink(guard.path)
+        assert target.endswith(" (deleted)"), target
+        assert not os.path.exists(target.removesuffix(" (deleted)"))
+        assert guard.held is not None and guard.path == f"/proc/self/fd/{guard.held}"
+        # and a second mapping of it (as a child opens it) is still the same table
+        other = SharedReplayGuard.attach(guard.spec)
+        assert guard.add(b"a" * 32, expires_at=10, now=0)
+        assert not other.add(b"a" * 32, expires_at=10, now=5)
+        other.close()
+    finally:
+        guard.unlink()
+    assert guard.held is None
+
+
+def _replay_tables() -> set[str]:
+    where = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return {name for name in os.listdir(where) if name.startswith("aioqueue.replay.")}
+
+
+def _gone(pid: int) -> bool:
+    """The process exited (a zombie no one reaps counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux: /proc/self/fd")
+async def test_a_killed_supervisor_leaves_no_replay_guard_behind(spawn_worker: Any) -> None:
+    # Given a supervisor of two signing processes (sharing a replay guard), both ready
+    before = _replay_tables()
+    env = {"AIOQUEUE_SIGNING_KEYS": f"k2:{K2.hex()},k1:{K1.hex()}"}
+    worker: WorkerProcess = spawn_worker("--processes", "2", env=env)
+    await wait_until(
+        lambda: worker.output().count(" ready\n") >= 2 or worker.proc.poll() is not None,
+        timeout=60,
+        what="both worker processes' banners",
+    )
+    assert worker.proc.poll() is None, worker.output()
+    banner = next(line for line in worker.output().splitlines() if "(pids " in line)
+    children = [int(pid) for pid in banner.split("(pids ")[1].split(")")[0].split(", ")]
+    assert "replay guard: shared by this worker's processes" in worker.output()
+    # When the supervisor is killed outright (no clean-up of its own can run)
+    worker.proc.kill()
+    worker.proc.wait(timeout=30)
+    await wait_until(
+        lambda: all(_gone(pid) for pid in children), timeout=60, what="the children to exit"
+    )
+    # Then no table is left in shared memory
+    assert _replay_tables() <= before
 
 
 async def test_the_processes_of_one_worker_share_its_replay_guard(

@@ -230,7 +230,8 @@ def _supervise(args: argparse.Namespace, argv: list[str], app: App) -> int:
     guard = SharedReplayGuard.create(app.settings.replay_guard_size)
     try:
         env = {REPLAY_GUARD_ENV: guard.spec}
-        return run(Supervisor(argv, args.processes, env=env).run())
+        held = () if guard.held is None else (guard.held,)
+        return run(Supervisor(argv, args.processes, env=env, pass_fds=held).run())
     finally:
         guard.unlink()
 

@@ -9,8 +9,13 @@ copies of one message at once accept only one. When every probed slot is live th
 expires first is overwritten (counted in `evicted`): size the table as the single-process guard
 (``Settings.replay_guard_size``; the table has twice as many slots, 32 bytes per message).
 
-The supervisor passes the table to its children as ``$AIOQUEUE_REPLAY_GUARD`` (``path:slots``)
-and removes the file when it exits.
+The supervisor passes the table to its children as ``$AIOQUEUE_REPLAY_GUARD`` (``path:slots``).
+On Linux the file has no name past its creation: the supervisor unlinks it at once and hands
+its children the open file itself (``pass_fds``), which each opens anew as
+``/proc/self/fd/N`` (an open file of its own, so that their ``flock`` exclude each other). The
+kernel frees the table once the last process holding it is gone, so nothing is left behind even
+when the supervisor is killed with SIGKILL (16 MB at the default size, in memory). Elsewhere
+the table is a named file that the supervisor removes when it exits.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class SharedReplayGuard:
         self._map = mmap.mmap(self._fd, slots * _SLOT.size)
         self.evicted = 0
         self._last_warning = -LOG_EVERY
+        self.held: int | None = None  # the supervisor's unnamed table: what its children get
 
     @classmethod
     def create(cls, messages: int) -> SharedReplayGuard:
@@ -54,8 +60,18 @@ class SharedReplayGuard:
         fd, path = tempfile.mkstemp(prefix="aioqueue.replay.", dir=where)
         try:
             os.ftruncate(fd, slots * _SLOT.size)  # zeros: every slot empty
+            unnamed = f"/proc/self/fd/{fd}"
+            if os.path.exists(unnamed):  # Linux: no name, nothing to leave behind
+                guard = cls(unnamed, slots)
+                os.unlink(path)
+                guard.held, fd = fd, -1
+                return guard
+        except BaseException:
+            os.unlink(path)
+            raise
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         return cls(path, slots)
 
     @classmethod
@@ -110,5 +126,9 @@ class SharedReplayGuard:
     def unlink(self) -> None:
         """Close and remove the table (the supervisor, at its end)."""
         self.close()
+        if self.held is not None:  # unnamed: gone with the last process that holds it
+            os.close(self.held)
+            self.held = None
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)

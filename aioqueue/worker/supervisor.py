@@ -75,6 +75,7 @@ class Supervisor:
         max_backoff: float = 30.0,
         stable_after: float = 60.0,
         env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         if processes < 1:
             raise ValueError("processes must be at least 1")
@@ -84,6 +85,7 @@ class Supervisor:
         self.max_backoff = max_backoff
         self.stable_after = stable_after
         self.env = dict(env or {})  # more for every child's environment (its replay guard)
+        self.pass_fds = tuple(pass_fds)  # open files every child inherits (its replay guard)
         self.restarts = 0
         self._stopping = asyncio.Event()
         self._signals: list[signal.Signals] = []
@@ -139,6 +141,7 @@ class Supervisor:
             *child_argv(self.argv, child.index),
             env={**os.environ, **self.env, INDEX_ENV: f"{child.index}/{len(self.children)}"},
             preexec_fn=_die_with_parent,
+            pass_fds=self.pass_fds,
         )
         child.started = time.monotonic()
         log.info("worker process %d started: pid %d", child.index, child.proc.pid)
