@@ -60,19 +60,18 @@ class SharedReplayGuard:
         fd, path = tempfile.mkstemp(prefix="aioqueue.replay.", dir=where)
         try:
             os.ftruncate(fd, slots * _SLOT.size)  # zeros: every slot empty
-            unnamed = f"/proc/self/fd/{fd}"
-            if os.path.exists(unnamed):  # Linux: no name, nothing to leave behind
-                guard = cls(unnamed, slots)
-                os.unlink(path)
-                guard.held, fd = fd, -1
-                return guard
+            unnamed = f"/proc/self/fd/{fd}"  # Linux: the open file, whatever its name
+            guard = cls(unnamed if os.path.exists(unnamed) else path, slots)
         except BaseException:
+            os.close(fd)
             os.unlink(path)
             raise
-        finally:
-            if fd >= 0:
-                os.close(fd)
-        return cls(path, slots)
+        if guard.path == path:  # a named file, which `unlink` removes at the end
+            os.close(fd)
+        else:  # no name from now on: nothing to leave behind
+            os.unlink(path)
+            guard.held = fd
+        return guard
 
     @classmethod
     def attach(cls, spec: str) -> SharedReplayGuard:
