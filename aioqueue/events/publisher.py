@@ -231,8 +231,7 @@ class EventPublisher:
         try:
             body = dumps(batch)  # as `encode_batch` writes the same events
         except Exception as exc:  # (an `Event` whose fields are not JSON-native)
-            unsent.events -= len(batch)
-            self._drop(len(batch), f"{type(exc).__name__}: {exc}")
+            self._give_up(unsent, len(batch), f"{type(exc).__name__}: {exc}")
             return
         if len(body) > self._broker.settings.max_message_size and len(batch) > 1:
             half = len(batch) // 2  # readers refuse a body over the limit: halves, in order
@@ -251,17 +250,21 @@ class EventPublisher:
                 EVENTS_STREAM, body, properties, timeout=self._publish_timeout
             )
         except UnroutableError:
-            unsent.events -= len(batch)
-            self._drop(len(batch), f"the stream {EVENTS_STREAM!r} is missing")
+            self._give_up(unsent, len(batch), f"the stream {EVENTS_STREAM!r} is missing")
             if time.monotonic() - self._last_declare >= REDECLARE_EVERY:
                 await self._declare()
         except Exception as exc:  # never the task's problem: count, log, go on
-            unsent.events -= len(batch)
-            self._drop(len(batch), f"{type(exc).__name__}: {exc}")
+            self._give_up(unsent, len(batch), f"{type(exc).__name__}: {exc}")
         else:
             unsent.events -= len(batch)
             self._published += len(batch)
             self._batches += 1
+
+    def _give_up(self, unsent: _Unsent, count: int, why: str) -> None:
+        """``count`` events of a batch in flight are dropped: counted once, here (not again
+        by `_confirmed`)."""
+        unsent.events -= count
+        self._drop(count, why)
 
     def _drop(self, count: int, why: str) -> None:
         self._dropped += count
