@@ -53,6 +53,7 @@ from aioqueue.worker.signature import ReplayGuard
 from tests.conftest import ROOT, WorkerProcess, running_worker, wait_until
 from tests.rabbit import RabbitNode
 from tests.schedules import START, slot
+from tests.test_processes import alive, two_ready
 from tests.test_scheduler_broker import asleep_until
 
 K1 = b"1" * 32
@@ -658,27 +659,13 @@ def _replay_tables() -> set[str]:
     return {name for name in os.listdir(where) if name.startswith("aioqueue.replay.")}
 
 
-def _gone(pid: int) -> bool:
-    """The process exited (a zombie no one reaps counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux: /proc/self/fd")
 async def test_a_killed_supervisor_leaves_no_replay_guard_behind(spawn_worker: Any) -> None:
     # Given a supervisor of two signing processes (sharing a replay guard), both ready
     before = _replay_tables()
     env = {"AIOQUEUE_SIGNING_KEYS": f"k2:{K2.hex()},k1:{K1.hex()}"}
     worker: WorkerProcess = spawn_worker("--processes", "2", env=env)
-    await wait_until(
-        lambda: worker.output().count(" ready\n") >= 2 or worker.proc.poll() is not None,
-        timeout=60,
-        what="both worker processes' banners",
-    )
-    assert worker.proc.poll() is None, worker.output()
+    await two_ready(worker)
     banner = next(line for line in worker.output().splitlines() if "(pids " in line)
     children = [int(pid) for pid in banner.split("(pids ")[1].split(")")[0].split(", ")]
     assert "replay guard: shared by this worker's processes" in worker.output()
@@ -686,7 +673,7 @@ async def test_a_killed_supervisor_leaves_no_replay_guard_behind(spawn_worker: A
     worker.proc.kill()
     worker.proc.wait(timeout=30)
     await wait_until(
-        lambda: all(_gone(pid) for pid in children), timeout=60, what="the children to exit"
+        lambda: not any(alive(pid) for pid in children), timeout=60, what="the children to exit"
     )
     # Then no table is left in shared memory
     assert _replay_tables() <= before
